@@ -1,0 +1,60 @@
+"""The typed error hierarchy.
+
+Every error a user can meet is a QcowError whose str() is one clear line:
+what failed, on which file, and (where there is one) what to do about it.
+The CLI prints that line; it never shows a traceback for a QcowError.
+"""
+
+from __future__ import annotations
+
+import errno
+
+
+class QcowError(Exception):
+    """Base of every error qcowfs reports to a user."""
+
+    #: errno the FUSE layer answers with when this error reaches it
+    errno: int = errno.EIO
+
+    def __init__(self, message: str, path: str | None = None):
+        self.message = message
+        self.path = path
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+class FormatError(QcowError):
+    """The file is not a qcow2 image QEMU would open (bad magic, field out of range, ...)."""
+
+
+class UnsupportedFeature(QcowError):
+    """A valid qcow2 image using something qcowfs does not implement (encryption, ...)."""
+
+    errno = errno.EOPNOTSUPP
+
+
+class CorruptImage(QcowError):
+    """Metadata met at run time contradicts the format (entry past EOF, bad compressed data)."""
+
+
+class ReadOnlyImage(QcowError):
+    """A write was asked of an image opened read-only (or switched to read-only after corruption)."""
+
+    errno = errno.EROFS
+
+
+class BitmapError(QcowError):
+    """A dirty-bitmap operation was refused (bad name, inconsistent bitmap, ...)."""
+
+    def __init__(self, message: str, path: str | None = None, err: int = errno.EINVAL):
+        super().__init__(message, path)
+        self.errno = err
+
+
+class LockError(QcowError):
+    """Another process holds the image in a conflicting way (QEMU's OFD lock protocol)."""
+
+    errno = errno.EBUSY
+
+
+class MountError(QcowError):
+    """The filesystem could not be mounted or unmounted."""
