@@ -1,0 +1,3 @@
+from qcowfs.cli import main
+
+raise SystemExit(main())
