@@ -1,0 +1,76 @@
+"""The one abstraction through which the image layer touches host files.
+
+Every byte qcowfs reads or writes in an image, a backing file or an external
+data file goes through a HostFile. That keeps the I/O in one place: errors
+surface as OSError with their errno (ENOSPC reaches the writer as ENOSPC), and
+a recording variant can log every write and flush to replay power-loss states.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+
+class HostFile:
+    """A regular file opened by path; positional I/O only (no shared file offset)."""
+
+    def __init__(self, path: str, writable: bool):
+        self.path = path
+        self.writable = writable
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+        self.fd = os.open(path, flags)
+        self._size = os.fstat(self.fd).st_size
+
+    @property
+    def size(self) -> int:
+        """Current file size in bytes (kept up to date for our own writes)."""
+        return self._size
+
+    def refresh_size(self) -> int:
+        self._size = os.fstat(self.fd).st_size
+        return self._size
+
+    def pread(self, length: int, offset: int) -> bytes:
+        return os.pread(self.fd, length, offset)
+
+    def preadv_into(self, buffers: Sequence, offset: int) -> int:
+        return os.preadv(self.fd, buffers, offset)
+
+    def pwrite(self, data, offset: int) -> None:
+        """Write all of data at offset (loops over short writes)."""
+        view = memoryview(data)
+        total = len(view)
+        done = 0
+        while done < total:
+            done += os.pwrite(self.fd, view[done:], offset + done)
+        end = offset + total
+        if end > self._size:
+            self._size = end
+
+    def pwritev(self, buffers: Sequence, offset: int) -> None:
+        total = sum(len(b) for b in buffers)
+        written = os.pwritev(self.fd, buffers, offset)
+        if written < total:
+            # Rare short write: finish the rest piecewise.
+            joined = b"".join(bytes(b) for b in buffers)
+            self.pwrite(memoryview(joined)[written:], offset + written)
+        end = offset + total
+        if end > self._size:
+            self._size = end
+
+    def flush(self) -> None:
+        """Make every completed write durable (fdatasync: metadata that reaches the data included)."""
+        os.fdatasync(self.fd)
+
+    def truncate(self, length: int) -> None:
+        os.ftruncate(self.fd, length)
+        self._size = length
+
+    def st_blocks(self) -> int:
+        return os.fstat(self.fd).st_blocks
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
