@@ -185,10 +185,13 @@ class Qcow2Image:
         self.backing_size = self.backing.size if self.backing is not None else 0
         self._zero_cluster = bytes(cs)
         self._last_compressed: tuple = (None, b"")
-        if not self.read_only:
-            self._prepare_for_writing()
 
-    def _prepare_for_writing(self) -> None:
+    def start_writing(self) -> None:
+        """First writes of a read-write open, done only after everything has been validated
+        (and the caller holds the image lock): rebuild refcounts after an unclean lazy-refcount
+        close, clear unknown autoclear bits, drop a bitmaps extension that lost its autoclear bit."""
+        if self.read_only:
+            return
         h = self.header
         if h.dirty:
             from .repair import rebuild_refcounts

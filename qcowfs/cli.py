@@ -1,0 +1,315 @@
+"""Command line: argument parsing, logging, exit codes, one-line errors.
+
+Every error a user can cause is reported as one line on stderr,
+`qcowfs: <what failed, on which file, what to do>`, with exit code 1 (2 for
+usage errors, as argparse does). Tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import logging.handlers
+import os
+import select
+import subprocess
+import sys
+import time
+
+from . import __version__
+from .errors import QcowError
+
+log = logging.getLogger("qcowfs")
+
+
+def _setup_logging(log_file: str | None, foreground: bool, debug: bool) -> None:
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    if log_file:
+        handler: logging.Handler = logging.FileHandler(log_file)
+    elif foreground:
+        handler = logging.StreamHandler(sys.stderr)
+    elif os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler(address="/dev/log")
+        handler.setFormatter(logging.Formatter("qcowfs[%(process)d]: %(levelname)s %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.DEBUG if debug else logging.INFO)
+        return
+    else:
+        handler = logging.NullHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def _fail(message: str, code: int = 1) -> int:
+    print(f"qcowfs: {message}", file=sys.stderr)
+    return code
+
+
+# ---------------------------------------------------------------------- mount
+def cmd_mount(args) -> int:
+    from .mount import mount
+
+    image = os.path.abspath(args.image)
+    mnt = os.path.abspath(args.mountpoint)
+    if not os.path.exists(image):
+        return _fail(f"{args.image}: no such file")
+    if args.foreground:
+        _setup_logging(args.log, True, args.debug)
+        try:
+            return mount(image, mnt, args.read_only)
+        except QcowError as e:
+            return _fail(str(e))
+    # Daemon: the child does all the work and tells the parent through a pipe
+    # whether the mount is ready; the parent returns only then.
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(w)
+        msg = b""
+        while True:
+            chunk = os.read(r, 4096)
+            if not chunk:
+                break
+            msg += chunk
+        os.close(r)
+        text = msg.decode(errors="replace")
+        if text.startswith("OK"):
+            return 0
+        if text.startswith("ERR "):
+            return _fail(text[4:].strip())
+        _, status = os.waitpid(pid, 0)
+        return _fail(f"{args.image}: the qcowfs daemon died during set-up (status {status}); see the log")
+    # child
+    os.close(r)
+    os.setsid()
+    _setup_logging(args.log, False, args.debug)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    reported = False
+
+    def ready(error):
+        nonlocal reported
+        reported = True
+        os.write(w, (f"ERR {error}\n" if error else "OK\n").encode())
+        os.close(w)
+
+    code = 1
+    try:
+        code = mount(image, mnt, args.read_only, ready=ready)
+    except QcowError as e:
+        log.error("%s", e)
+    except BaseException:
+        log.exception("qcowfs daemon failed")
+        if not reported:
+            ready(f"{args.image}: internal error during set-up; see the log")
+    finally:
+        logging.shutdown()
+        os._exit(code)
+
+
+# ---------------------------------------------------------------------- umount
+def cmd_umount(args) -> int:
+    mnt = os.path.abspath(args.mountpoint)
+    if not os.path.ismount(mnt):
+        return _fail(f"{args.mountpoint}: not mounted")
+    pid = None
+    try:
+        pid = int(os.getxattr(mnt, "user.qcowfs.pid"))
+    except (OSError, ValueError):
+        return _fail(f"{args.mountpoint}: not a qcowfs mount")
+    pidfd = None
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (OSError, AttributeError):
+        pidfd = None
+    tool = "fusermount3" if _which("fusermount3") else "umount"
+    cmd = [tool, "-u", mnt] if tool == "fusermount3" else [tool, mnt]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        return _fail(f"{args.mountpoint}: unmount failed: {p.stderr.strip() or p.stdout.strip()} (is it busy?)")
+    # Wait until the daemon has stored the bitmaps and closed the image.
+    deadline = time.monotonic() + args.timeout
+    if pidfd is not None:
+        remaining = max(0.0, deadline - time.monotonic())
+        ready, _, _ = select.select([pidfd], [], [], remaining)
+        os.close(pidfd)
+        if not ready:
+            return _fail(f"{args.mountpoint}: unmounted, but the daemon (pid {pid}) is still finishing after {args.timeout}s")
+    else:
+        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+            time.sleep(0.05)
+    return 0
+
+
+def _which(name: str) -> bool:
+    from shutil import which
+
+    return which(name) is not None
+
+
+# ---------------------------------------------------------------------- info
+def image_info(path: str) -> dict:
+    from . import format as fmt
+    from .bitmaps import BitmapStore
+    from .image import Qcow2Image
+
+    with Qcow2Image(path, read_only=True) as img:
+        h = img.header
+        info: dict = {
+            "filename": path,
+            "format": "qcow2",
+            "virtual-size": h.size,
+            "cluster-size": h.cluster_size,
+            "actual-size": img.allocated_host_bytes(),
+            "dirty-flag": h.dirty,
+        }
+        if h.backing_file:
+            info["backing-filename"] = h.backing_file
+            full = h.backing_file if os.path.isabs(h.backing_file) else os.path.join(os.path.dirname(os.path.abspath(path)), h.backing_file)
+            info["full-backing-filename"] = full
+            if h.backing_format:
+                info["backing-filename-format"] = h.backing_format
+        data: dict = {"compat": "1.1" if h.version >= 3 else "0.10"}
+        if h.version >= 3:
+            data.update({
+                "compression-type": fmt.COMPRESSION_NAMES.get(h.compression_type, str(h.compression_type)),
+                "lazy-refcounts": h.lazy_refcounts,
+                "refcount-bits": h.refcount_bits,
+                "corrupt": h.corrupt,
+                "extended-l2": h.extended_l2,
+            })
+            if h.data_file:
+                data["data-file"] = h.data_file
+                data["data-file-raw"] = h.data_file_raw
+        else:
+            data.update({"compression-type": "zlib", "refcount-bits": 16})
+        store = BitmapStore(img)
+        if store.bitmaps:
+            bms = []
+            for bm in store.bitmaps.values():
+                flags = []
+                if bm.inconsistent:
+                    flags.append("in-use")
+                if bm.enabled:
+                    flags.append("auto")
+                bms.append({"flags": flags, "name": bm.name, "granularity": bm.granularity})
+            data["bitmaps"] = bms
+        feats = {
+            "incompatible": [h.feature_name(0, b) for b in range(64) if h.incompatible_features >> b & 1],
+            "compatible": [h.feature_name(1, b) for b in range(64) if h.compatible_features >> b & 1],
+            "autoclear": [h.feature_name(2, b) for b in range(64) if h.autoclear_features >> b & 1],
+        }
+        data["features"] = feats
+        data["snapshots"] = h.nb_snapshots
+        info["format-specific"] = {"type": "qcow2", "data": data}
+        return info
+
+
+def _human_size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.3g} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)
+
+
+def cmd_info(args) -> int:
+    try:
+        info = image_info(args.image)
+    except QcowError as e:
+        return _fail(str(e))
+    except OSError as e:
+        return _fail(f"{args.image}: {e.strerror}")
+    if args.json:
+        print(json.dumps(info, indent=4))
+        return 0
+    d = info["format-specific"]["data"]
+    lines = [
+        f"image: {info['filename']}",
+        "file format: qcow2",
+        f"virtual size: {_human_size(info['virtual-size'])} ({info['virtual-size']} bytes)",
+        f"disk size: {_human_size(info['actual-size'])}",
+        f"cluster_size: {info['cluster-size']}",
+    ]
+    if "backing-filename" in info:
+        lines.append(f"backing file: {info['backing-filename']}")
+        if "backing-filename-format" in info:
+            lines.append(f"backing file format: {info['backing-filename-format']}")
+    lines.append("Format specific information:")
+    lines.append(f"    compat: {d['compat']}")
+    lines.append(f"    compression type: {d['compression-type']}")
+    for key in ("lazy-refcounts", "refcount-bits", "corrupt", "extended-l2", "data-file", "data-file-raw"):
+        if key in d:
+            v = d[key]
+            lines.append(f"    {key.replace('-', ' ')}: {str(v).lower() if isinstance(v, bool) else v}")
+    f = d["features"]
+    for kind in ("incompatible", "compatible", "autoclear"):
+        lines.append(f"    {kind} features: {', '.join(f[kind]) or 'none'}")
+    lines.append(f"    internal snapshots: {d['snapshots']}")
+    if d.get("bitmaps"):
+        lines.append("    bitmaps:")
+        for bm in d["bitmaps"]:
+            lines.append(f"        {bm['name']}: granularity {bm['granularity']}, flags [{', '.join(bm['flags'])}]")
+    print("\n".join(lines))
+    return 0
+
+
+# ---------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="qcowfs",
+        description="Mount a qcow2 image with FUSE: MOUNTPOINT/disk.raw is the guest disk, "
+        "MOUNTPOINT/.bitmaps/ holds its persistent dirty bitmaps.",
+    )
+    p.add_argument("--version", action="version", version=f"qcowfs {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    m = sub.add_parser("mount", help="mount IMAGE on MOUNTPOINT", description=(
+        "Mount a qcow2 image. Without --foreground the command returns once the mount is ready and the "
+        "daemon runs on (logging to syslog, or to --log FILE). The image is locked like QEMU locks it: "
+        "read-write mounts conflict with QEMU and other qcowfs writers."))
+    m.add_argument("image", metavar="IMAGE", help="qcow2 image file")
+    m.add_argument("mountpoint", metavar="MOUNTPOINT", help="existing empty directory")
+    m.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground (log to stderr unless --log)")
+    m.add_argument("--read-only", "-r", action="store_true", help="never modify the image; writes fail with EROFS")
+    m.add_argument("--log", metavar="FILE", help="append the daemon's log to FILE")
+    m.add_argument("--debug", action="store_true", help="log debug messages")
+    m.set_defaults(func=cmd_mount)
+
+    u = sub.add_parser("umount", help="unmount and wait until the daemon has finished", description=(
+        "Unmount a qcowfs mount and wait until its daemon has stored the dirty bitmaps and closed the "
+        "image. 'fusermount3 -u MOUNTPOINT' also unmounts cleanly but does not wait."))
+    u.add_argument("mountpoint", metavar="MOUNTPOINT")
+    u.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the daemon (default 300)")
+    u.set_defaults(func=cmd_umount)
+
+    i = sub.add_parser("info", help="show what qemu-img info shows", description=(
+        "Show an image's format version, virtual size, cluster size, features, backing file, bitmaps, "
+        "compression type and refcount width. Does not lock the image."))
+    i.add_argument("image", metavar="IMAGE")
+    i.add_argument("--json", action="store_true", help="machine-readable output (qemu-img info's keys)")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "mount":
+        logging.basicConfig(level=logging.WARNING, format="qcowfs: %(message)s")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except QcowError as e:
+        return _fail(str(e))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

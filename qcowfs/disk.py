@@ -1,0 +1,59 @@
+"""Disk: the one object the FUSE layer talks to.
+
+It ties a Qcow2Image to its BitmapStore so that every guest write is recorded
+in every recording dirty bitmap before it is acknowledged, and it owns the
+ordered shutdown: store the bitmaps (clearing in_use), flush, close.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .bitmaps import BitmapStore
+from .errors import ReadOnlyImage
+from .image import Qcow2Image
+
+log = logging.getLogger(__name__)
+
+
+class Disk:
+    def __init__(self, image: Qcow2Image):
+        self.image = image
+        # Read and validate the bitmap directory before anything is written to the image.
+        self.bitmaps = BitmapStore(image)
+        image.start_writing()
+        # in_use set durably before the first guest write is accepted
+        self.bitmaps.activate()
+        self.size = image.size
+
+    @property
+    def read_only(self) -> bool:
+        return self.image.read_only
+
+    def read(self, offset: int, length: int):
+        return self.image.read(offset, length)
+
+    def write(self, offset: int, data) -> int:
+        if self.image.read_only:
+            raise ReadOnlyImage("disk is read-only", self.image.path)
+        length = len(data)
+        end = min(offset + length, self.size)
+        if offset >= self.size:
+            return 0
+        if end - offset < length:
+            data = memoryview(data)[: end - offset]
+        # Mark first: a write that fails half-way may still have changed data on disk.
+        self.bitmaps.mark(offset, end - offset)
+        self.image.write(offset, data)
+        return end - offset
+
+    def flush(self) -> None:
+        self.image.flush()
+
+    def close(self) -> None:
+        """Clean shutdown: store bitmaps (in_use cleared), flush metadata, close files."""
+        try:
+            if not self.image.read_only:
+                self.bitmaps.store()
+        finally:
+            self.image.close()

@@ -1,0 +1,330 @@
+"""The FUSE layer: translate requests into Disk and BitmapStore calls, and errors into errnos.
+
+The tree is fixed:
+    /            the mount root
+    /disk.raw    the guest disk (size = virtual size; st_blocks = host space used)
+    /.bitmaps/   one regular file per dirty bitmap: read -> JSON status,
+                 write "clear" | "enable" | "disable" -> command, create -> new bitmap,
+                 unlink -> remove
+Handlers contain no awaits, so each request runs to completion before the next
+one starts (trio's rule: code between awaits is atomic): metadata updates never
+interleave. Errors are mapped in exactly one place, _guard().
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import logging
+import os
+import stat
+from typing import Optional
+
+import pyfuse3
+
+from .disk import Disk
+from .errors import BitmapError, CorruptImage, QcowError
+
+log = logging.getLogger(__name__)
+
+ROOT = pyfuse3.ROOT_INODE
+DISK = ROOT + 1
+BITMAPS_DIR = ROOT + 2
+FIRST_BITMAP_INODE = 16
+DISK_NAME = b"disk.raw"
+BITMAPS_NAME = b".bitmaps"
+PID_XATTR = b"user.qcowfs.pid"
+COMMANDS = ("clear", "enable", "disable")
+
+
+def _guard(fn):
+    """Map every error to an errno at the boundary: an exception escaping a handler kills the mount."""
+
+    @functools.wraps(fn)
+    async def wrapper(self, *args):
+        try:
+            return await fn(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except CorruptImage as e:
+            # already logged once by the image layer
+            raise pyfuse3.FUSEError(e.errno) from None
+        except BitmapError as e:
+            log.info("%s", e)
+            raise pyfuse3.FUSEError(e.errno) from None
+        except QcowError as e:
+            log.error("%s", e)
+            raise pyfuse3.FUSEError(e.errno) from None
+        except OSError as e:
+            log.error("%s: host I/O error in %s: %s", self.disk.image.path, fn.__name__, e)
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except Exception:
+            log.exception("unexpected error in %s", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper
+
+
+class BitmapHandle:
+    __slots__ = ("name", "content")
+
+    def __init__(self, name: str, content: bytes):
+        self.name = name
+        self.content = content
+
+
+class QcowOperations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, disk: Disk):
+        super().__init__()
+        self.disk = disk
+        self.uid = os.getuid()
+        self.gid = os.getgid()
+        st = os.stat(disk.image.path)
+        self.time_ns = st.st_mtime_ns
+        self.bitmap_inodes: dict[str, int] = {}
+        self.inode_names: dict[int, str] = {}
+        self.next_inode = FIRST_BITMAP_INODE
+        self.handles: dict[int, BitmapHandle] = {}
+        self.next_fh = 16
+
+    # ------------------------------------------------------------------ attributes
+    def _bitmap_inode(self, name: str) -> int:
+        ino = self.bitmap_inodes.get(name)
+        if ino is None:
+            ino = self.next_inode
+            self.next_inode += 1
+            self.bitmap_inodes[name] = ino
+            self.inode_names[ino] = name
+        return ino
+
+    def _forget_bitmap(self, name: str) -> None:
+        ino = self.bitmap_inodes.pop(name, None)
+        if ino is not None:
+            self.inode_names.pop(ino, None)
+
+    def _attr(self, inode: int) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = inode
+        a.st_uid = self.uid
+        a.st_gid = self.gid
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self.time_ns
+        a.st_blksize = 4096
+        ro = self.disk.read_only
+        if inode == ROOT or inode == BITMAPS_DIR:
+            a.st_mode = stat.S_IFDIR | 0o755
+            a.st_nlink = 3 if inode == ROOT else 2
+            a.entry_timeout = 300 if inode == BITMAPS_DIR else 0
+            a.attr_timeout = 0 if inode == BITMAPS_DIR else 1
+        elif inode == DISK:
+            a.st_mode = stat.S_IFREG | (0o444 if ro else 0o644)
+            a.st_nlink = 1
+            a.st_size = self.disk.size
+            a.st_blocks = self.disk.image.allocated_host_bytes() // 512
+            a.entry_timeout = 300
+            a.attr_timeout = 1
+        else:
+            name = self.inode_names.get(inode)
+            if name is None or name not in self.disk.bitmaps.bitmaps:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            a.st_mode = stat.S_IFREG | (0o444 if ro else 0o644)
+            a.st_nlink = 1
+            a.st_size = len(self._status(name))
+            a.entry_timeout = 0
+            a.attr_timeout = 0
+        return a
+
+    def _status(self, name: str) -> bytes:
+        return (json.dumps(self.disk.bitmaps.get(name).status()) + "\n").encode()
+
+    # ------------------------------------------------------------------ lookup
+    @_guard
+    async def lookup(self, parent_inode, name, ctx=None):
+        if parent_inode == ROOT:
+            if name == DISK_NAME:
+                return self._attr(DISK)
+            if name == BITMAPS_NAME:
+                return self._attr(BITMAPS_DIR)
+        elif parent_inode == BITMAPS_DIR:
+            n = os.fsdecode(name)
+            if n in self.disk.bitmaps.bitmaps:
+                return self._attr(self._bitmap_inode(n))
+        raise pyfuse3.FUSEError(errno.ENOENT)
+
+    @_guard
+    async def getattr(self, inode, ctx=None):
+        return self._attr(inode)
+
+    @_guard
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        if fields.update_size:
+            if inode == DISK:
+                if attr.st_size != self.disk.size:
+                    raise pyfuse3.FUSEError(errno.EPERM)
+            elif inode in (ROOT, BITMAPS_DIR):
+                raise pyfuse3.FUSEError(errno.EISDIR)
+            # truncating a bitmap file (echo cmd > NAME opens with O_TRUNC) is accepted and ignored
+        if (fields.update_mode or fields.update_uid or fields.update_gid):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        # timestamps (touch) are accepted and ignored: they are not stored
+        return self._attr(inode)
+
+    async def forget(self, inode_list):
+        pass  # inodes are derived from names; nothing to release
+
+    # ------------------------------------------------------------------ directories
+    @_guard
+    async def opendir(self, inode, ctx):
+        if inode not in (ROOT, BITMAPS_DIR):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    @_guard
+    async def readdir(self, fh, start_id, token):
+        if fh == ROOT:
+            entries = [(DISK_NAME, DISK), (BITMAPS_NAME, BITMAPS_DIR)]
+        else:
+            entries = [(os.fsencode(n), self._bitmap_inode(n)) for n in sorted(self.disk.bitmaps.bitmaps)]
+        for i in range(start_id, len(entries)):
+            name, ino = entries[i]
+            if not pyfuse3.readdir_reply(token, name, self._attr(ino), i + 1):
+                break
+
+    async def releasedir(self, fh):
+        pass
+
+    # ------------------------------------------------------------------ files
+    @_guard
+    async def open(self, inode, flags, ctx):
+        writing = flags & os.O_ACCMODE != os.O_RDONLY
+        if inode == DISK:
+            if writing and self.disk.read_only:
+                raise pyfuse3.FUSEError(errno.EROFS)
+            return pyfuse3.FileInfo(fh=DISK, keep_cache=True)
+        if inode in (ROOT, BITMAPS_DIR):
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        name = self.inode_names.get(inode)
+        if name is None or name not in self.disk.bitmaps.bitmaps:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        if writing and self.disk.read_only:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        return self._open_bitmap(name)
+
+    def _open_bitmap(self, name: str) -> pyfuse3.FileInfo:
+        fh = self.next_fh
+        self.next_fh += 1
+        self.handles[fh] = BitmapHandle(name, self._status(name))
+        # direct_io: the kernel must not serve a stale status from its cache
+        return pyfuse3.FileInfo(fh=fh, direct_io=True)
+
+    @_guard
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        if parent_inode != BITMAPS_DIR:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        if self.disk.read_only:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        n = os.fsdecode(name)
+        self.disk.bitmaps.create(n)
+        log.info("%s: created persistent bitmap %r", self.disk.image.path, n)
+        ino = self._bitmap_inode(n)
+        return self._open_bitmap(n), self._attr(ino)
+
+    @_guard
+    async def read(self, fh, off, size):
+        if fh == DISK:
+            return self.disk.read(off, size)
+        h = self.handles.get(fh)
+        if h is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        if off == 0:
+            # a fresh read from the start sees the current status
+            try:
+                h.content = self._status(h.name)
+            except BitmapError:
+                pass
+        return h.content[off : off + size]
+
+    @_guard
+    async def write(self, fh, off, buf):
+        if fh == DISK:
+            return self.disk.write(off, buf)
+        h = self.handles.get(fh)
+        if h is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        try:
+            command = buf.decode("ascii").strip()
+        except UnicodeDecodeError:
+            command = None
+        if command not in COMMANDS:
+            log.info("%s: bitmap %r: unknown command %r (use clear, enable or disable)",
+                     self.disk.image.path, h.name, buf[:40])
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        getattr(self.disk.bitmaps, command)(h.name)
+        log.info("%s: bitmap %r: %s", self.disk.image.path, h.name, command)
+        return len(buf)
+
+    @_guard
+    async def fsync(self, fh, datasync):
+        if fh == DISK:
+            self.disk.flush()
+
+    async def flush(self, fh):
+        pass
+
+    async def release(self, fh):
+        self.handles.pop(fh, None)
+
+    @_guard
+    async def unlink(self, parent_inode, name, ctx):
+        if parent_inode != BITMAPS_DIR:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        if self.disk.read_only:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        n = os.fsdecode(name)
+        self.disk.bitmaps.remove(n)
+        self._forget_bitmap(n)
+        log.info("%s: removed bitmap %r", self.disk.image.path, n)
+
+    # ------------------------------------------------------------------ refused
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def symlink(self, parent_inode, name, target, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    async def rmdir(self, parent_inode, name, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    # ------------------------------------------------------------------ misc
+    async def getxattr(self, inode, name, ctx):
+        if inode == ROOT and name == PID_XATTR:
+            return str(os.getpid()).encode()
+        raise pyfuse3.FUSEError(errno.ENODATA)
+
+    @_guard
+    async def statfs(self, ctx):
+        s = os.statvfs(os.path.dirname(os.path.abspath(self.disk.image.path)))
+        d = pyfuse3.StatvfsData()
+        d.f_bsize = s.f_bsize
+        d.f_frsize = s.f_frsize
+        d.f_blocks = s.f_blocks
+        d.f_bfree = s.f_bfree
+        d.f_bavail = s.f_bavail
+        d.f_files = 2 + len(self.disk.bitmaps.bitmaps)
+        d.f_ffree = 0
+        d.f_favail = 0
+        d.f_namemax = 1023
+        return d

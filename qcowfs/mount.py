@@ -1,0 +1,151 @@
+"""Mounting: lock, open, serve, and shut down in order.
+
+Order on the way up: open and validate the image (no writes), take QEMU's locks
+on the image (read-write or read-only user) and on every backing file (read-only
+user), load the bitmaps and mark them in_use, then pyfuse3.init. Only then is the
+mount announced ready.
+
+Order on the way down (fusermount3 -u, qcowfs umount, SIGTERM, SIGINT): leave
+pyfuse3.main, detach the mount, store the bitmaps (in_use cleared), flush and
+close the image, release the locks. Exit code 0 for a clean shutdown.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from typing import Optional
+
+import pyfuse3
+import trio
+
+from .disk import Disk
+from .errors import MountError, QcowError
+from .fs import QcowOperations
+from .image import Qcow2Image
+from .locks import ImageLock
+
+log = logging.getLogger(__name__)
+
+
+def _lock_chain(image: Qcow2Image, read_only: bool) -> list:
+    locks = [ImageLock(image.file.fd, image.path, write=not read_only)]
+    if image.data_file is not image.file:
+        locks.append(ImageLock(image.data_file.fd, image.data_file.path, write=not read_only))
+    b = image.backing
+    while b is not None:
+        locks.append(ImageLock(b.file.fd, b.path, write=False))
+        b = getattr(b, "backing", None)
+    taken = []
+    try:
+        for lk in locks:
+            lk.acquire()
+            taken.append(lk)
+    except BaseException:
+        for lk in taken:
+            lk.release()
+        raise
+    return taken
+
+
+class Mounted:
+    """A prepared mount: image open, locks held, FUSE session initialised."""
+
+    def __init__(self, image_path: str, mountpoint: str, read_only: bool):
+        self.image_path = image_path
+        self.mountpoint = mountpoint
+        self.read_only = read_only
+        self.locks: list = []
+        self.disk: Optional[Disk] = None
+        self.fuse_up = False
+        self.signalled = False
+
+    def prepare(self) -> None:
+        mp = self.mountpoint
+        if not os.path.isdir(mp):
+            raise MountError(f"mountpoint {mp} is not a directory")
+        if os.path.ismount(mp):
+            raise MountError(f"{mp} is already a mount point")
+        image = Qcow2Image(self.image_path, read_only=self.read_only)
+        try:
+            self.locks = _lock_chain(image, self.read_only)
+            self.disk = Disk(image)
+        except BaseException:
+            for lk in self.locks:
+                lk.release()
+            image.close(flush=False)
+            raise
+        ops = QcowOperations(self.disk)
+        options = set(pyfuse3.default_options)
+        options.add(f"fsname={os.path.abspath(self.image_path)}")
+        options.add("subtype=qcowfs")
+        if os.getuid() == 0:
+            options.add("allow_other")  # e.g. a VM run as the qemu user
+        if self.read_only:
+            options.add("ro")
+        try:
+            pyfuse3.init(ops, mp, options)
+        except Exception as e:
+            self.shutdown()
+            raise MountError(f"cannot mount on {mp}: {e}") from None
+        self.fuse_up = True
+
+    async def _serve(self) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_signals, nursery.cancel_scope)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+
+    async def _watch_signals(self, scope) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                log.info("received %s: unmounting", signal.Signals(signum).name)
+                self.signalled = True
+                pyfuse3.terminate()
+                return
+
+    def serve(self) -> None:
+        try:
+            trio.run(self._serve)
+        finally:
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        """Detach (if we were asked to), then store bitmaps and close; safe to call twice."""
+        if self.fuse_up:
+            self.fuse_up = False
+            try:
+                pyfuse3.close(unmount=self.signalled)
+            except Exception as e:  # the mount may already be gone
+                log.warning("closing the FUSE session: %s", e)
+        if self.disk is not None:
+            disk, self.disk = self.disk, None
+            try:
+                disk.close()
+            finally:
+                for lk in self.locks:
+                    lk.release()
+                self.locks = []
+            log.info("%s: unmounted cleanly", self.image_path)
+
+
+def mount(image_path: str, mountpoint: str, read_only: bool, ready=None) -> int:
+    """Prepare and serve until unmounted. `ready(error_line or None)` is called once set-up ends."""
+    m = Mounted(image_path, mountpoint, read_only)
+    try:
+        m.prepare()
+    except QcowError as e:
+        if ready:
+            ready(str(e))
+        raise
+    except OSError as e:
+        err = QcowError(f"{e.strerror or e}", e.filename or image_path)
+        if ready:
+            ready(str(err))
+        raise err from None
+    log.info("%s: mounted on %s%s", image_path, mountpoint, " read-only" if read_only else "")
+    if ready:
+        ready(None)
+    m.serve()
+    return 0
