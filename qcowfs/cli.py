@@ -259,6 +259,58 @@ def cmd_info(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------- bitmap
+def cmd_bitmap(args) -> int:
+    from . import offline
+
+    target = args.target
+    live = offline.is_qcowfs_mount(target)
+    try:
+        if args.op == "list":
+            if live:
+                rows = []
+                d = os.path.join(target, ".bitmaps")
+                for n in sorted(os.listdir(d)):
+                    with open(os.path.join(d, n)) as f:
+                        rows.append(json.load(f))
+            else:
+                rows = offline.list_bitmaps(target)
+            if args.json:
+                print(json.dumps(rows, indent=4))
+            else:
+                for r in rows:
+                    state = "INCONSISTENT" if r["inconsistent"] else ("recording" if r["recording"] else "disabled")
+                    print(f"{r['name']}\tgranularity={r['granularity']}\tcount={r['count']}\t{state}")
+            return 0
+        if args.op == "extents":
+            if live:
+                return _fail(f"{target}: 'bitmap extents' reads an unmounted image; unmount it first")
+            ext = offline.bitmap_extents(target, args.name)
+            if args.json:
+                print(json.dumps(ext))
+            else:
+                for e in ext:
+                    print(f"{e['start']:>16} {e['length']:>16} {'dirty' if e['dirty'] else 'clean'}")
+            return 0
+        kw = {}
+        if args.op == "add":
+            kw = {"granularity": args.granularity, "enabled": not args.disabled}
+            if args.transient:
+                if not live:
+                    return _fail(f"{target}: transient bitmaps exist only on a live mount")
+                kw["persistent"] = False
+        if args.op == "merge":
+            kw = {"dst": args.dst}
+        if live:
+            offline.live_command(target, args.op, args.name, **kw)
+        else:
+            kw.pop("persistent", None)
+            offline.offline_command(target, args.op, args.name, **kw)
+        return 0
+    except OSError as e:
+        return _fail(f"{target}: {e.strerror}")
+
+
 # ---------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -295,6 +347,36 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("image", metavar="IMAGE")
     i.add_argument("--json", action="store_true", help="machine-readable output (qemu-img info's keys)")
     i.set_defaults(func=cmd_info)
+
+    b = sub.add_parser("bitmap", help="list and change dirty bitmaps (offline image or live mount)", description=(
+        "Dirty bitmap commands, like 'qemu-img bitmap'. TARGET is an unmounted image (QEMU's locks are taken, "
+        "so an image in use is refused) or the mountpoint of a running qcowfs (the daemon does the work)."))
+    bsub = b.add_subparsers(dest="op", metavar="OP")
+    bsub.required = True
+    bl = bsub.add_parser("list", help="name, granularity, dirty count, flags")
+    bl.add_argument("target", metavar="IMAGE|MOUNTPOINT")
+    bl.add_argument("--json", action="store_true")
+    ba = bsub.add_parser("add", help="create a persistent bitmap (transient only on a live mount)")
+    ba.add_argument("target", metavar="IMAGE|MOUNTPOINT")
+    ba.add_argument("name", metavar="NAME")
+    ba.add_argument("--granularity", "-g", type=int, help="bytes per bit, a power of two from 512 to 2 GiB "
+                    "(default: cluster size clamped to 4 KiB..64 KiB)")
+    ba.add_argument("--disabled", action="store_true", help="create it not recording")
+    ba.add_argument("--transient", action="store_true", help="live mount only: keep it in memory, never store it")
+    for op, text in (("remove", "remove a bitmap and free its clusters"), ("clear", "reset every bit"),
+                     ("enable", "start recording writes"), ("disable", "stop recording writes")):
+        bo = bsub.add_parser(op, help=text)
+        bo.add_argument("target", metavar="IMAGE|MOUNTPOINT")
+        bo.add_argument("name", metavar="NAME")
+    bm = bsub.add_parser("merge", help="OR bitmap SRC into DST")
+    bm.add_argument("target", metavar="IMAGE|MOUNTPOINT")
+    bm.add_argument("name", metavar="SRC")
+    bm.add_argument("dst", metavar="DST")
+    be = bsub.add_parser("extents", help="dirty extents of a bitmap (unmounted image), like qemu-img map")
+    be.add_argument("target", metavar="IMAGE")
+    be.add_argument("name", metavar="NAME")
+    be.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_bitmap)
     return p
 
 

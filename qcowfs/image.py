@@ -655,6 +655,10 @@ class Qcow2Image:
         f = self.file
         if self.data_file is not f:
             self.data_file.flush()
+        if self.header.lazy_refcounts and not self.header.dirty and (self.l2_dirty or self.l1_dirty):
+            # Lazy refcounts: the dirty bit is on disk before the first L2 update (qcow2.txt
+            # "compatible features" bit 0); a crash then means "rebuild refcounts on open".
+            self._set_dirty_bit(True)
         self.refcounts.write_dirty()
         f.flush()  # refcounts (and COW data) before the L2 tables that reference them
         if self.l2_dirty:
@@ -690,6 +694,15 @@ class Qcow2Image:
             if self.data_file is not self.file:
                 self.file.flush()
 
+    def _set_dirty_bit(self, on: bool) -> None:
+        h = self.header
+        if on:
+            h.incompatible_features |= fmt.INCOMPAT_DIRTY
+        else:
+            h.incompatible_features &= ~fmt.INCOMPAT_DIRTY
+        self.file.pwrite(h.incompatible_features.to_bytes(8, "big"), 72)
+        self.file.flush()
+
     def mark_corrupt(self, reason: str) -> None:
         """An inconsistency met while writing: set the corrupt bit, log once, go read-only (as QEMU does)."""
         if self.read_only:
@@ -717,6 +730,8 @@ class Qcow2Image:
         try:
             if flush and not self.read_only and hasattr(self, "refcounts"):
                 self.flush()
+                if self.header.dirty and self.header.lazy_refcounts:
+                    self._set_dirty_bit(False)  # clean close: refcounts are exact again
         finally:
             self._closed = True
             if self.backing is not None:
