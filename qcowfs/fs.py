@@ -205,7 +205,10 @@ class QcowOperations(pyfuse3.Operations):
         if inode == DISK:
             if writing and self.disk.read_only:
                 raise pyfuse3.FUSEError(errno.EROFS)
-            return pyfuse3.FileInfo(fh=DISK, keep_cache=True)
+            # direct_io, as QEMU's FUSE export does: reads and writes reach us unchanged, nothing
+            # stale is served from the page cache, and the kernel skips its per-write
+            # security.capability getxattr round trip (measured: 2 requests per write -> 1).
+            return pyfuse3.FileInfo(fh=DISK, direct_io=True)
         if inode in (ROOT, BITMAPS_DIR):
             raise pyfuse3.FUSEError(errno.EISDIR)
         name = self.inode_names.get(inode)
