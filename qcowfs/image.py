@@ -194,7 +194,7 @@ class Qcow2Image:
             return
         h = self.header
         if h.dirty:
-            from .repair import rebuild_refcounts
+            from .check import rebuild_refcounts
 
             log.warning("%s: dirty bit set (lazy refcounts, not closed cleanly): rebuilding refcounts", self.path)
             rebuild_refcounts(self)
