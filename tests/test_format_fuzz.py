@@ -437,3 +437,91 @@ def test_open_every_header_field_boundary(image_bytes, work_dir, name, caplog):
                 f.write(original[off : off + width])
     assert _sha(path.read_bytes()) == _sha(original), "the read-only opens changed the file"
     assert not failures, f"{len(failures)} header values raised something other than QcowError:\n" + "\n".join(failures)
+
+
+def table_entry_positions(data: bytes) -> list:
+    """Byte offsets of 8-byte entries worth corrupting: used L1 entries and the one after them, the first
+    used entries of each L2 table, used refcount table entries, the first refcount block entries."""
+    cb = _u32(data, 20)
+    cs = 1 << cb
+    extended = _u32(data, 4) >= 3 and _u64(data, 72) & (1 << 4)
+    step = 16 if extended else 8
+    l1_size, l1_off = _u32(data, 36), _u64(data, 40)
+    out = []
+    l2_tables = []
+    for i in range(l1_size):
+        e = _u64(data, l1_off + 8 * i)
+        if e:
+            out.append(l1_off + 8 * i)
+            l2_tables.append(e & 0x00FFFFFFFFFFFE00)
+        elif i and _u64(data, l1_off + 8 * (i - 1)):
+            out.append(l1_off + 8 * i)
+    for t in l2_tables:
+        used = [t + j for j in range(0, cs, step) if _u64(data, t + j) or (extended and _u64(data, t + j + 8))]
+        for pos in used[:6] + used[-2:]:
+            out.append(pos)
+            if extended:
+                out.append(pos + 8)  # the subcluster bitmap word
+    rt_off, rt_clusters = _u64(data, 48), _u32(data, 56)
+    for i in range(rt_clusters * cs // 8):
+        e = _u64(data, rt_off + 8 * i)
+        if e:
+            out.append(rt_off + 8 * i)
+            out.extend(range(e & ~0x1FF, (e & ~0x1FF) + 16, 8))
+    return sorted(set(out))
+
+
+def entry_values(data: bytes, original_entry: int) -> list:
+    cs = 1 << _u32(data, 20)
+    off = original_entry & 0x00FFFFFFFFFFFE00
+    size = len(data)
+    return sorted({
+        0, 1, (1 << 64) - 1, 1 << 63, 1 << 62, (1 << 63) | (1 << 62), 0x00FFFFFFFFFFFE00,
+        (1 << 63) | 0x00FFFFFFFFFFFE00, 1 << 55, (1 << 63) - cs,
+        original_entry | 1, original_entry ^ (1 << 62), original_entry ^ (1 << 63), original_entry | (1 << 56),
+        off + 512 if off else 512, (off + 512) | (1 << 63) if off else 512 | (1 << 63),
+        size & ~(cs - 1), (size & ~(cs - 1)) | (1 << 63), size + cs, (size + cs) | (1 << 63),
+        (1 << 63) | (size & ~(cs - 1) - cs), 0xFFFFFFFF00000000, 0x00000000FFFFFFFF,
+    })
+
+
+@pytest.mark.parametrize("name", ["v3-4k", "v2-512", "v3-16k-extl2-zstd", "v3-refcount1", "v3-4k-backing-bitmap"])
+def test_open_every_table_entry_boundary(image_bytes, work_dir, name, caplog):
+    """Each L1 / L2 / refcount table / refcount block entry in use, alone set to each boundary value
+    (0, flags only, all ones, past EOF, unaligned, its own value with a flag flipped): open read-only
+    and read answers or raises QcowError, never another exception; the file is not changed."""
+    caplog.set_level(logging.CRITICAL, logger="qcowfs")
+    original = image_bytes[name]
+    path = work_dir / f"entries-{name}.qcow2"
+    path.write_bytes(original)
+    positions = table_entry_positions(original)
+    assert len(positions) >= 8, f"{name}: found only {len(positions)} table entries to corrupt"
+    failures = []
+    with open(path, "r+b", buffering=0) as f:
+        for pos in positions:
+            for v in entry_values(original, _u64(original, pos)):
+                f.seek(pos)
+                f.write(v.to_bytes(8, "big"))
+                stamp = os.stat(path)
+                try:
+                    with Qcow2Image.open(str(path), read_only=True) as img:
+                        for roff, length in READS:
+                            try:
+                                got = img.read(roff, length)
+                                assert len(got) == max(0, min(length, img.size - roff))
+                            except QcowError as e:
+                                check_error(e, record=False)
+                except QcowError as e:
+                    check_error(e, record=False)
+                except AssertionError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - the point of the test: collect every non-QcowError
+                    failures.append(f"entry at byte {pos:#x} = {v:#x}: {type(e).__name__}: {e}")
+                after = os.stat(path)
+                assert (after.st_mtime_ns, after.st_size) == (stamp.st_mtime_ns, stamp.st_size), (
+                    f"entry at byte {pos:#x} = {v:#x}: the read-only open changed the file"
+                )
+                f.seek(pos)
+                f.write(original[pos : pos + 8])
+    assert _sha(path.read_bytes()) == _sha(original), "the read-only opens changed the file"
+    assert not failures, f"{len(failures)} table entries raised something other than QcowError:\n" + "\n".join(failures)
