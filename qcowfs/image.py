@@ -106,10 +106,13 @@ class Qcow2Image:
     """One qcow2 image (and, below it, its backing chain)."""
 
     def __init__(self, path: str, read_only: bool = True, *, _chain: tuple = (), _depth: int = 0,
-                 cache_bytes: int = 32 << 20):
+                 cache_bytes: int = 32 << 20, file_factory=HostFile):
         self.path = path
         self.read_only = read_only
-        self.file = HostFile(path, writable=not read_only)
+        #: makes the HostFile for the image and its external data file; a recording
+        #: variant lets the power-loss tests log every write and flush
+        self.file_factory = file_factory
+        self.file = file_factory(path, writable=not read_only)
         self.backing = None
         self.data_file = self.file
         self._closed = False
@@ -181,7 +184,7 @@ class Qcow2Image:
                 name = os.path.join(base_dir, name)
             if not os.path.exists(name):
                 raise FormatError(f"external data file {h.data_file} not found", self.path)
-            self.data_file = HostFile(name, writable=not self.read_only)
+            self.data_file = self.file_factory(name, writable=not self.read_only)
         self.backing_size = self.backing.size if self.backing is not None else 0
         self._zero_cluster = bytes(cs)
         self._last_compressed: tuple = (None, b"")
