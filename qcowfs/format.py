@@ -63,6 +63,7 @@ MAX_CLUSTER_BITS = 21
 MAX_L1_SIZE = 32 * 1024 * 1024  # bytes
 MAX_REFTABLE_SIZE = 8 * 1024 * 1024  # bytes
 MAX_BACKING_NAME = 1023
+INT64_MAX = (1 << 63) - 1
 MAX_SNAPSHOTS = 65536
 V2_HEADER_LENGTH = 72
 V3_MIN_HEADER_LENGTH = 104
@@ -408,7 +409,14 @@ def parse_header(data: bytes) -> Header:
     if h.data_file_raw and not h.has_data_file:
         _fail("the raw-external-data bit is set but the image has no external data file")
 
-    # Tables.
+    # Tables: QEMU's validate_table_offset() -- aligned, and the end fits in int64.
+    for what, off, length in (
+        ("L1 table", h.l1_table_offset, h.l1_size * 8),
+        ("refcount table", h.refcount_table_offset, h.refcount_table_clusters * cluster_size),
+        ("snapshot table", h.snapshots_offset, h.nb_snapshots * 40),
+    ):
+        if off + length > INT64_MAX or off % cluster_size:
+            _fail(f"invalid {what} offset 0x{off:x}")
     l1_bytes = h.l1_size * 8
     if l1_bytes > MAX_L1_SIZE:
         _fail(f"L1 table too large ({h.l1_size} entries)")
@@ -456,10 +464,12 @@ def _parse_extensions(h: Header, data: bytes, start: int, end: int) -> None:
             _fail("header extensions are not terminated inside the first cluster")
         ext = ExtensionHeader.parse(data[offset : offset + 8])
         offset += 8
+        # QEMU (qcow2_read_extensions) checks the length before looking at the magic,
+        # even for the end marker.
+        if ext.length > end - offset:
+            _fail(f"header extension 0x{ext.magic:08x} is larger than the space left in the first cluster")
         if ext.magic == EXT_END:
             return
-        if ext.length > end - offset:
-            _fail(f"header extension 0x{ext.magic:08x} is longer than the space left in the first cluster")
         payload = bytes(data[offset : offset + ext.length])
         offset += align_up(ext.length, 8)
         h.extensions.append(Extension(ext.magic, payload))
