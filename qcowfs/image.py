@@ -148,6 +148,7 @@ class Qcow2Image:
         self.subcluster_bits = self.cluster_bits - 5
         self.compression_type = h.compression_type
         self.v3 = h.version >= 3
+        self.has_data_file = h.has_data_file
         # L1 table
         raw = self.file.pread(h.l1_size * 8, h.l1_table_offset) if h.l1_size else b""
         if len(raw) < h.l1_size * 8:
@@ -290,7 +291,8 @@ class Qcow2Image:
             if e & _ZERO:
                 return ZERO, 0, n
             off = e & _OFFSET
-            if off == 0:
+            if off == 0 and not (self.has_data_file and e & _COPIED):
+                # offset 0 is valid in an external data file: COPIED tells (QEMU's qcow2_get_cluster_type)
                 return UNALLOCATED, 0, n
             if off & (self.cluster_size - 1):
                 raise self.corrupt(f"L2 entry for guest cluster {ci} is not cluster aligned")
@@ -306,7 +308,7 @@ class Qcow2Image:
         zero = bm >> 32
         if alloc & zero:
             raise self.corrupt(f"extended L2 entry for guest cluster {ci} marks a subcluster both allocated and zero")
-        if alloc and off == 0:
+        if alloc and off == 0 and not (self.has_data_file and e & _COPIED):
             raise self.corrupt(f"extended L2 entry for guest cluster {ci} has allocated subclusters but no offset")
         bit = 1 << sc
         kind = DATA if alloc & bit else ZERO if zero & bit else UNALLOCATED
@@ -546,7 +548,7 @@ class Qcow2Image:
             l2 = self._l2_for_read(ci >> self.l2_bits)
             e = l2[ci & (self.l2_entries - 1)] if l2 is not None else 0
             off = e & _OFFSET
-            if not e & _COMPRESSED and off and e & _COPIED and not e & _ZERO:
+            if not e & _COMPRESSED and (off or ext) and e & _COPIED and not e & _ZERO:
                 plan.append((ci, off, e))
             elif ext and not e & _COMPRESSED:
                 plan.append((ci, None, e))
@@ -612,7 +614,7 @@ class Qcow2Image:
         e, bm = t[2 * i], t[2 * i + 1]
         off = e & _OFFSET
         ext = self.header.has_data_file
-        if not e & _COMPRESSED and off and (e & _COPIED or ext):
+        if not e & _COMPRESSED and e & _COPIED and (off or ext):
             # In place; subclusters not allocated yet need their untouched parts copied.
             lo = s0 << scb
             hi = (s1 + 1) << scb
