@@ -11,6 +11,11 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
+try:
+    _IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
+except (ValueError, OSError):  # pragma: no cover
+    _IOV_MAX = 1024
+
 
 class HostFile:
     """A regular file opened by path; positional I/O only (no shared file offset)."""
@@ -49,15 +54,18 @@ class HostFile:
             self._size = end
 
     def pwritev(self, buffers: Sequence, offset: int) -> None:
-        total = sum(len(b) for b in buffers)
-        written = os.pwritev(self.fd, buffers, offset)
-        if written < total:
-            # Rare short write: finish the rest piecewise.
-            joined = b"".join(bytes(b) for b in buffers)
-            self.pwrite(memoryview(joined)[written:], offset + written)
-        end = offset + total
-        if end > self._size:
-            self._size = end
+        """Write buffers back to back at offset (in groups of at most IOV_MAX)."""
+        for i in range(0, len(buffers), _IOV_MAX):
+            group = buffers[i : i + _IOV_MAX]
+            total = sum(len(b) for b in group)
+            written = os.pwritev(self.fd, group, offset)
+            if written < total:
+                # Rare short write: finish the rest piecewise.
+                joined = b"".join(bytes(b) for b in group)
+                self.pwrite(memoryview(joined)[written:], offset + written)
+            offset += total
+            if offset > self._size:
+                self._size = offset
 
     def flush(self) -> None:
         """Make every completed write durable (fdatasync: metadata that reaches the data included)."""

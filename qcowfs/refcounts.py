@@ -174,39 +174,78 @@ class Refcounts:
         return value
 
     # ------------------------------------------------------------------ allocation
-    def allocate(self, n: int) -> int:
-        """Allocate n contiguous clusters with refcount 1 (in the cache); returns the host offset."""
+    def _next_free(self, c: int) -> int:
+        """The first cluster at or after c whose refcount is 0."""
         epb = self.entries_per_block
-        c = self.free_hint
         while True:
-            # find the first free cluster at or after c
             bi, i = divmod(c, epb)
             blk = self.block(bi) if bi < len(self.table) else None
-            if blk is not None:
-                j = blk.first_free(i)
-                if j < 0:
-                    c = (bi + 1) * epb
-                    continue
-                c = bi * epb + j
-            # check the run [c, c+n) is free
-            run_ok = True
-            for k in range(c + 1, c + n):
-                if self.get(k):
-                    c = k + 1
-                    run_ok = False
+            if blk is None:
+                return c
+            j = blk.first_free(i)
+            if j >= 0:
+                return bi * epb + j
+            c = (bi + 1) * epb
+
+    def _missing_blocks(self, first: int, count: int) -> list:
+        epb = self.entries_per_block
+        return [b for b in range(first // epb, (first + count - 1) // epb + 1)
+                if b >= len(self.table) or self.block_offset(b) == 0]
+
+    def allocate(self, n: int) -> int:
+        """Allocate n contiguous clusters with refcount 1 (in the cache); returns the host offset.
+
+        Refcount blocks missing for the run are placed in front of it (QEMU too puts new
+        blocks next to the clusters they describe), so any run length can be contiguous."""
+        c = self.free_hint
+        while True:
+            c = self._next_free(c)
+            k = 0
+            while True:
+                missing = self._missing_blocks(c, n + k)
+                if len(missing) == k:
                     break
-            if not run_ok:
+                k = len(missing)
+            busy = next((x for x in range(c + 1, c + n + k) if self.get(x)), None)
+            if busy is not None:
+                c = busy + 1
                 continue
-            missing = [b for b in range(c // epb, (c + n - 1) // epb + 1) if self.block(b) is None]
+            if missing and missing[-1] >= len(self.table):
+                self._grow_table(missing[-1])
+                continue
             if missing:
-                # A new block occupies a cluster of its own range: create, then search again.
-                self._create_block(missing[0])
-                continue
+                self._place_blocks(missing, c)
+                c += len(missing)
             break
-        for k in range(c, c + n):
-            self.update(k, 1)
+        for x in range(c, c + n):
+            self.update(x, 1)
         self.free_hint = c + n
         return c << self.cluster_bits
+
+    def _place_blocks(self, indexes: list, at: int) -> None:
+        """Create refcount blocks `indexes` in the free clusters at, at+1, ...; each is refcounted
+        (by itself, a sibling or an existing block), written and flushed, then hooked into the
+        table (rule 5)."""
+        cs = self.cluster_size
+        epb = self.entries_per_block
+        new = {bi: RefcountBlock(self.bits, bytes(cs)) for bi in indexes}
+        for j, bi in enumerate(indexes):
+            x = at + j
+            xb = x // epb
+            if xb in new:
+                new[xb].set(x % epb, 1)
+            else:
+                self.update(x, 1)
+        for j, bi in enumerate(indexes):
+            self.file.pwrite(new[bi].to_bytes(), (at + j) * cs)
+        self.write_dirty()
+        self.file.flush()
+        for j, bi in enumerate(indexes):
+            offset = (at + j) * cs
+            self.table[bi] = offset
+            self.file.pwrite(offset.to_bytes(8, "big"), self.header.refcount_table_offset + bi * 8)
+            self.blocks[bi] = new[bi]
+        self.file.flush()
 
     def _create_block(self, bi: int) -> None:
         """Create refcount block bi at the first cluster of the range it covers (so it refcounts
