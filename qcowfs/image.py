@@ -117,6 +117,8 @@ class Qcow2Image:
         self.data_file = self.file
         self._closed = False
         self._corrupt_logged: set = set()
+        #: called when the image turns read-only after corruption (the mount drops its write lock)
+        self.on_read_only = None
         try:
             self._open(_chain, _depth, cache_bytes)
         except BaseException:
@@ -720,6 +722,8 @@ class Qcow2Image:
         except OSError as e:
             log.error("%s: could not set the corrupt bit: %s", self.path, e)
         self.read_only = True
+        if self.on_read_only is not None:
+            self.on_read_only()
 
     # ------------------------------------------------------------------ info
     def allocated_host_bytes(self) -> int:

@@ -70,6 +70,8 @@ class Mounted:
         image = Qcow2Image(self.image_path, read_only=self.read_only)
         try:
             self.locks = _lock_chain(image, self.read_only)
+            # after a corruption the image is read-only: become a read-only lock holder too
+            image.on_read_only = self.locks[0].downgrade_to_read_only
             self.disk = Disk(image)
         except BaseException:
             for lk in self.locks:
