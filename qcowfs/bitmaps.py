@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import sys
 from array import array
 from typing import Optional
 
@@ -31,6 +32,7 @@ from .errors import BitmapError, CorruptImage, FormatError, ReadOnlyImage
 from .format import align_up, div_round_up
 
 log = logging.getLogger(__name__)
+_LITTLE = sys.byteorder == "little"
 
 
 def default_granularity(cluster_size: int) -> int:
@@ -219,9 +221,7 @@ class BitmapStore:
         if len(raw) < size * 8:
             raise CorruptImage("bitmap table lies past the end of the file", self.image.path)
         t = array("Q", raw)
-        import sys
-
-        if sys.byteorder == "little":
+        if _LITTLE:
             t.byteswap()
         return t
 
@@ -498,9 +498,7 @@ class BitmapStore:
                     table[j] = off
             tclusters = div_round_up(tsize * 8, cs)
             toff = img.refcounts.allocate(tclusters)
-            import sys
-
-            if sys.byteorder == "little":
+            if _LITTLE:
                 table.byteswap()
             tb = table.tobytes()
             img.file.pwrite(tb + bytes(tclusters * cs - len(tb)), toff)
