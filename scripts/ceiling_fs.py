@@ -1,0 +1,184 @@
+#!/usr/bin/env python3
+"""The performance ceiling for qcowfs: the thinnest pyfuse3 + trio filesystem.
+
+    python scripts/ceiling_fs.py RAWFILE MOUNTPOINT
+
+Serves one file, MOUNTPOINT/disk.raw, whose reads and writes go straight to
+RAWFILE with os.pread/os.pwrite: no mapping, no metadata, no bitmaps. Whatever
+qcowfs measures below this is the price of its own work; whatever this measures
+below the kernel is the price of FUSE plus Python plus pyfuse3.
+
+It mounts with the options qcowfs uses (pyfuse3.default_options, fsname=RAWFILE,
+subtype, allow_other when run as root) and opens disk.raw with direct_io like
+qcowfs, so `fio --direct=1` works and every request reaches the handler
+unchanged. Runs in the foreground; SIGTERM, SIGINT, SIGHUP or `fusermount3 -u`
+unmount it cleanly (exit code 0).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import stat
+import sys
+
+import pyfuse3
+import trio
+
+ROOT = pyfuse3.ROOT_INODE
+DISK = ROOT + 1
+DISK_NAME = b"disk.raw"
+
+
+class CeilingOperations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR)
+        self.size = os.fstat(self.fd).st_size
+        self.uid = os.getuid()
+        self.gid = os.getgid()
+        self.time_ns = os.fstat(self.fd).st_mtime_ns
+
+    def _attr(self, inode: int) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = inode
+        a.st_uid = self.uid
+        a.st_gid = self.gid
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self.time_ns
+        a.st_blksize = 4096
+        if inode == ROOT:
+            a.st_mode = stat.S_IFDIR | 0o755
+            a.st_nlink = 2
+            a.attr_timeout = 1
+        elif inode == DISK:
+            a.st_mode = stat.S_IFREG | 0o644
+            a.st_nlink = 1
+            a.st_size = self.size
+            a.st_blocks = os.fstat(self.fd).st_blocks
+            a.entry_timeout = 300
+            a.attr_timeout = 1
+        else:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return a
+
+    async def lookup(self, parent_inode, name, ctx=None):
+        if parent_inode == ROOT and name == DISK_NAME:
+            return self._attr(DISK)
+        raise pyfuse3.FUSEError(errno.ENOENT)
+
+    async def getattr(self, inode, ctx=None):
+        return self._attr(inode)
+
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        if fields.update_size and (inode != DISK or attr.st_size != self.size):
+            raise pyfuse3.FUSEError(errno.EPERM)
+        if fields.update_mode or fields.update_uid or fields.update_gid:
+            raise pyfuse3.FUSEError(errno.EPERM)
+        return self._attr(inode)
+
+    async def forget(self, inode_list):
+        pass
+
+    async def opendir(self, inode, ctx):
+        if inode != ROOT:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    async def readdir(self, fh, start_id, token):
+        if start_id == 0:
+            pyfuse3.readdir_reply(token, DISK_NAME, self._attr(DISK), 1)
+
+    async def releasedir(self, fh):
+        pass
+
+    async def open(self, inode, flags, ctx):
+        if inode != DISK:
+            raise pyfuse3.FUSEError(errno.EISDIR if inode == ROOT else errno.ENOENT)
+        return pyfuse3.FileInfo(fh=DISK, direct_io=True)
+
+    async def read(self, fh, off, size):
+        if off >= self.size:
+            return b""
+        return os.pread(self.fd, min(size, self.size - off), off)
+
+    async def write(self, fh, off, buf):
+        if off + len(buf) > self.size:
+            raise pyfuse3.FUSEError(errno.ENOSPC)
+        return os.pwrite(self.fd, buf, off)
+
+    async def fsync(self, fh, datasync):
+        os.fdatasync(self.fd) if datasync else os.fsync(self.fd)
+
+    async def flush(self, fh):
+        pass
+
+    async def release(self, fh):
+        pass
+
+    async def statfs(self, ctx):
+        s = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
+        d = pyfuse3.StatvfsData()
+        d.f_bsize = s.f_bsize
+        d.f_frsize = s.f_frsize
+        d.f_blocks = s.f_blocks
+        d.f_bfree = s.f_bfree
+        d.f_bavail = s.f_bavail
+        d.f_files = 2
+        d.f_namemax = 255
+        return d
+
+
+_signalled = False
+
+
+async def _watch_signals() -> None:
+    global _signalled
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for _ in signals:
+            _signalled = True
+            pyfuse3.terminate()
+            return
+
+
+async def _serve() -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_watch_signals)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0] in ("-h", "--help"):
+        print("usage: ceiling_fs.py RAWFILE MOUNTPOINT  (serves RAWFILE as MOUNTPOINT/disk.raw)", file=sys.stderr)
+        return 2
+    raw, mnt = argv
+    if not os.path.isfile(raw):
+        print(f"ceiling_fs: {raw}: not a regular file", file=sys.stderr)
+        return 1
+    if not os.path.isdir(mnt) or os.path.ismount(mnt):
+        print(f"ceiling_fs: {mnt}: not a directory, or already a mount point", file=sys.stderr)
+        return 1
+    ops = CeilingOperations(raw)
+    options = set(pyfuse3.default_options)
+    options.add(f"fsname={os.path.abspath(raw)}")
+    options.add("subtype=ceilingfs")
+    if os.getuid() == 0:
+        options.add("allow_other")
+    pyfuse3.init(ops, mnt, options)
+    try:
+        trio.run(_serve)
+    finally:
+        # after fusermount3 -u the mount is gone already; after a signal we detach it ourselves
+        pyfuse3.close(unmount=_signalled)
+        os.close(ops.fd)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
