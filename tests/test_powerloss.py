@@ -1,0 +1,136 @@
+"""Crash consistency under power loss (issue: "Prove crash consistency under power loss").
+
+Every workload runs through Qcow2Image + Disk with a recording HostFile factory; tests/powerloss.py
+then replays the crash states the log allows (the log cut at every flush, subsets of every flush
+epoch's writes, torn multi-sector writes) and checks each distinct one with qemu-img check, a
+read-only qcowfs open with the durable guest data compared, bitmap states, and (lazy refcounts)
+both repairs. See tests/powerloss.py for the model.
+
+The number of distinct crash states checked is printed per workload (visible with -s), recorded
+as a test property, written to powerloss-summary.txt in the test's tmp dir, and summed up in the
+terminal summary at the end of the run (visible with -q too).
+
+Environment knobs (CI defaults in brackets): QCOWFS_POWERLOSS_SCALE [1.0] multiplies the
+per-epoch sampling bounds; QCOWFS_POWERLOSS_JOBS [cpu count] checker processes. scripts/crash-states
+runs the same harness from the command line with bigger bounds.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import powerloss as pl
+
+WORKLOADS = pl.workloads()
+SCALE = float(os.environ.get("QCOWFS_POWERLOSS_SCALE", "1.0"))
+JOBS = int(os.environ.get("QCOWFS_POWERLOSS_JOBS", "0")) or (os.cpu_count() or 2)
+#: the issue asks for "at least several thousand crash states across the workloads"
+MIN_TOTAL = 3000
+
+
+class _Summary:
+    """Collects per-workload counts; prints them in pytest's terminal summary (survives -q)."""
+
+    def __init__(self):
+        self.lines: list = []
+        self.total = 0
+        self.workloads: set = set()
+        self.seconds = 0.0
+
+    def add(self, stats: pl.Stats) -> None:
+        self.lines.append(stats.line())
+        self.total += stats.distinct
+        self.workloads.add(stats.workload)
+        self.seconds += stats.seconds
+
+    def total_line(self) -> str:
+        return (f"power-loss total: {self.total} distinct crash states checked across {len(self.workloads)} "
+                f"workloads in {self.seconds:.0f}s")
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        if not self.lines:
+            return
+        terminalreporter.write_sep("-", "power-loss crash states")
+        for line in self.lines:
+            terminalreporter.write_line(line)
+        terminalreporter.write_line(self.total_line())
+
+
+@pytest.fixture(scope="module")
+def summary(request):
+    s = _Summary()
+    request.config.pluginmanager.register(s, "qcowfs-powerloss-summary")
+    yield s
+
+
+@pytest.mark.parametrize("wl", WORKLOADS, ids=[w.name for w in WORKLOADS])
+def test_crash_states(wl, tmp_path, summary, record_property):
+    ex = pl.explore_workload(wl, str(tmp_path / "powerloss"), jobs=JOBS, scale=SCALE)
+    st = ex.stats
+    line = st.line()
+    print("\n" + line)
+    summary.add(st)
+    record_property("crash_states", st.distinct)
+    (tmp_path / "powerloss-summary.txt").write_text(line + "\n")
+    assert not st.failures, pl.failure_report(ex)
+    assert st.distinct >= 20, f"too few crash states for {wl.name}: {line}"
+
+
+def test_reftable_growth_really_grows(tmp_path):
+    """The table-growth workload's premise (checked inside record() too): the header's
+    refcount_table_clusters goes from 1 to at least 3 after the workload."""
+    wl = next(w for w in WORKLOADS if w.name.startswith("reftable-growth"))
+    rec = pl.record(wl, str(tmp_path / "rec"))
+    before = pl.read_header_field(str(tmp_path / "rec" / "pristine" / "disk.qcow2"), 56, 4)
+    after = pl.read_header_field(str(tmp_path / "rec" / "run" / "disk.qcow2"), 56, 4)
+    assert before == 1 and after >= 3, (before, after)
+    growth = [e for e in rec.log.entries if e[0] == pl.W and "_grow_table" in e[4]]
+    assert growth, "no write came from Refcounts._grow_table"
+
+
+def test_harness_catches_missing_barriers(tmp_path):
+    """Negative control: the same kind of workload with every flush left out of the log (as if the
+    disk ignored fdatasync) must produce crash states qemu-img check calls corrupt, and lost data."""
+    wl = next(w for w in WORKLOADS if w.name == "alloc-c4096-r16")
+    ex = pl.explore_workload(wl, str(tmp_path / "nobarrier"), jobs=JOBS, record_flushes=False,
+                             bounds=pl.Bounds(exhaustive=1, prefixes=4, drop_one=2, singles=2, random=12, torn=2))
+    msgs = [f for res in ex.stats.failures for f in res["failures"]]
+    assert any("qemu-img check exit 2" in f for f in msgs), ex.stats.line()
+    assert any("durable data lost" in f for f in msgs), ex.stats.line()
+
+
+def test_harness_catches_bitmaps_left_clean(tmp_path, monkeypatch):
+    """Negative control: if the read-write open did not mark the bitmaps in_use before the first guest
+    write, crash states would show a clean bitmap whose contents miss writes; the harness must say so."""
+    from qcowfs.bitmaps import BitmapStore
+
+    monkeypatch.setattr(BitmapStore, "activate", lambda self: None)
+    wl = next(w for w in WORKLOADS if w.name.startswith("bitmaps"))
+    ex = pl.explore_workload(wl, str(tmp_path / "noinuse"), jobs=JOBS,
+                             bounds=pl.Bounds(exhaustive=4, prefixes=2, drop_one=1, singles=1, random=1, torn=0,
+                                              max_states=40))
+    msgs = [f for res in ex.stats.failures for f in res["failures"]]
+    assert any("is clean (not in_use) but holds version ['pristine']" in f for f in msgs), ex.stats.line()
+
+
+def test_recording_covers_all_io(tmp_path):
+    """RecordingHostFile logs every write/flush of the image and the external data file, names the
+    file, and replaying the log over the pristine bytes reproduces both files exactly."""
+    wl = next(w for w in WORKLOADS if w.name.startswith("external-data-file"))
+    rec = pl.record(wl, str(tmp_path / "rec"))  # asserts the replay equals the working copy
+    names = {e[1] for e in rec.log.entries if e[0] in (pl.W, pl.F)}
+    assert names == {"disk.qcow2", "disk.data"}, names
+    kinds = {e[1] for e in rec.log.entries if e[0] == pl.M}
+    assert {"open", "opened", "gw", "gf", "close", "closed"} <= kinds
+
+
+def test_total_crash_states(summary):
+    """Runs last: prints the total and, when every workload ran, requires several thousand states."""
+    line = summary.total_line()
+    print("\n" + line)
+    ran_all = summary.workloads >= {w.name for w in WORKLOADS}
+    if not ran_all:
+        pytest.skip(f"only some workloads ran ({len(summary.workloads)}/{len(WORKLOADS)}): {line}")
+    assert summary.total >= MIN_TOTAL, line
