@@ -240,12 +240,26 @@ class Refcounts:
             self.file.pwrite(new[bi].to_bytes(), (at + j) * cs)
         self.write_dirty()
         self.file.flush()
-        for j, bi in enumerate(indexes):
-            offset = (at + j) * cs
-            self.table[bi] = offset
-            self.file.pwrite(offset.to_bytes(8, "big"), self.header.refcount_table_offset + bi * 8)
-            self.blocks[bi] = new[bi]
-        self.file.flush()
+        # Hook them in dependency order: a block whose own refcount lives in another new
+        # block is hooked only after that block's table entry is durable (else a crash can
+        # leave a referenced refcount block with refcount 0). Levels cannot cycle: the
+        # blocks sit in ascending clusters and cover ascending ranges.
+        position = {bi: at + j for j, bi in enumerate(indexes)}
+
+        def level(bi: int) -> int:
+            holder = position[bi] // epb
+            return 0 if holder == bi or holder not in new else level(holder) + 1
+
+        by_level: dict = {}
+        for bi in indexes:
+            by_level.setdefault(level(bi), []).append(bi)
+        for lvl in sorted(by_level):
+            for bi in by_level[lvl]:
+                offset = position[bi] * cs
+                self.table[bi] = offset
+                self.file.pwrite(offset.to_bytes(8, "big"), self.header.refcount_table_offset + bi * 8)
+                self.blocks[bi] = new[bi]
+            self.file.flush()
 
     def _create_block(self, bi: int) -> None:
         """Create refcount block bi at the first cluster of the range it covers (so it refcounts
