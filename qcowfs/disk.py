@@ -56,4 +56,5 @@ class Disk:
             if not self.image.read_only:
                 self.bitmaps.store()
         finally:
+            # close the files even if storing failed; close() itself may raise the flush error
             self.image.close()

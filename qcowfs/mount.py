@@ -107,29 +107,41 @@ class Mounted:
                 pyfuse3.terminate()
                 return
 
-    def serve(self) -> None:
+    def serve(self) -> bool:
         try:
             trio.run(self._serve)
         finally:
-            self.shutdown()
+            ok = self.shutdown()
+        return ok
 
-    def shutdown(self) -> None:
-        """Detach (if we were asked to), then store bitmaps and close; safe to call twice."""
+    def shutdown(self) -> bool:
+        """Detach (if we were asked to), then store bitmaps and close; safe to call twice.
+        Returns False if the final writes failed (the image then stays consistent, with leaks
+        at worst, and its bitmaps stay in_use)."""
         if self.fuse_up:
             self.fuse_up = False
             try:
                 pyfuse3.close(unmount=self.signalled)
             except Exception as e:  # the mount may already be gone
                 log.warning("closing the FUSE session: %s", e)
+        ok = True
         if self.disk is not None:
             disk, self.disk = self.disk, None
             try:
                 disk.close()
+                log.info("%s: unmounted cleanly", self.image_path)
+            except (OSError, QcowError) as e:
+                ok = False
+                reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+                log.error("%s: could not write the final metadata at unmount (%s); the image stays "
+                          "consistent but may leak clusters and its bitmaps stay in use: free the "
+                          "problem (e.g. disk space), then run 'qcowfs check --repair=leaks' on it",
+                          self.image_path, reason)
             finally:
                 for lk in self.locks:
                     lk.release()
                 self.locks = []
-            log.info("%s: unmounted cleanly", self.image_path)
+        return ok
 
 
 def mount(image_path: str, mountpoint: str, read_only: bool, ready=None) -> int:
@@ -149,5 +161,4 @@ def mount(image_path: str, mountpoint: str, read_only: bool, ready=None) -> int:
     log.info("%s: mounted on %s%s", image_path, mountpoint, " read-only" if read_only else "")
     if ready:
         ready(None)
-    m.serve()
-    return 0
+    return 0 if m.serve() else 1
