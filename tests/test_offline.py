@@ -1,0 +1,150 @@
+"""Offline `qcowfs bitmap` commands on unmounted images, and header rewrites that keep what
+qcowfs does not know (unknown extensions and header fields) while clearing unknown autoclear bits."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+from conftest import QCOWFS, assert_clean, needs_fuse, qemu_img, qemu_info, qemu_io, run, wait_for
+
+KiB = 1 << 10
+MiB = 1 << 20
+
+
+def qcowfs(*args, check=True):
+    p = run([*QCOWFS, *args], check=check)
+    assert "Traceback" not in p.stderr, p.stderr
+    return p
+
+
+def qemu_bitmaps(img) -> dict:
+    data = qemu_info(img)["format-specific"]["data"]
+    return {b["name"]: b for b in data.get("bitmaps", [])}
+
+
+def qemu_dirty_extents(img, name, tmp_path) -> list:
+    sock = tmp_path / f"nbd-{name}.sock"
+    proc = subprocess.Popen(["qemu-nbd", "-r", "-t", "-f", "qcow2", "-B", name, "-k", str(sock), str(img)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: sock.exists() or proc.poll() is not None, what="qemu-nbd socket")
+        out = run(["nbdinfo", "--json", f"--map=qemu:dirty-bitmap:{name}", f"nbd+unix:///?socket={sock}"]).stdout
+    finally:
+        proc.terminate()
+        proc.wait()
+    return [(e["offset"], e["length"], e["type"] == 1) for e in json.loads(out)]
+
+
+def test_offline_bitmap_commands_match_qemu(tmp_path):
+    img = tmp_path / "a.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, "32M")
+    qcowfs("bitmap", "add", img, "g4k", "--granularity", "4096")
+    qcowfs("bitmap", "add", img, "off", "--disabled")
+    bms = qemu_bitmaps(img)
+    assert bms["g4k"]["granularity"] == 4096 and bms["g4k"]["flags"] == ["auto"]
+    assert bms["off"]["granularity"] == 64 * KiB and bms["off"]["flags"] == []
+    assert_clean(img)
+    qemu_io(img, "write -P 1 8k 4k", "write 1M 100k")
+    listed = {b["name"]: b for b in json.loads(qcowfs("bitmap", "list", "--json", img).stdout)}
+    assert listed["g4k"]["count"] == 4 * KiB + 100 * KiB and listed["g4k"]["recording"] is True
+    assert listed["off"]["count"] == 0 and listed["off"]["recording"] is False
+    ext = json.loads(qcowfs("bitmap", "extents", "--json", img, "g4k").stdout)
+    ours = [(e["start"], e["length"], e["dirty"]) for e in ext]
+    assert ours == qemu_dirty_extents(img, "g4k", tmp_path)
+    # merge into the disabled one, then clear, enable, remove
+    qcowfs("bitmap", "merge", img, "g4k", "off")
+    assert qemu_dirty_extents(img, "off", tmp_path) == [(0, 64 * KiB, True), (64 * KiB, MiB - 64 * KiB, False),
+                                                         (MiB, 128 * KiB, True), (MiB + 128 * KiB, 32 * MiB - MiB - 128 * KiB, False)]
+    qcowfs("bitmap", "clear", img, "g4k")
+    assert all(not d for _, _, d in qemu_dirty_extents(img, "g4k", tmp_path))
+    qcowfs("bitmap", "enable", img, "off")
+    assert qemu_bitmaps(img)["off"]["flags"] == ["auto"]
+    qcowfs("bitmap", "remove", img, "g4k")
+    assert "g4k" not in qemu_bitmaps(img)
+    assert_clean(img)
+
+
+def test_offline_errors_are_one_line_and_change_nothing(tmp_path):
+    img = tmp_path / "a.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, "8M")
+    qcowfs("bitmap", "add", img, "b0")
+    before = img.read_bytes()
+    for args in (["add", img, "b0"], ["remove", img, "nope"], ["add", img, "x", "--granularity", "1000"],
+                 ["clear", img, "nope"]):
+        p = qcowfs("bitmap", *args, check=False)
+        assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1, (args, p.stderr)
+    assert img.read_bytes() == before
+
+
+def test_offline_commands_refuse_an_image_in_use(tmp_path):
+    img = tmp_path / "a.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, "8M")
+    # qemu-storage-daemon with the image open read-write holds QEMU's write lock
+    pidfile = tmp_path / "qsd.pid"
+    qsd = subprocess.Popen(["qemu-storage-daemon", "--blockdev", f"driver=file,node-name=f0,filename={img}",
+                            "--blockdev", "driver=qcow2,node-name=q0,file=f0", "--pidfile", str(pidfile)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), what="qemu-storage-daemon")
+        before = img.read_bytes()
+        for args in (["add", img, "b0"], ["list", img]):
+            p = qcowfs("bitmap", *args, check=False)
+            assert p.returncode == 1 and "in use" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        p = qcowfs("check", img, check=False)
+        assert p.returncode == 1 and "in use" in p.stderr
+        assert img.read_bytes() == before
+    finally:
+        qsd.terminate()
+        qsd.wait()
+
+
+def _add_unknowns(img: Path) -> bytes:
+    """Give a v3 image an unknown autoclear bit, an unknown header field (header_length 120)
+    and an unknown header extension; returns the unknown extension's payload."""
+    raw = bytearray(img.read_bytes()[:65536])
+    hl = struct.unpack_from(">I", raw, 100)[0]
+    assert hl == 112
+    # walk extensions to their end marker
+    pos = hl
+    exts = []
+    while True:
+        magic, length = struct.unpack_from(">II", raw, pos)
+        if magic == 0:
+            break
+        exts.append(bytes(raw[pos: pos + 8 + (length + 7) // 8 * 8]))
+        pos += 8 + (length + 7) // 8 * 8
+    payload = b"qcowfs-unknown-extension"
+    unknown = struct.pack(">II", 0x7A7A7A7A, len(payload)) + payload
+    new = bytearray(raw[:112]) + b"\xAB" * 8  # 8 unknown header bytes
+    struct.pack_into(">I", new, 100, 120)
+    autoclear = struct.unpack_from(">Q", new, 88)[0] | (1 << 5)
+    struct.pack_into(">Q", new, 88, autoclear)
+    for e in exts:
+        new += e
+    new += unknown + b"\0" * 8
+    with open(img, "r+b") as f:
+        f.write(new)
+    return payload
+
+
+@needs_fuse
+def test_header_rewrite_keeps_unknowns_and_clears_unknown_autoclear(tmp_path, mount):
+    img = tmp_path / "a.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, "8M")
+    payload = _add_unknowns(img)
+    assert run(["qemu-img", "check", img], check=False).returncode == 0
+    m = mount(img)
+    (m.bitmaps / "b0").touch()  # rewrites the header (bitmaps extension)
+    with open(m.disk, "r+b") as f:
+        f.write(b"x" * 4096)
+    assert m.unmount() == 0
+    raw = img.read_bytes()[:65536]
+    assert struct.unpack_from(">I", raw, 100)[0] == 120 and raw[112:120] == b"\xAB" * 8
+    assert not struct.unpack_from(">Q", raw, 88)[0] & (1 << 5), "unknown autoclear bit not cleared"
+    assert payload in raw, "unknown header extension lost"
+    assert qemu_bitmaps(img)["b0"]["flags"] == ["auto"]
+    assert_clean(img)
