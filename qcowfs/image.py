@@ -551,6 +551,7 @@ class Qcow2Image:
             e = l2[ci & (self.l2_entries - 1)] if l2 is not None else 0
             off = e & _OFFSET
             if not e & _COMPRESSED and (off or ext) and e & _COPIED and not e & _ZERO:
+                self._check_data_offset(off, ci)
                 plan.append((ci, off, e))
             elif ext and not e & _COMPRESSED:
                 plan.append((ci, None, e))
@@ -602,6 +603,14 @@ class Qcow2Image:
             if not ext:
                 self._free_entry_clusters(e)
 
+    def _check_data_offset(self, off: int, ci: int) -> None:
+        """Refuse to write through an entry QEMU would call corrupt (unaligned, or past the end
+        of the file): writing there could overwrite other clusters."""
+        if off & (self.cluster_size - 1):
+            raise self.corrupt(f"L2 entry for guest cluster {ci} is not cluster aligned (0x{off:x})")
+        if not self.has_data_file and off >= self.file.size:
+            raise self.corrupt(f"L2 entry for guest cluster {ci} points past the end of the file (0x{off:x})")
+
     def _write_extended_cluster(self, pos: int, piece: memoryview) -> None:
         """Write within one cluster of an extended-L2 image, at subcluster granularity."""
         cs = self.cluster_size
@@ -617,6 +626,7 @@ class Qcow2Image:
         off = e & _OFFSET
         ext = self.header.has_data_file
         if not e & _COMPRESSED and e & _COPIED and (off or ext):
+            self._check_data_offset(off, ci)
             # In place; subclusters not allocated yet need their untouched parts copied.
             lo = s0 << scb
             hi = (s1 + 1) << scb

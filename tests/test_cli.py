@@ -1,0 +1,115 @@
+"""The command line as a user meets it: daemon mode, umount, signals, locks, help, run-time corruption."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import QCOWFS, Mount, assert_clean, needs_fuse, qemu_img, qemu_info, qemu_io, run, wait_for
+
+MiB = 1 << 20
+
+
+def make(tmp_path: Path, size="16M", name="a.qcow2") -> Path:
+    img = tmp_path / name
+    qemu_img("create", "-q", "-f", "qcow2", img, size)
+    return img
+
+
+def test_help_texts():
+    for args in ([], ["mount"], ["umount"], ["info"], ["check"], ["bitmap"], ["bitmap", "add"]):
+        p = run([*QCOWFS, *args, "--help"])
+        assert "usage: qcowfs" in p.stdout and p.stdout.count("\n") > 3, args
+
+
+@needs_fuse
+def test_daemon_mode_and_umount_waits_for_shutdown(tmp_path):
+    img = make(tmp_path)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log = tmp_path / "d.log"
+    p = run([*QCOWFS, "mount", "--log", log, img, mnt])
+    try:
+        assert p.returncode == 0 and os.path.ismount(mnt), "mount returned before the mount was ready"
+        (mnt / ".bitmaps" / "b0").touch()
+        with open(mnt / "disk.raw", "r+b") as f:
+            f.write(b"y" * 65536)
+        # while mounted read-write, QEMU without -U is locked out, with -U it reads
+        assert run(["qemu-img", "info", img], check=False).returncode != 0
+        assert qemu_info(img)["virtual-size"] == 16 * MiB
+        # a second read-write mount of the same image is refused with one line
+        mnt2 = tmp_path / "mnt2"
+        mnt2.mkdir()
+        p2 = run([*QCOWFS, "mount", img, mnt2], check=False)
+        assert p2.returncode == 1 and "in use" in p2.stderr and len(p2.stderr.strip().splitlines()) == 1
+        assert not os.path.ismount(mnt2)
+    finally:
+        u = run([*QCOWFS, "umount", mnt], check=False)
+    assert u.returncode == 0, u.stderr
+    # umount returned only after the daemon stored the bitmap and closed the image
+    bms = qemu_info(img)["format-specific"]["data"]["bitmaps"]
+    assert bms == [{"name": "b0", "granularity": 65536, "flags": ["auto"]}]
+    assert_clean(img)
+    assert "Traceback" not in log.read_text()
+
+
+def test_umount_of_something_else_is_one_line(tmp_path):
+    p = run([*QCOWFS, "umount", tmp_path], check=False)
+    assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1
+
+
+@needs_fuse
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_unmounts_cleanly(tmp_path, sig):
+    img = make(tmp_path)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    m = Mount(img, mnt, tmp_path / "d.log")
+    try:
+        (m.bitmaps / "b0").touch()
+        with open(m.disk, "r+b") as f:
+            f.write(b"z" * 4096)
+        m.proc.send_signal(sig)
+        assert m.proc.wait(timeout=60) == 0
+        wait_for(lambda: not os.path.ismount(mnt), what="unmount after signal")
+    finally:
+        m.kill()
+    assert qemu_info(img)["format-specific"]["data"]["bitmaps"][0]["flags"] == ["auto"]
+    assert_clean(img)
+    m.assert_no_traceback()
+
+
+@needs_fuse
+def test_corruption_met_while_writing_turns_the_mount_read_only(tmp_path, mount):
+    img = make(tmp_path)
+    qemu_io(img, "write -P 7 0 64k")
+    # point the L2 table's entry for guest cluster 1 at an unaligned offset: corrupt metadata
+    raw = img.read_bytes()
+    l1 = struct.unpack_from(">Q", raw, 40)[0]
+    l2 = struct.unpack_from(">Q", raw, l1)[0] & 0x00FFFFFFFFFFFE00
+    with open(img, "r+b") as f:
+        f.seek(l2 + 8)
+        f.write(struct.pack(">Q", (1 << 63) | 0x30200))
+    m = mount(img)
+    fd = os.open(m.disk, os.O_RDWR)
+    try:
+        with pytest.raises(OSError) as e:
+            os.pwrite(fd, b"a" * 512, 65536 + 512)
+        assert e.value.errno == errno.EIO
+        with pytest.raises(OSError) as e:
+            os.pwrite(fd, b"b" * 512, 4 * MiB)  # a healthy range: refused now, the mount is read-only
+        assert e.value.errno == errno.EROFS
+        assert os.pread(fd, 4, 0) == b"\x07" * 4  # reads go on
+    finally:
+        os.close(fd)
+    assert m.unmount() == 0
+    assert "marking image corrupt" in m.log_text()
+    incompat = struct.unpack_from(">Q", img.read_bytes(), 72)[0]
+    assert incompat & 2, "corrupt bit not set"
+    assert run(["qemu-io", "-c", "read 0 512", img], check=False).returncode != 0  # QEMU refuses rw too
