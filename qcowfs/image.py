@@ -360,6 +360,12 @@ class Qcow2Image:
                 if got < n:
                     raise self.corrupt(f"data cluster at host offset 0x{host:x} lies past the end of the file")
             elif kind == UNALLOCATED:
+                # one backing read for the whole unallocated run
+                while pos + n < end:
+                    k2, _h2, n2 = self.map(pos + n, end)
+                    if k2 != UNALLOCATED:
+                        break
+                    n += n2
                 if self.backing is not None and pos < self.backing_size:
                     m = min(n, self.backing_size - pos)
                     mv[pos - offset : pos - offset + m] = self.backing.read(pos, m)
