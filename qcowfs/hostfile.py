@@ -11,6 +11,9 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
+#: larger than any file Linux allows (MAX_LFS_FILESIZE is 2**63 - 1)
+_MAX_OFFSET = (1 << 62)
+
 try:
     _IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
 except (ValueError, OSError):  # pragma: no cover
@@ -37,9 +40,15 @@ class HostFile:
         return self._size
 
     def pread(self, length: int, offset: int) -> bytes:
+        """Up to length bytes at offset; short (possibly empty) past the end of the file.
+        Offsets no file can reach (from damaged metadata) read as past the end too."""
+        if offset > _MAX_OFFSET or length > _MAX_OFFSET - offset:
+            return b""
         return os.pread(self.fd, length, offset)
 
     def preadv_into(self, buffers: Sequence, offset: int) -> int:
+        if offset > _MAX_OFFSET:
+            return 0
         return os.preadv(self.fd, buffers, offset)
 
     def pwrite(self, data, offset: int) -> None:
