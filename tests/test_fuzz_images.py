@@ -243,10 +243,11 @@ def refcounts_past_eof(data: bytes) -> bool:
     """Does a refcount block give a non-zero refcount to a cluster past the end of the file? qemu-img
     check does not look there, but such a cluster becomes a leak as soon as the file grows over it."""
     version = _u32(data, 4)
-    cs = 1 << _u32(data, 20)
+    cluster_bits = _u32(data, 20)
     order = _u32(data, 96) if version >= 3 else 4
-    if not cs or order > 6:
-        return False
+    if not 9 <= cluster_bits <= 21 or order > 6:
+        return False  # an image qcowfs refuses anyway (and 1 << 4e9 would eat the machine)
+    cs = 1 << cluster_bits
     bits = 1 << order
     per_block = cs * 8 // bits
     file_clusters = -(-len(data) // cs)
