@@ -31,7 +31,7 @@ def test_soak(tmp_path):
     try:
         out, err = p.communicate(timeout=SECONDS * 3 + 480)
     except subprocess.TimeoutExpired:
-        p.send_signal(signal.SIGINT)  # the soak tears its mounts and daemons down on SIGINT
+        p.send_signal(signal.SIGTERM)  # the soak tears its mounts and daemons down on SIGTERM
         try:
             out, err = p.communicate(timeout=60)
         except subprocess.TimeoutExpired:
