@@ -23,10 +23,13 @@ import trio
 from .disk import Disk
 from .errors import MountError, QcowError
 from .fs import QcowOperations
+from .fuseloop import FastLoop
 from .image import Qcow2Image
 from .locks import ImageLock
 
 log = logging.getLogger(__name__)
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def _lock_chain(image: Qcow2Image, read_only: bool) -> list:
@@ -60,6 +63,8 @@ class Mounted:
         self.disk: Optional[Disk] = None
         self.fuse_up = False
         self.signalled = False
+        self.loop = FastLoop()
+        self._early_signal: Optional[int] = None
 
     def prepare(self) -> None:
         mp = self.mountpoint
@@ -95,17 +100,35 @@ class Mounted:
 
     async def _serve(self) -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch_signals, nursery.cancel_scope)
-            await pyfuse3.main()
+            # the receiver is in place before the first request is served: the request loop
+            # may not yield to the scheduler again for a while (fuseloop.py)
+            await nursery.start(self._watch_signals)
+            if not self.signalled:
+                await self.loop.run()
             nursery.cancel_scope.cancel()
 
-    async def _watch_signals(self, scope) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-            async for signum in signals:
-                log.info("received %s: unmounting", signal.Signals(signum).name)
-                self.signalled = True
-                pyfuse3.terminate()
+    async def _watch_signals(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
+            task_status.started()
+            if self._early_signal is not None:
+                self._stop(self._early_signal)
                 return
+            async for signum in signals:
+                self._stop(signum)
+                return
+
+    def _stop(self, signum: int) -> None:
+        log.info("received %s: unmounting", signal.Signals(signum).name)
+        self.signalled = True
+        self.loop.exit()
+
+    def hold_signals(self) -> None:
+        """From the moment the mount is announced until trio's receiver takes over, a stop
+        signal is remembered instead of killing the daemon with the mount still attached."""
+        def remember(signum, frame):
+            self._early_signal = signum
+        for s in _STOP_SIGNALS:
+            signal.signal(s, remember)
 
     def serve(self) -> bool:
         try:
@@ -159,6 +182,7 @@ def mount(image_path: str, mountpoint: str, read_only: bool, ready=None) -> int:
             ready(str(err))
         raise err from None
     log.info("%s: mounted on %s%s", image_path, mountpoint, " read-only" if read_only else "")
+    m.hold_signals()
     if ready:
         ready(None)
     return 0 if m.serve() else 1

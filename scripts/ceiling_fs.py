@@ -137,25 +137,38 @@ class CeilingOperations(pyfuse3.Operations):
 _signalled = False
 
 
-async def _watch_signals() -> None:
+class _StockLoop:
+    """pyfuse3's own request loop."""
+
+    async def run(self) -> None:
+        await pyfuse3.main()
+
+    def exit(self) -> None:
+        pyfuse3.terminate()
+
+
+async def _watch_signals(loop) -> None:
     global _signalled
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for _ in signals:
             _signalled = True
-            pyfuse3.terminate()
+            loop.exit()
             return
 
 
-async def _serve() -> None:
+async def _serve(loop) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_watch_signals)
-        await pyfuse3.main()
+        nursery.start_soon(_watch_signals, loop)
+        await loop.run()
         nursery.cancel_scope.cancel()
 
 
 def main(argv: list[str]) -> int:
+    stock = "--stock-loop" in argv
+    argv = [a for a in argv if a != "--stock-loop"]
     if len(argv) != 2 or argv[0] in ("-h", "--help"):
-        print("usage: ceiling_fs.py RAWFILE MOUNTPOINT  (serves RAWFILE as MOUNTPOINT/disk.raw)", file=sys.stderr)
+        print("usage: ceiling_fs.py [--stock-loop] RAWFILE MOUNTPOINT  (serves RAWFILE as MOUNTPOINT/disk.raw)",
+              file=sys.stderr)
         return 2
     raw, mnt = argv
     if not os.path.isfile(raw):
@@ -171,8 +184,16 @@ def main(argv: list[str]) -> int:
     if os.getuid() == 0:
         options.add("allow_other")
     pyfuse3.init(ops, mnt, options)
+    if stock:
+        loop = _StockLoop()
+    else:
+        # the request loop qcowfs runs (qcowfs/fuseloop.py), so the ceiling stays a ceiling
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from qcowfs.fuseloop import FastLoop
+
+        loop = FastLoop()
     try:
-        trio.run(_serve)
+        trio.run(_serve, loop)
     finally:
         # after fusermount3 -u the mount is gone already; after a signal we detach it ourselves
         pyfuse3.close(unmount=_signalled)
