@@ -33,6 +33,10 @@ class Disk:
     def read(self, offset: int, length: int):
         return self.image.read(offset, length)
 
+    def read_view(self, offset: int, length: int) -> memoryview:
+        """read() into a buffer the next read_view() reuses (see Qcow2Image.read_view)."""
+        return self.image.read_view(offset, length)
+
     def write(self, offset: int, data) -> int:
         if self.image.read_only:
             raise ReadOnlyImage("disk is read-only", self.image.path)

@@ -39,8 +39,25 @@ COMMAND_XATTR = b"user.qcowfs.command"
 COMMANDS = ("clear", "enable", "disable")
 
 
+def _errno_for(ops: "QcowOperations", where: str, e: Exception) -> int:
+    """The one place errors become errnos (an exception escaping a handler kills the mount)."""
+    if isinstance(e, CorruptImage):
+        return e.errno  # already logged once by the image layer
+    if isinstance(e, BitmapError):
+        log.info("%s", e)
+        return e.errno
+    if isinstance(e, QcowError):
+        log.error("%s", e)
+        return e.errno
+    if isinstance(e, OSError):
+        log.error("%s: host I/O error in %s: %s", ops.disk.image.path, where, e)
+        return e.errno or errno.EIO
+    log.exception("unexpected error in %s", where)
+    return errno.EIO
+
+
 def _guard(fn):
-    """Map every error to an errno at the boundary: an exception escaping a handler kills the mount."""
+    """Map every error of a handler to an errno, through _errno_for()."""
 
     @functools.wraps(fn)
     async def wrapper(self, *args):
@@ -48,21 +65,8 @@ def _guard(fn):
             return await fn(self, *args)
         except pyfuse3.FUSEError:
             raise
-        except CorruptImage as e:
-            # already logged once by the image layer
-            raise pyfuse3.FUSEError(e.errno) from None
-        except BitmapError as e:
-            log.info("%s", e)
-            raise pyfuse3.FUSEError(e.errno) from None
-        except QcowError as e:
-            log.error("%s", e)
-            raise pyfuse3.FUSEError(e.errno) from None
-        except OSError as e:
-            log.error("%s: host I/O error in %s: %s", self.disk.image.path, fn.__name__, e)
-            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
-        except Exception:
-            log.exception("unexpected error in %s", fn.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception as e:
+            raise pyfuse3.FUSEError(_errno_for(self, fn.__name__, e)) from None
 
     return wrapper
 
@@ -237,10 +241,23 @@ class QcowOperations(pyfuse3.Operations):
         ino = self._bitmap_inode(n)
         return self._open_bitmap(n), self._attr(ino)
 
-    @_guard
+    # read() and write() are the hot path: they catch errors themselves rather than pay for
+    # _guard's extra coroutine on every request.
     async def read(self, fh, off, size):
         if fh == DISK:
-            return self.disk.read(off, size)
+            try:
+                # a reused buffer: pyfuse3 sends the reply before it reads the next request
+                return self.disk.read_view(off, size)
+            except Exception as e:
+                raise pyfuse3.FUSEError(_errno_for(self, "read", e)) from None
+        try:
+            return self._read_bitmap(fh, off, size)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception as e:
+            raise pyfuse3.FUSEError(_errno_for(self, "read", e)) from None
+
+    def _read_bitmap(self, fh, off, size):
         h = self.handles.get(fh)
         if h is None:
             raise pyfuse3.FUSEError(errno.EBADF)
@@ -252,10 +269,20 @@ class QcowOperations(pyfuse3.Operations):
                 pass
         return h.content[off : off + size]
 
-    @_guard
     async def write(self, fh, off, buf):
         if fh == DISK:
-            return self.disk.write(off, buf)
+            try:
+                return self.disk.write(off, buf)
+            except Exception as e:
+                raise pyfuse3.FUSEError(_errno_for(self, "write", e)) from None
+        try:
+            return self._write_bitmap(fh, off, buf)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception as e:
+            raise pyfuse3.FUSEError(_errno_for(self, "write", e)) from None
+
+    def _write_bitmap(self, fh, off, buf):
         h = self.handles.get(fh)
         if h is None:
             raise pyfuse3.FUSEError(errno.EBADF)

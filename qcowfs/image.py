@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import mmap
 import os
 import sys
 from array import array
@@ -191,6 +192,7 @@ class Qcow2Image:
         self.backing_size = self.backing.size if self.backing is not None else 0
         self._zero_cluster = bytes(cs)
         self._last_compressed: tuple = (None, b"")
+        self._rbuf = memoryview(bytearray(0))  # read_view()'s reply buffer
 
     def start_writing(self) -> None:
         """First writes of a read-write open, done only after everything has been validated
@@ -339,26 +341,80 @@ class Qcow2Image:
         length = end - offset
         # Fast path: the whole request maps to one contiguous host run.
         kind, host, n = self.map(offset, end)
-        if kind == DATA and n == length:
-            return self._pread_data(host, n)
+        if kind == DATA:
+            n = self._data_run(offset, end, host, n)
+            if n == length:
+                return self._pread_data(host, n)
         buf = bytearray(length)
-        mv = memoryview(buf)
+        self._read_into(memoryview(buf), offset, end, (kind, host, n), zeroed=True)
+        return buf
+
+    def read_view(self, offset: int, length: int) -> memoryview:
+        """read() into a buffer that the next read_view() call reuses: for a reply that is sent
+        before the next request is served (the FUSE layer). No allocation and no page faults
+        of a fresh buffer per request (measured: half the time of a 1 MiB read)."""
+        if offset >= self.size or length <= 0:
+            return memoryview(b"")
+        end = min(offset + length, self.size)
+        length = end - offset
+        if len(self._rbuf) < length:
+            # page aligned (anonymous mmap): the kernel's copy out of the page cache into a
+            # buffer at another alignment, such as a bytearray's, measured 2x slower for 1 MiB
+            self._rbuf = memoryview(mmap.mmap(-1, max(length, 2 * len(self._rbuf), mmap.PAGESIZE)))
+        mv = self._rbuf[:length]
+        first = kind, host, n = self.map(offset, end)
+        if kind == DATA:
+            # fast path: the whole request is one contiguous host run
+            if n < length:
+                n = self._data_run(offset, end, host, n)
+            if n == length and self.data_file.preadv_into((mv,), host) == n:
+                return mv
+        self._read_into(mv, offset, end, first, zeroed=False)
+        return mv
+
+    def _data_run(self, pos: int, end: int, host: int, n: int) -> int:
+        """Extend a DATA mapping (n bytes at guest pos, host offset host) over the following
+        clusters of [pos, end) that continue it on the host; returns the run's length. One
+        array comparison for the common case (the rest of the request contiguous within one L2
+        table), else cluster by cluster."""
+        if pos + n >= end:
+            return n
+        cb = self.cluster_bits
+        cs = self.cluster_size
+        if not self.extended:
+            ci = (pos + n) >> cb  # pos + n is cluster aligned here
+            l2 = self._l2_for_read(ci >> self.l2_bits)
+            if l2 is not None:
+                i = ci & (self.l2_entries - 1)
+                e = l2[i]
+                if (e & _OFFSET) == host + n and not e & (_COMPRESSED | _ZERO):
+                    want = min(((end - 1) >> cb) - ci + 1, self.l2_entries - i)
+                    if want == 1 or l2[i : i + want] == array("Q", range(e, e + want * cs, cs)):
+                        n = min(end - pos, n + want * cs)
+        while pos + n < end:
+            k2, h2, n2 = self.map(pos + n, end)
+            if k2 != DATA or h2 != host + n:
+                break
+            n += n2
+        return n
+
+    def _read_into(self, mv: memoryview, offset: int, end: int, first: tuple, zeroed: bool) -> None:
+        """Fill mv with guest bytes [offset, end); first is map(offset, end); zeroed: mv holds zeros."""
         pos = offset
+        kind, host, n = first
         while pos < end:
             if pos != offset:
                 kind, host, n = self.map(pos, end)
-            # coalesce contiguous DATA runs into one preadv
+            a = pos - offset
             if kind == DATA:
-                run = n
-                while pos + run < end:
-                    k2, h2, n2 = self.map(pos + run, end)
-                    if k2 != DATA or h2 != host + run:
-                        break
-                    run += n2
-                n = run
-                got = self.data_file.preadv_into([mv[pos - offset : pos - offset + n]], host)
+                # a contiguous DATA run: one preadv
+                n = self._data_run(pos, end, host, n)
+                got = self.data_file.preadv_into([mv[a : a + n]], host)
                 if got < n:
-                    raise self.corrupt(f"data cluster at host offset 0x{host:x} lies past the end of the file")
+                    if self.header.has_data_file and self.header.data_file_raw:
+                        mv[a + got : a + n] = self._zeros(n - got)
+                    else:
+                        raise self.corrupt(f"data cluster at host offset 0x{host:x} lies past the end of the file")
             elif kind == UNALLOCATED:
                 # one backing read for the whole unallocated run
                 while pos + n < end:
@@ -366,15 +422,19 @@ class Qcow2Image:
                     if k2 != UNALLOCATED:
                         break
                     n += n2
+                m = 0
                 if self.backing is not None and pos < self.backing_size:
                     m = min(n, self.backing_size - pos)
-                    mv[pos - offset : pos - offset + m] = self.backing.read(pos, m)
+                    mv[a : a + m] = self.backing.read(pos, m)
+                if not zeroed and m < n:
+                    mv[a + m : a + n] = self._zeros(n - m)
             elif kind == COMPRESSED:
                 data = self._read_compressed(host)
                 co = pos & (self.cluster_size - 1)
-                mv[pos - offset : pos - offset + n] = data[co : co + n]
+                mv[a : a + n] = data[co : co + n]
+            elif not zeroed:  # ZERO
+                mv[a : a + n] = self._zeros(n)
             pos += n
-        return buf
 
     def _pread_data(self, host: int, n: int) -> bytes:
         data = self.data_file.pread(n, host)
@@ -548,6 +608,8 @@ class Qcow2Image:
             return
         first_ci = offset >> cb
         last_ci = (end - 1) >> cb
+        if self._write_in_place(offset, mv, first_ci, last_ci):
+            return
         # Pass 1: which clusters can be written in place, which need a new cluster.
         plan = []  # (ci, host or None, old_entry)
         need_alloc = 0
@@ -608,6 +670,31 @@ class Qcow2Image:
             t[i] = host | _COPIED
             if not ext:
                 self._free_entry_clusters(e)
+
+    def _write_in_place(self, offset: int, mv: memoryview, first_ci: int, last_ci: int) -> bool:
+        """The common overwrite: every cluster of the request allocated, COPIED (not shared with
+        a snapshot) and contiguous on the host, within one L2 table. Checked with one array
+        comparison and written with one pwrite; False (nothing done) otherwise."""
+        l2i = first_ci >> self.l2_bits
+        if l2i != last_ci >> self.l2_bits:
+            return False
+        l2 = self._l2_for_read(l2i)
+        if l2 is None:
+            return False
+        i = first_ci & (self.l2_entries - 1)
+        e = l2[i]
+        off = e & _OFFSET
+        if not e & _COPIED or e & (_COMPRESSED | _ZERO) or not (off or self.has_data_file):
+            return False
+        count = last_ci - first_ci + 1
+        cs = self.cluster_size
+        if count > 1 and l2[i : i + count] != array("Q", range(e, e + count * cs, cs)):
+            return False
+        self._check_data_offset(off, first_ci)
+        if count > 1:
+            self._check_data_offset(off + (count - 1) * cs, last_ci)
+        self.data_file.pwrite(mv, off + (offset & (cs - 1)))
+        return True
 
     def _check_data_offset(self, off: int, ci: int) -> None:
         """Refuse to write through an entry QEMU would call corrupt (unaligned, or past the end
