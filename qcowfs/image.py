@@ -608,7 +608,7 @@ class Qcow2Image:
             return
         first_ci = offset >> cb
         last_ci = (end - 1) >> cb
-        if self._write_in_place(offset, mv, first_ci, last_ci):
+        if self._write_in_place(offset, mv, first_ci, last_ci) or self._write_fresh_run(offset, mv, first_ci, last_ci):
             return
         # Pass 1: which clusters can be written in place, which need a new cluster.
         plan = []  # (ci, host or None, old_entry)
@@ -694,6 +694,29 @@ class Qcow2Image:
         if count > 1:
             self._check_data_offset(off + (count - 1) * cs, last_ci)
         self.data_file.pwrite(mv, off + (offset & (cs - 1)))
+        return True
+
+    def _write_fresh_run(self, offset: int, mv: memoryview, first_ci: int, last_ci: int) -> bool:
+        """The common first write: whole clusters, all unallocated (entry 0), within one L2
+        table. Nothing to copy on write (every byte of every cluster is new) and nothing to
+        free: one contiguous allocation, one pwrite, one slice of L2 entries. The entries reach
+        the disk at the next flush, after the refcounts, as in _write_data (rules 1 and 3)."""
+        cs = self.cluster_size
+        if self.has_data_file or (offset | len(mv)) & (cs - 1):
+            return False
+        l2i = first_ci >> self.l2_bits
+        if l2i != last_ci >> self.l2_bits:
+            return False
+        count = last_ci - first_ci + 1
+        i = first_ci & (self.l2_entries - 1)
+        l2 = self._l2_for_read(l2i)
+        if l2 is not None and l2[i : i + count] != array("Q", bytes(8 * count)):
+            return False
+        base = self.refcounts.allocate(count)
+        self.data_file.pwrite(mv, base)
+        t, i = self._l2_location(first_ci)
+        first = base | _COPIED
+        t[i : i + count] = array("Q", range(first, first + count * cs, cs))
         return True
 
     def _check_data_offset(self, off: int, ci: int) -> None:

@@ -82,6 +82,30 @@ class RefcountBlock:
                 return i
         return -1
 
+    def first_used(self, start: int, end: int) -> int:
+        """Index of the first non-zero entry in [start, end), or -1 (one slice compare when all are zero)."""
+        if self.bits >= 8:
+            seg = self.data[start:end]
+            if self.bits == 8:
+                if not seg.strip(b"\0"):
+                    return -1
+            elif seg == array(seg.typecode, bytes(len(seg) * seg.itemsize)):
+                return -1
+        for i in range(start, end):
+            if self.get(i):
+                return i
+        return -1
+
+    def set_run(self, start: int, end: int, value: int) -> None:
+        """Set entries [start, end) to value (slice assignment for 8-bit and wider refcounts)."""
+        if self.bits >= 16:
+            self.data[start:end] = array(self.data.typecode, [value]) * (end - start)
+        elif self.bits == 8:
+            self.data[start:end] = bytes([value]) * (end - start)
+        else:
+            for i in range(start, end):
+                self.set(i, value)
+
     def to_bytes(self) -> bytes:
         if self.bits >= 16:
             if _LITTLE:
@@ -206,7 +230,7 @@ class Refcounts:
                 if len(missing) == k:
                     break
                 k = len(missing)
-            busy = next((x for x in range(c + 1, c + n + k) if self.get(x)), None)
+            busy = self._first_used(c + 1, c + n + k)
             if busy is not None:
                 c = busy + 1
                 continue
@@ -217,10 +241,40 @@ class Refcounts:
                 self._place_blocks(missing, c)
                 c += len(missing)
             break
-        for x in range(c, c + n):
-            self.update(x, 1)
+        self._set_free_run_to_one(c, n)
         self.free_hint = c + n
         return c << self.cluster_bits
+
+    def _first_used(self, start: int, end: int):
+        """The first cluster in [start, end) with a non-zero refcount, or None."""
+        epb = self.entries_per_block
+        c = start
+        while c < end:
+            bi, i = divmod(c, epb)
+            j = min(epb, i + (end - c))
+            blk = self.block(bi) if bi < len(self.table) else None
+            if blk is not None:
+                k = blk.first_used(i, j)
+                if k >= 0:
+                    return bi * epb + k
+            c = bi * epb + j
+        return None
+
+    def _set_free_run_to_one(self, c: int, n: int) -> None:
+        """Refcount 1 for the free clusters [c, c+n), a block's share at a time."""
+        epb = self.entries_per_block
+        end = c + n
+        while c < end:
+            bi, i = divmod(c, epb)
+            j = min(epb, i + (end - c))
+            blk = self.block(bi)
+            if blk is None:  # not placed by allocate(): let update() create it
+                for x in range(c, bi * epb + j):
+                    self.update(x, 1)
+            else:
+                blk.set_run(i, j, 1)
+                self.dirty.add(bi)
+            c = bi * epb + j
 
     def _place_blocks(self, indexes: list, at: int) -> None:
         """Create refcount blocks `indexes` in the free clusters at, at+1, ...; each is refcounted
