@@ -87,6 +87,7 @@ class QcowOperations(pyfuse3.Operations):
     def __init__(self, disk: Disk):
         super().__init__()
         self.disk = disk
+        self._read_view = disk.image.read_view  # the hot path, one call deep
         self.uid = os.getuid()
         self.gid = os.getgid()
         st = os.stat(disk.image.path)
@@ -247,7 +248,7 @@ class QcowOperations(pyfuse3.Operations):
         if fh == DISK:
             try:
                 # a reused buffer: pyfuse3 sends the reply before it reads the next request
-                return self.disk.read_view(off, size)
+                return self._read_view(off, size)
             except Exception as e:
                 raise pyfuse3.FUSEError(_errno_for(self, "read", e)) from None
         try:
