@@ -6,18 +6,23 @@ internal.pxi `_wait_fuse_readable`) takes a trio.Lock and then calls
 trio.lowlevel.wait_readable(): two trips through trio's scheduler, each with an
 epoll_ctl/epoll_wait and a few dozen microseconds of Python, for every request.
 qcowfs' handlers never await, so requests are served one at a time anyway and
-that machinery buys nothing: measured on this project's machine, it is most of
-the time of a 4 KiB read (see scripts/bench and the README).
+that machinery buys nothing. Measured on this project's machine (scripts/bench,
+target "stock"): with 4 parallel 4 KiB readers it holds a pass-through file to
+28k IOPS, where this loop serves 95k.
 
 install() replaces that waiter (the Cython loop looks the name up in the module
 globals on every iteration) with one that
 
-1. asks the kernel with one poll() that may block for a short while
-   (`block_ms`): under load the next request is a few microseconds away, and a
-   blocking poll wakes as fast as the kernel can, without trio;
-2. only when the mount stays idle that long, parks in trio's wait_readable as
+1. asks the kernel with poll(0), and keeps asking for up to `spin_us` (50 us;
+   environment QCOWFS_SPIN_US, 0 turns it off): under load the next request is
+   a few microseconds away, and a CPU that stays awake takes it at once, where
+   a sleeping one (a halted vCPU above all) costs tens of microseconds to wake.
+   QEMU's event loop polls the same way (its poll-max-ns). Measured: 4 KiB
+   random reads 14.5k -> 29-32k IOPS;
+2. then blocks in poll() for up to `block_ms` (20 ms), still without trio;
+3. only when the mount stays idle that long, parks in trio's wait_readable as
    pyfuse3 does, so an idle daemon costs nothing;
-3. passes through trio's scheduler every `checkpoint_every` requests, so other
+4. passes through trio's scheduler every `checkpoint_every` requests, so other
    tasks (the signal watcher) run even under a request storm.
 
 It needs one worker task: call run() instead of pyfuse3.main(), and exit() (not
@@ -53,11 +58,23 @@ def fuse_device_fd() -> Optional[int]:
     return found[0] if len(found) == 1 else None
 
 
+def _spin_from_env(default: int = 50) -> int:
+    value = os.environ.get("QCOWFS_SPIN_US")
+    if value is None:
+        return default
+    try:
+        return max(0, int(value))
+    except ValueError:
+        log.warning("QCOWFS_SPIN_US=%r is not a number of microseconds; using %d", value, default)
+        return default
+
+
 class FastLoop:
     """Serves a pyfuse3 session set up with pyfuse3.init(), in the current trio run."""
 
-    def __init__(self, spin_us: int = int(os.environ.get("QCOWFS_SPIN_US", "50")), block_ms: int = 20,
-                 checkpoint_every: int = 64):
+    def __init__(self, spin_us: Optional[int] = None, block_ms: int = 20, checkpoint_every: int = 64):
+        if spin_us is None:
+            spin_us = _spin_from_env()
         self.spin_ns = spin_us * 1000
         self.block_ms = block_ms
         self.checkpoint_every = checkpoint_every
@@ -82,6 +99,7 @@ class FastLoop:
         self._original = original
         setattr(pyfuse3, _WAITER, self._wait)
         self.fast = True
+        log.debug("fast FUSE request loop on fd %d (spin %d us)", fd, self.spin_ns // 1000)
         return True
 
     def uninstall(self) -> None:
