@@ -25,6 +25,9 @@ class Disk:
         # in_use set durably before the first guest write is accepted
         self.bitmaps.activate()
         self.size = image.size
+        #: read() into a buffer the next call reuses (Qcow2Image.read_view); bound, not wrapped:
+        #: it is the hot path of every FUSE read
+        self.read_view = image.read_view
 
     @property
     def read_only(self) -> bool:
@@ -32,10 +35,6 @@ class Disk:
 
     def read(self, offset: int, length: int):
         return self.image.read(offset, length)
-
-    def read_view(self, offset: int, length: int) -> memoryview:
-        """read() into a buffer the next read_view() reuses (see Qcow2Image.read_view)."""
-        return self.image.read_view(offset, length)
 
     def write(self, offset: int, data) -> int:
         if self.image.read_only:

@@ -87,7 +87,7 @@ class QcowOperations(pyfuse3.Operations):
     def __init__(self, disk: Disk):
         super().__init__()
         self.disk = disk
-        self._read_view = disk.image.read_view  # the hot path, one call deep
+        self._read_view = disk.read_view  # the hot path, one call deep
         self.uid = os.getuid()
         self.gid = os.getgid()
         st = os.stat(disk.image.path)
