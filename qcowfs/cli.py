@@ -18,7 +18,8 @@ import sys
 import time
 
 from . import __version__
-from .errors import QcowError
+from .errors import OptionError, QcowError
+from .options import BACKING_POLICIES, MountOptions, parse_into
 
 log = logging.getLogger("qcowfs")
 
@@ -50,17 +51,31 @@ def _fail(message: str, code: int = 1) -> int:
 
 
 # ---------------------------------------------------------------------- mount
+def mount_options(args) -> MountOptions:
+    """The flags and every -o, in that order; --read-only wins over an -o rw (mount.fuse
+    always passes rw or ro first, then what fstab or mount -o said)."""
+    opts = MountOptions(foreground=args.foreground, log=args.log, debug=args.debug, backing=args.backing)
+    parse_into(opts, args.options)
+    if args.read_only:
+        opts.read_only = True
+    return opts
+
+
 def cmd_mount(args) -> int:
     from .mount import mount
 
+    try:
+        opts = mount_options(args)
+    except OptionError as e:
+        return _fail(str(e), 2)
     image = os.path.abspath(args.image)
     mnt = os.path.abspath(args.mountpoint)
     if not os.path.exists(image):
         return _fail(f"{args.image}: no such file")
-    if args.foreground:
-        _setup_logging(args.log, True, args.debug)
+    if opts.foreground:
+        _setup_logging(opts.log, True, opts.debug)
         try:
-            return mount(image, mnt, args.read_only)
+            return mount(image, mnt, opts)
         except QcowError as e:
             return _fail(str(e))
     # Daemon: the child does all the work and tells the parent through a pipe
@@ -86,7 +101,7 @@ def cmd_mount(args) -> int:
     # child
     os.close(r)
     os.setsid()
-    _setup_logging(args.log, False, args.debug)
+    _setup_logging(opts.log, False, opts.debug)
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)
@@ -100,7 +115,7 @@ def cmd_mount(args) -> int:
 
     code = 1
     try:
-        code = mount(image, mnt, args.read_only, ready=ready)
+        code = mount(image, mnt, opts, ready=ready)
     except QcowError as e:
         log.error("%s", e)
     except BaseException:
@@ -132,6 +147,16 @@ def cmd_umount(args) -> int:
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         return _fail(f"{args.mountpoint}: unmount failed: {p.stderr.strip() or p.stdout.strip()} (is it busy?)")
+    if _exit_ends_pid_namespace(pid):
+        # In a container whose main process is the daemon (docker run ... mount --foreground),
+        # the daemon's exit ends the PID namespace and the kernel kills everything left in it,
+        # this command too (docker exec ... umount exited 137). The unmount is done and the
+        # daemon finishes its clean shutdown on its own; the container then stops.
+        print(f"qcowfs: {args.mountpoint}: unmounted; the daemon (pid {pid}) finishes and ends "
+              "this container, so not waiting for it", file=sys.stderr)
+        if pidfd is not None:
+            os.close(pidfd)
+        return 0
     # Wait until the daemon has stored the bitmaps and closed the image.
     deadline = time.monotonic() + args.timeout
     if pidfd is not None:
@@ -146,6 +171,25 @@ def cmd_umount(args) -> int:
     return 0
 
 
+# Minimal inits that exit when their one child does (Docker's --init is tini, "docker-init").
+_CONTAINER_INITS = ("docker-init", "tini", "dumb-init", "catatonit")
+
+
+def _exit_ends_pid_namespace(pid: int) -> bool:
+    """Whether the daemon's exit ends our PID namespace: it is its init (pid 1), or the
+    child of a container's minimal init."""
+    if pid == 1:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        with open("/proc/1/comm") as f:
+            init = f.read().strip()
+    except (OSError, ValueError, IndexError):
+        return False
+    return ppid == 1 and init in _CONTAINER_INITS
+
+
 def _which(name: str) -> bool:
     from shutil import which
 
@@ -153,12 +197,13 @@ def _which(name: str) -> bool:
 
 
 # ---------------------------------------------------------------------- info
-def image_info(path: str) -> dict:
+def image_info(path: str, backing_policy: str = "follow") -> dict:
     from . import format as fmt
+    from .backing import chain
     from .bitmaps import BitmapStore
     from .image import Qcow2Image
 
-    with Qcow2Image(path, read_only=True) as img:
+    with Qcow2Image(path, read_only=True, backing_policy=backing_policy) as img:
         h = img.header
         info: dict = {
             "filename": path,
@@ -207,6 +252,8 @@ def image_info(path: str) -> dict:
         data["features"] = feats
         data["snapshots"] = h.nb_snapshots
         info["format-specific"] = {"type": "qcow2", "data": data}
+        # qcowfs's own key: every other file a mount would open, resolved (symlinks followed)
+        info["resolved-chain"] = chain(img)
         return info
 
 
@@ -220,7 +267,7 @@ def _human_size(n: int) -> str:
 
 def cmd_info(args) -> int:
     try:
-        info = image_info(args.image)
+        info = image_info(args.image, args.backing)
     except QcowError as e:
         return _fail(str(e))
     except OSError as e:
@@ -251,6 +298,11 @@ def cmd_info(args) -> int:
     for kind in ("incompatible", "compatible", "autoclear"):
         lines.append(f"    {kind} features: {', '.join(f[kind]) or 'none'}")
     lines.append(f"    internal snapshots: {d['snapshots']}")
+    if info["resolved-chain"]:
+        lines.append("Files this image opens (resolved):")
+        for c in info["resolved-chain"]:
+            lines.append(f"    {c['role']} of {c['named-by']}: {c['filename']} -> {c['resolved']} "
+                         f"({c['format']}, {c['type']})")
     if d.get("bitmaps"):
         lines.append("    bitmaps:")
         for bm in d["bitmaps"]:
@@ -352,6 +404,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--read-only", "-r", action="store_true", help="never modify the image; writes fail with EROFS")
     m.add_argument("--log", metavar="FILE", help="append the daemon's log to FILE")
     m.add_argument("--debug", action="store_true", help="log debug messages")
+    m.add_argument("--backing", choices=BACKING_POLICIES, default="follow",
+                   help="which backing and external data files the image may open: follow (QEMU's "
+                   "behaviour, default), same-dir (regular files in the image's directory only), none")
+    m.add_argument("-o", dest="options", metavar="OPT[,OPT...]", action="append", default=[],
+                   help="mount options: ro, rw, allow_other, default_permissions (always on), uid=N, gid=N, "
+                   "umask=NNN (default 077: only the owner may open the disk), log=FILE, debug, foreground, "
+                   "backing=POLICY; mount(8)'s own (dev, suid, noauto, nofail, x-*, ...) are accepted")
     m.set_defaults(func=cmd_mount)
 
     u = sub.add_parser("umount", help="unmount and wait until the daemon has finished", description=(
@@ -365,7 +424,10 @@ def build_parser() -> argparse.ArgumentParser:
         "Show an image's format version, virtual size, cluster size, features, backing file, bitmaps, "
         "compression type and refcount width. Does not lock the image."))
     i.add_argument("image", metavar="IMAGE")
-    i.add_argument("--json", action="store_true", help="machine-readable output (qemu-img info's keys)")
+    i.add_argument("--json", action="store_true", help="machine-readable output (qemu-img info's keys, "
+                   "plus resolved-chain: every backing and external data file, symlinks resolved)")
+    i.add_argument("--backing", choices=BACKING_POLICIES, default="follow",
+                   help="refuse images whose backing or data files this policy does not allow, as mount does")
     i.set_defaults(func=cmd_info)
 
     c = sub.add_parser("check", help="check (and repair) an image like qemu-img check", description=(
@@ -409,9 +471,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+COMMANDS = ("mount", "umount", "info", "check", "bitmap")
+
+
+def _mount_helper_form(argv: list) -> list:
+    """mount(8) runs `qcowfs IMAGE MOUNTPOINT -o OPTS` (through /sbin/mount.fuse): no
+    subcommand. A first word that is not a command or an option means `mount`."""
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        return ["mount", *argv]
+    return argv
+
+
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_mount_helper_form(list(sys.argv[1:] if argv is None else argv)))
     if args.command != "mount":
         logging.basicConfig(level=logging.WARNING, format="qcowfs: %(message)s")
     try:

@@ -58,3 +58,15 @@ class LockError(QcowError):
 
 class MountError(QcowError):
     """The filesystem could not be mounted or unmounted."""
+
+
+class OptionError(QcowError):
+    """A mount option or command-line value qcowfs does not accept."""
+
+    errno = errno.EINVAL
+
+
+class RefusedFile(QcowError):
+    """An image names a backing or external data file that the --backing policy does not allow."""
+
+    errno = errno.EACCES

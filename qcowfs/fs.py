@@ -25,6 +25,7 @@ import pyfuse3
 
 from .disk import Disk
 from .errors import BitmapError, CorruptImage, QcowError
+from .options import MountOptions
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +85,15 @@ class QcowOperations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, disk: Disk):
+    def __init__(self, disk: Disk, options: Optional[MountOptions] = None):
         super().__init__()
         self.disk = disk
         self._read_view = disk.read_view  # the hot path, one call deep
-        self.uid = os.getuid()
-        self.gid = os.getgid()
+        # Owners and modes the kernel checks every access against (default_permissions is
+        # always on): by default only the mounting user may open the guest disk.
+        self.options = opts = options or MountOptions(read_only=disk.read_only)
+        self.uid = os.getuid() if opts.uid is None else opts.uid
+        self.gid = os.getgid() if opts.gid is None else opts.gid
         st = os.stat(disk.image.path)
         self.time_ns = st.st_mtime_ns
         self.bitmap_inodes: dict[str, int] = {}
@@ -121,13 +125,15 @@ class QcowOperations(pyfuse3.Operations):
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = self.time_ns
         a.st_blksize = 4096
         ro = self.disk.read_only
+        mode = self.options.mode
         if inode == ROOT or inode == BITMAPS_DIR:
-            a.st_mode = stat.S_IFDIR | 0o755
+            # the root holds fixed entries (nothing can be created there): never writable
+            a.st_mode = stat.S_IFDIR | (mode(0o777, ro) if inode == BITMAPS_DIR else mode(0o555, ro))
             a.st_nlink = 3 if inode == ROOT else 2
             a.entry_timeout = 300 if inode == BITMAPS_DIR else 0
             a.attr_timeout = 0 if inode == BITMAPS_DIR else 1
         elif inode == DISK:
-            a.st_mode = stat.S_IFREG | (0o444 if ro else 0o644)
+            a.st_mode = stat.S_IFREG | mode(0o666, ro)
             a.st_nlink = 1
             a.st_size = self.disk.size
             a.st_blocks = self.disk.image.allocated_host_bytes() // 512
@@ -137,7 +143,7 @@ class QcowOperations(pyfuse3.Operations):
             name = self.inode_names.get(inode)
             if name is None or name not in self.disk.bitmaps.bitmaps:
                 raise pyfuse3.FUSEError(errno.ENOENT)
-            a.st_mode = stat.S_IFREG | (0o444 if ro else 0o644)
+            a.st_mode = stat.S_IFREG | mode(0o666, ro)
             a.st_nlink = 1
             a.st_size = len(self._status(name))
             a.entry_timeout = 0

@@ -26,6 +26,7 @@ from array import array
 from typing import Optional
 
 from . import format as fmt
+from .backing import vet as vet_named_file
 from .compression import decompress_cluster
 from .errors import CorruptImage, FormatError, QcowError, ReadOnlyImage, UnsupportedFeature
 from .hostfile import HostFile
@@ -88,7 +89,7 @@ def probe_format(path: str) -> str:
         return "qcow2" if f.read(4) == fmt.MAGIC else "raw"
 
 
-def open_backing(name: str, fmt_name: Optional[str], chain: tuple, depth: int):
+def open_backing(name: str, fmt_name: Optional[str], chain: tuple, depth: int, policy: str = "follow"):
     real = os.path.realpath(name)
     if real in chain:
         raise FormatError(f"backing chain loops back to {name}")
@@ -100,7 +101,7 @@ def open_backing(name: str, fmt_name: Optional[str], chain: tuple, depth: int):
     if kind == "raw":
         return RawImage(name)
     if kind == "qcow2":
-        return Qcow2Image(name, read_only=True, _chain=chain + (real,), _depth=depth)
+        return Qcow2Image(name, read_only=True, _chain=chain + (real,), _depth=depth, backing_policy=policy)
     raise UnsupportedFeature(f"backing file {name} has format {kind!r}; qcowfs reads qcow2 and raw")
 
 
@@ -108,9 +109,11 @@ class Qcow2Image:
     """One qcow2 image (and, below it, its backing chain)."""
 
     def __init__(self, path: str, read_only: bool = True, *, _chain: tuple = (), _depth: int = 0,
-                 cache_bytes: int = 32 << 20, file_factory=HostFile):
+                 cache_bytes: int = 32 << 20, file_factory=HostFile, backing_policy: str = "follow"):
         self.path = path
         self.read_only = read_only
+        #: which backing and external data files this image may open (backing.py)
+        self.backing_policy = backing_policy
         #: makes the HostFile for the image and its external data file; a recording
         #: variant lets the power-loss tests log every write and flush
         self.file_factory = file_factory
@@ -176,8 +179,9 @@ class Qcow2Image:
                 raise UnsupportedFeature("json: backing file names are not supported", self.path)
             if not os.path.isabs(name):
                 name = os.path.join(base_dir, name)
+            vet_named_file(self.path, "backing file", name, self.backing_policy)
             try:
-                self.backing = open_backing(name, h.backing_format, chain, depth + 1)
+                self.backing = open_backing(name, h.backing_format, chain, depth + 1, self.backing_policy)
             except QcowError as e:
                 if e.path is None:
                     e.path = self.path
@@ -187,6 +191,7 @@ class Qcow2Image:
             name = h.data_file
             if not os.path.isabs(name):
                 name = os.path.join(base_dir, name)
+            vet_named_file(self.path, "external data file", name, self.backing_policy)
             if not os.path.exists(name):
                 raise FormatError(f"external data file {h.data_file} not found", self.path)
             self.data_file = self.file_factory(name, writable=not self.read_only)

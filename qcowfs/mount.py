@@ -26,6 +26,7 @@ from .fs import QcowOperations
 from .fuseloop import FastLoop
 from .image import Qcow2Image
 from .locks import ImageLock
+from .options import MountOptions
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,11 @@ def _lock_chain(image: Qcow2Image, read_only: bool) -> list:
 class Mounted:
     """A prepared mount: image open, locks held, FUSE session initialised."""
 
-    def __init__(self, image_path: str, mountpoint: str, read_only: bool):
+    def __init__(self, image_path: str, mountpoint: str, options: MountOptions):
         self.image_path = image_path
         self.mountpoint = mountpoint
-        self.read_only = read_only
+        self.options = options
+        self.read_only = options.read_only
         self.locks: list = []
         self.disk: Optional[Disk] = None
         self.fuse_up = False
@@ -72,7 +74,7 @@ class Mounted:
             raise MountError(f"mountpoint {mp} is not a directory")
         if os.path.ismount(mp):
             raise MountError(f"{mp} is already a mount point")
-        image = Qcow2Image(self.image_path, read_only=self.read_only)
+        image = Qcow2Image(self.image_path, read_only=self.read_only, backing_policy=self.options.backing)
         try:
             self.locks = _lock_chain(image, self.read_only)
             # after a corruption the image is read-only: become a read-only lock holder too
@@ -83,19 +85,18 @@ class Mounted:
                 lk.release()
             image.close(flush=False)
             raise
-        ops = QcowOperations(self.disk)
-        options = set(pyfuse3.default_options)
-        options.add(f"fsname={os.path.abspath(self.image_path)}")
-        options.add("subtype=qcowfs")
-        if os.getuid() == 0:
-            options.add("allow_other")  # e.g. a VM run as the qemu user
-        if self.read_only:
-            options.add("ro")
+        ops = QcowOperations(self.disk, self.options)
+        # Only the users the options name get in: no allow_other unless asked for (root's
+        # mount used to add it, and every local user could read the guest disk).
+        options = self.options.fuse_options(os.path.abspath(self.image_path))
         try:
             pyfuse3.init(ops, mp, options)
         except Exception as e:
             self.shutdown()
-            raise MountError(f"cannot mount on {mp}: {e}") from None
+            hint = ""
+            if self.options.allow_other and os.getuid() != 0:
+                hint = " (allow_other for a non-root user needs 'user_allow_other' in /etc/fuse.conf)"
+            raise MountError(f"cannot mount on {mp}: {e}{hint}") from None
         self.fuse_up = True
 
     async def _serve(self) -> None:
@@ -167,9 +168,10 @@ class Mounted:
         return ok
 
 
-def mount(image_path: str, mountpoint: str, read_only: bool, ready=None) -> int:
+def mount(image_path: str, mountpoint: str, options: MountOptions, ready=None) -> int:
     """Prepare and serve until unmounted. `ready(error_line or None)` is called once set-up ends."""
-    m = Mounted(image_path, mountpoint, read_only)
+    read_only = options.read_only
+    m = Mounted(image_path, mountpoint, options)
     try:
         m.prepare()
     except QcowError as e:
