@@ -21,7 +21,9 @@ import logging
 import os
 import stat
 
+from . import format as fmt
 from .errors import RefusedFile
+from .hostfile import HostFile
 
 log = logging.getLogger(__name__)
 
@@ -89,3 +91,30 @@ def _entry(role: str, owner: str, path: str, fmt: str) -> dict:
     except OSError:
         kind = "missing"
     return {"role": role, "named-by": owner, "filename": path, "resolved": real, "format": fmt, "type": kind}
+
+
+class RawImage:
+    """A raw file used as a backing file: guest offset == file offset."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.file = HostFile(path, writable=False)
+        self.size = self.file.size
+        self.backing = None
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset >= self.size:
+            return bytes(length)
+        data = self.file.pread(min(length, self.size - offset), offset)
+        if len(data) < length:
+            data += bytes(length - len(data))
+        return data
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def probe_format(path: str) -> str:
+    """What an image names without a format: qcow2 by its magic, raw otherwise."""
+    with open(path, "rb") as f:
+        return "qcow2" if f.read(4) == fmt.MAGIC else "raw"

@@ -28,7 +28,7 @@ from typing import Optional
 from bitarray import bitarray
 
 from . import format as fmt
-from .errors import BitmapError, CorruptImage, FormatError, ReadOnlyImage
+from .errors import BitmapError, CorruptImage, FormatError
 from .format import align_up, div_round_up
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,15 @@ class DirtyBitmap:
     def mark(self, offset: int, length: int) -> None:
         """Dirty every granule [offset, offset+length) touches (one slice assignment)."""
         gb = self.granularity_bits
-        self.bits[offset >> gb : ((offset + length - 1) >> gb) + 1] = 1
+        # only recording bitmaps are marked, and a recording bitmap is consistent: bits is set
+        self.bits[offset >> gb : ((offset + length - 1) >> gb) + 1] = 1  # type: ignore[index]
+
+    def data(self) -> bitarray:
+        """The bits of a consistent bitmap (an inconsistent one has none: BitmapStore._usable
+        refuses it before this is reached)."""
+        if self.bits is None:
+            raise BitmapError(f"bitmap {self.name!r} is inconsistent: it has no usable bits", err=errno.EBUSY)
+        return self.bits
 
     def count(self) -> int:
         """Dirty bytes, as QMP's query-block reports them (dirty granules * granularity)."""
@@ -228,6 +236,7 @@ class BitmapStore:
     def _load_data(self, bm: DirtyBitmap) -> None:
         img = self.image
         cs = img.cluster_size
+        assert bm.disk_entry is not None  # only bitmaps read from the directory have data to load
         toff, tsize = bm.disk_entry[0], bm.disk_entry[1]
         table = self._read_table(toff, tsize)
         nbytes = div_round_up(bm.nbits, 8)
@@ -382,7 +391,8 @@ class BitmapStore:
             raise BitmapError(f"a bitmap named {name!r} already exists", img.path, errno.EEXIST)
         if granularity is None:
             granularity = default_granularity(img.cluster_size)
-        if granularity & (granularity - 1) or not 1 << fmt.MIN_BITMAP_GRANULARITY_BITS <= granularity <= 1 << fmt.MAX_BITMAP_GRANULARITY_BITS:
+        lo, hi = 1 << fmt.MIN_BITMAP_GRANULARITY_BITS, 1 << fmt.MAX_BITMAP_GRANULARITY_BITS
+        if granularity & (granularity - 1) or not lo <= granularity <= hi:
             raise BitmapError(f"granularity {granularity} is not a power of two between 512 B and 2 GiB", img.path, errno.EINVAL)
         if persistent and not img.v3:
             log.error("%s: cannot create persistent bitmap %r: a version 2 (compat=0.10) image cannot hold "
@@ -430,7 +440,7 @@ class BitmapStore:
 
     def clear(self, name: str) -> None:
         self._writable()
-        self._usable(name).bits.setall(0)
+        self._usable(name).data().setall(0)
 
     def enable(self, name: str) -> None:
         self._writable()
@@ -457,7 +467,8 @@ class BitmapStore:
         s = self._usable(src)
         d = self._usable(dst)
         if s.granularity == d.granularity:
-            d.bits |= s.bits
+            bits = d.data()
+            bits |= s.data()
             return
         for start, length, dirty in s.extents():
             if dirty:

@@ -18,6 +18,7 @@ import sys
 import time
 
 from . import __version__
+from .bitmap_commands import PID_XATTR
 from .errors import OptionError, QcowError
 from .options import BACKING_POLICIES, MountOptions, parse_into
 
@@ -134,7 +135,7 @@ def cmd_umount(args) -> int:
         return _fail(f"{args.mountpoint}: not mounted")
     pid = None
     try:
-        pid = int(os.getxattr(mnt, "user.qcowfs.pid"))
+        pid = int(os.getxattr(mnt, PID_XATTR))
     except (OSError, ValueError):
         return _fail(f"{args.mountpoint}: not a qcowfs mount")
     pidfd = None
@@ -215,7 +216,8 @@ def image_info(path: str, backing_policy: str = "follow") -> dict:
         }
         if h.backing_file:
             info["backing-filename"] = h.backing_file
-            full = h.backing_file if os.path.isabs(h.backing_file) else os.path.join(os.path.dirname(os.path.abspath(path)), h.backing_file)
+            base_dir = os.path.dirname(os.path.abspath(path))
+            full = h.backing_file if os.path.isabs(h.backing_file) else os.path.join(base_dir, h.backing_file)
             info["full-backing-filename"] = full
             if h.backing_format:
                 info["backing-filename-format"] = h.backing_format
@@ -258,10 +260,11 @@ def image_info(path: str, backing_policy: str = "follow") -> dict:
 
 
 def _human_size(n: int) -> str:
+    x = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if n < 1024 or unit == "PiB":
-            return f"{n:.3g} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
+        if x < 1024 or unit == "PiB":
+            return f"{x:.3g} {unit}" if unit != "B" else f"{n} B"
+        x /= 1024
     return str(n)
 
 

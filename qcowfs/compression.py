@@ -8,10 +8,12 @@ input (the descriptor rounds up to 512-byte sectors) is ignored.
 from __future__ import annotations
 
 import zlib
+from typing import Any, Optional
 
 from .errors import CorruptImage
 from .format import COMPRESSION_ZLIB, COMPRESSION_ZSTD
 
+zstandard: Optional[Any]
 try:
     import zstandard
 except ImportError:  # pragma: no cover - zstandard is a declared dependency
@@ -20,6 +22,7 @@ except ImportError:  # pragma: no cover - zstandard is a declared dependency
 
 def decompress_cluster(data: bytes, cluster_size: int, compression_type: int) -> bytes:
     """Inflate one compressed cluster; raises CorruptImage if it does not yield cluster_size bytes."""
+    d: Any  # a zlib or zstandard decompression object
     try:
         if compression_type == COMPRESSION_ZLIB:
             d = zlib.decompressobj(-12)

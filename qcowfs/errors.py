@@ -7,6 +7,7 @@ The CLI prints that line; it never shows a traceback for a QcowError.
 
 from __future__ import annotations
 
+import copy
 import errno
 
 
@@ -20,6 +21,15 @@ class QcowError(Exception):
         self.message = message
         self.path = path
         super().__init__(f"{path}: {message}" if path else message)
+
+
+def with_path(e: QcowError, path: str) -> QcowError:
+    """A copy of e that names the file it is about (raised in e's place; e itself, already
+    raised once, is left as it was)."""
+    new = copy.copy(e)
+    new.path = path
+    new.args = (f"{path}: {e.message}",)
+    return new
 
 
 class FormatError(QcowError):
@@ -70,3 +80,27 @@ class RefusedFile(QcowError):
     """An image names a backing or external data file that the --backing policy does not allow."""
 
     errno = errno.EACCES
+
+
+class RefcountOverflow(QcowError):
+    """A cluster would be referenced more often than its refcount width can count
+    (QEMU's update_refcount answers -ERANGE)."""
+
+    errno = errno.ERANGE
+
+
+class TableLimit(QcowError):
+    """A metadata table would outgrow the limit QEMU sets for it (QEMU answers -EFBIG)."""
+
+    errno = errno.EFBIG
+
+
+class WriteBeyondEnd(QcowError):
+    """A write past the guest disk's end reached the image layer (the FUSE layer clips writes,
+    so this is a caller's bug)."""
+
+    errno = errno.ENOSPC
+
+
+class RepairImpossible(QcowError):
+    """check --repair met damage it cannot mend (qemu-img check -r all may)."""

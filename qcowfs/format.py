@@ -10,7 +10,6 @@ array + byteswap, which is hundreds of times faster than a construct Array.
 from __future__ import annotations
 
 import dataclasses
-import struct
 from typing import Optional
 
 import construct as cs
@@ -440,7 +439,8 @@ def parse_header(data: bytes) -> Header:
 
     # Backing file name.
     if h.backing_file_offset:
-        if h.backing_file_size > MAX_BACKING_NAME or h.backing_file_offset > cluster_size or h.backing_file_offset + h.backing_file_size > cluster_size:
+        name_end = h.backing_file_offset + h.backing_file_size
+        if h.backing_file_size > MAX_BACKING_NAME or h.backing_file_offset > cluster_size or name_end > cluster_size:
             _fail("backing file name too long or outside the first cluster")
         end = h.backing_file_offset + h.backing_file_size
         if end > len(data):
@@ -506,7 +506,3 @@ def _parse_extensions(h: Header, data: bytes, start: int, end: int) -> None:
                 bitmap_directory_size=b.bitmap_directory_size,
                 bitmap_directory_offset=b.bitmap_directory_offset,
             )
-
-
-def pack_u64_be(value: int) -> bytes:
-    return struct.pack(">Q", value)

@@ -23,6 +23,7 @@ from typing import Optional
 
 import pyfuse3
 
+from . import bitmap_commands
 from .disk import Disk
 from .errors import BitmapError, CorruptImage, QcowError
 from .options import MountOptions
@@ -35,9 +36,9 @@ BITMAPS_DIR = ROOT + 2
 FIRST_BITMAP_INODE = 16
 DISK_NAME = b"disk.raw"
 BITMAPS_NAME = b".bitmaps"
-PID_XATTR = b"user.qcowfs.pid"
-COMMAND_XATTR = b"user.qcowfs.command"
-COMMANDS = ("clear", "enable", "disable")
+PID_XATTR = bitmap_commands.PID_XATTR.encode()
+COMMAND_XATTR = bitmap_commands.COMMAND_XATTR.encode()
+COMMANDS = bitmap_commands.FILE_COMMANDS
 
 
 def _errno_for(ops: "QcowOperations", where: str, e: Exception) -> int:
@@ -349,41 +350,17 @@ class QcowOperations(pyfuse3.Operations):
     # ------------------------------------------------------------------ control
     @_guard
     async def setxattr(self, inode, name, value, ctx):
-        """`qcowfs bitmap CMD MOUNTPOINT ...` sends one JSON command as the value of
-        user.qcowfs.command on .bitmaps/ (strictly parsed: anything unexpected is EINVAL)."""
+        """`qcowfs bitmap OP MOUNTPOINT ...` sends one JSON command as the value of
+        user.qcowfs.command on .bitmaps/ (bitmap_commands.py: strictly parsed, EINVAL otherwise)."""
         if inode != BITMAPS_DIR or name != COMMAND_XATTR:
             raise pyfuse3.FUSEError(errno.ENOTSUP)
-        try:
-            cmd = json.loads(value.decode())
-            op = cmd["op"]
-            bname = cmd["name"]
-            if not isinstance(bname, str):
-                raise ValueError
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
-            raise pyfuse3.FUSEError(errno.EINVAL) from None
-        store = self.disk.bitmaps
+        cmd = bitmap_commands.decode(value)
         if self.disk.read_only:
             raise pyfuse3.FUSEError(errno.EROFS)
-        if op == "add":
-            gran = cmd.get("granularity")
-            if gran is not None and not isinstance(gran, int):
-                raise pyfuse3.FUSEError(errno.EINVAL)
-            store.create(bname, gran, persistent=bool(cmd.get("persistent", True)),
-                         enabled=bool(cmd.get("enabled", True)))
-            log.info("%s: created bitmap %r (%s)", self.disk.image.path, bname, cmd)
-        elif op == "remove":
-            store.remove(bname)
-            self._forget_bitmap(bname)
-        elif op in COMMANDS:
-            getattr(store, op)(bname)
-        elif op == "merge":
-            dst = cmd.get("dst")
-            if not isinstance(dst, str):
-                raise pyfuse3.FUSEError(errno.EINVAL)
-            store.merge(bname, dst)
-        else:
-            raise pyfuse3.FUSEError(errno.EINVAL)
-        log.info("%s: bitmap %r: %s", self.disk.image.path, bname, op)
+        removed = bitmap_commands.apply(self.disk.bitmaps, cmd, live=True)
+        if removed is not None:
+            self._forget_bitmap(removed)
+        log.info("%s: bitmap %r: %s", self.disk.image.path, cmd["name"], cmd)
 
     # ------------------------------------------------------------------ misc
     async def getxattr(self, inode, name, ctx):

@@ -35,10 +35,6 @@ class HostFile:
         """Current file size in bytes (kept up to date for our own writes)."""
         return self._size
 
-    def refresh_size(self) -> int:
-        self._size = os.fstat(self.fd).st_size
-        return self._size
-
     def pread(self, length: int, offset: int) -> bytes:
         """Up to length bytes at offset; short (possibly empty) past the end of the file.
         Offsets no file can reach (from damaged metadata) read as past the end too."""

@@ -12,6 +12,7 @@ close the image, release the locks. Exit code 0 for a clean shutdown.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -33,7 +34,9 @@ log = logging.getLogger(__name__)
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
-def _lock_chain(image: Qcow2Image, read_only: bool) -> list:
+def _locks_for(image: Qcow2Image, read_only: bool) -> list:
+    """QEMU's locks for every file of the image: the image and its data file as the mount
+    uses them, each backing file as a reader."""
     locks = [ImageLock(image.file.fd, image.path, write=not read_only)]
     if image.data_file is not image.file:
         locks.append(ImageLock(image.data_file.fd, image.data_file.path, write=not read_only))
@@ -41,29 +44,24 @@ def _lock_chain(image: Qcow2Image, read_only: bool) -> list:
     while b is not None:
         locks.append(ImageLock(b.file.fd, b.path, write=False))
         b = getattr(b, "backing", None)
-    taken = []
-    try:
-        for lk in locks:
-            lk.acquire()
-            taken.append(lk)
-    except BaseException:
-        for lk in taken:
-            lk.release()
-        raise
-    return taken
+    return locks
 
 
 class Mounted:
-    """A prepared mount: image open, locks held, FUSE session initialised."""
+    """A prepared mount: image open, locks held, FUSE session initialised.
+
+    Every resource is pushed on one exit stack the moment it is acquired, so shutdown
+    (and the unwinding of a set-up that failed half-way) is the reverse of set-up by
+    construction: FUSE session, then bitmaps + image (Disk.close), then locks, then the
+    image's files."""
 
     def __init__(self, image_path: str, mountpoint: str, options: MountOptions):
         self.image_path = image_path
         self.mountpoint = mountpoint
         self.options = options
         self.read_only = options.read_only
-        self.locks: list = []
-        self.disk: Optional[Disk] = None
-        self.fuse_up = False
+        self.stack = contextlib.ExitStack()
+        self.clean = True  # False once the final writes failed
         self.signalled = False
         self.loop = FastLoop()
         self._early_signal: Optional[int] = None
@@ -74,30 +72,48 @@ class Mounted:
             raise MountError(f"mountpoint {mp} is not a directory")
         if os.path.ismount(mp):
             raise MountError(f"{mp} is already a mount point")
-        image = Qcow2Image(self.image_path, read_only=self.read_only, backing_policy=self.options.backing)
-        try:
-            self.locks = _lock_chain(image, self.read_only)
+        with self.stack.pop_all() as stack:  # unwinds everything if set-up fails half-way
+            image = Qcow2Image(self.image_path, read_only=self.read_only, backing_policy=self.options.backing)
+            stack.callback(image.close, flush=False)  # no-op after a clean Disk.close
+            locks = _locks_for(image, self.read_only)
+            for lk in locks:
+                lk.acquire()
+                stack.callback(lk.release)
             # after a corruption the image is read-only: become a read-only lock holder too
-            image.on_read_only = self.locks[0].downgrade_to_read_only
-            self.disk = Disk(image)
-        except BaseException:
-            for lk in self.locks:
-                lk.release()
-            image.close(flush=False)
-            raise
-        ops = QcowOperations(self.disk, self.options)
-        # Only the users the options name get in: no allow_other unless asked for (root's
-        # mount used to add it, and every local user could read the guest disk).
-        options = self.options.fuse_options(os.path.abspath(self.image_path))
+            image.on_read_only = locks[0].downgrade_to_read_only
+            disk = Disk(image)  # writes in_use: only now that the locks are ours
+            stack.callback(self._close_disk, disk)
+            ops = QcowOperations(disk, self.options)
+            # Only the users the options name get in: no allow_other unless asked for (root's
+            # mount used to add it, and every local user could read the guest disk).
+            try:
+                pyfuse3.init(ops, mp, self.options.fuse_options(os.path.abspath(self.image_path)))
+            except Exception as e:
+                hint = ""
+                if self.options.allow_other and os.getuid() != 0:
+                    hint = " (allow_other for a non-root user needs 'user_allow_other' in /etc/fuse.conf)"
+                raise MountError(f"cannot mount on {mp}: {e}{hint}") from None
+            stack.callback(self._close_fuse)
+            self.stack = stack.pop_all()
+
+    def _close_fuse(self) -> None:
         try:
-            pyfuse3.init(ops, mp, options)
+            # detach only when we were asked to stop; after fusermount3 -u the mount is gone
+            pyfuse3.close(unmount=self.signalled)
         except Exception as e:
-            self.shutdown()
-            hint = ""
-            if self.options.allow_other and os.getuid() != 0:
-                hint = " (allow_other for a non-root user needs 'user_allow_other' in /etc/fuse.conf)"
-            raise MountError(f"cannot mount on {mp}: {e}{hint}") from None
-        self.fuse_up = True
+            log.warning("closing the FUSE session: %s", e)
+
+    def _close_disk(self, disk: Disk) -> None:
+        try:
+            disk.close()
+            log.info("%s: unmounted cleanly", self.image_path)
+        except (OSError, QcowError) as e:
+            self.clean = False
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            log.error("%s: could not write the final metadata at unmount (%s); the image stays "
+                      "consistent but may leak clusters and its bitmaps stay in use: free the "
+                      "problem (e.g. disk space), then run 'qcowfs check --repair=leaks' on it",
+                      self.image_path, reason)
 
     async def _serve(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -132,40 +148,13 @@ class Mounted:
             signal.signal(s, remember)
 
     def serve(self) -> bool:
+        """Serve until unmounted or signalled, then shut down; False if the final writes failed
+        (the image then stays consistent, with leaks at worst, and its bitmaps stay in_use)."""
         try:
             trio.run(self._serve)
         finally:
-            ok = self.shutdown()
-        return ok
-
-    def shutdown(self) -> bool:
-        """Detach (if we were asked to), then store bitmaps and close; safe to call twice.
-        Returns False if the final writes failed (the image then stays consistent, with leaks
-        at worst, and its bitmaps stay in_use)."""
-        if self.fuse_up:
-            self.fuse_up = False
-            try:
-                pyfuse3.close(unmount=self.signalled)
-            except Exception as e:  # the mount may already be gone
-                log.warning("closing the FUSE session: %s", e)
-        ok = True
-        if self.disk is not None:
-            disk, self.disk = self.disk, None
-            try:
-                disk.close()
-                log.info("%s: unmounted cleanly", self.image_path)
-            except (OSError, QcowError) as e:
-                ok = False
-                reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-                log.error("%s: could not write the final metadata at unmount (%s); the image stays "
-                          "consistent but may leak clusters and its bitmaps stay in use: free the "
-                          "problem (e.g. disk space), then run 'qcowfs check --repair=leaks' on it",
-                          self.image_path, reason)
-            finally:
-                for lk in self.locks:
-                    lk.release()
-                self.locks = []
-        return ok
+            self.stack.close()
+        return self.clean
 
 
 def mount(image_path: str, mountpoint: str, options: MountOptions, ready=None) -> int:

@@ -12,22 +12,20 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 
+from . import bitmap_commands
 from .disk import Disk
 from .errors import BitmapError, QcowError
 from .image import Qcow2Image
 from .locks import ImageLock
-
-COMMAND_XATTR = "user.qcowfs.command"
 
 
 def is_qcowfs_mount(path: str) -> bool:
     if not os.path.isdir(path) or not os.path.ismount(path):
         return False
     try:
-        os.getxattr(path, "user.qcowfs.pid")
+        os.getxattr(path, bitmap_commands.PID_XATTR)
         return True
     except OSError:
         return False
@@ -88,26 +86,19 @@ def bitmap_extents(path: str, name: str) -> list:
 
 
 def offline_command(path: str, op: str, name: str, **kw) -> None:
+    """A bitmap command on an unmounted image (locked, opened and closed as a mount would)."""
+    cmd = bitmap_commands.decode(bitmap_commands.encode(op, name, **kw))
     with open_locked(path, write=True) as disk:
-        store = disk.bitmaps
-        if op == "add":
-            store.create(name, kw.get("granularity"), persistent=True, enabled=kw.get("enabled", True))
-        elif op == "remove":
-            store.remove(name)
-        elif op == "merge":
-            store.merge(name, kw["dst"])
-        else:
-            getattr(store, op)(name)
+        bitmap_commands.apply(disk.bitmaps, cmd, live=False)
 
 
 def live_command(mountpoint: str, op: str, name: str, **kw) -> None:
     """Send a command to a running qcowfs daemon (an xattr write on MOUNTPOINT/.bitmaps)."""
-    cmd = {"op": op, "name": name}
-    cmd.update({k: v for k, v in kw.items() if v is not None})
+    value = bitmap_commands.encode(op, name, **kw)
     try:
-        os.setxattr(os.path.join(mountpoint, ".bitmaps"), COMMAND_XATTR, json.dumps(cmd).encode())
+        os.setxattr(os.path.join(mountpoint, ".bitmaps"), bitmap_commands.COMMAND_XATTR, value)
     except OSError as e:
-        reason = {
+        reasons: dict[int, str] = {
             errno.EEXIST: "a bitmap with that name already exists (an inconsistent one must be removed first)",
             errno.ENOENT: "no such bitmap",
             errno.EBUSY: "the bitmap is inconsistent (in use at the last close); remove it",
@@ -115,5 +106,6 @@ def live_command(mountpoint: str, op: str, name: str, **kw) -> None:
             errno.EINVAL: "invalid argument (name or granularity)",
             errno.ENAMETOOLONG: "bitmap name too long (at most 1023 bytes)",
             errno.EOPNOTSUPP: "not supported by this image (version 2 images cannot hold persistent bitmaps)",
-        }.get(e.errno, e.strerror)
+        }
+        reason = reasons.get(e.errno or 0, e.strerror or str(e))
         raise QcowError(f"bitmap {op} {name!r} failed: {reason}", mountpoint) from None

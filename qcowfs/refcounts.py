@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import sys
 from array import array
+from typing import Any
 
-from .errors import CorruptImage, QcowError
-from .format import OFFSET_MASK, REFT_RESERVED_MASK, div_round_up
+from .errors import CorruptImage, RefcountOverflow, TableLimit
+from .format import REFT_RESERVED_MASK, div_round_up
 from .hostfile import HostFile
 
 _LITTLE = sys.byteorder == "little"
@@ -38,6 +39,9 @@ class RefcountBlock:
     """One refcount block in memory, in native integer form for fast get/set."""
 
     __slots__ = ("bits", "entries", "data", "mask")
+
+    #: an array of native integers (16 bits and wider) or the raw bytes (8 bits and narrower)
+    data: Any
 
     def __init__(self, bits: int, raw: bytes):
         self.bits = bits
@@ -190,7 +194,7 @@ class Refcounts:
         if value < 0:
             raise CorruptImage(f"refcount of cluster {cluster} would drop below zero", self.file.path)
         if value > self.max_refcount:
-            raise QcowError(f"refcount of cluster {cluster} would overflow {self.bits}-bit refcounts", self.file.path)
+            raise RefcountOverflow(f"refcount of cluster {cluster} would overflow {self.bits}-bit refcounts", self.file.path)
         blk.set(i, value)
         self.dirty.add(bi)
         if value == 0 and cluster < self.free_hint:
@@ -283,7 +287,7 @@ class Refcounts:
         cs = self.cluster_size
         epb = self.entries_per_block
         new = {bi: RefcountBlock(self.bits, bytes(cs)) for bi in indexes}
-        for j, bi in enumerate(indexes):
+        for j in range(len(indexes)):
             x = at + j
             xb = x // epb
             if xb in new:
@@ -356,7 +360,7 @@ class Refcounts:
                 break
             nblocks = needed_blocks
         if table_clusters * cs > 8 * 1024 * 1024:
-            raise QcowError("refcount table would exceed QEMU's 8 MiB limit", self.file.path)
+            raise TableLimit("refcount table would exceed QEMU's 8 MiB limit", self.file.path)
         new_blocks = {}
         area_len = nblocks + table_clusters
         for j in range(nblocks):

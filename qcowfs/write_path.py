@@ -1,0 +1,285 @@
+"""Writing guest data (QEMU's qcow2_co_pwritev_part and qcow2-cluster.c's allocation):
+in-place overwrites, first writes of fresh clusters, copy-on-write of partial and shared
+clusters, zero clusters for whole clusters of zeros (detect-zeroes=unmap), subclusters.
+
+Data goes straight to the host file; the L2 entries and refcounts it needs change only in
+the caches, and reach the disk at Qcow2Image.flush_metadata in crash-safe order. The
+clusters old entries referenced are freed only after that (pending_frees, rule 2).
+"""
+
+from __future__ import annotations
+
+from array import array
+from typing import Callable
+
+from .entries import ALL_ALLOC as _ALL_ALLOC
+from .entries import ALL_ZERO as _ALL_ZERO
+from .entries import COMPRESSED as _COMPRESSED
+from .entries import COPIED as _COPIED
+from .entries import OFFSET_MASK as _OFFSET
+from .entries import ZERO_FLAG as _ZERO
+from .errors import CorruptImage, ReadOnlyImage, WriteBeyondEnd
+from .read_path import ReadPath
+
+
+class WritePath(ReadPath):
+    """The write half of Qcow2Image (a mixin over the image's state)."""
+
+    mark_corrupt: "Callable[[str], None]"
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise ReadOnlyImage("image is open read-only", self.path)
+
+    def write(self, offset: int, data) -> None:
+        """Write guest bytes at offset. Whole clusters of zeros become zero clusters (detect-zeroes=unmap)."""
+        self._check_writable()
+        length = len(data)
+        if offset + length > self.size:
+            raise WriteBeyondEnd(f"write beyond the end of the disk ({offset}+{length} > {self.size})", self.path)
+        if length == 0:
+            return
+        try:
+            self._write(offset, memoryview(data).cast("B"))
+        except CorruptImage as e:
+            self.mark_corrupt(e.message)
+            raise
+
+    def _write(self, offset: int, mv: memoryview) -> None:
+        cs = self.cluster_size
+        end = offset + len(mv)
+        # Zero detection on the whole-cluster middle of the request (cheap: first/last byte, then memcmp).
+        if self._can_zero_detect():
+            first_full = -(-offset // cs) * cs
+            last_full = end // cs * cs
+            if last_full > first_full:
+                a, b = first_full - offset, last_full - offset
+                if mv[a] == 0 and mv[b - 1] == 0 and mv[a:b] == self._zeros(b - a):
+                    if a:
+                        self._write_data(offset, mv[:a])
+                    self._zero_clusters(first_full, last_full)
+                    if b < len(mv):
+                        self._write_data(last_full, mv[b:])
+                    return
+        self._write_data(offset, mv)
+
+    def _can_zero_detect(self) -> bool:
+        if self.header.has_data_file:
+            return False  # the external data file must keep holding the data (data_file_raw)
+        if self.v3:
+            return True
+        return self.backing is None  # v2: unallocated reads zero only without a backing file
+
+    def _zero_clusters(self, start: int, end: int) -> None:
+        """Make whole clusters [start, end) read as zeros and free what they held."""
+        cb = self.cluster_bits
+        for ci in range(start >> cb, end >> cb):
+            l2 = self._l2_for_read(ci >> self.l2_bits)
+            if l2 is None and self.backing is None:
+                continue  # already reads zero
+            if l2 is not None:
+                i = ci & (self.l2_entries - 1)
+                if self.extended:
+                    e, bm = l2[2 * i], l2[2 * i + 1]
+                    if (e & _OFFSET) == 0 and not e & _COMPRESSED and bm == _ALL_ZERO:
+                        continue
+                    if e == 0 and bm == 0 and self.backing is None:
+                        continue
+                else:
+                    e = l2[i]
+                    if e == _ZERO or (e == 0 and self.backing is None):
+                        continue
+            t, i = self._l2_location(ci)
+            if self.extended:
+                old = t[2 * i]
+                t[2 * i] = 0
+                t[2 * i + 1] = _ALL_ZERO
+            else:
+                old = t[i]
+                t[i] = _ZERO if self.v3 else 0
+            self._free_entry_clusters(old)
+
+    def _write_data(self, offset: int, mv: memoryview) -> None:
+        cs = self.cluster_size
+        cb = self.cluster_bits
+        end = offset + len(mv)
+        if self.extended:
+            pos = offset
+            while pos < end:
+                n = min(end - pos, cs - (pos & (cs - 1)))
+                self._write_extended_cluster(pos, mv[pos - offset : pos - offset + n])
+                pos += n
+            return
+        first_ci = offset >> cb
+        last_ci = (end - 1) >> cb
+        if self._write_in_place(offset, mv, first_ci, last_ci) or self._write_fresh_run(offset, mv, first_ci, last_ci):
+            return
+        # Pass 1: which clusters can be written in place, which need a new cluster.
+        plan = []  # (ci, host or None, old_entry)
+        need_alloc = 0
+        ext = self.header.has_data_file
+        for ci in range(first_ci, last_ci + 1):
+            l2 = self._l2_for_read(ci >> self.l2_bits)
+            e = l2[ci & (self.l2_entries - 1)] if l2 is not None else 0
+            off = e & _OFFSET
+            if not e & _COMPRESSED and (off or ext) and e & _COPIED and not e & _ZERO:
+                self._check_data_offset(off, ci)
+                plan.append((ci, off, e))
+            elif ext and not e & _COMPRESSED:
+                plan.append((ci, None, e))
+            else:
+                plan.append((ci, None, e))
+                need_alloc += 1
+        base = self.refcounts.allocate(need_alloc) if need_alloc else 0
+        # Pass 2: write data (merged into contiguous host runs) and update L2 entries.
+        run_host = -1
+        run_bufs: list = []
+        run_len = 0
+        new_entries = []
+        k = 0
+        for ci, host, e in plan:
+            cstart = ci << cb
+            lo = max(offset, cstart)
+            hi = min(end, cstart + cs)
+            piece = mv[lo - offset : hi - offset]
+            if host is None:
+                if ext:
+                    host = cstart  # external data file: host offset == guest offset
+                else:
+                    host = base + k * cs
+                    k += 1
+                if hi - lo < cs:
+                    # partial cluster: copy-on-write the rest from what the guest sees now
+                    old = bytearray(self.read(cstart, min(cs, self.size - cstart)))
+                    old[lo - cstart : hi - cstart] = piece
+                    if len(old) < cs:
+                        old += bytes(cs - len(old))
+                    piece = memoryview(old)
+                    lo = cstart
+                new_entries.append((ci, host, e))
+                wr_host = host
+            else:
+                wr_host = host + (lo - cstart)
+            if run_bufs and wr_host == run_host + run_len:
+                run_bufs.append(piece)
+                run_len += len(piece)
+            else:
+                if run_bufs:
+                    self.data_file.pwritev(run_bufs, run_host)
+                run_host, run_bufs, run_len = wr_host, [piece], len(piece)
+        if run_bufs:
+            self.data_file.pwritev(run_bufs, run_host)
+        for ci, host, e in new_entries:
+            t, i = self._l2_location(ci)
+            t[i] = host | _COPIED
+            if not ext:
+                self._free_entry_clusters(e)
+
+    def _write_in_place(self, offset: int, mv: memoryview, first_ci: int, last_ci: int) -> bool:
+        """The common overwrite: every cluster of the request allocated, COPIED (not shared with
+        a snapshot) and contiguous on the host, within one L2 table. Checked with one array
+        comparison and written with one pwrite; False (nothing done) otherwise."""
+        l2i = first_ci >> self.l2_bits
+        if l2i != last_ci >> self.l2_bits:
+            return False
+        l2 = self._l2_for_read(l2i)
+        if l2 is None:
+            return False
+        i = first_ci & (self.l2_entries - 1)
+        e = l2[i]
+        off = e & _OFFSET
+        if not e & _COPIED or e & (_COMPRESSED | _ZERO) or not (off or self.has_data_file):
+            return False
+        count = last_ci - first_ci + 1
+        cs = self.cluster_size
+        if count > 1 and l2[i : i + count] != array("Q", range(e, e + count * cs, cs)):
+            return False
+        self._check_data_offset(off, first_ci)
+        if count > 1:
+            self._check_data_offset(off + (count - 1) * cs, last_ci)
+        self.data_file.pwrite(mv, off + (offset & (cs - 1)))
+        return True
+
+    def _write_fresh_run(self, offset: int, mv: memoryview, first_ci: int, last_ci: int) -> bool:
+        """The common first write: whole clusters, all unallocated (entry 0), within one L2
+        table. Nothing to copy on write (every byte of every cluster is new) and nothing to
+        free: one contiguous allocation, one pwrite, one slice of L2 entries. The entries reach
+        the disk at the next flush, after the refcounts, as in _write_data (rules 1 and 3)."""
+        cs = self.cluster_size
+        if self.has_data_file or (offset | len(mv)) & (cs - 1):
+            return False
+        l2i = first_ci >> self.l2_bits
+        if l2i != last_ci >> self.l2_bits:
+            return False
+        count = last_ci - first_ci + 1
+        i = first_ci & (self.l2_entries - 1)
+        l2 = self._l2_for_read(l2i)
+        if l2 is not None and l2[i : i + count] != array("Q", bytes(8 * count)):
+            return False
+        base = self.refcounts.allocate(count)
+        self.data_file.pwrite(mv, base)
+        t, i = self._l2_location(first_ci)
+        first = base | _COPIED
+        t[i : i + count] = array("Q", range(first, first + count * cs, cs))
+        return True
+
+    def _check_data_offset(self, off: int, ci: int) -> None:
+        """Refuse to write through an entry QEMU would call corrupt (unaligned, or past the end
+        of the file): writing there could overwrite other clusters."""
+        if off & (self.cluster_size - 1):
+            raise self.corrupt(f"L2 entry for guest cluster {ci} is not cluster aligned (0x{off:x})")
+        if not self.has_data_file and off >= self.file.size:
+            raise self.corrupt(f"L2 entry for guest cluster {ci} points past the end of the file (0x{off:x})")
+
+    def _write_extended_cluster(self, pos: int, piece: memoryview) -> None:
+        """Write within one cluster of an extended-L2 image, at subcluster granularity."""
+        cs = self.cluster_size
+        scb = self.subcluster_bits
+        ci = pos >> self.cluster_bits
+        cstart = ci << self.cluster_bits
+        co = pos - cstart
+        s0 = co >> scb
+        s1 = (co + len(piece) - 1) >> scb
+        touched = ((1 << (s1 + 1)) - 1) & ~((1 << s0) - 1)
+        t, i = self._l2_location(ci)
+        e, bm = t[2 * i], t[2 * i + 1]
+        off = e & _OFFSET
+        ext = self.header.has_data_file
+        if not e & _COMPRESSED and e & _COPIED and (off or ext):
+            self._check_data_offset(off, ci)
+            # In place; subclusters not allocated yet need their untouched parts copied.
+            lo = s0 << scb
+            hi = (s1 + 1) << scb
+            if (lo != co or hi != co + len(piece)) and (bm & touched) != touched:
+                buf = bytearray(self.read(cstart + lo, hi - lo))
+                buf[co - lo : co - lo + len(piece)] = piece
+                self.data_file.pwrite(buf, off + lo)
+            else:
+                self.data_file.pwrite(piece, off + co)
+            t[2 * i + 1] = (bm | touched) & ~(touched << 32)
+            return
+        # Needs a new cluster.
+        host = cstart if ext else self.refcounts.allocate(1)
+        if e & _COMPRESSED or off:
+            # compressed or shared: the new cluster takes over every subcluster
+            buf = bytearray(self.read(cstart, cs))
+            buf[co : co + len(piece)] = piece
+            self.data_file.pwrite(buf, host)
+            if e & _COMPRESSED:
+                new_bm = _ALL_ALLOC
+            else:
+                new_bm = (bm | touched) & ~(touched << 32)
+        else:
+            lo = s0 << scb
+            hi = (s1 + 1) << scb
+            if lo != co or hi != co + len(piece):
+                part = bytearray(self.read(cstart + lo, hi - lo))
+                part[co - lo : co - lo + len(piece)] = piece
+                self.data_file.pwrite(part, host + lo)
+            else:
+                self.data_file.pwrite(piece, host + co)
+            new_bm = (bm | touched) & ~(touched << 32)
+        t[2 * i] = host | _COPIED
+        t[2 * i + 1] = new_bm
+        if not ext:
+            self._free_entry_clusters(e)
