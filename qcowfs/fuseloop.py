@@ -23,15 +23,25 @@ globals on every iteration) with one that
 3. only when the mount stays idle that long, parks in trio's wait_readable as
    pyfuse3 does, so an idle daemon costs nothing;
 4. passes through trio's scheduler every `checkpoint_every` requests, so other
-   tasks (the signal watcher) run even under a request storm.
+   tasks (the signal watcher) run even under a request storm;
+5. after a blocking poll() looks whether a signal came meanwhile, and if so
+   lets trio deliver it before serving another request: with requests a few
+   ms apart the loop never parks, and a SIGTERM used to wait for step 4.
 
 It needs one worker task: call run() instead of pyfuse3.main(), and exit() (not
-pyfuse3.terminate() alone) to stop it. If pyfuse3 ever drops or renames the
-waiter, install() refuses and run() falls back to stock pyfuse3.main().
+pyfuse3.terminate() alone) to stop it.
+
+The hook is private, so it is watched: install() refuses a pyfuse3 outside the
+releases it was checked against (_VERIFIED) or without the waiter, logs why
+once, and run() falls back to stock pyfuse3.main(). The loop counts its
+wake-ups at no cost to the hot path and logs them at shutdown ("request loop:
+N requests through the fast waiter"); tests/test_fuseloop.py reads that line,
+so a pyfuse3 upgrade that quietly costs the fast path fails a test.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import select
@@ -45,6 +55,21 @@ log = logging.getLogger(__name__)
 
 _WAITER = "_wait_fuse_readable"
 
+# The pyfuse3 releases whose internal.pxi this hook was read against: from 3.2.0, where
+# _session_loop ends when the waiter returns False and terminate() exists (3.1 ignored the
+# waiter's result), to 3.5.0; the waiter and its contract are the same in all of them. A newer
+# release gets pyfuse3's own loop until someone reads its _wait_fuse_readable/_session_loop and
+# extends this (tests/test_fuseloop.py fails meanwhile, so that does not go unnoticed).
+_VERIFIED = ((3, 2), (3, 5))
+
+# A signal's delivery, queued in trio by its handler, takes a few scheduler passes to reach the
+# signal watcher (the entry queue's task runs the callback, which wakes the watcher, which
+# calls exit()); trio has no public "run until the others block" outside trio.testing (which
+# imports pytest). This long a sleep lets them all happen; it is taken only when one is queued.
+_SETTLE_S = 0.001
+
+_refusal_logged = False
+
 
 def fuse_device_fd() -> Optional[int]:
     """The file descriptor of this process's /dev/fuse session (pyfuse3 keeps it private)."""
@@ -56,6 +81,26 @@ def fuse_device_fd() -> Optional[int]:
         except OSError:
             continue
     return found[0] if len(found) == 1 else None
+
+
+def hook_refusal() -> Optional[str]:
+    """Why the installed pyfuse3 must not get the fast waiter, or None if it may."""
+    version = str(getattr(pyfuse3, "__version__", "?"))
+    try:
+        major_minor = tuple(int(part) for part in version.split(".")[:2])
+    except ValueError:
+        major_minor = ()
+    if not _VERIFIED[0] <= major_minor <= _VERIFIED[1]:
+        low, high = (".".join(map(str, v)) for v in _VERIFIED)
+        return f"pyfuse3 {version} is not one of the releases ({low} to {high}) its hook was checked against"
+    if not inspect.iscoroutinefunction(getattr(pyfuse3, _WAITER, None)):
+        return f"pyfuse3 {version} has no coroutine function {_WAITER}"
+    return None
+
+
+def _trio_has_queued_work() -> bool:
+    """Whether a signal handler (or another thread) queued a callback trio has not run yet."""
+    return trio.lowlevel.current_statistics().run_sync_soon_queue_size > 0
 
 
 def _spin_from_env(default: int = 50) -> int:
@@ -81,22 +126,31 @@ class FastLoop:
         self.fd: Optional[int] = None
         self.exiting = False
         self._poll = select.poll()
-        self._since_checkpoint = 0
         self._original = None
         self.fast = False
+        # Wake-ups that found a request to read (the last one may be the unmount itself), and of
+        # them those that came after blocking in poll() and after parking in trio. `requests` is
+        # also the checkpoint clock, so counting costs the hot path nothing it did not pay before.
+        self.requests = 0
+        self.slept = 0
+        self.parked = 0
+        self._checkpoint_at = checkpoint_every
 
     # ------------------------------------------------------------------ setup
     def install(self) -> bool:
         """Swap in the fast waiter; False (and stock pyfuse3 behaviour) if that is not possible."""
-        original = getattr(pyfuse3, _WAITER, None)
-        fd = fuse_device_fd()
-        if original is None or fd is None:
-            log.warning("fast FUSE request loop unavailable (pyfuse3 %s); using pyfuse3's own",
-                        getattr(pyfuse3, "__version__", "?"))
+        global _refusal_logged
+        reason = hook_refusal()
+        fd = fuse_device_fd() if reason is None else None
+        if fd is None:
+            if not _refusal_logged:  # once per daemon, however often asked
+                _refusal_logged = True
+                log.warning("fast FUSE request loop unavailable (%s); using pyfuse3's own",
+                            reason or "no single /dev/fuse descriptor in this process")
             return False
         self.fd = fd
         self._poll.register(fd, select.POLLIN)
-        self._original = original
+        self._original = getattr(pyfuse3, _WAITER)
         setattr(pyfuse3, _WAITER, self._wait)
         self.fast = True
         log.debug("fast FUSE request loop on fd %d (spin %d us)", fd, self.spin_ns // 1000)
@@ -112,7 +166,10 @@ class FastLoop:
     async def run(self) -> None:
         """Serve until unmounted or exit(); the equivalent of `await pyfuse3.main()`."""
         if not self.fast and not self.install():
-            await pyfuse3.main()
+            try:
+                await pyfuse3.main()
+            finally:
+                log.info("request loop: pyfuse3's own served this mount (no fast waiter)")
             return
         try:
             # One worker: our waiter keeps no count of idle readers, and with handlers that
@@ -120,6 +177,8 @@ class FastLoop:
             await pyfuse3.main(min_tasks=1, max_tasks=1)
         finally:
             self.uninstall()
+            log.info("request loop: %d requests through the fast waiter (%d after blocking in poll, "
+                     "%d after parking in trio)", self.requests, self.slept, self.parked)
 
     def exit(self) -> None:
         """Stop serving (from the trio thread): the loop returns after the current request."""
@@ -130,12 +189,12 @@ class FastLoop:
         """pyfuse3's waiter contract: True when /dev/fuse is readable, False to end the loop."""
         if self.exiting:
             return False
-        self._since_checkpoint += 1
-        if self._since_checkpoint >= self.checkpoint_every:
-            self._since_checkpoint = 0
+        self.requests += 1
+        if self.requests >= self._checkpoint_at:
+            self._checkpoint_at = self.requests + self.checkpoint_every
             await trio.lowlevel.checkpoint()  # let the signal watcher in
             if self.exiting:
-                return False
+                return self._stop()
         # Blocks the trio thread for at most block_ms: nothing else in the daemon is waiting
         # for it except signal delivery, which at worst waits that long.
         poll = self._poll.poll
@@ -147,10 +206,29 @@ class FastLoop:
                 if poll(0):
                     return True
         if poll(self.block_ms):
+            self.slept += 1
+            # A stop signal that came while we were blocked has only queued its delivery in trio
+            # (its handler ran inside poll()): look, and if anything is queued let it through
+            # now, rather than serve on until checkpoints let it through (measured: another
+            # 100-160 requests, most of a second with one every 5 ms). The look costs 1-3 us,
+            # paid only by a request that came after an idle gap longer than the spin.
+            if _trio_has_queued_work():
+                await trio.sleep(_SETTLE_S)
+                if self.exiting:
+                    return self._stop()
             return True
-        self._since_checkpoint = 0
+        self._checkpoint_at = self.requests + self.checkpoint_every
+        assert self.fd is not None  # installed
         try:
             await trio.lowlevel.wait_readable(self.fd)
         except trio.ClosedResourceError:  # pyfuse3.terminate() -> notify_closing()
-            return False
-        return not self.exiting
+            return self._stop()
+        if self.exiting:
+            return self._stop()
+        self.parked += 1
+        return True
+
+    def _stop(self) -> bool:
+        """End the loop from a wake-up that was counted but serves no request."""
+        self.requests -= 1
+        return False
