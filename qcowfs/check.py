@@ -11,6 +11,24 @@ offsets, references past the end of the file, wrong COPIED flags in the active
 tables, invalid bitmap table entries) and, beyond qemu-img, bitmaps left in_use
 (inconsistent) and a bitmaps extension whose autoclear bit was dropped.
 
+The walk follows QEMU's qcow2_check_refcounts() so that `qcowfs check --json`
+prints the same numbers as `qemu-img check --output=json` (QEMU is the oracle):
+- a damaged entry (reserved bits, unaligned offset) is a corruption but still a
+  reference: the clusters it points at are counted, so it does not also show up
+  as a leak; a reference that runs one cluster or more past the end of the file
+  is a corruption and is not counted;
+- allocated-clusters counts guest clusters of the active L1 whose L2 entry holds
+  a host cluster (normal, zero-allocated or compressed; with an external data
+  file the data clusters too), not host clusters; compressed-clusters counts
+  the compressed ones; fragmented-clusters counts every compressed cluster and
+  every normal/zero-allocated one whose host offset does not follow the previous
+  such entry's of the same L2 table (one cluster further on);
+- image-end-offset is (highest cluster with a stored or counted refcount + 1)
+  * cluster_size, looking only at clusters inside the file;
+- total-clusters is the virtual size in clusters.
+qemu-img leaves keys that are zero out of its JSON (except check-errors);
+qcowfs always prints them.
+
 Exit codes follow qemu-img check: 0 clean, 2 corruptions, 3 leaks only.
 It never raises on a damaged image: every problem becomes a finding.
 """
@@ -30,6 +48,12 @@ from .format import div_round_up
 
 log = logging.getLogger(__name__)
 
+#: bits 9-63 of a refcount table entry (QEMU's REFT_OFFSET_MASK)
+_REFT_OFFSET_MASK = ~fmt.REFT_RESERVED_MASK & ((1 << 64) - 1)
+#: QEMU's block layer fails (EIO) any request that ends past this offset (BDRV_MAX_LENGTH:
+#: INT64_MAX aligned down to 1 GiB)
+_BDRV_MAX_LENGTH = ((1 << 63) - 1) & ~((1 << 30) - 1)
+
 
 @dataclasses.dataclass
 class CheckResult:
@@ -41,6 +65,8 @@ class CheckResult:
     leaks_fixed: int = 0
     total_clusters: int = 0
     allocated_clusters: int = 0
+    fragmented_clusters: int = 0
+    compressed_clusters: int = 0
     image_end_offset: int = 0
     messages: list = dataclasses.field(default_factory=list)
     warnings: list = dataclasses.field(default_factory=list)
@@ -56,6 +82,7 @@ class CheckResult:
         return 0
 
     def to_json(self) -> dict:
+        """qemu-img check's keys (all of them, zeros included), then qcowfs' messages and warnings."""
         d = {
             "filename": self.filename,
             "format": "qcow2",
@@ -66,6 +93,8 @@ class CheckResult:
             "leaks-fixed": self.leaks_fixed,
             "total-clusters": self.total_clusters,
             "allocated-clusters": self.allocated_clusters,
+            "fragmented-clusters": self.fragmented_clusters,
+            "compressed-clusters": self.compressed_clusters,
             "image-end-offset": self.image_end_offset,
             "messages": self.messages,
             "warnings": self.warnings,
@@ -76,15 +105,21 @@ class CheckResult:
 class Checker:
     """One pass over an open Qcow2Image (read-only or writable for repair)."""
 
-    def __init__(self, img, progress: Optional[Callable[[float], None]] = None):
+    def __init__(self, img, progress: Optional[Callable[[float], None]] = None, repair: Optional[str] = None):
         self.img = img
+        #: 'all': fix what QEMU fixes during the walk itself (an unaligned zero-allocated entry
+        #: becomes a plain zero entry), counted in res.corruptions_fixed
+        self.repair = repair
+        #: QEMU's "rebuild": the refcount structures cannot be trusted for an in-place repair
+        self.rebuild = False
         self.cs = img.cluster_size
         self.cb = img.cluster_bits
         self.file_size = img.file.size
+        self.max_refcount = (1 << img.header.refcount_bits) - 1
         self.counts: collections.Counter = collections.Counter()
         self.res = CheckResult(img.path)
         self.progress = progress
-        #: (table offset, index, entry, is_l1) of active-table entries whose COPIED flag must match
+        #: (table offset, index, entry, is_l1, data_file) of active-table entries whose COPIED flag must match
         self.copied_checks: list = []
 
     # ------------------------------------------------------------------ findings
@@ -94,34 +129,52 @@ class Checker:
             self.res.messages.append(f"ERROR {msg}")
 
     def ref(self, offset: int, length: int, what: str) -> bool:
-        """Count references to every cluster of [offset, offset+length); False if past EOF."""
+        """Count references to every cluster of [offset, offset+length) (QEMU's qcow2_inc_refcounts_imrt).
+
+        The last cluster of the file may be partly allocated, so a range may run past the end of
+        the file by less than a cluster; one cluster or more is a corruption and counts nothing
+        (returns False)."""
         if length <= 0:
             return True
-        if offset + length > self.file_size and offset >= self.file_size:
-            self.corruption(f"{what} at offset 0x{offset:x} lies past the end of the file (0x{self.file_size:x})")
+        if offset + length - self.file_size >= self.cs:
+            self.corruption(f"{what} at offset 0x{offset:x} (0x{length:x} bytes) runs past the end of the file "
+                            f"(0x{self.file_size:x}) by a cluster or more")
             return False
+        counts = self.counts
         for c in range(offset >> self.cb, ((offset + length - 1) >> self.cb) + 1):
-            self.counts[c] += 1
+            n = counts[c]
+            if n >= self.max_refcount:
+                self.corruption(f"{what}: reference count of cluster {c} overflows "
+                                f"{self.img.header.refcount_bits}-bit refcounts")
+                continue
+            counts[c] = n + 1
         return True
 
     # ------------------------------------------------------------------ walk
     def run(self) -> CheckResult:
+        """QEMU's calculate_refcounts() order: header, active L1, snapshot L1s, snapshot table,
+        refcount table, encryption header, bitmaps, refcount blocks (last: a refcount block must
+        end up referenced exactly once)."""
         img = self.img
         h = img.header
+        self.res.total_clusters = div_round_up(img.size, self.cs)
         self.ref(0, self.cs, "header")
-        snaps = self._snapshots()
+        snaps = self._read_snapshot_table()
         l1s = [(h.l1_table_offset, h.l1_size, True)] + [(o, n, False) for o, n in snaps]
         total = sum(n for _, n, _ in l1s) or 1
         done = 0
         for l1_off, l1_size, active in l1s:
             self._check_l1(l1_off, l1_size, active, lambda k: self._tick((done + k) / total))
             done += l1_size
-        self._check_refcount_structures()
-        self._check_bitmaps()
+        if h.nb_snapshots:
+            self.ref(h.snapshots_offset, self.snapshots_size, "snapshot table")
+        self.ref(h.refcount_table_offset, h.refcount_table_clusters * self.cs, "refcount table")
         for e in h.extensions:
             if e.magic == fmt.EXT_CRYPTO and len(e.data) >= 16:
                 off, length = struct.unpack(">QQ", e.data[:16])
                 self.ref(off, length, "encryption header")
+        self._check_bitmaps()
+        self._check_refcount_blocks()
         self._compare_refcounts()
         self._check_copied()
         return self.res
@@ -130,14 +183,19 @@ class Checker:
         if self.progress:
             self.progress(min(frac, 1.0) * 0.9)
 
-    def _snapshots(self) -> list:
+    def _read_snapshot_table(self) -> list:
+        """(L1 offset, L1 size) of every snapshot whose L1 can be walked; sets snapshots_size."""
         img = self.img
         h = img.header
         out = []
+        self.snapshots_size = 0
         if not h.nb_snapshots:
             return out
+        if h.has_data_file:
+            self.corruption(f"{h.nb_snapshots} snapshots in an image with an external data file")
         pos = h.snapshots_offset
         for i in range(h.nb_snapshots):
+            pos = fmt.align_up(pos, 8)
             hdr = img.file.pread(40, pos)
             if len(hdr) < 40:
                 self.corruption(f"snapshot table entry {i} lies past the end of the file")
@@ -145,97 +203,161 @@ class Checker:
             l1_off, l1_size = struct.unpack_from(">QI", hdr, 0)
             id_len, name_len = struct.unpack_from(">HH", hdr, 12)
             extra = struct.unpack_from(">I", hdr, 36)[0]
-            if l1_off % self.cs or l1_size * 8 > fmt.MAX_L1_SIZE:
-                self.corruption(f"snapshot {i} has an invalid L1 table (offset 0x{l1_off:x}, {l1_size} entries)")
+            if l1_off % self.cs:
+                self.corruption(f"snapshot {i}: L1 table offset 0x{l1_off:x} is not cluster aligned")
+            elif l1_size * 8 > fmt.MAX_L1_SIZE:
+                self.corruption(f"snapshot {i}: L1 table is too large ({l1_size} entries)")
             else:
                 out.append((l1_off, l1_size))
-            pos += fmt.align_up(40 + extra + id_len + name_len, 8)
-        self.ref(h.snapshots_offset, pos - h.snapshots_offset, "snapshot table")
+            pos += 40 + extra + id_len + name_len
+        self.snapshots_size = pos - h.snapshots_offset
         return out
 
     def _check_l1(self, l1_off: int, l1_size: int, active: bool, tick) -> None:
+        """QEMU's check_refcounts_l1(): a damaged L1 entry is reported and still followed."""
         img = self.img
         from .image import _be_array
 
-        if not self.ref(l1_off, l1_size * 8, "L1 table"):
+        if not l1_size:
+            return
+        self.ref(l1_off, l1_size * 8, "L1 table")
+        if l1_off + l1_size * 8 > _BDRV_MAX_LENGTH:
+            # QEMU cannot even read it: "I/O error in check_refcounts_l1", the check fails (exit 1)
+            self.res.check_errors += 1
+            self.res.messages.append(f"ERROR cannot read the L1 table at 0x{l1_off:x}")
             return
         l1 = img.l1 if active else _be_array(img.file.pread(l1_size * 8, l1_off).ljust(l1_size * 8, b"\0"))
         for i, e in enumerate(l1):
             if i % 64 == 0:
                 tick(i)
+            if not e:
+                continue
             if e & fmt.L1E_RESERVED_MASK:
                 self.corruption(f"L1 entry {i} has reserved bits set (0x{e:x})")
-                continue
             off = e & fmt.OFFSET_MASK
-            if not off:
-                continue
+            self.ref(off, self.cs, "L2 table")
             if off % self.cs:
                 self.corruption(f"L2 table offset 0x{off:x} (L1 entry {i}) is not cluster aligned")
-                continue
-            if not self.ref(off, self.cs, "L2 table"):
-                continue
-            if active:
-                self.copied_checks.append((l1_off, i, e, True))
-            raw = img.file.pread(self.cs, off)
-            self._check_l2(_be_array(raw), off, active)
+            # QEMU's check_oflag_copied() looks at active entries with a non-zero offset only
+            copied = active and off != 0
+            if copied:
+                self.copied_checks.append((l1_off, i, e, True, False))
+            raw = img.file.pread(self.cs, off).ljust(self.cs, b"\0")
+            self._check_l2(_be_array(raw), off, active, copied)
 
-    def _check_l2(self, t, l2_off: int, active: bool) -> None:
+    def _check_l2(self, t, l2_off: int, active: bool, copied: bool) -> None:
+        """QEMU's check_refcounts_l2(); active: count allocated/compressed/fragmented clusters
+        (QEMU's CHECK_FRAG_INFO, given for the active L1 only)."""
         img = self.img
-        h = img.header
+        cs = self.cs
+        data_file = img.header.has_data_file
         ext = img.extended
         step = 2 if ext else 1
-        reserved = fmt.L2E_RESERVED_MASK | (1 if ext else 0)
+        res = self.res
+        next_contiguous = 0
         for k in range(0, len(t), step):
             e = t[k]
-            if not e and (not ext or not t[k + 1]):
+            bm = t[k + 1] if ext else 0
+            if not e and not bm:
                 continue
             idx = k // step
             if e & fmt.QCOW_OFLAG_COMPRESSED:
                 if e & fmt.QCOW_OFLAG_COPIED:
                     self.corruption(f"compressed L2 entry {idx} in table 0x{l2_off:x} has COPIED set")
-                if ext and t[k + 1]:
+                    e &= ~fmt.QCOW_OFLAG_COPIED
+                if data_file:
+                    self.corruption(f"compressed L2 entry {idx} in table 0x{l2_off:x} in an image with "
+                                    f"an external data file")
+                    continue
+                if bm:
                     self.corruption(f"compressed extended L2 entry {idx} in table 0x{l2_off:x} has a subcluster bitmap")
+                    continue
                 x = 62 - (self.cb - 8)
                 off = e & ((1 << x) - 1)
                 nsec = ((e >> x) & ((1 << (self.cb - 8)) - 1)) + 1
-                start = off & ~511
-                self.ref(start, nsec * 512, "compressed cluster")
+                self.ref(off, nsec * 512 - (off & 511), "compressed cluster")
+                if active:
+                    res.allocated_clusters += 1
+                    res.compressed_clusters += 1
+                    res.fragmented_clusters += 1  # QEMU: compressed clusters are fragmented by nature
                 continue
-            if e & reserved:
+            if e & fmt.L2E_RESERVED_MASK:
+                # a corruption, but the entry still holds its cluster (QEMU goes on with it)
                 self.corruption(f"L2 entry {idx} in table 0x{l2_off:x} has reserved bits set (0x{e:x})")
-                continue
             off = e & fmt.OFFSET_MASK
-            if ext:
-                bm = t[k + 1]
-                if bm & (bm >> 32) & 0xFFFFFFFF:
-                    self.corruption(f"extended L2 entry {idx} in table 0x{l2_off:x} marks subclusters both allocated and zero")
-                if bm & 0xFFFFFFFF and not off:
-                    self.corruption(f"extended L2 entry {idx} in table 0x{l2_off:x} has allocated subclusters but no offset")
-            if not off:
+            # QEMU's qcow2_get_cluster_type(): with extended L2 bit 0 means nothing (the
+            # subcluster bitmap says what reads as zero), so it is not checked either
+            if not off and not (data_file and e & fmt.QCOW_OFLAG_COPIED):
+                # unallocated or zero-plain
+                if bm & 0xFFFFFFFF:
+                    self.corruption(f"extended L2 entry {idx} in table 0x{l2_off:x} has allocated "
+                                    f"subclusters but no offset")
                 continue
-            if off % self.cs:
+            # normal or zero-allocated: holds a host cluster
+            if bm & (bm >> 32) & 0xFFFFFFFF:
+                self.corruption(f"extended L2 entry {idx} in table 0x{l2_off:x} marks subclusters "
+                                f"both allocated and zero")
+            if off % cs:
+                if ext:
+                    has_data = bool(bm & 0xFFFFFFFF)
+                else:
+                    has_data = not e & fmt.QCOW_OFLAG_ZERO
+                if not has_data and self.repair == "all":
+                    # QEMU's fix_l2_entry_by_zero(): a preallocated zero cluster at an unaligned
+                    # offset becomes a plain zero cluster; its cluster is then not counted
+                    self._zero_entry(l2_off, k, ext, bm)
+                    continue
                 self.corruption(f"cluster offset 0x{off:x} (L2 entry {idx} in table 0x{l2_off:x}) is not cluster aligned")
-                continue
-            if h.has_data_file:
-                continue  # external data clusters are not refcounted
-            if self.ref(off, self.cs, "data cluster") and active:
-                self.copied_checks.append((l2_off, k, e, False))
+            if active:
+                res.allocated_clusters += 1
+                if next_contiguous and off != next_contiguous:
+                    res.fragmented_clusters += 1
+                next_contiguous = off + cs
+            if not data_file:  # external data clusters are not refcounted
+                self.ref(off, cs, "data cluster")
+            if copied:
+                self.copied_checks.append((l2_off, k, e, False, data_file))
 
-    def _check_refcount_structures(self) -> None:
+    def _zero_entry(self, l2_off: int, k: int, ext: bool, bm: int) -> None:
         img = self.img
-        h = img.header
-        rc = img.refcounts
-        self.ref(h.refcount_table_offset, h.refcount_table_clusters * self.cs, "refcount table")
+        if ext:
+            raw = struct.pack(">QQ", 0, ((bm | (bm << 32)) >> 32 << 32) & ((1 << 64) - 1))
+        else:
+            raw = struct.pack(">Q", fmt.QCOW_OFLAG_ZERO)
+        img.file.pwrite(raw, l2_off + 8 * k)
+        img.file.flush()
+        img.l2_cache.clear()
+        self.res.corruptions_fixed += 1
+        if len(self.res.messages) < 1000:
+            self.res.messages.append(f"Repairing L2 entry {k // (2 if ext else 1)} in table 0x{l2_off:x}: "
+                                     f"unaligned preallocated zero cluster made a plain zero cluster")
+
+    def _check_refcount_blocks(self) -> None:
+        """QEMU's check_refblocks(): after every other reference is counted, each refcount block
+        must be inside the file and referenced exactly once (by the refcount table)."""
+        rc = self.img.refcounts
+        nb_clusters = self._nb_clusters()
         for bi, e in enumerate(rc.table):
-            if not e:
-                continue
             if e & fmt.REFT_RESERVED_MASK:
-                self.corruption(f"refcount table entry {bi} has reserved bits set")
+                self.corruption(f"refcount table entry {bi} has reserved bits set (0x{e:x})")
+                self.rebuild = True
                 continue
-            if e % self.cs:
-                self.corruption(f"refcount block {bi} at 0x{e:x} is not cluster aligned")
+            off = e & _REFT_OFFSET_MASK
+            if off % self.cs:
+                self.corruption(f"refcount block {bi} at 0x{off:x} is not cluster aligned")
+                self.rebuild = True
                 continue
-            self.ref(e, self.cs, f"refcount block {bi}")
+            c = off >> self.cb
+            if c >= nb_clusters:
+                # (qemu-img check -r all grows the file to cover it; qcowfs does not)
+                self.corruption(f"refcount block {bi} at 0x{off:x} lies outside the image")
+                continue
+            if off:
+                self.ref(off, self.cs, f"refcount block {bi}")
+                if self.counts[c] != 1:
+                    self.corruption(f"refcount block {bi} at 0x{off:x} refcount={self.counts[c]} "
+                                    f"(referenced by something else too)")
+                    self.rebuild = True
 
     def _check_bitmaps(self) -> None:
         img = self.img
@@ -273,43 +395,82 @@ class Checker:
             raw = img.file.pread(tsize * 8, toff)
             for j in range(len(raw) // 8):
                 te = struct.unpack_from(">Q", raw, j * 8)[0]
+                doff = te & fmt.BME_TABLE_ENTRY_OFFSET_MASK
                 if te & fmt.BME_TABLE_ENTRY_RESERVED_MASK:
                     self.corruption(f"bitmap {name!r}: table entry {j} has reserved bits set")
                     continue
-                doff = te & fmt.BME_TABLE_ENTRY_OFFSET_MASK
                 if not doff:
+                    continue
+                if te & fmt.BME_TABLE_ENTRY_FLAG_ALL_ONES:
+                    self.corruption(f"bitmap {name!r}: table entry {j} has both an offset and the all-ones flag")
                     continue
                 if doff % self.cs:
                     self.corruption(f"bitmap {name!r}: table entry {j} is not cluster aligned")
                     continue
                 self.ref(doff, self.cs, f"bitmap {name!r} data cluster")
 
-    def _stored(self, c: int) -> Optional[int]:
-        try:
-            return self.img.refcounts.get(c)
-        except QcowError:
+    # ------------------------------------------------------------------ stored refcounts
+    def _block(self, bi: int):
+        """Refcount block bi as QEMU's qcow2_get_refcount() sees it: None if absent; a string saying
+        why if QEMU cannot read it (an offset that is not cluster aligned or past QEMU's largest
+        request: a check error for every cluster it covers); reserved bits in the table entry are
+        ignored here, and a block past the end of the file reads as zeros."""
+        rc = self.img.refcounts
+        if bi >= len(rc.table):
             return None
+        off = rc.table[bi] & _REFT_OFFSET_MASK
+        if not off:
+            return None
+        if off % self.cs:
+            return "not cluster aligned"
+        if off + self.cs > _BDRV_MAX_LENGTH:
+            return "beyond the largest offset QEMU can read"
+        try:
+            return rc.block(bi)  # the cached copy (a repair updates it)
+        except QcowError:
+            pass
+        from .refcounts import RefcountBlock
+
+        return RefcountBlock(rc.bits, self.img.file.pread(self.cs, off).ljust(self.cs, b"\0"))
+
+    def _stored(self, c: int) -> Optional[int]:
+        blk = self._block(c // self.img.refcounts.entries_per_block)
+        if blk is None:
+            return 0
+        if isinstance(blk, str):
+            return None
+        return blk.get(c % self.img.refcounts.entries_per_block)
+
+    def _nb_clusters(self) -> int:
+        """Clusters QEMU compares: those of the file, and any counted in its partial last cluster."""
+        file_clusters = div_round_up(self.file_size, self.cs)
+        return max(file_clusters, (max(self.counts) + 1) if self.counts else 0)
 
     def _compare_refcounts(self) -> None:
-        img = self.img
-        rc = img.refcounts
-        file_clusters = div_round_up(self.file_size, self.cs)
-        top = max(file_clusters, (max(self.counts) + 1) if self.counts else 0)
-        self.res.total_clusters = div_round_up(img.size, self.cs)
+        rc = self.img.refcounts
+        top = self._nb_clusters()
         epb = rc.entries_per_block
         self.leaked: list = []
         self.wrong: list = []
-        for bi in range(div_round_up(top, epb)):
-            try:
-                blk = rc.block(bi)
-            except QcowError as e:
-                blk = None
-                self.corruption(f"refcount block {bi}: {e.message}")
+        highest = 0
+        nblocks = div_round_up(top, epb)
+        for bi in range(nblocks):
+            blk = self._block(bi)
             base = bi * epb
-            for i in range(min(epb, top - base)):
+            n = min(epb, top - base)
+            if isinstance(blk, str):
+                # QEMU: "Can't get refcount for cluster N", a check error for each cluster
+                self.res.check_errors += n
+                if len(self.res.messages) < 1000:
+                    self.res.messages.append(f"ERROR cannot read the refcounts of clusters {base}-{base + n - 1}: "
+                                             f"refcount block {bi} is {blk}")
+                continue
+            for i in range(n):
                 c = base + i
                 stored = blk.get(i) if blk is not None else 0
                 want = self.counts.get(c, 0)
+                if stored or want:
+                    highest = c
                 if stored == want:
                     continue
                 if stored > want:
@@ -318,28 +479,41 @@ class Checker:
                     if len(self.res.messages) < 1000:
                         self.res.messages.append(f"Leaked cluster {c} refcount={stored} reference={want}")
                 else:
+                    if stored == 0:
+                        self.rebuild = True
                     self.wrong.append((c, stored, want))
                     self.corruption(f"cluster {c} refcount={stored} reference={want}")
             if self.progress and bi % 16 == 0:
-                self.progress(0.9 + 0.1 * bi / max(1, div_round_up(top, epb)))
-        self.res.image_end_offset = max(self.file_size, top * self.cs if self.counts else 0)
-        self.res.allocated_clusters = len(self.counts)
+                self.progress(0.9 + 0.1 * bi / max(1, nblocks))
+        self.res.image_end_offset = (highest + 1) * self.cs
 
     def _check_copied(self) -> None:
+        """In the active tables COPIED must be set exactly when the refcount is 1 (with an external
+        data file a data cluster's refcount counts as 1)."""
         self.copied_wrong: list = []
-        for table_off, idx, e, is_l1 in self.copied_checks:
-            stored = self._stored((e & fmt.OFFSET_MASK) >> self.cb)
+        skip_table = False
+        # copied_checks holds each active L1 entry followed by the entries of its L2 table
+        for table_off, idx, e, is_l1, data_file in self.copied_checks:
+            if not is_l1 and skip_table:
+                continue
+            stored = 1 if data_file else self._stored((e & fmt.OFFSET_MASK) >> self.cb)
+            if is_l1:
+                # QEMU skips the whole L2 table when it cannot read the table's own refcount
+                skip_table = stored is None
             if stored is None:
                 continue
             want_copied = stored == 1
             if bool(e & fmt.QCOW_OFLAG_COPIED) != want_copied:
-                self.copied_wrong.append((table_off, idx, e, is_l1, stored))
+                self.copied_wrong.append((table_off, idx, e, is_l1, data_file))
                 what = "L2 table" if is_l1 else "cluster"
                 self.corruption(f"OFLAG_COPIED {what}: offset=0x{e & fmt.OFFSET_MASK:x} refcount={stored}")
 
 
 def check_image(path: str, repair: Optional[str] = None, progress=None) -> CheckResult:
-    """Check (and with repair='leaks'|'all', repair) the image at path. Takes QEMU's locks."""
+    """Check (and with repair='leaks'|'all', repair) the image at path. Takes QEMU's locks.
+
+    Like qemu-img check -r: after a repair the image is checked again and that result is
+    returned, with the numbers of leaks and corruptions fixed."""
     from .image import Qcow2Image
     from .locks import ImageLock
 
@@ -347,14 +521,19 @@ def check_image(path: str, repair: Optional[str] = None, progress=None) -> Check
     lock = ImageLock(img.file.fd, path, write=repair is not None)
     try:
         lock.acquire()
-        ck = Checker(img, progress)
+        ck = Checker(img, progress, repair=repair)
         res = ck.run()
-        if repair and (res.leaks or (repair == "all" and res.corruptions)):
+        if repair and (res.leaks or res.corruptions or res.corruptions_fixed):
             fixed_leaks, fixed_corr = apply_repair(img, ck, repair)
+            fixed_corr += res.corruptions_fixed
             ck2 = Checker(img)
             res = ck2.run()
             res.leaks_fixed = fixed_leaks
             res.corruptions_fixed = fixed_corr
+        if res.check_errors:
+            # like qemu-img's "Check failed" (exit 1); the report itself still goes to stdout
+            print(f"qcowfs: {path}: check failed: {res.check_errors} internal errors (parts of the image "
+                  f"could not be read, see the messages)", file=sys.stderr)
         return res
     finally:
         lock.release()
@@ -362,8 +541,17 @@ def check_image(path: str, repair: Optional[str] = None, progress=None) -> Check
 
 
 def apply_repair(img, ck: Checker, mode: str) -> tuple:
-    """Fix leaks (and with mode 'all', refcounts that are too low and COPIED flags)."""
+    """Fix leaks (and with mode 'all', refcounts that are too low), then COPIED flags.
+
+    As in QEMU's qcow2_check_refcounts(): the COPIED flags are judged against the repaired
+    refcounts, with mode 'all' always, with mode 'leaks' only when that is safe (nothing but
+    leaks and COPIED flags was wrong). With mode 'leaks', an image whose refcount structures
+    need rebuilding (a cluster in use with refcount 0, a broken refcount block) is refused
+    like qemu-img refuses it ('need to rebuild refcount structures'), before anything is written."""
     rc = img.refcounts
+    if mode == "leaks" and ck.rebuild:
+        raise QcowError("the refcount structures need to be rebuilt (a cluster in use has refcount 0, or a "
+                        "refcount block is damaged): use --repair=all", img.path)
     fixed_leaks = fixed_corr = 0
     for c, stored, want in ck.leaked:
         rc.update(c, want - stored)
@@ -377,12 +565,20 @@ def apply_repair(img, ck: Checker, mode: str) -> tuple:
             fixed_corr += 1
     rc.write_dirty()
     img.file.flush()
-    if mode == "all":
-        from .image import _be_array
-
-        for table_off, idx, e, is_l1, _stored in ck.copied_wrong:
-            stored = rc.get((e & fmt.OFFSET_MASK) >> img.cluster_bits)
+    safe = not ck.res.check_errors and ck.res.corruptions == len(ck.copied_wrong)
+    if mode == "all" or safe:
+        done = set()
+        for table_off, idx, e, is_l1, data_file in ck.copied_checks:
+            if (table_off, idx) in done:
+                continue
+            done.add((table_off, idx))
+            try:
+                stored = 1 if data_file else rc.get((e & fmt.OFFSET_MASK) >> img.cluster_bits)
+            except QcowError:
+                continue
             ne = (e | fmt.QCOW_OFLAG_COPIED) if stored == 1 else (e & ~fmt.QCOW_OFLAG_COPIED)
+            if ne == e:
+                continue
             img.file.pwrite(ne.to_bytes(8, "big"), table_off + 8 * idx)
             if is_l1:
                 img.l1[idx] = ne
@@ -413,17 +609,22 @@ def format_human(res: CheckResult) -> str:
     if res.leaks:
         lines.append(f"\n{res.leaks} leaked clusters were found on the image.\n"
                      "This means waste of disk space, but no harm to data.")
+    if res.check_errors:
+        lines.append(f"\n{res.check_errors} internal errors have occurred during the check.")
     if res.leaks_fixed or res.corruptions_fixed:
         lines.append(f"The following inconsistencies were found and repaired:\n\n"
                      f"    {res.leaks_fixed} leaked clusters\n    {res.corruptions_fixed} corruptions\n")
-    if not res.corruptions and not res.leaks:
+    if not res.corruptions and not res.leaks and not res.check_errors:
         lines.append("No errors were found on the image.")
     for w in res.warnings:
         lines.append(f"Warning: {w}")
-    if res.total_clusters:
-        pct = 100.0 * res.allocated_clusters / res.total_clusters
-        lines.append(f"{res.allocated_clusters}/{res.total_clusters} = {pct:.2f}% allocated")
-    lines.append(f"Image end offset: {res.image_end_offset}")
+    if res.total_clusters and res.allocated_clusters:
+        a = res.allocated_clusters
+        lines.append(f"{a}/{res.total_clusters} = {100.0 * a / res.total_clusters:.2f}% allocated, "
+                     f"{100.0 * res.fragmented_clusters / a:.2f}% fragmented, "
+                     f"{100.0 * res.compressed_clusters / a:.2f}% compressed clusters")
+    if res.image_end_offset:
+        lines.append(f"Image end offset: {res.image_end_offset}")
     return "\n".join(lines)
 
 
