@@ -202,9 +202,9 @@ def image_info(path: str, backing_policy: str = "follow") -> dict:
     from . import format as fmt
     from .backing import chain
     from .bitmaps import BitmapStore
-    from .image import Qcow2Image
+    from .offline import locked_image
 
-    with Qcow2Image(path, read_only=True, backing_policy=backing_policy) as img:
+    with locked_image(path, write=False, lock=False, backing_policy=backing_policy) as img:
         h = img.header
         info: dict = {
             "filename": path,
@@ -259,15 +259,6 @@ def image_info(path: str, backing_policy: str = "follow") -> dict:
         return info
 
 
-def _human_size(n: int) -> str:
-    x = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if x < 1024 or unit == "PiB":
-            return f"{x:.3g} {unit}" if unit != "B" else f"{n} B"
-        x /= 1024
-    return str(n)
-
-
 def cmd_info(args) -> int:
     try:
         info = image_info(args.image, args.backing)
@@ -278,39 +269,9 @@ def cmd_info(args) -> int:
     if args.json:
         print(json.dumps(info, indent=4))
         return 0
-    d = info["format-specific"]["data"]
-    lines = [
-        f"image: {info['filename']}",
-        "file format: qcow2",
-        f"virtual size: {_human_size(info['virtual-size'])} ({info['virtual-size']} bytes)",
-        f"disk size: {_human_size(info['actual-size'])}",
-        f"cluster_size: {info['cluster-size']}",
-    ]
-    if "backing-filename" in info:
-        lines.append(f"backing file: {info['backing-filename']}")
-        if "backing-filename-format" in info:
-            lines.append(f"backing file format: {info['backing-filename-format']}")
-    lines.append("Format specific information:")
-    lines.append(f"    compat: {d['compat']}")
-    lines.append(f"    compression type: {d['compression-type']}")
-    for key in ("lazy-refcounts", "refcount-bits", "corrupt", "extended-l2", "data-file", "data-file-raw"):
-        if key in d:
-            v = d[key]
-            lines.append(f"    {key.replace('-', ' ')}: {str(v).lower() if isinstance(v, bool) else v}")
-    f = d["features"]
-    for kind in ("incompatible", "compatible", "autoclear"):
-        lines.append(f"    {kind} features: {', '.join(f[kind]) or 'none'}")
-    lines.append(f"    internal snapshots: {d['snapshots']}")
-    if info["resolved-chain"]:
-        lines.append("Files this image opens (resolved):")
-        for c in info["resolved-chain"]:
-            lines.append(f"    {c['role']} of {c['named-by']}: {c['filename']} -> {c['resolved']} "
-                         f"({c['format']}, {c['type']})")
-    if d.get("bitmaps"):
-        lines.append("    bitmaps:")
-        for bm in d["bitmaps"]:
-            lines.append(f"        {bm['name']}: granularity {bm['granularity']}, flags [{', '.join(bm['flags'])}]")
-    print("\n".join(lines))
+    from .report import format_info
+
+    print(format_info(info))
     return 0
 
 
@@ -368,7 +329,8 @@ def cmd_bitmap(args) -> int:
 
 # ---------------------------------------------------------------------- check
 def cmd_check(args) -> int:
-    from .check import check_image, format_human, progress_bar
+    from .offline import check_image
+    from .report import format_check, progress_bar
 
     progress = None
     try:
@@ -379,10 +341,14 @@ def cmd_check(args) -> int:
         return _fail(str(e))
     except OSError as e:
         return _fail(f"{args.image}: {e.strerror}")
+    if res.check_errors:
+        # like qemu-img's "Check failed" (exit 1); the report itself still goes to stdout
+        print(f"qcowfs: {args.image}: check failed: {res.check_errors} internal errors (parts of the image "
+              f"could not be read, see the messages)", file=sys.stderr)
     if args.json:
         print(json.dumps(res.to_json(), indent=4))
     else:
-        print(format_human(res))
+        print(format_check(res))
     return res.exit_code
 
 

@@ -35,6 +35,7 @@ from .entries import be_array, to_be
 from .errors import CorruptImage, FormatError, QcowError, UnsupportedFeature, with_path
 from .hostfile import HostFile
 from .refcounts import Refcounts
+from .repair import rebuild_refcounts
 from .write_path import WritePath
 
 log = logging.getLogger(__name__)
@@ -163,8 +164,6 @@ class Qcow2Image(WritePath):
             return
         h = self.header
         if h.dirty:
-            from .check import rebuild_refcounts
-
             log.warning("%s: dirty bit set (lazy refcounts, not closed cleanly): rebuilding refcounts", self.path)
             rebuild_refcounts(self)
         changed = False
@@ -211,7 +210,7 @@ class Qcow2Image(WritePath):
         if self.header.lazy_refcounts and not self.header.dirty and (self.l2_dirty or self.l1_dirty):
             # Lazy refcounts: the dirty bit is on disk before the first L2 update (qcow2.txt
             # "compatible features" bit 0); a crash then means "rebuild refcounts on open".
-            self._set_dirty_bit(True)
+            self.set_dirty_bit(True)
         self.refcounts.write_dirty()
         f.flush()  # refcounts (and COW data) before the L2 tables that reference them
         if self.l2_dirty:
@@ -247,7 +246,7 @@ class Qcow2Image(WritePath):
             if self.data_file is not self.file:
                 self.file.flush()
 
-    def _set_dirty_bit(self, on: bool) -> None:
+    def set_dirty_bit(self, on: bool) -> None:
         h = self.header
         if on:
             h.incompatible_features |= fmt.INCOMPAT_DIRTY
@@ -286,7 +285,7 @@ class Qcow2Image(WritePath):
             if flush and not self.read_only and hasattr(self, "refcounts"):
                 self.flush()
                 if self.header.dirty and self.header.lazy_refcounts:
-                    self._set_dirty_bit(False)  # clean close: refcounts are exact again
+                    self.set_dirty_bit(False)  # clean close: refcounts are exact again
         finally:
             self._closed = True
             if self.backing is not None:

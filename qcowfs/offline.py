@@ -13,12 +13,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+from typing import Iterator, Optional
 
 from . import bitmap_commands
+from .consistency import Checker, CheckResult
 from .disk import Disk
 from .errors import BitmapError, QcowError
 from .image import Qcow2Image
 from .locks import ImageLock
+from .repair import apply_repair
 
 
 def is_qcowfs_mount(path: str) -> bool:
@@ -32,31 +35,53 @@ def is_qcowfs_mount(path: str) -> bool:
 
 
 @contextlib.contextmanager
-def open_locked(path: str, write: bool):
-    """Open an image with QEMU's locks; yields a Disk (read-write) or the Qcow2Image (read-only)."""
-    img = Qcow2Image(path, read_only=not write)
-    lock = ImageLock(img.file.fd, path, write=write)
+def locked_image(path: str, write: bool, *, lock: bool = True,
+                 backing_policy: str = "follow") -> Iterator[Qcow2Image]:
+    """Open an unmounted image under QEMU's locks (a writer, or a reader sharing with readers),
+    closed without writing anything on the way out. lock=False reads without taking the
+    locks, as `qemu-img info -U` does (info)."""
+    img = Qcow2Image(path, read_only=not write, backing_policy=backing_policy)
+    held = ImageLock(img.file.fd, path, write=write) if lock else None
     try:
-        lock.acquire()
-    except BaseException:
-        img.close(flush=False)
-        raise
-    try:
-        if write:
-            disk = Disk(img)
-            try:
-                yield disk
-            except BaseException:
-                disk.close()
-                raise
-            disk.close()
-        else:
-            try:
-                yield img
-            finally:
-                img.close(flush=False)
+        if held is not None:
+            held.acquire()
+        yield img
     finally:
-        lock.release()
+        if held is not None:
+            held.release()
+        img.close(flush=False)
+
+
+@contextlib.contextmanager
+def open_locked(path: str, write: bool) -> Iterator:
+    """locked_image(), and for a writer a Disk on it (bitmaps loaded and marked in_use, stored
+    and cleared at the end, as a mount does); a reader gets the Qcow2Image."""
+    with locked_image(path, write) as img:
+        if not write:
+            yield img
+            return
+        disk = Disk(img)
+        try:
+            yield disk
+        finally:
+            disk.close()
+
+
+def check_image(path: str, repair: Optional[str] = None, progress=None) -> CheckResult:
+    """`qcowfs check`: check (and with repair='leaks'|'all', repair) the image at path.
+
+    Like qemu-img check -r: after a repair the image is checked again and that result is
+    returned, with the numbers of leaks and corruptions fixed."""
+    with locked_image(path, write=repair is not None) as img:
+        ck = Checker(img, progress, repair=repair)
+        res = ck.run()
+        if repair and (res.leaks or res.corruptions or res.corruptions_fixed):
+            fixed_leaks, fixed_corr = apply_repair(img, ck, repair)
+            fixed_corr += res.corruptions_fixed
+            res = Checker(img).run()
+            res.leaks_fixed = fixed_leaks
+            res.corruptions_fixed = fixed_corr
+        return res
 
 
 def list_bitmaps(path: str) -> list:

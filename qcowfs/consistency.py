@@ -1,4 +1,4 @@
-"""Consistency check and repair, in the spirit of `qemu-img check` (block/qcow2-refcount.c).
+"""The consistency check, in the spirit of `qemu-img check` (block/qcow2-refcount.c).
 
 The checker walks every structure that holds a host cluster (header, active and
 snapshot L1/L2 tables, data and compressed clusters, refcount table and blocks,
@@ -30,7 +30,8 @@ qemu-img leaves keys that are zero out of its JSON (except check-errors);
 qcowfs always prints them.
 
 Exit codes follow qemu-img check: 0 clean, 2 corruptions, 3 leaks only.
-It never raises on a damaged image: every problem becomes a finding.
+It never raises on a damaged image: every problem becomes a finding. Repairs are
+in repair.py, opening an image for `qcowfs check` in offline.py, the report in report.py.
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ import collections
 import dataclasses
 import logging
 import struct
-import sys
 from typing import Callable, Optional
 
 from . import format as fmt
+from .entries import be_array
 from .errors import QcowError
 from .format import div_round_up
 
@@ -164,7 +165,7 @@ class Checker:
         total = sum(n for _, n, _ in l1s) or 1
         done = 0
         for l1_off, l1_size, active in l1s:
-            self._check_l1(l1_off, l1_size, active, lambda k: self._tick((done + k) / total))
+            self._check_l1(l1_off, l1_size, active, lambda k, base=done: self._tick((base + k) / total))
             done += l1_size
         if h.nb_snapshots:
             self.ref(h.snapshots_offset, self.snapshots_size, "snapshot table")
@@ -187,7 +188,7 @@ class Checker:
         """(L1 offset, L1 size) of every snapshot whose L1 can be walked; sets snapshots_size."""
         img = self.img
         h = img.header
-        out = []
+        out: list = []
         self.snapshots_size = 0
         if not h.nb_snapshots:
             return out
@@ -216,7 +217,6 @@ class Checker:
     def _check_l1(self, l1_off: int, l1_size: int, active: bool, tick) -> None:
         """QEMU's check_refcounts_l1(): a damaged L1 entry is reported and still followed."""
         img = self.img
-        from .image import _be_array
 
         if not l1_size:
             return
@@ -226,7 +226,7 @@ class Checker:
             self.res.check_errors += 1
             self.res.messages.append(f"ERROR cannot read the L1 table at 0x{l1_off:x}")
             return
-        l1 = img.l1 if active else _be_array(img.file.pread(l1_size * 8, l1_off).ljust(l1_size * 8, b"\0"))
+        l1 = img.l1 if active else be_array(img.file.pread(l1_size * 8, l1_off).ljust(l1_size * 8, b"\0"))
         for i, e in enumerate(l1):
             if i % 64 == 0:
                 tick(i)
@@ -243,7 +243,7 @@ class Checker:
             if copied:
                 self.copied_checks.append((l1_off, i, e, True, False))
             raw = img.file.pread(self.cs, off).ljust(self.cs, b"\0")
-            self._check_l2(_be_array(raw), off, active, copied)
+            self._check_l2(be_array(raw), off, active, copied)
 
     def _check_l2(self, t, l2_off: int, active: bool, copied: bool) -> None:
         """QEMU's check_refcounts_l2(); active: count allocated/compressed/fragmented clusters
@@ -376,20 +376,17 @@ class Checker:
         off, size = ext["bitmap_directory_offset"], ext["bitmap_directory_size"]
         self.ref(off, size, "bitmap directory")
         try:
-            store = BitmapStore.__new__(BitmapStore)
-            store.image = img
-            store.bitmaps = {}
-            entries = store._read_directory()
+            entries = BitmapStore.directory(img)
         except QcowError as e:
             self.corruption(f"bitmap directory: {e.message}")
             return
-        for e, name, _extra in entries:
-            if e.flags & fmt.BME_FLAG_IN_USE:
+        for entry, name, _extra in entries:
+            if entry.flags & fmt.BME_FLAG_IN_USE:
                 self.res.warnings.append(
                     f"bitmap {name!r} is in use (inconsistent: the image was not closed cleanly while it was loaded); "
                     f"its contents cannot be trusted: remove it with 'qcowfs bitmap remove IMAGE {name}' "
                     f"(or rm MOUNTPOINT/.bitmaps/{name}) and recreate it")
-            toff, tsize = e.bitmap_table_offset, e.bitmap_table_size
+            toff, tsize = entry.bitmap_table_offset, entry.bitmap_table_size
             if not self.ref(toff, tsize * 8, f"bitmap {name!r} table"):
                 continue
             raw = img.file.pread(tsize * 8, toff)
@@ -507,137 +504,3 @@ class Checker:
                 self.copied_wrong.append((table_off, idx, e, is_l1, data_file))
                 what = "L2 table" if is_l1 else "cluster"
                 self.corruption(f"OFLAG_COPIED {what}: offset=0x{e & fmt.OFFSET_MASK:x} refcount={stored}")
-
-
-def check_image(path: str, repair: Optional[str] = None, progress=None) -> CheckResult:
-    """Check (and with repair='leaks'|'all', repair) the image at path. Takes QEMU's locks.
-
-    Like qemu-img check -r: after a repair the image is checked again and that result is
-    returned, with the numbers of leaks and corruptions fixed."""
-    from .image import Qcow2Image
-    from .locks import ImageLock
-
-    img = Qcow2Image(path, read_only=repair is None)
-    lock = ImageLock(img.file.fd, path, write=repair is not None)
-    try:
-        lock.acquire()
-        ck = Checker(img, progress, repair=repair)
-        res = ck.run()
-        if repair and (res.leaks or res.corruptions or res.corruptions_fixed):
-            fixed_leaks, fixed_corr = apply_repair(img, ck, repair)
-            fixed_corr += res.corruptions_fixed
-            ck2 = Checker(img)
-            res = ck2.run()
-            res.leaks_fixed = fixed_leaks
-            res.corruptions_fixed = fixed_corr
-        if res.check_errors:
-            # like qemu-img's "Check failed" (exit 1); the report itself still goes to stdout
-            print(f"qcowfs: {path}: check failed: {res.check_errors} internal errors (parts of the image "
-                  f"could not be read, see the messages)", file=sys.stderr)
-        return res
-    finally:
-        lock.release()
-        img.close(flush=False)
-
-
-def apply_repair(img, ck: Checker, mode: str) -> tuple:
-    """Fix leaks (and with mode 'all', refcounts that are too low), then COPIED flags.
-
-    As in QEMU's qcow2_check_refcounts(): the COPIED flags are judged against the repaired
-    refcounts, with mode 'all' always, with mode 'leaks' only when that is safe (nothing but
-    leaks and COPIED flags was wrong). With mode 'leaks', an image whose refcount structures
-    need rebuilding (a cluster in use with refcount 0, a broken refcount block) is refused
-    like qemu-img refuses it ('need to rebuild refcount structures'), before anything is written."""
-    rc = img.refcounts
-    if mode == "leaks" and ck.rebuild:
-        raise QcowError("the refcount structures need to be rebuilt (a cluster in use has refcount 0, or a "
-                        "refcount block is damaged): use --repair=all", img.path)
-    fixed_leaks = fixed_corr = 0
-    for c, stored, want in ck.leaked:
-        rc.update(c, want - stored)
-        fixed_leaks += 1
-    if mode == "all":
-        for c, stored, want in ck.wrong:
-            if rc.block(c // rc.entries_per_block) is None:
-                raise QcowError(f"cannot repair: the refcount block covering cluster {c} is missing; "
-                                f"use 'qemu-img check -r all'", img.path)
-            rc.update(c, want - stored)
-            fixed_corr += 1
-    rc.write_dirty()
-    img.file.flush()
-    safe = not ck.res.check_errors and ck.res.corruptions == len(ck.copied_wrong)
-    if mode == "all" or safe:
-        done = set()
-        for table_off, idx, e, is_l1, data_file in ck.copied_checks:
-            if (table_off, idx) in done:
-                continue
-            done.add((table_off, idx))
-            try:
-                stored = 1 if data_file else rc.get((e & fmt.OFFSET_MASK) >> img.cluster_bits)
-            except QcowError:
-                continue
-            ne = (e | fmt.QCOW_OFLAG_COPIED) if stored == 1 else (e & ~fmt.QCOW_OFLAG_COPIED)
-            if ne == e:
-                continue
-            img.file.pwrite(ne.to_bytes(8, "big"), table_off + 8 * idx)
-            if is_l1:
-                img.l1[idx] = ne
-            fixed_corr += 1
-        img.l2_cache.clear()
-        img.file.flush()
-    if img.header.dirty:
-        img._set_dirty_bit(False)
-    return fixed_leaks, fixed_corr
-
-
-def rebuild_refcounts(img) -> int:
-    """Used on open when a lazy-refcounts image has the dirty bit set: make refcounts exact."""
-    ck = Checker(img)
-    ck.run()
-    fixed = apply_repair(img, ck, "all")
-    rc = img.refcounts
-    rc.free_hint = 0
-    log.info("%s: refcounts rebuilt (%d leaks, %d other fixes)", img.path, fixed[0], fixed[1])
-    return sum(fixed)
-
-
-def format_human(res: CheckResult) -> str:
-    lines = list(res.messages)
-    if res.corruptions:
-        lines.append(f"\n{res.corruptions} errors were found on the image.\n"
-                     "Data may be corrupted, or further writes to the image may corrupt it.")
-    if res.leaks:
-        lines.append(f"\n{res.leaks} leaked clusters were found on the image.\n"
-                     "This means waste of disk space, but no harm to data.")
-    if res.check_errors:
-        lines.append(f"\n{res.check_errors} internal errors have occurred during the check.")
-    if res.leaks_fixed or res.corruptions_fixed:
-        lines.append(f"The following inconsistencies were found and repaired:\n\n"
-                     f"    {res.leaks_fixed} leaked clusters\n    {res.corruptions_fixed} corruptions\n")
-    if not res.corruptions and not res.leaks and not res.check_errors:
-        lines.append("No errors were found on the image.")
-    for w in res.warnings:
-        lines.append(f"Warning: {w}")
-    if res.total_clusters and res.allocated_clusters:
-        a = res.allocated_clusters
-        lines.append(f"{a}/{res.total_clusters} = {100.0 * a / res.total_clusters:.2f}% allocated, "
-                     f"{100.0 * res.fragmented_clusters / a:.2f}% fragmented, "
-                     f"{100.0 * res.compressed_clusters / a:.2f}% compressed clusters")
-    if res.image_end_offset:
-        lines.append(f"Image end offset: {res.image_end_offset}")
-    return "\n".join(lines)
-
-
-def progress_bar(stream=sys.stderr):
-    last = [-1]
-
-    def update(frac: float) -> None:
-        pct = int(frac * 100)
-        if pct != last[0]:
-            last[0] = pct
-            stream.write(f"\r    ({pct:3d}/100%)")
-            stream.flush()
-            if pct >= 100:
-                stream.write("\n")
-
-    return update

@@ -1,0 +1,97 @@
+"""How `qcowfs check` and `qcowfs info` print: qemu-img's human text, and the progress bar.
+(The JSON forms are the results' own to_json / the info dict.)"""
+
+from __future__ import annotations
+
+import sys
+
+from .consistency import CheckResult
+
+
+def human_size(n: int) -> str:
+    x = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if x < 1024 or unit == "PiB":
+            return f"{x:.3g} {unit}" if unit != "B" else f"{n} B"
+        x /= 1024
+    return str(n)
+
+
+def format_info(info: dict) -> str:
+    """qemu-img info's text layout for image_info()'s dict, plus the files the image opens."""
+    d = info["format-specific"]["data"]
+    lines = [
+        f"image: {info['filename']}",
+        "file format: qcow2",
+        f"virtual size: {human_size(info['virtual-size'])} ({info['virtual-size']} bytes)",
+        f"disk size: {human_size(info['actual-size'])}",
+        f"cluster_size: {info['cluster-size']}",
+    ]
+    if "backing-filename" in info:
+        lines.append(f"backing file: {info['backing-filename']}")
+        if "backing-filename-format" in info:
+            lines.append(f"backing file format: {info['backing-filename-format']}")
+    lines.append("Format specific information:")
+    lines.append(f"    compat: {d['compat']}")
+    lines.append(f"    compression type: {d['compression-type']}")
+    for key in ("lazy-refcounts", "refcount-bits", "corrupt", "extended-l2", "data-file", "data-file-raw"):
+        if key in d:
+            v = d[key]
+            lines.append(f"    {key.replace('-', ' ')}: {str(v).lower() if isinstance(v, bool) else v}")
+    f = d["features"]
+    for kind in ("incompatible", "compatible", "autoclear"):
+        lines.append(f"    {kind} features: {', '.join(f[kind]) or 'none'}")
+    lines.append(f"    internal snapshots: {d['snapshots']}")
+    if info["resolved-chain"]:
+        lines.append("Files this image opens (resolved):")
+        for c in info["resolved-chain"]:
+            lines.append(f"    {c['role']} of {c['named-by']}: {c['filename']} -> {c['resolved']} "
+                         f"({c['format']}, {c['type']})")
+    if d.get("bitmaps"):
+        lines.append("    bitmaps:")
+        for bm in d["bitmaps"]:
+            lines.append(f"        {bm['name']}: granularity {bm['granularity']}, flags [{', '.join(bm['flags'])}]")
+    return "\n".join(lines)
+
+
+def format_check(res: CheckResult) -> str:
+    """qemu-img check's text layout."""
+    lines = list(res.messages)
+    if res.corruptions:
+        lines.append(f"\n{res.corruptions} errors were found on the image.\n"
+                     "Data may be corrupted, or further writes to the image may corrupt it.")
+    if res.leaks:
+        lines.append(f"\n{res.leaks} leaked clusters were found on the image.\n"
+                     "This means waste of disk space, but no harm to data.")
+    if res.check_errors:
+        lines.append(f"\n{res.check_errors} internal errors have occurred during the check.")
+    if res.leaks_fixed or res.corruptions_fixed:
+        lines.append(f"The following inconsistencies were found and repaired:\n\n"
+                     f"    {res.leaks_fixed} leaked clusters\n    {res.corruptions_fixed} corruptions\n")
+    if not res.corruptions and not res.leaks and not res.check_errors:
+        lines.append("No errors were found on the image.")
+    for w in res.warnings:
+        lines.append(f"Warning: {w}")
+    if res.total_clusters and res.allocated_clusters:
+        a = res.allocated_clusters
+        lines.append(f"{a}/{res.total_clusters} = {100.0 * a / res.total_clusters:.2f}% allocated, "
+                     f"{100.0 * res.fragmented_clusters / a:.2f}% fragmented, "
+                     f"{100.0 * res.compressed_clusters / a:.2f}% compressed clusters")
+    if res.image_end_offset:
+        lines.append(f"Image end offset: {res.image_end_offset}")
+    return "\n".join(lines)
+
+
+def progress_bar(stream=sys.stderr):
+    last = [-1]
+
+    def update(frac: float) -> None:
+        pct = int(frac * 100)
+        if pct != last[0]:
+            last[0] = pct
+            stream.write(f"\r    ({pct:3d}/100%)")
+            stream.flush()
+            if pct >= 100:
+                stream.write("\n")
+
+    return update
