@@ -28,6 +28,7 @@ from typing import Optional
 from bitarray import bitarray
 
 from . import format as fmt
+from .bitmap_intent import intent_range, write_bytes
 from .dirty_bitmap import DirtyBitmap, default_granularity, table_size_for, validate_name
 from .errors import BitmapError, CorruptImage, FormatError
 from .format import align_up, div_round_up
@@ -41,10 +42,15 @@ _LITTLE = sys.byteorder == "little"
 class BitmapStore:
     """All dirty bitmaps of one open image, and their on-disk directory."""
 
-    def __init__(self, image):
+    def __init__(self, image, sync: str = "close"):
         self.image = image
+        #: "close": QEMU's protocol (in_use while open, stored at close); "intent": every
+        #: recording persistent bitmap valid on disk at every instant (bitmap_intent.py)
+        self.intent = sync == "intent"
         self.bitmaps: dict[str, DirtyBitmap] = {}
         self.recording: list[DirtyBitmap] = []
+        #: the recording bitmaps whose on-disk data must cover a write before it is issued
+        self.intents: list[DirtyBitmap] = []
         self.dir_offset = 0
         self.dir_size = 0
         self._load()
@@ -132,8 +138,13 @@ class BitmapStore:
         self._refresh_recording()
 
     def activate(self) -> None:
-        """Read-write open: mark every loaded bitmap in_use on disk, durably."""
-        if not self.image.read_only and any(not b.inconsistent for b in self._on_disk()):
+        """Read-write open: mark every loaded bitmap in_use on disk, durably; in intent mode store
+        them instead, every data cluster allocated, and never mark them in_use."""
+        if self.image.read_only or not any(not b.inconsistent for b in self._on_disk()):
+            return
+        if self.intent:
+            self.store(all_clusters=True)
+        else:
             self._mark_in_use_on_disk()
 
     def _read_table(self, offset: int, size: int) -> array:
@@ -174,6 +185,7 @@ class BitmapStore:
 
     def _refresh_recording(self) -> None:
         self.recording = [b for b in self.bitmaps.values() if b.recording]
+        self.intents = [b for b in self.recording if b.durable is not None]
 
     # ------------------------------------------------------------------ directory writing
     def _entries_bytes(self, flags_for) -> bytes:
@@ -329,6 +341,8 @@ class BitmapStore:
                 del self.bitmaps[name]
                 raise
             self._free_clusters(old)
+            if self.intent:
+                self.store(only=[bm], all_clusters=True)  # crash-proof from its creation on
         else:
             self.bitmaps[name] = bm
         self._refresh_recording()
@@ -352,7 +366,11 @@ class BitmapStore:
 
     def clear(self, name: str) -> None:
         self._writable()
-        self._usable(name).data().setall(0)
+        bm = self._usable(name)
+        bm.data().setall(0)
+        if bm.durable is not None:
+            bm.durable.setall(0)
+            self._rewrite_data(bm)
 
     def enable(self, name: str) -> None:
         self._writable()
@@ -373,6 +391,9 @@ class BitmapStore:
             toff, tsize, flags, extra = bm.disk_entry
             flags = (flags | fmt.BME_FLAG_AUTO) if bm.enabled else (flags & ~fmt.BME_FLAG_AUTO)
             bm.disk_entry = (toff, tsize, flags, extra)
+            if bm.durable is not None:
+                # intent mode: the flag is on disk before the command returns
+                self._free_clusters(self._write_directory())
 
     def merge(self, src: str, dst: str) -> None:
         self._writable()
@@ -381,10 +402,13 @@ class BitmapStore:
         if s.granularity == d.granularity:
             bits = d.data()
             bits |= s.data()
-            return
-        for start, length, dirty in s.extents():
-            if dirty:
-                d.mark(start, length)
+        else:
+            for start, length, dirty in s.extents():
+                if dirty:
+                    d.mark(start, length)
+        if d.durable is not None:
+            d.durable |= d.data()  # on disk: still a superset of the merged bits
+            self._rewrite_data(d)
 
     def mark(self, offset: int, length: int) -> None:
         """Record a write / write-zeroes / discard in every recording bitmap."""
@@ -392,15 +416,47 @@ class BitmapStore:
             return
         for bm in self.recording:
             bm.mark(offset, length)
+        if self.intents:
+            self._write_intents(offset, length)
+
+    def _write_intents(self, offset: int, length: int) -> None:
+        """Intent mode: make the granules of a write durably dirty in every recording bitmap's
+        on-disk data before the write is issued (one fdatasync for all of them); nothing to do
+        when they all are already (bitmap_intent.py)."""
+        img = self.image
+        synced = False
+        for bm in self.intents:
+            gb = bm.granularity_bits
+            g0 = offset >> gb
+            g1 = ((offset + length - 1) >> gb) + 1
+            durable = bm.durable
+            if durable.find(0, g0, g1) < 0:  # type: ignore[union-attr]
+                continue
+            r0, r1 = intent_range(g0, g1, gb, bm.nbits)
+            durable[r0:r1] = 1  # type: ignore[index]
+            b0, b1 = r0 >> 3, (r1 + 7) >> 3
+            write_bytes(img.file, bm.data_offsets, img.cluster_size, durable[b0 << 3 : b1 << 3].tobytes(), b0)  # type: ignore[index]
+            synced = True
+        if synced:
+            img.file.flush()
+
+    def _rewrite_data(self, bm: DirtyBitmap) -> None:
+        """Intent mode, after clear or merge: the on-disk data becomes `durable`, before the
+        command returns."""
+        img = self.image
+        write_bytes(img.file, bm.data_offsets, img.cluster_size, bm.durable.tobytes(), 0)  # type: ignore[union-attr]
+        img.file.flush()
 
     # ------------------------------------------------------------------ storing
-    def store(self) -> None:
-        """Clean close: store every consistent persistent bitmap and clear in_use (QEMU's order)."""
+    def store(self, *, only: Optional[list] = None, all_clusters: bool = False) -> None:
+        """Clean close: store every consistent persistent bitmap (or `only` these) and clear
+        in_use (QEMU's order). all_clusters (intent mode): allocate every data cluster, zero or
+        not, and keep where they are, so later intents are writes in place."""
         img = self.image
         if img.read_only:
             return
         cs = img.cluster_size
-        to_store = [b for b in self._on_disk() if not b.inconsistent]
+        to_store = only if only is not None else [b for b in self._on_disk() if not b.inconsistent]
         if not to_store and not self._on_disk():
             return
         img.flush()
@@ -411,7 +467,10 @@ class BitmapStore:
             tsize = table_size_for(img.size, bm.granularity, cs)
             data = data + bytes(tsize * cs - len(data))
             mv = memoryview(data)
-            dirty_idx = [j for j in range(tsize) if bm.bits[j * cs * 8 : (j + 1) * cs * 8].any()]
+            if all_clusters:
+                dirty_idx = list(range(tsize))
+            else:
+                dirty_idx = [j for j in range(tsize) if bm.bits[j * cs * 8 : (j + 1) * cs * 8].any()]
             table = array("Q", bytes(tsize * 8))
             if dirty_idx:
                 base = img.refcounts.allocate(len(dirty_idx))
@@ -428,7 +487,13 @@ class BitmapStore:
             flags = bm.disk_entry[2] & ~fmt.BME_FLAG_IN_USE
             flags = (flags | fmt.BME_FLAG_AUTO) if bm.enabled else (flags & ~fmt.BME_FLAG_AUTO)
             bm.disk_entry = (toff, tsize, flags, bm.disk_entry[3])
+            if all_clusters:
+                bm.data_offsets = [base + j * cs for j in range(tsize)]
+                bm.durable = bm.bits.copy()
+            else:
+                bm.data_offsets, bm.durable = [], None
         img.flush_metadata()
         img.file.flush()
         old_dir = self._write_directory()
         self._free_clusters(old_dir + old_clusters)
+        self._refresh_recording()

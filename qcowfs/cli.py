@@ -20,7 +20,7 @@ import time
 from . import __version__
 from .bitmap_commands import PID_XATTR
 from .errors import OptionError, QcowError
-from .options import BACKING_POLICIES, MountOptions, parse_into
+from .options import BACKING_POLICIES, BITMAP_SYNC_MODES, MountOptions, parse_into
 
 log = logging.getLogger("qcowfs")
 
@@ -55,7 +55,8 @@ def _fail(message: str, code: int = 1) -> int:
 def mount_options(args) -> MountOptions:
     """The flags and every -o, in that order; --read-only wins over an -o rw (mount.fuse
     always passes rw or ro first, then what fstab or mount -o said)."""
-    opts = MountOptions(foreground=args.foreground, log=args.log, debug=args.debug, backing=args.backing)
+    opts = MountOptions(foreground=args.foreground, log=args.log, debug=args.debug, backing=args.backing,
+                        bitmap_sync=args.bitmap_sync)
     parse_into(opts, args.options)
     if args.read_only:
         opts.read_only = True
@@ -296,7 +297,8 @@ def cmd_bitmap(args) -> int:
             else:
                 for r in rows:
                     state = "INCONSISTENT" if r["inconsistent"] else ("recording" if r["recording"] else "disabled")
-                    print(f"{r['name']}\tgranularity={r['granularity']}\tcount={r['count']}\t{state}")
+                    safe = "crash-safe" if r.get("crash-safe") else "in-use-while-open"
+                    print(f"{r['name']}\tgranularity={r['granularity']}\tcount={r['count']}\t{state}\t{safe}")
             return 0
         if args.op == "extents":
             if live:
@@ -376,10 +378,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--backing", choices=BACKING_POLICIES, default="follow",
                    help="which backing and external data files the image may open: follow (QEMU's "
                    "behaviour, default), same-dir (regular files in the image's directory only), none")
+    m.add_argument("--bitmap-sync", choices=BITMAP_SYNC_MODES, default="close",
+                   help="close: QEMU's semantics (bitmaps in use while mounted, stored at unmount; a crash "
+                   "makes them inconsistent); intent: every recording bitmap valid on disk at every instant "
+                   "(a crash leaves it consistent, possibly coarser than the writes)")
     m.add_argument("-o", dest="options", metavar="OPT[,OPT...]", action="append", default=[],
                    help="mount options: ro, rw, allow_other, default_permissions (always on), uid=N, gid=N, "
                    "umask=NNN (default 077: only the owner may open the disk), log=FILE, debug, foreground, "
-                   "backing=POLICY; mount(8)'s own (dev, suid, noauto, nofail, x-*, ...) are accepted")
+                   "backing=POLICY, bitmap_sync=MODE; mount(8)'s own (dev, suid, noauto, nofail, x-*, ...) are accepted")
     m.set_defaults(func=cmd_mount)
 
     u = sub.add_parser("umount", help="unmount and wait until the daemon has finished", description=(

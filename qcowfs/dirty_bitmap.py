@@ -58,6 +58,10 @@ class DirtyBitmap:
             self.bits.setall(0)
         #: the entry this bitmap has in the on-disk directory: (table_offset, table_size, flags, extra)
         self.disk_entry: Optional[tuple] = None
+        #: intent mode (bitmap_intent.py): the bits as they are on disk, a superset of `bits`,
+        #: and the host offset of every data cluster; None / [] otherwise
+        self.durable: Optional[bitarray] = None
+        self.data_offsets: list = []
 
     @property
     def recording(self) -> bool:
@@ -89,6 +93,8 @@ class DirtyBitmap:
             "recording": self.recording,
             "busy": False,
             "inconsistent": self.inconsistent,
+            # valid on disk at every instant: a crash leaves it consistent (intent mode)
+            "crash-safe": self.durable is not None,
         }
         if self.inconsistent:
             d["hint"] = (f"bitmap was in use when the image was last closed (crash?): its contents cannot be trusted; "

@@ -17,10 +17,10 @@ log = logging.getLogger(__name__)
 
 
 class Disk:
-    def __init__(self, image: Qcow2Image):
+    def __init__(self, image: Qcow2Image, bitmap_sync: str = "close"):
         self.image = image
         # Read and validate the bitmap directory before anything is written to the image.
-        self.bitmaps = BitmapStore(image)
+        self.bitmaps = BitmapStore(image, sync=bitmap_sync)
         image.start_writing()
         # in_use set durably before the first guest write is accepted
         self.bitmaps.activate()

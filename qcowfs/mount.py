@@ -81,7 +81,7 @@ class Mounted:
                 stack.callback(lk.release)
             # after a corruption the image is read-only: become a read-only lock holder too
             image.on_read_only = locks[0].downgrade_to_read_only
-            disk = Disk(image)  # writes in_use: only now that the locks are ours
+            disk = Disk(image, self.options.bitmap_sync)  # writes to the image: only now that the locks are ours
             stack.callback(self._close_disk, disk)
             ops = QcowOperations(disk, self.options)
             # Only the users the options name get in: no allow_other unless asked for (root's

@@ -14,7 +14,8 @@ The conventions are those of sshfs, s3ql and libfuse's own options:
   `noatime`, ...): accepted; qcowfs mounts are always nosuid,nodev.
 - fstab bookkeeping (`defaults`, `noauto`, `nofail`, `_netdev`, `x-*`, ...):
   accepted and ignored, as mount.fuse itself drops most of them.
-- qcowfs's own: `log=FILE`, `debug`, `foreground`, `backing=follow|same-dir|none`.
+- qcowfs's own: `log=FILE`, `debug`, `foreground`, `backing=follow|same-dir|none`,
+  `bitmap_sync=close|intent`.
 Anything else is refused with one line.
 """
 
@@ -28,6 +29,7 @@ from typing import Iterable, Optional
 from .errors import OptionError
 
 BACKING_POLICIES = ("follow", "same-dir", "none")
+BITMAP_SYNC_MODES = ("close", "intent")
 DEFAULT_UMASK = 0o077
 
 # Kernel mount flags libfuse's fuse_session_new() accepts and passes on to mount(2).
@@ -41,7 +43,7 @@ _MOUNT8_ONLY = frozenset({"defaults", "auto", "noauto", "user", "nouser", "users
                           "nostrictatime", "lazytime", "nolazytime", "diratime", "nodiratime"})
 
 KNOWN = ("ro, rw, allow_other, default_permissions, uid=N, gid=N, umask=NNN, log=FILE, debug, "
-         "foreground, backing=follow|same-dir|none")
+         "foreground, backing=follow|same-dir|none, bitmap_sync=close|intent")
 
 
 @dataclasses.dataclass
@@ -55,6 +57,7 @@ class MountOptions:
     debug: bool = False
     foreground: bool = False
     backing: str = "follow"
+    bitmap_sync: str = "close"  # "intent": crash-proof bitmaps (bitmap_intent.py)
     kernel_flags: list = dataclasses.field(default_factory=list)
 
     def fuse_options(self, fsname: str) -> set:
@@ -125,6 +128,10 @@ def parse_into(opts: MountOptions, specs: Iterable[str]) -> MountOptions:
                 if value not in BACKING_POLICIES:
                     raise OptionError(f"mount option backing={value}: expected one of {', '.join(BACKING_POLICIES)}")
                 opts.backing = value
+            elif key == "bitmap_sync" and eq:
+                if value not in BITMAP_SYNC_MODES:
+                    raise OptionError(f"mount option bitmap_sync={value}: expected one of {', '.join(BITMAP_SYNC_MODES)}")
+                opts.bitmap_sync = value
             elif not eq and key in _KERNEL_FLAGS:
                 opts.kernel_flags.append(key)
             elif not eq and (key in _ALWAYS_NOSUID_NODEV or key in _MOUNT8_ONLY):
