@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import sys
 from array import array
 from typing import Optional
 
@@ -30,13 +29,13 @@ from bitarray import bitarray
 from . import format as fmt
 from .bitmap_intent import intent_range, write_bytes
 from .dirty_bitmap import DirtyBitmap, default_granularity, table_size_for, validate_name
+from .entries import be_array, to_be
 from .errors import BitmapError, CorruptImage, FormatError
 from .format import align_up, div_round_up
 
 __all__ = ["BitmapStore", "DirtyBitmap", "default_granularity", "table_size_for", "validate_name"]
 
 log = logging.getLogger(__name__)
-_LITTLE = sys.byteorder == "little"
 
 
 class BitmapStore:
@@ -151,10 +150,7 @@ class BitmapStore:
         raw = self.image.file.pread(size * 8, offset)
         if len(raw) < size * 8:
             raise CorruptImage("bitmap table lies past the end of the file", self.image.path)
-        t = array("Q", raw)
-        if _LITTLE:
-            t.byteswap()
-        return t
+        return be_array(raw)
 
     def _load_data(self, bm: DirtyBitmap) -> None:
         img = self.image
@@ -480,9 +476,7 @@ class BitmapStore:
                     table[j] = off
             tclusters = div_round_up(tsize * 8, cs)
             toff = img.refcounts.allocate(tclusters)
-            if _LITTLE:
-                table.byteswap()
-            tb = table.tobytes()
+            tb = to_be(table)
             img.file.pwrite(tb + bytes(tclusters * cs - len(tb)), toff)
             flags = bm.disk_entry[2] & ~fmt.BME_FLAG_IN_USE
             flags = (flags | fmt.BME_FLAG_AUTO) if bm.enabled else (flags & ~fmt.BME_FLAG_AUTO)

@@ -43,7 +43,7 @@ import struct
 from typing import Callable, Optional
 
 from . import format as fmt
-from .entries import be_array
+from .entries import be_array, compressed_descriptor
 from .errors import QcowError
 from .format import div_round_up
 
@@ -272,9 +272,7 @@ class Checker:
                 if bm:
                     self.corruption(f"compressed extended L2 entry {idx} in table 0x{l2_off:x} has a subcluster bitmap")
                     continue
-                x = 62 - (self.cb - 8)
-                off = e & ((1 << x) - 1)
-                nsec = ((e >> x) & ((1 << (self.cb - 8)) - 1)) + 1
+                off, nsec = compressed_descriptor(e, self.cb)
                 self.ref(off, nsec * 512 - (off & 511), "compressed cluster")
                 if active:
                     res.allocated_clusters += 1

@@ -112,6 +112,18 @@ HeaderV3Tail = cs.Struct(
     "refcount_order" / cs.Int32ub,
     "header_length" / cs.Int32ub,
 )
+def _field_offsets(struct: cs.Struct, base: int = 0) -> dict:
+    """Byte offset of every field of a fixed-size construct Struct."""
+    out, pos = {}, base
+    for sc in struct.subcons:
+        out[sc.name] = pos
+        pos += sc.sizeof()
+    return out
+
+
+#: byte offset of each header field, for updating one field in place (named, never bare numbers)
+HEADER_FIELD_OFFSETS = {**_field_offsets(HeaderV2), **_field_offsets(HeaderV3Tail, V2_HEADER_LENGTH)}
+
 ExtensionHeader = cs.Struct("magic" / cs.Int32ub, "length" / cs.Int32ub)
 # Feature name table entry (qcow2.txt "Feature name table"): 48 bytes.
 FeatureNameEntry = cs.Struct("type" / cs.Int8ub, "bit" / cs.Int8ub, "name" / cs.Bytes(46))

@@ -41,7 +41,7 @@ from .write_path import WritePath
 log = logging.getLogger(__name__)
 
 MAX_BACKING_DEPTH = 64
-HEADER_INCOMPATIBLE_FEATURES = 72  # byte offset of incompatible_features (qcow2.txt header)
+HEADER_INCOMPATIBLE_FEATURES = fmt.HEADER_FIELD_OFFSETS["incompatible_features"]
 
 # check.py decoded tables with this name before entries.py existed
 _be_array = be_array
@@ -240,7 +240,12 @@ class Qcow2Image(WritePath):
         if self.read_only:
             return
         if self.metadata_dirty or self.refcounts.dirty or self.pending_frees:
-            self.flush_metadata()
+            try:
+                self.flush_metadata()
+            except CorruptImage as e:
+                # as during a write: corrupt bit, one log line, read-only from now on
+                self.mark_corrupt(e.message)
+                raise
         else:
             self.data_file.flush()
             if self.data_file is not self.file:

@@ -20,8 +20,9 @@ import sys
 from array import array
 from typing import Any
 
+from .entries import be_array, to_be
 from .errors import CorruptImage, RefcountOverflow, TableLimit
-from .format import REFT_RESERVED_MASK, div_round_up
+from .format import HEADER_FIELD_OFFSETS, REFT_RESERVED_MASK, div_round_up
 from .hostfile import HostFile
 
 _LITTLE = sys.byteorder == "little"
@@ -144,10 +145,7 @@ class Refcounts:
         raw = self.file.pread(n * 8, h.refcount_table_offset)
         if len(raw) < n * 8:
             raise CorruptImage("refcount table lies past the end of the file", self.file.path)
-        table = array("Q", raw)
-        if _LITTLE:
-            table.byteswap()
-        self.table = table
+        self.table = be_array(raw)
 
     def block_offset(self, bi: int) -> int:
         if bi >= len(self.table):
@@ -376,15 +374,14 @@ class Refcounts:
         for j, blk in enumerate(new_blocks.values()):
             self.file.pwrite(blk.to_bytes(), (area + j) * cs)
         table_offset = (area + nblocks) * cs
-        out = array("Q", new_table)
-        if _LITTLE:
-            out.byteswap()
-        self.file.pwrite(out.tobytes(), table_offset)
+        self.file.pwrite(to_be(new_table), table_offset)
         self.file.flush()
         old_offset = self.header.refcount_table_offset
         old_clusters = self.header.refcount_table_clusters
         # refcount_table_offset (8 bytes at 48) and refcount_table_clusters (4 at 56) in one write
-        self._write_header_field(48, table_offset.to_bytes(8, "big") + table_clusters.to_bytes(4, "big"))
+        # refcount_table_offset and refcount_table_clusters are adjacent in the header
+        self._write_header_field(HEADER_FIELD_OFFSETS["refcount_table_offset"],
+                                 table_offset.to_bytes(8, "big") + table_clusters.to_bytes(4, "big"))
         self.file.flush()
         self.header.refcount_table_offset = table_offset
         self.header.refcount_table_clusters = table_clusters

@@ -113,3 +113,37 @@ def test_corruption_met_while_writing_turns_the_mount_read_only(tmp_path, mount)
     incompat = struct.unpack_from(">Q", img.read_bytes(), 72)[0]
     assert incompat & 2, "corrupt bit not set"
     assert run(["qemu-io", "-c", "read 0 512", img], check=False).returncode != 0  # QEMU refuses rw too
+
+
+@needs_fuse
+def test_corruption_met_during_fsync_is_handled_like_one_met_while_writing(tmp_path, mount):
+    """The refcount of a data cluster is 0 on disk: overwriting that cluster with zeros frees
+    it at the next fsync, where its refcount would drop below zero. That fsync fails with EIO,
+    sets the corrupt bit, logs it and turns the mount read-only, exactly like a write does."""
+    img = make(tmp_path)
+    qemu_io(img, "write -P 7 0 64k")
+    raw = img.read_bytes()
+    l1 = struct.unpack_from(">Q", raw, 40)[0]
+    l2 = struct.unpack_from(">Q", raw, l1)[0] & 0x00FFFFFFFFFFFE00
+    data = struct.unpack_from(">Q", raw, l2)[0] & 0x00FFFFFFFFFFFE00
+    reftable = struct.unpack_from(">Q", raw, 48)[0]
+    block = struct.unpack_from(">Q", raw, reftable)[0]
+    with open(img, "r+b") as f:  # 16-bit refcounts, 64 KiB clusters: the first block covers it
+        f.seek(block + 2 * (data // 65536))
+        f.write(b"\0\0")
+    m = mount(img)
+    fd = os.open(m.disk, os.O_RDWR)
+    try:
+        os.pwrite(fd, bytes(65536), 0)  # a whole cluster of zeros: becomes a zero cluster, frees data
+        with pytest.raises(OSError) as e:
+            os.fsync(fd)
+        assert e.value.errno == errno.EIO
+        with pytest.raises(OSError) as e:
+            os.pwrite(fd, b"b" * 512, 4 * MiB)
+        assert e.value.errno == errno.EROFS
+    finally:
+        os.close(fd)
+    assert m.unmount() == 0
+    log = m.log_text()
+    assert "marking image corrupt and switching to read-only" in log and "drop below zero" in log, log
+    assert struct.unpack_from(">Q", img.read_bytes(), 72)[0] & 2, "corrupt bit not set"
