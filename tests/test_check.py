@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
 from pathlib import Path
 
 import pytest
 
-from conftest import QCOWFS, qemu_check, qemu_img, qemu_io, run
+from support.mounts import QCOWFS
+from support.oracles import qemu_check, qemu_img, qemu_io, run
+from support.probes import (BITMAPS_MAGIC, bitmap_directory, find_extension, first_l2_entry, read_u64, set_refcount,
+                            write_u64)
 
 MiB = 1 << 20
 
@@ -18,49 +20,6 @@ def qcowfs_check(image, *extra) -> tuple:
     p = run([*QCOWFS, "check", "--json", *extra, image], check=False)
     assert "Traceback" not in p.stderr + p.stdout, p.stderr
     return p.returncode, (json.loads(p.stdout) if p.stdout.strip() else {})
-
-
-def header(image) -> dict:
-    raw = Path(image).read_bytes()[:112]
-    return {
-        "l1_offset": struct.unpack_from(">Q", raw, 40)[0],
-        "rt_offset": struct.unpack_from(">Q", raw, 48)[0],
-        "cluster_bits": struct.unpack_from(">I", raw, 20)[0],
-    }
-
-
-def read_u64(image, off) -> int:
-    with open(image, "rb") as f:
-        f.seek(off)
-        return struct.unpack(">Q", f.read(8))[0]
-
-
-def write_u64(image, off, value) -> None:
-    with open(image, "r+b") as f:
-        f.seek(off)
-        f.write(struct.pack(">Q", value))
-
-
-def refcount_entry_offset(image, cluster) -> int:
-    """File offset of a cluster's 16-bit refcount (default refcount width)."""
-    h = header(image)
-    cs = 1 << h["cluster_bits"]
-    epb = cs // 2
-    block = read_u64(image, h["rt_offset"] + 8 * (cluster // epb))
-    return block + 2 * (cluster % epb)
-
-
-def first_l2_entry(image) -> tuple:
-    """(file offset of L2 entry 0 of L1 entry 0, its value)."""
-    h = header(image)
-    l2 = read_u64(image, h["l1_offset"]) & 0x00FFFFFFFFFFFE00
-    return l2, read_u64(image, l2)
-
-
-def set_refcount(image, cluster, value) -> None:
-    with open(image, "r+b") as f:
-        f.seek(refcount_entry_offset(image, cluster))
-        f.write(struct.pack(">H", value))
 
 
 def make(tmp_path: Path, name="img.qcow2") -> Path:
@@ -153,15 +112,8 @@ def test_invalid_bitmap_table_entry_is_a_corruption(tmp_path):
     qemu_io(img, "write 0 64k")
     raw = img.read_bytes()
     # find the bitmaps extension, then the directory, then the table
-    pos = 112
-    while True:
-        magic, length = struct.unpack_from(">II", raw, pos)
-        if magic == 0x23852875:
-            dir_off = struct.unpack_from(">Q", raw, pos + 8 + 16)[0]
-            break
-        assert magic != 0, "no bitmaps extension"
-        pos += 8 + (length + 7) // 8 * 8
-    table_off = struct.unpack_from(">Q", raw, dir_off)[0]
+    assert find_extension(raw, BITMAPS_MAGIC), "no bitmaps extension"
+    table_off = bitmap_directory(raw)[0]["table_offset"]
     write_u64(img, table_off, read_u64(img, table_off) | 0x2)  # reserved bit
     q = qemu_check(img)
     rc, res = qcowfs_check(img)

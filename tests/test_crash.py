@@ -29,7 +29,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import needs_fuse, qemu_check, qemu_img, qemu_info, qemu_io
+from conftest import needs_fuse
+from support.oracles import qemu_check, qemu_img, qemu_info, qemu_io
 
 KiB = 1 << 10
 MiB = 1 << 20

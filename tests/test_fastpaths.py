@@ -20,7 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Mount, assert_clean, needs_fuse, qemu_img, qemu_io, wait_for
+from conftest import needs_fuse
+from support.mounts import Mount
+from support.oracles import assert_clean, qemu_img, qemu_io
+from support.proc import wait_for
 from qcowfs.hostfile import HostFile
 from qcowfs.image import Qcow2Image
 

@@ -39,7 +39,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_clean, needs_fuse, qemu_img, qemu_info, qemu_io, run, sha256
+from conftest import needs_fuse, sha256
+from support.oracles import assert_clean, qemu_img, qemu_info, qemu_io, qemu_map, run
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -111,7 +112,7 @@ def std_writes(d: Path, c: int, v: int) -> list:
 def map_kinds(image: Path) -> set:
     """Kinds of clusters of the top layer, from qemu-img map."""
     kinds = set()
-    for e in json.loads(qemu_img("map", "--output=json", image).stdout):
+    for e in qemu_map(image):
         if e["depth"] != 0 or not e["present"]:
             kinds.add("unallocated")
         elif e["data"]:
