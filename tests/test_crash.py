@@ -137,6 +137,7 @@ def assert_durable(got: bytes, expected: bytearray, uncertain: list, ops: list, 
 
 
 @needs_fuse
+@pytest.mark.slow
 @pytest.mark.parametrize("layout,k", CASES, ids=[f"{l}-{k}" for l, k in CASES])
 def test_kill_during_write_storm(layout, k, mount, tmp_path):
     vsize, opts, snapshot = LAYOUTS[layout]

@@ -225,6 +225,7 @@ def vm_hwm_kib(pid: int) -> int:
 
 
 @needs_fuse
+@pytest.mark.slow
 def test_one_tib_fully_allocated_read_stays_under_150_mib(tmp_path, mount):
     """Issue 6's memory target: every one of the 2048 L2 tables of a 1 TiB image read (through
     4096 reads spread over the disk); the L2 cache is bounded, so the daemon stays small."""

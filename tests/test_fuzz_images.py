@@ -456,6 +456,7 @@ _runs: dict = {}
 
 
 # room for shrinking a failure (Hypothesis gives up after 5 minutes), at up to a few seconds per try
+@pytest.mark.slow
 @pytest.mark.timeout(int(TIME_BUDGET) + 900 if TIME_BUDGET else max(900, 20 * EXAMPLES))
 @pytest.mark.parametrize("base", sorted(BUILDERS))
 @SETTINGS

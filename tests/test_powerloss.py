@@ -66,6 +66,7 @@ def summary(request):
     yield s
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("wl", WORKLOADS, ids=[w.name for w in WORKLOADS])
 def test_crash_states(wl, tmp_path, summary, record_property):
     ex = pl.explore_workload(wl, str(tmp_path / "powerloss"), jobs=JOBS, scale=SCALE)
@@ -127,6 +128,7 @@ def test_recording_covers_all_io(tmp_path):
     assert {"open", "opened", "gw", "gf", "close", "closed"} <= kinds
 
 
+@pytest.mark.slow
 def test_total_crash_states(summary):
     """Runs last: prints the total and, when every workload ran, requires several thousand states."""
     line = summary.total_line()

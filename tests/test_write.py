@@ -245,8 +245,12 @@ SIMPLE = {
 }
 
 
+#: the layouts scripts/test --quick writes to (the others are marked slow)
+QUICK_SIMPLE = ("v3-64k", "v2", "rc1")
+
+
 @needs_fuse
-@pytest.mark.parametrize("layout", list(SIMPLE))
+@pytest.mark.parametrize("layout", [x if x in QUICK_SIMPLE else pytest.param(x, marks=pytest.mark.slow) for x in SIMPLE])
 def test_random_writes(layout, mount, tmp_path):
     vsize, opts = SIMPLE[layout]
     img = create(tmp_path / "img.qcow2", vsize, *opts)
@@ -260,6 +264,7 @@ def test_random_writes(layout, mount, tmp_path):
 
 
 @needs_fuse
+@pytest.mark.slow
 def test_refcount_table_growth(mount, tmp_path):
     """512 B clusters, 1-bit refcounts: one refcount block covers 2 MiB of host space and the
     initial one-cluster refcount table 128 MiB; > 140 MiB of data must create refcount blocks
