@@ -20,7 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import QCOWFS, assert_clean, needs_fuse, qemu_img, qemu_info, qemu_io, run, wait_for
+from conftest import needs_fuse
+from support.mounts import QCOWFS, detach, is_mounted
+from support.oracles import assert_clean, qemu_img, qemu_info, qemu_io, run
+from support.proc import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 NOBODY = 65534
@@ -42,8 +45,8 @@ def public_dir():
     d.chmod(0o755)
     yield d
     for p in d.iterdir():
-        if os.path.ismount(p):
-            run(["fusermount3", "-u", "-z", p], check=False)
+        if is_mounted(p):
+            detach(p, lazy_only=True)
     shutil.rmtree(d, ignore_errors=True)
 
 

@@ -13,16 +13,14 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
 import pytest
 
-from conftest import assert_clean, needs_fuse, qemu_check, qemu_img, qemu_info, qemu_io, run, sha256, wait_for
+from conftest import needs_fuse, sha256
+from support.oracles import assert_clean, dirty_extents, qemu_bitmaps, qemu_check, qemu_img, qemu_info, qemu_io, run
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -45,12 +43,6 @@ def add_qemu_bitmap(image: Path, name: str, granularity: int | None = None, disa
     if disabled:
         args.append("--disable")
     qemu_img(*args, image, name)
-
-
-def qemu_bitmaps(image: Path) -> dict:
-    """name -> {granularity, flags} as `qemu-img info -U` reports them."""
-    data = qemu_info(image)["format-specific"]["data"]
-    return {b["name"]: b for b in data.get("bitmaps", [])}
 
 
 def expected_extents(ranges, granularity: int, size: int) -> list:
@@ -183,54 +175,9 @@ def errno_of(fn) -> int:
 
 @pytest.fixture
 def qemu_dirty():
-    """qemu_dirty(image, name) -> [(offset, length)] of dirty extents as QEMU serves them over NBD."""
-    procs: list = []
-    dirs: list = []
-
-    def get(image: Path, name: str) -> list:
-        d = tempfile.mkdtemp(prefix="qnbd", dir="/tmp")  # short: unix socket paths are limited to 108 bytes
-        dirs.append(d)
-        sock = os.path.join(d, "s")
-        p = subprocess.Popen(["qemu-nbd", "-r", "-t", "-f", "qcow2", "-B", name, "-k", sock, str(image)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        procs.append(p)
-        try:
-            wait_for(lambda: os.path.exists(sock) or p.poll() is not None, what=f"qemu-nbd socket {sock}")
-            if p.poll() is not None:
-                out, err = p.communicate()
-                raise AssertionError(f"qemu-nbd -B {name} {image} exited {p.returncode}: {err.strip()} {out.strip()}")
-            result: dict = {}
-
-            def attempt() -> bool:
-                r = run(["nbdinfo", "--json", f"--map=qemu:dirty-bitmap:{name}", f"nbd+unix:///?socket={sock}"],
-                        check=False)
-                result["r"] = r
-                return r.returncode == 0 or p.poll() is not None
-
-            wait_for(attempt, timeout=20, what="nbdinfo --map")
-            r = result["r"]
-            assert r.returncode == 0, f"nbdinfo failed: {r.stderr}"
-            extents = json.loads(r.stdout)
-        finally:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-        out: list = []
-        for e in extents:
-            if e["type"] & 1:
-                if out and out[-1][0] + out[-1][1] == e["offset"]:
-                    out[-1] = (out[-1][0], out[-1][1] + e["length"])
-                else:
-                    out.append((e["offset"], e["length"]))
-        return out
-
-    yield get
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    for d in dirs:
-        shutil.rmtree(d, ignore_errors=True)
+    """qemu_dirty(image, name) -> [(offset, length)] of dirty extents as QEMU serves them over NBD
+    (qemu-nbd -B NAME read with nbdinfo --map: support.oracles.dirty_extents)."""
+    return dirty_extents
 
 
 # ---------------------------------------------------------------------------- the written ranges

@@ -5,13 +5,15 @@ from __future__ import annotations
 import errno
 import os
 import signal
-import struct
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import QCOWFS, Mount, assert_clean, needs_fuse, qemu_img, qemu_info, qemu_io, run, wait_for
+from conftest import needs_fuse
+from support.mounts import QCOWFS, Mount
+from support.oracles import assert_clean, qemu_img, qemu_info, qemu_io, run
+from support.probes import COPIED, header, l2_entry_offset, write_u64
+from support.proc import wait_for
 
 MiB = 1 << 20
 
@@ -90,12 +92,7 @@ def test_corruption_met_while_writing_turns_the_mount_read_only(tmp_path, mount)
     img = make(tmp_path)
     qemu_io(img, "write -P 7 0 64k")
     # point the L2 table's entry for guest cluster 1 at an unaligned offset: corrupt metadata
-    raw = img.read_bytes()
-    l1 = struct.unpack_from(">Q", raw, 40)[0]
-    l2 = struct.unpack_from(">Q", raw, l1)[0] & 0x00FFFFFFFFFFFE00
-    with open(img, "r+b") as f:
-        f.seek(l2 + 8)
-        f.write(struct.pack(">Q", (1 << 63) | 0x30200))
+    write_u64(img, l2_entry_offset(img.read_bytes(), 1), COPIED | 0x30200)
     m = mount(img)
     fd = os.open(m.disk, os.O_RDWR)
     try:
@@ -110,7 +107,7 @@ def test_corruption_met_while_writing_turns_the_mount_read_only(tmp_path, mount)
         os.close(fd)
     assert m.unmount() == 0
     assert "marking image corrupt" in m.log_text()
-    incompat = struct.unpack_from(">Q", img.read_bytes(), 72)[0]
+    incompat = header(img)["incompat"]
     assert incompat & 2, "corrupt bit not set"
     assert run(["qemu-io", "-c", "read 0 512", img], check=False).returncode != 0  # QEMU refuses rw too
 

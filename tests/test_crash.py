@@ -29,7 +29,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import needs_fuse, qemu_check, qemu_img, qemu_info, qemu_io
+from conftest import needs_fuse
+from support.oracles import qemu_check, qemu_img, qemu_info, qemu_io
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -136,6 +137,7 @@ def assert_durable(got: bytes, expected: bytearray, uncertain: list, ops: list, 
 
 
 @needs_fuse
+@pytest.mark.slow
 @pytest.mark.parametrize("layout,k", CASES, ids=[f"{l}-{k}" for l, k in CASES])
 def test_kill_during_write_storm(layout, k, mount, tmp_path):
     vsize, opts, snapshot = LAYOUTS[layout]

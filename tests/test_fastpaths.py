@@ -20,7 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Mount, assert_clean, needs_fuse, qemu_img, qemu_io, wait_for
+from conftest import needs_fuse
+from support.mounts import Mount
+from support.oracles import assert_clean, qemu_img, qemu_io
+from support.proc import wait_for
 from qcowfs.hostfile import HostFile
 from qcowfs.image import Qcow2Image
 
@@ -222,6 +225,7 @@ def vm_hwm_kib(pid: int) -> int:
 
 
 @needs_fuse
+@pytest.mark.slow
 def test_one_tib_fully_allocated_read_stays_under_150_mib(tmp_path, mount):
     """Issue 6's memory target: every one of the 2048 L2 tables of a 1 TiB image read (through
     4096 reads spread over the disk); the L2 cache is bounded, so the daemon stays small."""

@@ -18,7 +18,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from conftest import qemu_img, qemu_io
+from support.oracles import qemu_img, qemu_io
+from support.probes import BITMAPS_MAGIC, OFFSET_MASK, u32, u64
 
 try:
     import qcowfs  # noqa: F401
@@ -81,14 +82,6 @@ def images(tmp_path_factory):
     return out
 
 
-def _u32(data: bytes, off: int) -> int:
-    return struct.unpack_from(">I", data, off)[0] if off + 4 <= len(data) else 0
-
-
-def _u64(data: bytes, off: int) -> int:
-    return struct.unpack_from(">Q", data, off)[0] if off + 8 <= len(data) else 0
-
-
 class Blobs(dict):
     """name -> bytes, with a short repr (Hypothesis prints fixture values on failure)."""
 
@@ -99,17 +92,17 @@ class Blobs(dict):
 def regions(data: bytes) -> list:
     """[start, end) byte ranges of the metadata of a valid image: header and extensions, L1, refcount
     table, refcount blocks, L2 tables; plus the whole file."""
-    cb = _u32(data, 20)
+    cb = u32(data, 20)
     cs = 1 << cb
-    version = _u32(data, 4)
-    hl = _u32(data, 100) if version >= 3 else 72
+    version = u32(data, 4)
+    hl = u32(data, 100) if version >= 3 else 72
     out = [(0, min(cs, len(data), 1024)), (0, hl), (0, len(data))]
-    l1_size, l1_off = _u32(data, 36), _u64(data, 40)
+    l1_size, l1_off = u32(data, 36), u64(data, 40)
     out.append((l1_off, l1_off + l1_size * 8))
-    rt_off, rt_clusters = _u64(data, 48), _u32(data, 56)
+    rt_off, rt_clusters = u64(data, 48), u32(data, 56)
     rt_entries = []
     for i in range(min(rt_clusters * cs, max(0, len(data) - rt_off)) // 8):
-        e = _u64(data, rt_off + 8 * i)
+        e = u64(data, rt_off + 8 * i)
         if e:
             rt_entries.append((i, e & ~0x1FF))
     used = max((i for i, _ in rt_entries), default=0) + 1
@@ -118,7 +111,7 @@ def regions(data: bytes) -> list:
     for _, blk in rt_entries:
         out.append((blk, blk + min(cs, 512)))
     for i in range(min(l1_size, max(0, len(data) - l1_off) // 8)):
-        e = _u64(data, l1_off + 8 * i) & 0x00FFFFFFFFFFFE00
+        e = u64(data, l1_off + 8 * i) & OFFSET_MASK
         if e:
             out.append((e, e + cs))
     # the bitmap directory, if any (found from the bitmaps extension)
@@ -127,8 +120,8 @@ def regions(data: bytes) -> list:
         magic, length = struct.unpack_from(">II", data, off)
         if magic == 0:
             break
-        if magic == 0x23852875 and length == 24:
-            dsize, doff = _u64(data, off + 16), _u64(data, off + 24)
+        if magic == BITMAPS_MAGIC and length == 24:
+            dsize, doff = u64(data, off + 16), u64(data, off + 24)
             out.append((doff, doff + dsize))
         off += 8 + (length + 7) // 8 * 8
     return [(a, min(b, len(data))) for a, b in out if a < min(b, len(data))]
@@ -140,7 +133,7 @@ def mutations_for(data: bytes):
     regs = regions(data)
     position = st.sampled_from(regs).flatmap(lambda r: st.integers(r[0], r[1] - 1))
     byte_mut = st.tuples(position, st.integers(0, 255)).map(lambda t: ("byte", t[0], t[1]))
-    cs = 1 << _u32(data, 20)
+    cs = 1 << u32(data, 20)
     word_value = st.one_of(
         st.sampled_from([0, 1, 1 << 63, 1 << 62, (1 << 64) - 1, 0x00FFFFFFFFFFFE00, len(data), len(data) + cs]),
         st.integers(0, (1 << 64) - 1),
@@ -406,7 +399,7 @@ def test_open_every_header_field_boundary(image_bytes, work_dir, name, caplog):
     crash found here does not depend on a random seed."""
     caplog.set_level(logging.CRITICAL, logger="qcowfs")  # hundreds of expected "corrupt entry" log lines
     original = image_bytes[name]
-    cs = 1 << _u32(original, 20)
+    cs = 1 << u32(original, 20)
     path = work_dir / f"fields-{name}.qcow2"
     path.write_bytes(original)
     failures = []
@@ -442,29 +435,29 @@ def test_open_every_header_field_boundary(image_bytes, work_dir, name, caplog):
 def table_entry_positions(data: bytes) -> list:
     """Byte offsets of 8-byte entries worth corrupting: used L1 entries and the one after them, the first
     used entries of each L2 table, used refcount table entries, the first refcount block entries."""
-    cb = _u32(data, 20)
+    cb = u32(data, 20)
     cs = 1 << cb
-    extended = _u32(data, 4) >= 3 and _u64(data, 72) & (1 << 4)
+    extended = u32(data, 4) >= 3 and u64(data, 72) & (1 << 4)
     step = 16 if extended else 8
-    l1_size, l1_off = _u32(data, 36), _u64(data, 40)
+    l1_size, l1_off = u32(data, 36), u64(data, 40)
     out = []
     l2_tables = []
     for i in range(l1_size):
-        e = _u64(data, l1_off + 8 * i)
+        e = u64(data, l1_off + 8 * i)
         if e:
             out.append(l1_off + 8 * i)
             l2_tables.append(e & 0x00FFFFFFFFFFFE00)
-        elif i and _u64(data, l1_off + 8 * (i - 1)):
+        elif i and u64(data, l1_off + 8 * (i - 1)):
             out.append(l1_off + 8 * i)
     for t in l2_tables:
-        used = [t + j for j in range(0, cs, step) if _u64(data, t + j) or (extended and _u64(data, t + j + 8))]
+        used = [t + j for j in range(0, cs, step) if u64(data, t + j) or (extended and u64(data, t + j + 8))]
         for pos in used[:6] + used[-2:]:
             out.append(pos)
             if extended:
                 out.append(pos + 8)  # the subcluster bitmap word
-    rt_off, rt_clusters = _u64(data, 48), _u32(data, 56)
+    rt_off, rt_clusters = u64(data, 48), u32(data, 56)
     for i in range(rt_clusters * cs // 8):
-        e = _u64(data, rt_off + 8 * i)
+        e = u64(data, rt_off + 8 * i)
         if e:
             out.append(rt_off + 8 * i)
             out.extend(range(e & ~0x1FF, (e & ~0x1FF) + 16, 8))
@@ -472,7 +465,7 @@ def table_entry_positions(data: bytes) -> list:
 
 
 def entry_values(data: bytes, original_entry: int) -> list:
-    cs = 1 << _u32(data, 20)
+    cs = 1 << u32(data, 20)
     off = original_entry & 0x00FFFFFFFFFFFE00
     size = len(data)
     return sorted({
@@ -499,7 +492,7 @@ def test_open_every_table_entry_boundary(image_bytes, work_dir, name, caplog):
     failures = []
     with open(path, "r+b", buffering=0) as f:
         for pos in positions:
-            for v in entry_values(original, _u64(original, pos)):
+            for v in entry_values(original, u64(original, pos)):
                 f.seek(pos)
                 f.write(v.to_bytes(8, "big"))
                 stamp = os.stat(path)

@@ -44,7 +44,10 @@ import pytest
 from hypothesis import HealthCheck, Phase, event, given, note, settings
 from hypothesis import strategies as st
 
-from conftest import needs_fuse, qemu_img, qemu_io
+from conftest import needs_fuse
+from support.mounts import Mount, detach
+from support.oracles import qemu_img, qemu_io
+from support.probes import OFFSET_MASK, all_metadata_offsets, metadata_regions, refcounts_past_eof, u32, u64
 
 ROOT = Path(__file__).resolve().parents[1]
 QCOWFS = [sys.executable, "-m", "qcowfs"]
@@ -59,9 +62,6 @@ FULL_READ_LIMIT = 64 << 20  # read every chunk of disks up to this size, sample 
 MOUNT_TIMEOUT = 30.0
 IO_TIMEOUT = 60.0
 CHECK_TIMEOUT = 120.0
-
-OFFSET_MASK = 0x00FFFFFFFFFFFE00
-BITMAPS_EXT = 0x23852875
 
 pytestmark = needs_fuse
 
@@ -135,139 +135,8 @@ def bases(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- metadata map
-
-def _u16(b: bytes, o: int) -> int:
-    return struct.unpack_from(">H", b, o)[0] if 0 <= o and o + 2 <= len(b) else 0
-
-
-def _u32(b: bytes, o: int) -> int:
-    return struct.unpack_from(">I", b, o)[0] if 0 <= o and o + 4 <= len(b) else 0
-
-
-def _u64(b: bytes, o: int) -> int:
-    return struct.unpack_from(">Q", b, o)[0] if 0 <= o and o + 8 <= len(b) else 0
-
-
-def metadata_regions(data: bytes) -> dict:
-    """region name -> sorted list of [start, end) byte ranges inside the file, read from the header
-    of a valid image without any help from qcowfs."""
-    n = len(data)
-    version = _u32(data, 4)
-    cb = _u32(data, 20)
-    cs = 1 << cb
-    hl = _u32(data, 100) if version >= 3 else 72
-    l2_entry = 16 if version >= 3 and _u64(data, 72) & (1 << 4) else 8
-    regs: dict = {k: [] for k in ("header", "extensions", "l1", "l2", "l2_entries", "refcount_table", "refcount_block",
-                                  "snapshot_table", "snapshot_l1", "bitmap_directory", "bitmap_table",
-                                  "bitmap_data")}
-    regs["header"].append((0, hl))
-
-    # header extensions, up to and including the end marker
-    off = hl
-    bitmaps_ext = None
-    while off + 8 <= min(cs, n):
-        magic, length = struct.unpack_from(">II", data, off)
-        if magic == 0:
-            off += 8
-            break
-        if magic == BITMAPS_EXT and length >= 24:
-            bitmaps_ext = (_u32(data, off + 8), _u64(data, off + 16), _u64(data, off + 24))
-        off += 8 + (length + 7) // 8 * 8
-    regs["extensions"].append((hl, off))
-
-    def l1_and_l2(l1_off, l1_size, l1_name):
-        regs[l1_name].append((l1_off, l1_off + 8 * l1_size))
-        for i in range(l1_size):
-            e = _u64(data, l1_off + 8 * i) & OFFSET_MASK
-            if e and (e, e + cs) not in regs["l2"]:
-                regs["l2"].append((e, e + cs))
-                for j in range(0, cs, l2_entry):  # the entries in use, so that mutations hit them often
-                    if any(data[e + j:e + j + l2_entry]):
-                        regs["l2_entries"].append((e + j, e + j + l2_entry))
-
-    l1_and_l2(_u64(data, 40), _u32(data, 36), "l1")
-
-    # refcount table (the used part) and refcount blocks (the part covering the file)
-    refcount_order = _u32(data, 96) if version >= 3 else 4
-    rt_off, rt_clusters = _u64(data, 48), _u32(data, 56)
-    used = 0
-    per_block = cs * 8 >> refcount_order  # clusters one refcount block covers
-    file_clusters = -(-n // cs)
-    for i in range(rt_clusters * cs // 8):
-        e = _u64(data, rt_off + 8 * i) & ~0x1FF
-        if e:
-            used = i + 1
-            covered = min(per_block, max(1, file_clusters - i * per_block))
-            nbytes = -(-(covered << refcount_order) // 8)
-            regs["refcount_block"].append((e, e + -(-nbytes // 8) * 8))
-    regs["refcount_table"].append((rt_off, rt_off + max(64, 8 * used)))
-
-    # snapshot table and the snapshots' L1 (and L2) tables
-    nb_snap, snap_off = _u32(data, 60), _u64(data, 64)
-    o = snap_off
-    for _ in range(nb_snap):
-        s_l1_off, s_l1_size = _u64(data, o), _u32(data, o + 8)
-        id_len, name_len = _u16(data, o + 12), _u16(data, o + 14)
-        extra = _u32(data, o + 36)
-        l1_and_l2(s_l1_off, s_l1_size, "snapshot_l1")
-        o += 40 + extra + id_len + name_len
-        o = (o + 7) // 8 * 8
-    if nb_snap:
-        regs["snapshot_table"].append((snap_off, o))
-
-    # bitmap directory, tables and data clusters
-    if bitmaps_ext is not None:
-        nb, dsize, doff = bitmaps_ext
-        regs["bitmap_directory"].append((doff, doff + dsize))
-        o = doff
-        for _ in range(nb):
-            t_off, t_size = _u64(data, o), _u32(data, o + 8)
-            name_size, extra = _u16(data, o + 18), _u32(data, o + 20)
-            regs["bitmap_table"].append((t_off, t_off + 8 * t_size))
-            for j in range(t_size):
-                e = _u64(data, t_off + 8 * j) & OFFSET_MASK
-                if e > 1:
-                    regs["bitmap_data"].append((e, e + cs))
-            o += 24 + extra + name_size
-            o = (o + 7) // 8 * 8
-
-    out = {}
-    for k, rs in regs.items():
-        clipped = sorted({(a, min(b, n)) for a, b in rs if 0 <= a < min(b, n)})
-        if clipped:
-            out[k] = clipped
-    return out
-
-
-def refcounts_past_eof(data: bytes) -> bool:
-    """Does a refcount block give a non-zero refcount to a cluster past the end of the file? qemu-img
-    check does not look there, but such a cluster becomes a leak as soon as the file grows over it."""
-    version = _u32(data, 4)
-    cluster_bits = _u32(data, 20)
-    order = _u32(data, 96) if version >= 3 else 4
-    if not 9 <= cluster_bits <= 21 or order > 6:
-        return False  # an image qcowfs refuses anyway (and 1 << 4e9 would eat the machine)
-    cs = 1 << cluster_bits
-    bits = 1 << order
-    per_block = cs * 8 // bits
-    file_clusters = -(-len(data) // cs)
-    rt_off, rt_clusters = _u64(data, 48), _u32(data, 56)
-    for i in range(min(rt_clusters * cs, max(0, len(data) - rt_off)) // 8):
-        if (i + 1) * per_block <= file_clusters:
-            continue  # this block only covers clusters inside the file
-        blk = _u64(data, rt_off + 8 * i) & ~0x1FF
-        if not blk or blk + cs > len(data):
-            continue
-        # entries for clusters at or past the end of the file; a partly covered first byte
-        # (sub-byte widths) counts too, which errs on the side of "there is one"
-        k0 = max(0, file_clusters - i * per_block)
-        if any(data[blk + k0 * bits // 8: blk + cs]):
-            return True
-    return False
-
-
-def _all_metadata_offsets(regs: dict) -> list:
-    return sorted({a for rs in regs.values() for a, _ in rs if a})
+# support.probes.metadata_regions(data) locates every kind of metadata from the header alone;
+# refcounts_past_eof(data) tells whether a refcount block counts clusters past the end of the file.
 
 
 # ----------------------------------------------------------------------------- mutations
@@ -283,7 +152,7 @@ def mutation(draw, data: bytes, regs: dict):
     name = draw(st.sampled_from(sorted(regs)))
     start, end = draw(st.sampled_from(regs[name]))
     n = len(data)
-    cs = 1 << _u32(data, 20)
+    cs = 1 << u32(data, 20)
     kind = draw(st.sampled_from(("byte", "bit", "u32", "entry", "entry", "entry")))
     if kind == "byte":
         pos = draw(st.integers(start, end - 1))
@@ -293,7 +162,7 @@ def mutation(draw, data: bytes, regs: dict):
         return (name, "bit", pos, draw(st.integers(0, 7)))
     if kind == "u32" and end - start >= 4:
         pos = start + 4 * draw(st.integers(0, (end - start) // 4 - 1))
-        orig = _u32(data, pos)
+        orig = u32(data, pos)
         value = draw(st.one_of(st.sampled_from(U32_VALUES), st.sampled_from([orig + 1, orig - 1, orig * 2, orig ^ 0x80000000])
                                .map(lambda v: v & 0xFFFFFFFF), st.integers(0, 0xFFFFFFFF)))
         return (name, "u32", pos, value)
@@ -301,7 +170,7 @@ def mutation(draw, data: bytes, regs: dict):
         pos = draw(st.integers(start, end - 1))
         return (name, "byte", pos, draw(st.integers(0, 255)))
     pos = start + 8 * draw(st.integers(0, (end - start) // 8 - 1))
-    orig = _u64(data, pos)
+    orig = u64(data, pos)
     flags = orig & 0xFF00000000000000
     base = orig & OFFSET_MASK
     ek = draw(st.sampled_from(ENTRY_KINDS))
@@ -333,7 +202,7 @@ def mutation(draw, data: bytes, regs: dict):
     elif ek == "reserved_high":
         v = orig | (1 << draw(st.integers(56, 61)))
     elif ek == "other_metadata":
-        v = flags | draw(st.sampled_from(_all_metadata_offsets(regs) or [0]))
+        v = flags | draw(st.sampled_from(all_metadata_offsets(regs) or [0]))
     elif ek == "in_file":
         v = flags | (cs * draw(st.integers(0, max(0, n // cs - 1))))
     elif ek == "int64_max":
@@ -371,120 +240,10 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _dead_mount(path: Path) -> bool:
-    try:
-        os.stat(path)
-        return False
-    except OSError:
-        return True
-
-
-def _detach(mnt: Path) -> None:
-    if os.path.ismount(mnt) or _dead_mount(mnt):
-        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
-    if os.path.ismount(mnt) or _dead_mount(mnt):
-        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
-
-
-class Daemon:
-    """`qcowfs mount --foreground` in a subprocess; always torn down by stop()."""
-
-    def __init__(self, image: Path, mnt: Path, log: Path, read_only: bool):
-        self.image, self.mnt, self.log = image, mnt, log
-        cmd = [*QCOWFS, "mount", "--foreground", "--log", str(log)]
-        if read_only:
-            cmd.append("--read-only")
-        cmd += [str(image), str(mnt)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
-                                     cwd=str(ROOT))
-        self.stdout = self.stderr = ""
-        self.collected = False
-        self.problem = ""
-        deadline = time.monotonic() + MOUNT_TIMEOUT
-        delay = 0.005
-        while not os.path.ismount(mnt) and self.proc.poll() is None:
-            if time.monotonic() > deadline:
-                self.stop(force=True)
-                raise AssertionError(f"qcowfs mount of {image} neither mounted nor exited in {MOUNT_TIMEOUT}s")
-            time.sleep(delay)
-            delay = min(delay * 2, 0.05)
-        self.mounted = os.path.ismount(mnt)
-        if not self.mounted:
-            self._collect()
-
-    def _collect(self, timeout=None) -> None:
-        if self.collected:
-            return
-        out, err = self.proc.communicate(timeout=timeout)
-        self.stdout += out or ""
-        self.stderr += err or ""
-        self.collected = True
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
-    def stop(self, force: bool = False, timeout: float = 60.0) -> int | None:
-        """Unmount (fusermount3 -u, then -u -z) and wait for the daemon; kill it if it does not exit
-        (then self.problem says what was seen)."""
-        umount = None
-        holders = ""
-        if not force and self.proc.poll() is None and os.path.ismount(self.mnt):
-            umount = subprocess.run(["fusermount3", "-u", str(self.mnt)], capture_output=True, text=True)
-            if umount.returncode != 0 and os.path.ismount(self.mnt):
-                holders = _holders(self.mnt)
-                # busy: perhaps a program outside this test looking into the mount; try for a while
-                deadline = time.monotonic() + 20
-                while umount.returncode != 0 and os.path.ismount(self.mnt) and time.monotonic() < deadline:
-                    time.sleep(0.2)
-                    umount = subprocess.run(["fusermount3", "-u", str(self.mnt)], capture_output=True, text=True)
-        try:
-            self._collect(timeout=0.1 if force else timeout)
-        except subprocess.TimeoutExpired:
-            if not force:
-                self.problem = (f"daemon still running {timeout:g}s after fusermount3 -u "
-                                f"(exit {umount.returncode if umount else '-'}: "
-                                f"{umount.stderr.strip() if umount else 'not run'}); still mounted: "
-                                f"{os.path.ismount(self.mnt)}; daemon threads waiting in: {_wchans(self.proc.pid)}; "
-                                f"processes using the mount: {holders or _holders(self.mnt)}")
-            self.proc.kill()
-            self._collect()
-        _detach(self.mnt)
-        return self.proc.returncode
-
-
-def _wchans(pid: int) -> str:
-    out = []
-    try:
-        for task in sorted(os.listdir(f"/proc/{pid}/task")):
-            with open(f"/proc/{pid}/task/{task}/wchan") as f:
-                out.append(f.read().strip() or "?")
-    except OSError:
-        pass
-    return ", ".join(out)
-
-
-def _holders(mnt: Path) -> str:
-    """Processes with a file, cwd or root inside mnt (what makes fusermount3 -u fail with EBUSY)."""
-    prefix = str(mnt) + "/"
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        paths = []
-        try:
-            for name in ("cwd", "root"):
-                paths.append(os.readlink(f"/proc/{pid}/{name}"))
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                paths.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
-        except OSError:
-            pass
-        hits = sorted({p for p in paths if p == str(mnt) or p.startswith(prefix)})
-        if hits:
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-            except OSError:
-                cmd = "?"
-            found.append(f"pid {pid} ({cmd[:120]}): {', '.join(hits)}")
-    return "; ".join(found) or "none found"
+def start_daemon(image: Path, mnt: Path, log: Path, read_only: bool) -> Mount:
+    """`qcowfs mount --foreground` in a subprocess (support.mounts.Mount, refusals allowed: .mounted
+    says); always torn down by stop() (unmount retried while busy, then kill, then lazy detach)."""
+    return Mount(image, mnt, log, read_only=read_only, must_mount=False, timeout=MOUNT_TIMEOUT, env=ENV, cwd=ROOT)
 
 
 def run_qcowfs(*args, timeout=CHECK_TIMEOUT) -> subprocess.CompletedProcess:
@@ -515,7 +274,7 @@ def in_thread(fn, timeout: float, on_timeout):
     return box["result"]
 
 
-def assert_one_line_refusal(d: Daemon, what: str) -> None:
+def assert_one_line_refusal(d: Mount, what: str) -> None:
     assert d.proc.returncode != 0, f"{what}: mount exited 0 without mounting"
     text = d.stderr + d.stdout
     assert "Traceback" not in text, f"{what}: traceback on refusal:\n{text}"
@@ -575,7 +334,7 @@ def check_read_only_mount(image: Path, work: Path) -> list:
     before = _sha(image)
     mnt = work / "mnt-ro"
     mnt.mkdir()
-    d = Daemon(image, mnt, work / "ro.log", read_only=True)
+    d = start_daemon(image, mnt, work / "ro.log", read_only=True)
     try:
         if not d.mounted:
             assert_one_line_refusal(d, "read-only mount")
@@ -665,7 +424,7 @@ def check_read_write_mount(image: Path, work: Path, writes) -> list:
     qemu_consistent = q.returncode in (0, 3)
     mnt = work / "mnt-rw"
     mnt.mkdir()
-    d = Daemon(image, mnt, work / "rw.log", read_only=False)
+    d = start_daemon(image, mnt, work / "rw.log", read_only=False)
     try:
         if not d.mounted:
             assert_one_line_refusal(d, "read-write mount")
@@ -697,6 +456,7 @@ _runs: dict = {}
 
 
 # room for shrinking a failure (Hypothesis gives up after 5 minutes), at up to a few seconds per try
+@pytest.mark.slow
 @pytest.mark.timeout(int(TIME_BUDGET) + 900 if TIME_BUDGET else max(900, 20 * EXAMPLES))
 @pytest.mark.parametrize("base", sorted(BUILDERS))
 @SETTINGS
@@ -752,7 +512,7 @@ def test_damaged_image(bases, base, data):
             raise
     finally:
         for sub in ("mnt-ro", "mnt-rw"):
-            _detach(work / sub)
+            detach(work / sub)
         # never rm -r through a live mount (it would remove bitmaps inside the image)
         if not any(os.path.ismount(work / sub) for sub in ("mnt-ro", "mnt-rw")):
             shutil.rmtree(work, ignore_errors=True)
@@ -771,7 +531,7 @@ def test_metadata_map_finds_every_region(bases):
     for name, data in bases.items():
         regs = metadata_regions(data)
         assert want[name] <= set(regs), f"{name}: missing {want[name] - set(regs)}"
-        cs = 1 << _u32(data, 20)
+        cs = 1 << u32(data, 20)
         for rs in regs.values():
             for a, b in rs:
                 assert 0 <= a < b <= len(data)

@@ -10,7 +10,6 @@ import os
 import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,26 +21,16 @@ except ImportError:  # run from a venv without the project installed: use the wo
 
 from qcowfs.errors import LockError
 from qcowfs.locks import _FLOCK, ImageLock, lock_bytes, probe_conflict
+from support import oracles
+from support.oracles import qemu_img
+from support.proc import wait_for
 
 RW_BYTES = {100, 101, 103, 201, 203}
 RO_BYTES = {100, 201, 203}
 
 
-def run(*cmd, check=True):
-    p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=30)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{cmd} exited {p.returncode}\nstdout: {p.stdout}\nstderr: {p.stderr}")
-    return p
-
-
-def wait_for(predicate, what, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    delay = 0.002
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
+TIMEOUT = 30  # for each QEMU command
+LOCK_WAIT = dict(timeout=10.0, first_delay=0.002, max_delay=0.05)
 
 
 def locked_bytes(path) -> list:
@@ -66,7 +55,7 @@ def byte_set(path) -> set:
 @pytest.fixture
 def image(tmp_path) -> Path:
     img = tmp_path / "a.qcow2"
-    run("qemu-img", "create", "-f", "qcow2", img, "1M")
+    qemu_img("create", "-f", "qcow2", img, "1M", timeout=TIMEOUT)
     return img
 
 
@@ -99,7 +88,7 @@ def start_daemon(cmd, pidfile: Path) -> subprocess.Popen:
             return False
 
     try:
-        wait_for(lambda: p.poll() is not None or ready(), f"{cmd[0]} to start")
+        wait_for(lambda: p.poll() is not None or ready(), what=f"{cmd[0]} to start", **LOCK_WAIT)
     except AssertionError:
         p.kill()
         p.communicate()
@@ -156,18 +145,15 @@ def qemu_nbd_ro(daemons, tmp_path):
 def stop(proc, img):
     proc.kill()
     proc.communicate()
-    wait_for(lambda: probe_conflict(str(img), write=True) is None, "the killed process's locks to go")
+    wait_for(lambda: probe_conflict(str(img), write=True) is None, what="the killed process's locks to go", **LOCK_WAIT)
 
 
 def qemu_img_info(img, force_share=False):
-    return run("qemu-img", "info", *(["-U"] if force_share else []), img, check=False)
+    return qemu_img("info", *(["-U"] if force_share else []), img, check=False, timeout=TIMEOUT)
 
 
 def qemu_io(img, *cmds, read_only=False):
-    args = ["qemu-io", "-f", "qcow2"] + (["-r"] if read_only else [])
-    for c in cmds:
-        args += ["-c", c]
-    return run(*args, img, check=False)
+    return oracles.qemu_io(img, *cmds, read_only=read_only, check=False, timeout=TIMEOUT)
 
 
 def assert_lock_failure(p, text):
@@ -208,7 +194,7 @@ def test_rw_lock_keeps_qemu_out(image, open_fd):
     assert_lock_failure(qemu_io(image, "write 0 512"), 'Failed to get "write" lock')
     # QEMU's own read-only open refuses a writer too
     assert_lock_failure(qemu_io(image, "read 0 512", read_only=True), 'Failed to get shared "write" lock')
-    assert_lock_failure(run("qemu-img", "check", image, check=False), "lock")
+    assert_lock_failure(qemu_img("check", image, check=False, timeout=TIMEOUT), "lock")
 
 
 def test_release_lets_qemu_in(image, open_fd):

@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 import struct
 import subprocess
-import time
 from pathlib import Path
 
-from conftest import QCOWFS, assert_clean, needs_fuse, qemu_img, qemu_info, qemu_io, run, wait_for
+from conftest import needs_fuse
+from support.mounts import QCOWFS
+from support.oracles import assert_clean, dirty_map, qemu_bitmaps, qemu_img, qemu_io, run
+from support.probes import OFF_AUTOCLEAR, OFF_HEADER_LENGTH, extensions, header
+from support.proc import wait_for
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -21,22 +24,9 @@ def qcowfs(*args, check=True):
     return p
 
 
-def qemu_bitmaps(img) -> dict:
-    data = qemu_info(img)["format-specific"]["data"]
-    return {b["name"]: b for b in data.get("bitmaps", [])}
-
-
 def qemu_dirty_extents(img, name, tmp_path) -> list:
-    sock = tmp_path / f"nbd-{name}.sock"
-    proc = subprocess.Popen(["qemu-nbd", "-r", "-t", "-f", "qcow2", "-B", name, "-k", str(sock), str(img)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        wait_for(lambda: sock.exists() or proc.poll() is not None, what="qemu-nbd socket")
-        out = run(["nbdinfo", "--json", f"--map=qemu:dirty-bitmap:{name}", f"nbd+unix:///?socket={sock}"]).stdout
-    finally:
-        proc.terminate()
-        proc.wait()
-    return [(e["offset"], e["length"], e["type"] == 1) for e in json.loads(out)]
+    """Every extent of bitmap NAME as QEMU serves it over NBD: [(offset, length, dirty)]."""
+    return dirty_map(img, name)
 
 
 def test_offline_bitmap_commands_match_qemu(tmp_path):
@@ -106,23 +96,16 @@ def _add_unknowns(img: Path) -> bytes:
     """Give a v3 image an unknown autoclear bit, an unknown header field (header_length 120)
     and an unknown header extension; returns the unknown extension's payload."""
     raw = bytearray(img.read_bytes()[:65536])
-    hl = struct.unpack_from(">I", raw, 100)[0]
+    hl = header(raw)["header_length"]
     assert hl == 112
-    # walk extensions to their end marker
-    pos = hl
-    exts = []
-    while True:
-        magic, length = struct.unpack_from(">II", raw, pos)
-        if magic == 0:
-            break
-        exts.append(bytes(raw[pos: pos + 8 + (length + 7) // 8 * 8]))
-        pos += 8 + (length + 7) // 8 * 8
+    # the extensions up to their end marker
+    exts = [bytes(raw[pos: pos + 8 + (length + 7) // 8 * 8]) for _, pos, length in extensions(raw)]
     payload = b"qcowfs-unknown-extension"
     unknown = struct.pack(">II", 0x7A7A7A7A, len(payload)) + payload
     new = bytearray(raw[:112]) + b"\xAB" * 8  # 8 unknown header bytes
-    struct.pack_into(">I", new, 100, 120)
-    autoclear = struct.unpack_from(">Q", new, 88)[0] | (1 << 5)
-    struct.pack_into(">Q", new, 88, autoclear)
+    struct.pack_into(">I", new, OFF_HEADER_LENGTH, 120)
+    autoclear = header(new)["autoclear"] | (1 << 5)
+    struct.pack_into(">Q", new, OFF_AUTOCLEAR, autoclear)
     for e in exts:
         new += e
     new += unknown + b"\0" * 8
@@ -143,8 +126,8 @@ def test_header_rewrite_keeps_unknowns_and_clears_unknown_autoclear(tmp_path, mo
         f.write(b"x" * 4096)
     assert m.unmount() == 0
     raw = img.read_bytes()[:65536]
-    assert struct.unpack_from(">I", raw, 100)[0] == 120 and raw[112:120] == b"\xAB" * 8
-    assert not struct.unpack_from(">Q", raw, 88)[0] & (1 << 5), "unknown autoclear bit not cleared"
+    assert header(raw)["header_length"] == 120 and raw[112:120] == b"\xAB" * 8
+    assert not header(raw)["autoclear"] & (1 << 5), "unknown autoclear bit not cleared"
     assert payload in raw, "unknown header extension lost"
     assert qemu_bitmaps(img)["b0"]["flags"] == ["auto"]
     assert_clean(img)

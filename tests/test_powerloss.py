@@ -1,10 +1,10 @@
 """Crash consistency under power loss (issue: "Prove crash consistency under power loss").
 
-Every workload runs through Qcow2Image + Disk with a recording HostFile factory; tests/powerloss.py
-then replays the crash states the log allows (the log cut at every flush, subsets of every flush
+Every workload runs through Qcow2Image + Disk with a recording HostFile factory; the tests/powerloss/
+package then replays the crash states the log allows (the log cut at every flush, subsets of every flush
 epoch's writes, torn multi-sector writes) and checks each distinct one with qemu-img check, a
 read-only qcowfs open with the durable guest data compared, bitmap states, and (lazy refcounts)
-both repairs. See tests/powerloss.py for the model.
+both repairs. See tests/powerloss/ for the model.
 
 The number of distinct crash states checked is printed per workload (visible with -s), recorded
 as a test property, written to powerloss-summary.txt in the test's tmp dir, and summed up in the
@@ -22,6 +22,7 @@ import os
 import pytest
 
 import powerloss as pl
+from support.probes import read_header_field
 
 WORKLOADS = pl.workloads()
 SCALE = float(os.environ.get("QCOWFS_POWERLOSS_SCALE", "1.0"))
@@ -65,6 +66,7 @@ def summary(request):
     yield s
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("wl", WORKLOADS, ids=[w.name for w in WORKLOADS])
 def test_crash_states(wl, tmp_path, summary, record_property):
     ex = pl.explore_workload(wl, str(tmp_path / "powerloss"), jobs=JOBS, scale=SCALE)
@@ -83,8 +85,8 @@ def test_reftable_growth_really_grows(tmp_path):
     refcount_table_clusters goes from 1 to at least 3 after the workload."""
     wl = next(w for w in WORKLOADS if w.name.startswith("reftable-growth"))
     rec = pl.record(wl, str(tmp_path / "rec"))
-    before = pl.read_header_field(str(tmp_path / "rec" / "pristine" / "disk.qcow2"), 56, 4)
-    after = pl.read_header_field(str(tmp_path / "rec" / "run" / "disk.qcow2"), 56, 4)
+    before = read_header_field(str(tmp_path / "rec" / "pristine" / "disk.qcow2"), 56, 4)
+    after = read_header_field(str(tmp_path / "rec" / "run" / "disk.qcow2"), 56, 4)
     assert before == 1 and after >= 3, (before, after)
     growth = [e for e in rec.log.entries if e[0] == pl.W and "_grow_table" in e[4]]
     assert growth, "no write came from Refcounts._grow_table"
@@ -126,6 +128,7 @@ def test_recording_covers_all_io(tmp_path):
     assert {"open", "opened", "gw", "gf", "close", "closed"} <= kinds
 
 
+@pytest.mark.slow
 def test_total_crash_states(summary):
     """Runs last: prints the total and, when every workload ran, requires several thousand states."""
     line = summary.total_line()

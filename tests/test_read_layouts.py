@@ -39,7 +39,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_clean, needs_fuse, qemu_img, qemu_info, qemu_io, run, sha256
+from conftest import needs_fuse, sha256
+from support.oracles import assert_clean, qemu_img, qemu_info, qemu_io, qemu_map, run
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -111,7 +112,7 @@ def std_writes(d: Path, c: int, v: int) -> list:
 def map_kinds(image: Path) -> set:
     """Kinds of clusters of the top layer, from qemu-img map."""
     kinds = set()
-    for e in json.loads(qemu_img("map", "--output=json", image).stdout):
+    for e in qemu_map(image):
         if e["depth"] != 0 or not e["present"]:
             kinds.add("unallocated")
         elif e["data"]:
@@ -363,6 +364,11 @@ LAYOUTS["snapshots-v2-c4096"] = lambda d: snapshots(d, "compat=0.10", cluster=40
 LAYOUTS["snapshots-resized"] = lambda d: snapshots(d, resize=True)
 LAYOUTS["bitmaps"] = bitmaps
 
+#: the layouts scripts/test --quick mounts (one of each family; the whole matrix is marked slow)
+QUICK_LAYOUTS = ("v0.10-c65536", "v1.1-c512", "refcount1", "lazy-dirty", "zstd-mixed", "chain-relative",
+                 "extl2-c32768", "data-file", "snapshots-resized", "bitmaps")
+MOUNT_LAYOUTS = [x if x in QUICK_LAYOUTS else pytest.param(x, marks=pytest.mark.slow) for x in LAYOUTS]
+
 
 @pytest.fixture(scope="module")
 def build(tmp_path_factory):
@@ -465,7 +471,7 @@ def hashes(files) -> dict:
 
 
 @needs_fuse
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout", MOUNT_LAYOUTS)
 def test_read_only_mount_reads_like_qemu(build, mount, layout):
     b = build(layout, "ro")
     before = hashes(b.files)
@@ -479,7 +485,7 @@ def test_read_only_mount_reads_like_qemu(build, mount, layout):
 
 
 @needs_fuse
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout", MOUNT_LAYOUTS)
 def test_read_write_mount_reads_like_qemu(build, mount, layout, tmp_path):
     b = build(layout, "rw")
     backing_before = hashes(b.backing)

@@ -37,7 +37,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_clean, needs_fuse, qemu_img, qemu_io, run, sha256, wait_for
+from conftest import needs_fuse, sha256
+from support.mounts import detach, is_mounted, mount_table
+from support.oracles import assert_clean, assert_compare, qemu_img, qemu_io, run
+from support.proc import wait_for
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -52,30 +55,10 @@ def seed_for(name: str) -> int:
 # ----------------------------------------------------------------------------- mounts, loops
 
 
-def _proc_mounts() -> list[tuple[str, str, str]]:
-    """(source, mount point, fstype) of every mount, octal escapes (\\040 ...) decoded."""
-    def unesc(s: str) -> str:
-        return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), s)
-
-    out = []
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) >= 3:
-                out.append((unesc(parts[0]), unesc(parts[1]), parts[2]))
-    return out
-
-
-def is_mounted(path) -> bool:
-    """PATH is a mount point, dead or alive (a dead FUSE mount fails stat: only /proc tells)."""
-    p = os.path.abspath(path)
-    return any(mp == p for _, mp, _ in _proc_mounts())
-
-
 @pytest.fixture
 def qmount(mount):
-    """The conftest `mount` factory, plus: a mount whose daemon died is lazily detached at teardown
-    (conftest's os.path.ismount cannot see a dead mount)."""
+    """The conftest `mount` factory (its teardown also detaches a mount whose daemon died: the
+    shared lifecycle reads the mount table, since a dead FUSE mount fails stat)."""
     made = []
 
     def factory(*a, **kw):
@@ -86,7 +69,7 @@ def qmount(mount):
     yield factory
     for m in made:
         if m.proc.poll() is not None and is_mounted(m.mnt):
-            run(["fusermount3", "-u", "-z", m.mnt], check=False)
+            detach(m.mnt, lazy_only=True)
 
 
 def _loop_name(dev: str) -> str:
@@ -105,7 +88,7 @@ def loop_device(backing: Path, *opts: str):
     try:
         yield dev
     finally:
-        for src, mp, _ in _proc_mounts():
+        for src, mp, _ in mount_table():
             if src == dev:
                 if run(["umount", mp], check=False).returncode != 0:
                     run(["umount", "-l", mp], check=False)
@@ -139,11 +122,6 @@ def unmount_clean(m) -> None:
     assert rc == 0, f"qcowfs daemon exited {rc}:\n{m.log_text()}"
     assert not is_mounted(m.mnt), f"{m.mnt} still in /proc/self/mounts after unmount"
     m.assert_no_traceback()
-
-
-def assert_compare(img: Path, ref: Path, what: str = "") -> None:
-    p = qemu_img("compare", "-f", "qcow2", "-F", "raw", img, ref, check=False)
-    assert p.returncode == 0, f"{what}qemu-img compare {img} {ref}: exit {p.returncode}: {p.stdout.strip()} {p.stderr.strip()}"
 
 
 def first_difference(a: bytes, b: bytes) -> str:

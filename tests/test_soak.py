@@ -22,6 +22,7 @@ SECONDS = float(os.environ.get("QCOWFS_SOAK_SECONDS", "60"))
 
 
 @needs_fuse
+@pytest.mark.slow
 @pytest.mark.timeout(int(SECONDS * 3) + 600)
 def test_soak(tmp_path):
     cmd = [sys.executable, str(ROOT / "scripts" / "soak"), "--seconds", str(SECONDS), "--workdir", str(tmp_path)]

@@ -26,7 +26,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
-import json
 import os
 import random
 import shutil
@@ -36,7 +35,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import assert_clean, needs_fuse, qemu_check, qemu_img, qemu_info, qemu_io, run, sha256
+from conftest import needs_fuse, sha256
+from support.oracles import assert_clean, assert_compare, qemu_check, qemu_img, qemu_info, qemu_io, qemu_map, run
+from support.probes import COPIED, OFFSET_MASK, header, l1_entries
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -66,23 +67,6 @@ def to_raw(img: Path, out: Path) -> Path:
     return out
 
 
-def header_fields(img: Path) -> dict:
-    with open(img, "rb") as f:
-        h = f.read(112)
-    (version,) = struct.unpack_from(">I", h, 4)
-    (cluster_bits,) = struct.unpack_from(">I", h, 20)
-    (l1_size,) = struct.unpack_from(">I", h, 36)
-    l1_off, rt_off, rt_clusters = struct.unpack_from(">QQI", h, 40)
-    incompat = struct.unpack_from(">Q", h, 72)[0] if version >= 3 else 0
-    return {"version": version, "cluster_bits": cluster_bits, "l1_size": l1_size, "l1_offset": l1_off,
-            "refcount_table_offset": rt_off, "refcount_table_clusters": rt_clusters, "incompat": incompat}
-
-
-def assert_compare(img: Path, ref: Path, what: str = "") -> None:
-    p = qemu_img("compare", "-f", "qcow2", "-F", "raw", img, ref, check=False)
-    assert p.returncode == 0, f"{what}qemu-img compare {img} {ref}: exit {p.returncode}: {p.stdout.strip()} {p.stderr.strip()}"
-
-
 def assert_same_files(a: Path, b: Path, what: str = "", length: int | None = None) -> None:
     """a and b hold the same bytes (up to length; a shorter file reads as zeros); first difference reported."""
     chunk = 4 * MiB
@@ -102,7 +86,7 @@ def assert_same_files(a: Path, b: Path, what: str = "", length: int | None = Non
 
 
 def map_entries(img: Path) -> list:
-    return json.loads(qemu_img("map", "--output=json", img).stdout)
+    return qemu_map(img)
 
 
 def map_at(entries: list, off: int) -> dict:
@@ -261,21 +245,26 @@ SIMPLE = {
 }
 
 
+#: the layouts scripts/test --quick writes to (the others are marked slow)
+QUICK_SIMPLE = ("v3-64k", "v2", "rc1")
+
+
 @needs_fuse
-@pytest.mark.parametrize("layout", list(SIMPLE))
+@pytest.mark.parametrize("layout", [x if x in QUICK_SIMPLE else pytest.param(x, marks=pytest.mark.slow) for x in SIMPLE])
 def test_random_writes(layout, mount, tmp_path):
     vsize, opts = SIMPLE[layout]
     img = create(tmp_path / "img.qcow2", vsize, *opts)
     cluster = qemu_info(img)["cluster-size"]
     initial_data(img, vsize, cluster)
     workload_roundtrip(mount, img, tmp_path, f"random-{layout}")
-    h = header_fields(img)
+    h = header(img)
     assert h["incompat"] & 1 == 0, "dirty bit left set after a clean unmount (lazy refcounts)"
     if layout == "v2":
         assert h["version"] == 2
 
 
 @needs_fuse
+@pytest.mark.slow
 def test_refcount_table_growth(mount, tmp_path):
     """512 B clusters, 1-bit refcounts: one refcount block covers 2 MiB of host space and the
     initial one-cluster refcount table 128 MiB; > 140 MiB of data must create refcount blocks
@@ -286,7 +275,7 @@ def test_refcount_table_growth(mount, tmp_path):
     what = f"[{name} seed {seed}] "
     vsize = 256 * MiB
     img = create(tmp_path / "img.qcow2", vsize, "cluster_size=512", "refcount_bits=1")
-    before = header_fields(img)
+    before = header(img)
     ref = to_raw(img, tmp_path / "ref.raw")
     rng = random.Random(seed)
     slots = rng.sample(range(vsize // (4 * MiB)), 36)  # 144 MiB in distinct 4 MiB slots
@@ -298,7 +287,7 @@ def test_refcount_table_growth(mount, tmp_path):
     apply_ops(m.disk, ref, ops, tmp_path, what)
     assert_same_files(m.disk, ref, f"{what}through the mount: ")
     assert m.unmount() == 0
-    after = header_fields(img)
+    after = header(img)
     assert os.path.getsize(img) > 130 * MiB
     assert after["refcount_table_clusters"] > before["refcount_table_clusters"], (before, after)
     assert_compare(img, ref, what)
@@ -739,16 +728,16 @@ def test_metadata_past_eof_gives_eio(mount, tmp_path):
     c = 4096  # one L2 table covers 2 MiB
     img = create(tmp_path / "img.qcow2", 8 * MiB, f"cluster_size={c}")
     qemu_io(img, "write -P 0x11 0 8M")
-    h = header_fields(img)
+    h = header(img)
     buf = bytearray(img.read_bytes())
     eof = len(buf)
     past = (eof + 1000 * c) // c * c
-    l1 = list(struct.unpack_from(f">{h['l1_size']}Q", buf, h["l1_offset"]))
+    l1 = l1_entries(buf)
     # guest cluster 10: data cluster past the end of the file
-    l2_0 = l1[0] & 0x00FFFFFFFFFFFE00
-    struct.pack_into(">Q", buf, l2_0 + 10 * 8, past | (1 << 63))
+    l2_0 = l1[0] & OFFSET_MASK
+    struct.pack_into(">Q", buf, l2_0 + 10 * 8, past | COPIED)
     # guest [4 MiB, 6 MiB): L2 table past the end of the file
-    struct.pack_into(">Q", buf, h["l1_offset"] + 2 * 8, (past + 8 * c) | (1 << 63))
+    struct.pack_into(">Q", buf, h["l1_offset"] + 2 * 8, (past + 8 * c) | COPIED)
     img.write_bytes(bytes(buf))
     m = mount(img)
     fd = os.open(m.disk, os.O_RDONLY)

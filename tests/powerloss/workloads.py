@@ -1,0 +1,396 @@
+"""The workloads (each: a pristine image made by QEMU, then guest writes, flushes, bitmap
+commands and closes through the Driver), the per-crash-point sampling bounds, and record(): run
+one workload through the recording factory and keep its log, model and pristine bytes."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import shutil
+import zlib
+from typing import Callable, Optional
+
+from bitarray import bitarray
+
+from support.oracles import qemu_img, qemu_io, qemu_raw, run
+from support.probes import read_header_field
+
+from .driver import BitmapSpec, Driver, Model
+from .iolog import IOLog, replay_all
+
+KiB = 1 << 10
+MiB = 1 << 20
+
+
+@dataclasses.dataclass
+class Bounds:
+    """How many crash states to draw per crash point."""
+
+    exhaustive: int = 16  # enumerate all subsets when 2**n <= this
+    prefixes: int = 6  # in-order prefixes of the epoch (evenly spaced when more)
+    drop_one: int = 3  # "every write but one"
+    singles: int = 3  # "only this one write"
+    random: int = 8  # random subsets
+    torn: int = 3  # random subsets with some multi-sector writes torn
+    max_states: int = 0  # stop after this many distinct states (0 = no limit)
+
+    def scaled(self, k: float) -> "Bounds":
+        return Bounds(self.exhaustive if k <= 1 else int(self.exhaustive * 4), max(1, int(self.prefixes * k)),
+                      max(1, int(self.drop_one * k)), max(1, int(self.singles * k)), max(1, int(self.random * k)),
+                      max(0, int(self.torn * k)), int(self.max_states * k) if self.max_states else 0)
+
+
+@dataclasses.dataclass
+class Workload:
+    name: str
+    create: Callable  # create(dir) -> dict(image=..., files=[...], snapshots={...}, pristine_bitmaps=[BitmapSpec])
+    run: Callable  # run(driver, rng)
+    lazy: bool = False
+    bounds: Bounds = dataclasses.field(default_factory=Bounds)
+    verify: Optional[Callable] = None  # verify(dir, image_path_after_run, model) -> None (e.g. table growth)
+    oracle_every: int = 10
+
+
+def _create(path: str, size: int, **opts) -> None:
+    o = ",".join(f"{k}={v}" for k, v in opts.items())
+    args = ["qemu-img", "create", "-q", "-f", "qcow2"]
+    if o:
+        args += ["-o", o]
+    run(args + [path, str(size)], cwd=os.path.dirname(os.path.abspath(path)))
+
+
+def random_writes(d: Driver, rng: random.Random, count: int, flush_every=(1, 4), zero_share: float = 0.1) -> None:
+    """Allocation-heavy random writes: aligned runs of clusters, odd sizes at odd offsets, some zeros."""
+    size = d.model.size
+    cs = d.cluster_size
+    since = 0
+    next_flush = rng.randint(*flush_every)
+    for _ in range(count):
+        r = rng.random()
+        if r < 0.35:
+            n = rng.randint(1, 4)
+            off = rng.randrange(0, size // cs - n + 1) * cs
+            length = n * cs
+        elif r < 0.65:
+            length = rng.choice([512, 4096, 65536, 3 * 512])
+            length = min(length, size // 4)
+            off = rng.randrange(0, (size - length) // 512 + 1) * 512
+        else:
+            length = rng.randint(1, min(3 * cs, size // 4))
+            off = rng.randrange(0, size - length + 1)
+        data = bytes(length) if rng.random() < zero_share else rng.randbytes(length)
+        d.write(off, data)
+        since += 1
+        if since >= next_flush:
+            d.flush()
+            since = 0
+            next_flush = rng.randint(*flush_every)
+    d.flush()
+
+
+def wl_alloc(cluster: int, refbits: int, size: int, count: int) -> Workload:
+    def create(dirname):
+        img = os.path.join(dirname, "disk.qcow2")
+        _create(img, size, cluster_size=cluster, refcount_bits=refbits)
+        return dict(image="disk.qcow2")
+
+    def body(d, rng):
+        random_writes(d, rng, count)
+        d.close()
+
+    return Workload(f"alloc-c{cluster}-r{refbits}", create, body)
+
+
+def wl_reftable_growth() -> Workload:
+    """512 B clusters, 64-bit refcounts: a block covers 64 clusters (32 KiB), one refcount table cluster
+    64 blocks (2 MiB of host file). qemu-img create makes a one-cluster table, so 4+ MiB of data must grow
+    it (twice: 1 -> 2 -> 4 clusters, at least)."""
+    size = 6 * MiB
+
+    def create(dirname):
+        img = os.path.join(dirname, "disk.qcow2")
+        _create(img, size, cluster_size=512, refcount_bits=64)
+        assert read_header_field(img, 56, 4) == 1
+        return dict(image="disk.qcow2")
+
+    def body(d, rng):
+        # 4.5 MiB in 96 KiB..192 KiB pieces at shuffled offsets, a flush after each pair
+        chunk = 192 * KiB
+        offs = list(range(0, 4 * MiB + 512 * KiB, chunk))
+        rng.shuffle(offs)
+        for i, off in enumerate(offs):
+            d.write(off, rng.randbytes(chunk - rng.choice([0, 512, 96 * KiB])))
+            if i % 2:
+                d.flush()
+        d.flush()
+        d.close()
+
+    def verify(dirname, image_path, model):
+        n = read_header_field(image_path, 56, 4)
+        assert n >= 3, f"refcount table did not grow (refcount_table_clusters={n})"
+
+    return Workload("reftable-growth-c512-r64", create, body, verify=verify,
+                    bounds=Bounds(exhaustive=8, prefixes=3, drop_one=1, random=2, torn=1))
+
+
+def wl_cow_backing(extended: bool = False) -> Workload:
+    size = 4 * MiB
+    cluster = 64 * KiB if extended else 4 * KiB
+
+    def create(dirname):
+        base = os.path.join(dirname, "base.qcow2")
+        _create(base, size, cluster_size=cluster)
+        qemu_io(base, f"write -P 0x5a 0 {size}", f"write -P 0x33 {1 * MiB} {64 * KiB}", f"write -z {2 * MiB} {256 * KiB}")
+        img = os.path.join(dirname, "disk.qcow2")
+        opts = dict(cluster_size=cluster, backing_file=os.path.abspath(base), backing_fmt="qcow2")
+        if extended:
+            opts["extended_l2"] = "on"
+        _create(img, size, **opts)
+        return dict(image="disk.qcow2")
+
+    def body(d, rng):
+        # partial writes (sub-cluster, unaligned, straddling clusters) over the backing file
+        cs = d.cluster_size
+        for i in range(36):
+            ci = rng.randrange(0, size // cs - 2)
+            off = ci * cs + rng.randrange(0, cs)
+            length = rng.choice([1, 100, 512, 3000, cs // 2, cs + 777])
+            length = min(length, size - off)
+            if rng.random() < 0.15 and length >= cs:
+                d.zero(off, length)
+            else:
+                d.write(off, rng.randbytes(length))
+            if rng.random() < 0.45:
+                d.flush()
+        d.flush()
+        d.close()
+
+    return Workload("cow-backing" + ("-extl2" if extended else "-c4k"), create, body)
+
+
+def wl_zero_free(compat: str = "1.1") -> Workload:
+    size = 4 * MiB
+    cluster = 4 * KiB
+
+    def create(dirname):
+        img = os.path.join(dirname, "disk.qcow2")
+        _create(img, size, cluster_size=cluster, compat=compat)
+        return dict(image="disk.qcow2")
+
+    def body(d, rng):
+        cs = d.cluster_size
+        for rnd in range(4):
+            base = rng.randrange(0, size // cs - 64) * cs
+            d.write(base, rng.randbytes(48 * cs))
+            d.write(base + 3 * cs + 17, rng.randbytes(cs))
+            d.flush()
+            # zeros over whole clusters free them (zero clusters / deallocation), partial ones stay data
+            for _ in range(5):
+                a = base + rng.randrange(0, 40) * cs
+                n = rng.randint(1, 8) * cs
+                d.zero(a, n)
+                if rng.random() < 0.3:
+                    d.flush()
+            d.zero(base + 5 * cs + 100, cs)  # straddles: partial data + nothing whole
+            d.flush()
+            # reallocate some of the freed clusters
+            d.write(base + rng.randrange(0, 40) * cs, rng.randbytes(6 * cs))
+            d.flush()
+        d.close()
+
+    return Workload(f"zero-free-c4k-compat{compat}", create, body)
+
+
+def wl_snapshot() -> Workload:
+    size = 4 * MiB
+    cluster = 4 * KiB
+
+    def create(dirname):
+        img = os.path.join(dirname, "disk.qcow2")
+        _create(img, size, cluster_size=cluster)
+        qemu_io(img, f"write -P 0x11 0 {3 * MiB}", f"write -c -P 0x22 {3 * MiB} {256 * KiB}")
+        qemu_img("snapshot", "-c", "s1", img)
+        qemu_io(img, f"write -P 0x44 {512 * KiB} {256 * KiB}")
+        snap = qemu_raw(img, os.path.join(dirname, "s1.raw"), snapshot="s1")
+        return dict(image="disk.qcow2", snapshots={"s1": snap})
+
+    def body(d, rng):
+        cs = d.cluster_size
+        for i in range(40):
+            r = rng.random()
+            off = rng.randrange(0, (size - 8 * cs) // 512) * 512
+            if r < 0.2:
+                d.zero(off // cs * cs, rng.randint(1, 6) * cs)  # frees: drops snapshot refcounts
+            elif r < 0.5:
+                d.write(off, rng.randbytes(rng.randint(1, 3 * cs)))  # partial: COW of shared clusters
+            else:
+                d.write(off // cs * cs, rng.randbytes(rng.randint(1, 6) * cs))
+            if rng.random() < 0.45:
+                d.flush()
+        d.flush()
+        d.close()
+
+    return Workload("internal-snapshot-c4k", create, body, oracle_every=6)
+
+
+def wl_bitmaps() -> Workload:
+    """Two sessions. QEMU-made clean bitmaps q0 and gone; session 1 creates b0, writes, removes gone,
+    creates b1, writes, closes (stores q0, b0, b1); session 2 reopens (in_use set again), writes,
+    removes b0, writes, closes. Crash states inside the stores must show the old version in_use or
+    the new one clean and exact."""
+    size = 8 * MiB
+    cluster = 64 * KiB
+
+    def create(dirname):
+        img = os.path.join(dirname, "disk.qcow2")
+        _create(img, size, cluster_size=cluster)
+        qemu_io(img, f"write -P 0x77 0 {1 * MiB}")
+        qemu_img("bitmap", "--add", "-g", "65536", img, "q0")
+        qemu_img("bitmap", "--add", "-g", "16384", img, "gone")
+        return dict(image="disk.qcow2", pristine_bitmaps=[BitmapSpec("q0", 65536, 0, True),
+                                                          BitmapSpec("gone", 16384, 0, True)])
+
+    def writes(d, rng, n):
+        cs = d.cluster_size
+        for i in range(n):
+            off = rng.randrange(0, size - 3 * cs)
+            d.write(off, rng.randbytes(rng.randint(1, 2 * cs)))
+            if i % 3 == 2:
+                d.flush()
+
+    def body(d, rng):
+        d.create_bitmap("b0", 4096)
+        writes(d, rng, 8)
+        d.flush()
+        d.remove_bitmap("gone")
+        d.create_bitmap("b1", 65536)
+        writes(d, rng, 5)
+        d.zero(4 * MiB, 2 * d.cluster_size)
+        d.flush()
+        d.reopen()  # stores q0, b0, b1; then marks them in_use again
+        writes(d, rng, 4)
+        d.remove_bitmap("b0")
+        writes(d, rng, 3)
+        d.close()  # stores q0, b1 over their previous versions
+
+    return Workload("bitmaps-create-remove-store", create, body,
+                    bounds=Bounds(exhaustive=32, prefixes=8, drop_one=4, singles=4, random=10, torn=3))
+
+
+def wl_lazy() -> Workload:
+    size = 4 * MiB
+
+    def create(dirname):
+        img = os.path.join(dirname, "disk.qcow2")
+        _create(img, size, cluster_size=4096, lazy_refcounts="on")
+        qemu_io(img, f"write -P 0x66 0 {1 * MiB}")
+        return dict(image="disk.qcow2")
+
+    def body(d, rng):
+        random_writes(d, rng, 50, zero_share=0.25)
+        d.close()
+
+    return Workload("lazy-refcounts-c4k", create, body, lazy=True)
+
+
+def wl_data_file() -> Workload:
+    size = 4 * MiB
+
+    def create(dirname):
+        img = os.path.join(dirname, "disk.qcow2")
+        _create(img, size, cluster_size=4096, data_file="disk.data")
+        return dict(image="disk.qcow2", files=["disk.qcow2", "disk.data"])
+
+    def body(d, rng):
+        random_writes(d, rng, 30, zero_share=0.0)
+        d.close()
+
+    return Workload("external-data-file-c4k", create, body)
+
+
+def wl_refblock_siblings() -> Workload:
+    """The smallest workload that makes one allocation create several refcount blocks at once, some
+    of them placed where only a sibling new block covers them (512 B clusters, 64-bit refcounts: a
+    block covers 64 clusters). 58 clusters at 0 leave the first free cluster at 63; the 64 KiB write
+    then needs blocks 1-3, placed at clusters 63-65: blocks 2 and 3 are refcounted by block 1."""
+
+    def create(dirname):
+        _create(os.path.join(dirname, "disk.qcow2"), 1 * MiB, cluster_size=512, refcount_bits=64)
+        return dict(image="disk.qcow2")
+
+    def body(d, rng):
+        d.write(0, rng.randbytes(58 * 512))
+        d.flush()
+        d.write(512 * KiB, rng.randbytes(64 * KiB))
+        d.flush()
+        d.close()
+
+    return Workload("refblock-siblings-c512-r64", create, body, bounds=Bounds(exhaustive=64))
+
+
+def workloads() -> list:
+    out = []
+    for cluster, size, count in ((512, 2 * MiB, 50), (4096, 4 * MiB, 50), (65536, 16 * MiB, 45)):
+        for refbits in (1, 16):
+            out.append(wl_alloc(cluster, refbits, size, count))
+    out += [wl_refblock_siblings(), wl_reftable_growth(), wl_cow_backing(), wl_cow_backing(extended=True),
+            wl_zero_free(), wl_zero_free("0.10"), wl_snapshot(), wl_bitmaps(), wl_lazy(), wl_data_file()]
+    return out
+
+
+@dataclasses.dataclass
+class Recorded:
+    workload: Workload
+    model: Model
+    log: IOLog
+    pristine: dict  # file name -> bytes
+    workdir: str
+
+
+def record(wl: Workload, workdir: str, seed: Optional[int] = None, record_flushes: bool = True) -> Recorded:
+    """Create the pristine image, save its bytes, run the workload through the recording factory."""
+    os.makedirs(workdir, exist_ok=True)
+    pdir = os.path.join(workdir, "pristine")
+    os.makedirs(pdir, exist_ok=True)
+    info = wl.create(pdir)
+    image = info["image"]
+    files = info.get("files", [image])
+    pristine = {}
+    for name in files:
+        with open(os.path.join(pdir, name), "rb") as f:
+            pristine[name] = f.read()
+    initial = qemu_raw(os.path.join(pdir, image), os.path.join(workdir, "initial.raw"))
+    size = len(initial)
+    model = Model(wl.name, image, files, size, initial, [], lazy=wl.lazy, snapshots=info.get("snapshots", {}),
+                  oracle_every=wl.oracle_every)
+    for spec in info.get("pristine_bitmaps", []):
+        model.bitmaps[spec.name] = spec
+    model.pristine_bitmap_names = {s.name for s in info.get("pristine_bitmaps", [])}
+    for spec in info.get("pristine_bitmaps", []):
+        model.granularities[spec.name] = spec.granularity
+        empty = bitarray(-(-size // spec.granularity), endian="little")
+        empty.setall(0)
+        model.versions[(spec.name, "pristine")] = empty
+    # the working copy the workload writes to (pristine stays untouched for the backing file etc.)
+    wdir = os.path.join(workdir, "run")
+    os.makedirs(wdir, exist_ok=True)
+    for name in files:
+        shutil.copyfile(os.path.join(pdir, name), os.path.join(wdir, name))
+    log = IOLog(record_flushes=record_flushes)
+    rng = random.Random(seed if seed is not None else zlib.crc32(wl.name.encode()))
+    drv = Driver(os.path.join(wdir, image), log, model)
+    try:
+        wl.run(drv, rng)
+    finally:
+        if not drv.img._closed:
+            drv.img.close(flush=False)
+    if wl.verify:
+        wl.verify(workdir, os.path.join(wdir, image), model)
+    # the replayed log must reproduce the working copy exactly
+    final = replay_all(pristine, log)
+    for name in files:
+        with open(os.path.join(wdir, name), "rb") as f:
+            if f.read() != bytes(final[name]):
+                raise AssertionError(f"replaying the log does not reproduce {name}: the recording missed I/O")
+    return Recorded(wl, model, log, pristine, workdir)
