@@ -94,17 +94,20 @@ class Storm(threading.Thread):
         except OSError as e:  # the mount died under us
             self.error = e
         finally:
-            os.close(fd)
+            try:
+                os.close(fd)
+            except OSError:  # ENOTCONN: the daemon is gone
+                pass
 
 
 @pytest.mark.parametrize("k", range(4))
 def test_kill9_during_a_write_storm_leaves_valid_bitmaps(tmp_path, mount, k):
-    size = 48 * MiB
+    size = 96 * MiB
     img = make(tmp_path, size)
     before = qemu_raw(img, tmp_path / "before.raw")
     m = mount(img, extra=INTENT)
     assert status(m, "b0")["crash-safe"] is True
-    storm = Storm(m.disk, 1000 + k, size)
+    storm = Storm(m.disk, 1000 + k, size // 2)  # the upper half stays clean: QEMU writes there below
     storm.start()
     target = 20 + 60 * k  # different timing each run
     wait_for(lambda: storm.writes >= target or not storm.is_alive(), timeout=60, what=f"{target} writes")
@@ -128,7 +131,7 @@ def test_kill9_during_a_write_storm_leaves_valid_bitmaps(tmp_path, mount, k):
     st = status(m2, "b0")
     assert st["inconsistent"] is False and st["recording"] is True
     assert m2.unmount() == 0
-    assert_clean(img)
+    assert qemu_check(img)["rc"] in (0, 3)  # the crash may have leaked clusters, nothing worse
 
 
 def test_clean_unmount_stores_the_exact_bits(tmp_path, mount):
@@ -185,7 +188,8 @@ def test_commands_reach_the_disk_before_they_return(tmp_path, mount):
     assert bms["d"]["flags"] == [] and bms["dst"]["flags"] == []
     assert dirty_extents(img, "c") == []
     assert 10 * MiB // G in granules(dirty_extents(img, "src"), size)
-    assert granules(dirty_extents(img, "dst"), size) >= granules(dirty_extents(img, "src"), size) != set()
+    # dst holds src's bits (the exact ones: src's on-disk copy may be coarser)
+    assert 10 * MiB // G in granules(dirty_extents(img, "dst"), size)
     assert qemu_check(img)["rc"] in (0, 3)
 
 
