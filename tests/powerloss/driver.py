@@ -1,10 +1,16 @@
 """The guest model and the workload driver: a workload runs through Disk(Qcow2Image(...)) with the
 recording file factory, and the Driver keeps, independently of qcowfs, what the guest wrote and
-what every bitmap must hold."""
+what every bitmap must hold.
+
+Bitmap facts come from the markers alone: a Tracker replays them (the Driver feeds its own, the
+explorer one per walk), so the checker of a crash state knows, for every bitmap, its state as of
+the last completed command or guest write (BmState: recording or not, the guest writes it recorded
+since its last clear, ranges dirty without a write of its own) and the command under way."""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 from bitarray import bitarray
 
@@ -22,6 +28,33 @@ class BitmapSpec:
     granularity: int
     start: int  # first guest write index it records
     pristine_clean: bool = False  # present and not in_use in the pristine image
+    enabled: bool = True  # recording (the "auto" flag) in the pristine image
+    initial: tuple = ()  # byte ranges (offset, length) dirty in the pristine image (QEMU's view)
+
+
+@dataclasses.dataclass(frozen=True)
+class BmState:
+    """What one bitmap must hold, exactly, as of a point of the workload."""
+
+    granularity: int
+    recording: bool = True
+    rec: tuple = ()  # guest write indices it recorded since its last clear (a merge adds the source's)
+    #: byte ranges (offset, length) dirty without a guest write of its own since the last clear:
+    #: the bits it held in the pristine image, the bits merged in from another bitmap
+    extra: tuple = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class BmPhase:
+    """One bitmap at a crash point: its state as of the last completed command or guest write
+    (None while its creation is under way) and the one under way, if it concerns this bitmap:
+    op is "write", "create", "remove", "clear", "disable", "enable" or "merge" (as destination),
+    after the state it leads to (None for remove)."""
+
+    name: str
+    before: Optional[BmState]
+    op: str = ""
+    after: Optional[BmState] = None
 
 
 @dataclasses.dataclass
@@ -44,6 +77,55 @@ class Model:
     pristine_bitmap_names: set = dataclasses.field(default_factory=set)
     granularities: dict = dataclasses.field(default_factory=dict)  # bitmap name -> granularity
     oracle_every: int = 10  # qemu-img convert comparison on every Nth new state
+    bitmap_sync: str = "close"  # Disk(bitmap_sync=...) of the first open (reopen may switch it)
+    pristine_specs: tuple = ()  # BitmapSpec of every bitmap of the pristine image (the Tracker's start)
+    nbd_every: int = 4  # intent mode: QEMU's view of the bitmaps (qemu-nbd -B) on every Nth new state
+
+
+class Tracker:
+    """Replays the driver's markers into the per-bitmap facts a crash point needs (phases())."""
+
+    def __init__(self, model: "Model"):
+        self.model = model
+        self.done: dict = {s.name: BmState(s.granularity, s.enabled, (), tuple(s.initial)) for s in model.pristine_specs}
+        self.op = ""
+        self.after: dict = {}  # name -> BmState (None: removed) once the command under way completes
+
+    def feed(self, kind: str, val) -> None:
+        m = self.model
+        if kind == "gw":
+            self.op = "write"
+            self.after = {n: dataclasses.replace(s, rec=s.rec + (val,)) for n, s in self.done.items() if s.recording}
+        elif kind in ("gw-done", "bm+done", "bm-done", "bmc-done"):
+            for n, s in self.after.items():
+                if s is None:
+                    self.done.pop(n, None)
+                else:
+                    self.done[n] = s
+            self.op, self.after = "", {}
+        elif kind == "bm+":
+            self.op, self.after = "create", {val: BmState(m.granularities[val])}
+        elif kind == "bm-":
+            self.op, self.after = "remove", {val: None}
+        elif kind == "bmc":
+            op, name, arg = val
+            s = self.done[name]
+            if op == "clear":
+                new = dataclasses.replace(s, rec=(), extra=())
+            elif op in ("disable", "enable"):
+                new = dataclasses.replace(s, recording=op == "enable")
+            elif op == "merge":
+                src = self.done[arg]
+                new = dataclasses.replace(s, rec=tuple(sorted(set(s.rec) | set(src.rec))),
+                                          extra=s.extra + dirty_ranges(m, src))
+            else:  # pragma: no cover
+                raise AssertionError(f"unknown bitmap command {op}")
+            self.op, self.after = op, {name: new}
+
+    def phases(self) -> tuple:
+        names = sorted(set(self.done) | set(self.after))
+        return tuple(BmPhase(n, self.done.get(n), self.op if n in self.after else "", self.after.get(n))
+                     for n in names)
 
 
 class Driver:
@@ -55,18 +137,27 @@ class Driver:
         self.writes = model.writes
         self.path = image_path
         self.sessions = 0
+        self.tracker = Tracker(model)
+        self.mode = model.bitmap_sync
         self._open()
 
-    def _open(self) -> None:
-        self.log.marker("open")
-        self.img = Qcow2Image(self.path, read_only=False, file_factory=recording_factory(self.log))
-        self.disk = Disk(self.img)  # start_writing() + bitmaps in_use, durably
-        self.log.marker("opened")
+    def _marker(self, kind: str, val=None) -> None:
+        self.log.marker(kind, val)
+        self.tracker.feed(kind, val)
 
-    def reopen(self) -> None:
-        """Clean close, then a new read-write open (bitmaps loaded and marked in_use again)."""
+    def _open(self) -> None:
+        self._marker("open", self.mode)
+        self.img = Qcow2Image(self.path, read_only=False, file_factory=recording_factory(self.log))
+        # start_writing(); close mode: bitmaps in_use, durably; intent mode: stored, every data cluster allocated
+        self.disk = Disk(self.img, bitmap_sync=self.mode)
+        self._marker("opened")
+
+    def reopen(self, bitmap_sync: Optional[str] = None) -> None:
+        """Clean close, then a new read-write open (close mode: bitmaps marked in_use again; intent
+        mode: stored with every data cluster allocated), in bitmap_sync mode if given."""
         self.close()
-        self.model.ops.append("reopen")
+        self.mode = bitmap_sync or self.mode
+        self.model.ops.append(f"reopen ({self.mode})")
         self._open()
 
     @property
@@ -75,11 +166,14 @@ class Driver:
 
     def write(self, offset: int, data: bytes) -> None:
         data = bytes(data)
-        self.log.marker("gw", len(self.writes))
+        assert data and offset + len(data) <= self.model.size
+        i = len(self.writes)
+        self._marker("gw", i)
         self.model.ops.append(f"write {offset:#x}+{len(data):#x}" + (" zeros" if not any(data) else ""))
         self.writes.append((offset, data))
         n = self.disk.write(offset, data)
         assert n == len(data)
+        self._marker("gw-done", i)
 
     def zero(self, offset: int, length: int) -> None:
         self.write(offset, bytes(length))
@@ -91,18 +185,57 @@ class Driver:
 
     def create_bitmap(self, name: str, granularity: int) -> None:
         self.model.ops.append(f"bitmap create {name} g={granularity}")
-        self.log.marker("bm+", name)
+        assert self.model.granularities.get(name, granularity) == granularity, "a name keeps its granularity"
         self.model.bitmaps[name] = BitmapSpec(name, granularity, len(self.writes))
         self.model.granularities[name] = granularity
+        self._marker("bm+", name)
         self.disk.bitmaps.create(name, granularity)
-        self.log.marker("bm+done", name)
+        self._marker("bm+done", name)
+        self._check_memory()
 
     def remove_bitmap(self, name: str) -> None:
         self.model.ops.append(f"bitmap remove {name}")
-        self.log.marker("bm-", name)
+        self._marker("bm-", name)
         self.disk.bitmaps.remove(name)
         self.model.bitmaps.pop(name, None)
-        self.log.marker("bm-done", name)
+        self._marker("bm-done", name)
+        self._check_memory()
+
+    def _command(self, op: str, name: str, arg=None) -> None:
+        self.model.ops.append(f"bitmap {op} {name}" + (f" from {arg}" if arg else ""))
+        self._marker("bmc", (op, name, arg))
+        bs = self.disk.bitmaps
+        if op == "merge":
+            bs.merge(arg, name)
+        else:
+            getattr(bs, op)(name)
+        self._marker("bmc-done", (op, name))
+        self._check_memory()
+
+    def clear_bitmap(self, name: str) -> None:
+        self._command("clear", name)
+
+    def disable_bitmap(self, name: str) -> None:
+        self._command("disable", name)
+
+    def enable_bitmap(self, name: str) -> None:
+        self._command("enable", name)
+
+    def merge_bitmap(self, src: str, dst: str) -> None:
+        """dst |= src (qcowfs' merge); dst then also covers the writes src recorded."""
+        self._command("merge", dst, src)
+
+    def _check_memory(self) -> None:
+        """qcowfs' in-memory bitmaps equal the model's exact bits (and recording flags)."""
+        bs = self.disk.bitmaps
+        if set(bs.bitmaps) != set(self.tracker.done):
+            raise AssertionError(f"qcowfs has bitmaps {sorted(bs.bitmaps)}, the model {sorted(self.tracker.done)}")
+        for name, st in self.tracker.done.items():
+            bm = bs.get(name)
+            if bm.bits != state_bits(self.model, st):
+                raise AssertionError(f"in-memory bitmap {name} differs from the guest writes it recorded")
+            if bm.recording != st.recording:
+                raise AssertionError(f"bitmap {name}: qcowfs recording={bm.recording}, model {st.recording}")
 
     def close(self) -> None:
         """Clean close (bitmaps stored, in_use cleared); the in-memory bitmaps must equal the model."""
@@ -110,17 +243,48 @@ class Driver:
         self.sessions += 1
         version = f"s{self.sessions}"
         stored = []
-        for name, spec in self.model.bitmaps.items():
-            want = expected_bits(self.model, spec)
-            have = self.disk.bitmaps.get(name).bits
-            if have != want:
-                raise AssertionError(f"in-memory bitmap {name} differs from the guest writes before close")
-            self.model.versions[(name, version)] = want
+        self._check_memory()
+        for name, st in self.tracker.done.items():
+            self.model.versions[(name, version)] = state_bits(self.model, st)
             stored.append(name)
-        self.log.marker("close", (version, tuple(stored)))
+        self._marker("close", (version, tuple(stored)))
         self.disk.close()
-        self.log.marker("gf", len(self.writes))
-        self.log.marker("closed")
+        self._marker("gf", len(self.writes))
+        self._marker("closed")
+
+
+def _granules(bits: bitarray, g: int, off: int, length: int) -> None:
+    if length > 0:
+        bits[off // g : (off + length - 1) // g + 1] = 1
+
+
+def state_bits(model: Model, st: BmState) -> bitarray:
+    """The exact dirty bits of a bitmap state: the granules its recorded writes and extra ranges touch."""
+    g = st.granularity
+    bits = bitarray(-(-model.size // g), endian="little")
+    bits.setall(0)
+    for i in st.rec:
+        off, data = model.writes[i]
+        _granules(bits, g, off, len(data))
+    for off, length in st.extra:
+        _granules(bits, g, off, length)
+    return bits
+
+
+def dirty_ranges(model: Model, st: BmState) -> tuple:
+    """The dirty runs of a bitmap state as byte ranges (offset, length), clipped to the disk."""
+    return bits_ranges(state_bits(model, st), st.granularity, model.size)
+
+
+def bits_ranges(bits: bitarray, g: int, size: int) -> tuple:
+    out = []
+    k = bits.find(1)
+    while k >= 0:
+        e = bits.find(0, k)
+        e = len(bits) if e < 0 else e
+        out.append((k * g, min(e * g, size) - k * g))
+        k = bits.find(1, e)
+    return tuple(out)
 
 
 def expected_bits(model: Model, spec: BitmapSpec) -> bitarray:

@@ -25,7 +25,8 @@ import zlib
 from typing import Optional
 
 from . import verify
-from .iolog import F, M, SECTOR, T, W, _apply, _merge, _truncate
+from .driver import Tracker
+from .iolog import SECTOR, F, M, T, W, _apply, _merge, _truncate
 from .verify import Expect, Task, check_state
 from .workloads import Bounds, Recorded, Workload, record
 
@@ -45,6 +46,10 @@ class Stats:
     clean_bitmaps: int = 0
     stale_bitmaps: int = 0
     oracle_reads: int = 0
+    intent_bitmaps: int = 0  # intent-mode bitmaps checked: valid, covering every changed granule
+    intent_landed: int = 0  # ... in states holding unflushed data of a write they recorded
+    intent_creating: int = 0  # in_use bitmaps seen while their creation was under way
+    nbd_views: int = 0  # bitmaps checked in QEMU's own view too (qemu-nbd -B + nbdinfo)
     log_writes: int = 0
     log_flushes: int = 0
     seconds: float = 0.0
@@ -59,6 +64,10 @@ class Stats:
             extra.append(f"{self.in_use_bitmaps} in_use + {self.clean_bitmaps} clean bitmaps seen")
         if self.stale_bitmaps:
             extra.append(f"{self.stale_bitmaps} with the bitmaps extension stale")
+        if self.intent_bitmaps:
+            extra.append(f"intent mode: {self.intent_bitmaps} bitmaps checked valid and covering every changed granule "
+                         f"({self.intent_landed} with unflushed recorded data on disk, {self.nbd_views} in QEMU's NBD view too"
+                         + (f", {self.intent_creating} in_use mid-creation" if self.intent_creating else "") + ")")
         extra.append(f"{self.oracle_reads} qemu-img convert cross-checks")
         return (f"power-loss {self.workload}: {self.distinct} distinct crash states checked ({', '.join(extra)}) "
                 f"in {self.seconds:.1f}s" + (f", {len(self.failures)} FAILING" if self.failures else ""))
@@ -222,6 +231,8 @@ class Explorer:
         clean_ok = {k for k in rec.model.versions if k[1] == "pristine"}
         must: set = set()
         gw_started = 0
+        tracker = Tracker(rec.model)
+        ex.intent = rec.model.bitmap_sync == "intent"
         i = 0
         for p, want_full, want_sub in points:
             while i < p:
@@ -239,6 +250,7 @@ class Explorer:
                     unflushed[name] = []
                 else:
                     kind, val = e[1], e[2]
+                    tracker.feed(kind, val)
                     if kind == "gw":
                         gw_started = val + 1
                         clean_ok = set()
@@ -252,6 +264,7 @@ class Explorer:
                         ex.closed = True
                     elif kind == "open":
                         ex.closed = False
+                        ex.intent = val == "intent"
                         ex.opening = True
                         must = set()
                     elif kind == "opened":
@@ -270,6 +283,7 @@ class Explorer:
             ex.pending = tuple(range(ex.durable, gw_started))
             ex.created, ex.creating, ex.removed = frozenset(created), frozenset(creating), frozenset(removed)
             ex.clean_ok, ex.must = frozenset(clean_ok), frozenset(must if ex.closed else ())
+            ex.bms = tracker.phases()
             opt = sorted(j for lst in unflushed.values() for j in lst)
             if not want_sub:
                 choices = [[(j, None) for j in opt]] if want_full else []
@@ -338,8 +352,10 @@ class Explorer:
         opt = sorted(j for lst in unflushed.values() for j in lst)
         where = (f"crash point: log position {p} of {len(ents)}; writes since the last flush of their file "
                  f"(optional): {opt}; applied: [{kept}]")
-        oracle = content_new and (self.stats.distinct % max(1, self.rec.model.oracle_every) == 1 or ex.closed)
-        task = Task(self.sid, sdir, ex, content_new, oracle, where, self.failed_dir)
+        m = self.rec.model
+        oracle = content_new and (self.stats.distinct % max(1, m.oracle_every) == 1 or ex.closed)
+        nbd = content_new and ex.intent and (self.stats.distinct % max(1, m.nbd_every) == 0 or ex.closed or ex.opening)
+        task = Task(self.sid, sdir, ex, content_new, oracle, where, self.failed_dir, nbd=nbd)
         self._drain(3 * self.jobs)
         fut = self.pool.submit(check_state, task)
         self.inflight.add(fut)
@@ -355,7 +371,7 @@ class Explorer:
     def _collect(self, res: dict) -> None:
         s = self.stats
         for k in ("qemu_checks", "dirty_states", "dirty_repaired", "leaks", "in_use_bitmaps", "clean_bitmaps", "stale_bitmaps",
-                  "oracle_reads"):
+                  "oracle_reads", "intent_bitmaps", "intent_landed", "intent_creating", "nbd_views"):
             setattr(s, k, getattr(s, k) + res.get(k, 0))
         if res["failures"]:
             s.failures.append(res)

@@ -14,13 +14,15 @@ import os
 import shutil
 from typing import Optional
 
+from bitarray import bitarray
+from support.oracles import qemu_bitmaps, qemu_check_rc, qemu_raw, run
+from support.probes import header_dirty
+
+from qcowfs.bitmap_intent import INTENT_REGION
 from qcowfs.bitmaps import BitmapStore
 from qcowfs.image import Qcow2Image
 
-from support.oracles import qemu_bitmaps, qemu_check_rc, qemu_raw
-from support.probes import header_dirty
-
-from .driver import Model
+from .driver import BmState, Model, state_bits
 from .iolog import SECTOR, _merge
 
 
@@ -39,6 +41,8 @@ class Expect:
     created: frozenset = frozenset()  # bitmaps whose creation completed (present from then on)
     creating: frozenset = frozenset()  # bitmaps whose creation had started
     removed: frozenset = frozenset()  # bitmaps whose removal completed (absent from then on)
+    intent: bool = False  # the open under way (or the last one) is in intent mode: never in_use, supersets
+    bms: tuple = ()  # intent mode: driver.BmPhase of every bitmap (state as of the last completed step, step under way)
 
     def key(self) -> tuple:
         return dataclasses.astuple(self)
@@ -53,6 +57,7 @@ class Task:
     oracle: bool  # compare qemu-img convert with qcowfs' read
     where: str  # crash point and kept writes, for reports
     failed_dir: str = ""  # where a failing state is kept
+    nbd: bool = False  # intent mode: check the bitmaps in QEMU's own view too (qemu-nbd -B + nbdinfo)
 
 
 _MODEL: Optional[Model] = None
@@ -86,8 +91,20 @@ def compare_guest(actual: bytes, m: Model, ex: Expect) -> Optional[str]:
         return (f"guest byte {pos:#x} reads {actual[pos]:#04x}, expected {expected[pos]:#04x} (from {src}, "
                 f"made durable by a guest flush after {ex.durable} writes; pending writes {list(ex.pending)})")
 
+    # outside the pending writes' regions: equal to the expected content (compared in one go, without
+    # copying a whole disk's slices: the regions are patched into the cached buffer, then restored)
+    saved = [(a, bytes(expected[a:b])) for a, b in regions]
+    try:
+        for a, b in regions:
+            expected[a:b] = actual[a:b]
+        outside_ok = actual == expected
+    finally:
+        for a, old in saved:
+            expected[a : a + len(old)] = old
     pos = 0
     for a, b in regions + [(len(actual), len(actual))]:
+        if outside_ok:
+            break
         if actual[pos:a] != expected[pos:a]:
             k = next(k for k in range(pos, a) if actual[k] != expected[k])
             return bad(k)
@@ -197,7 +214,7 @@ def _check_state(m: Model, task: Task, img_path: str, res: dict, fails: list) ->
     try:
         actual = img.read(0, m.size)
         store = BitmapStore(img)
-        bms = {n: (b.inconsistent, b.bits, b.granularity) for n, b in store.bitmaps.items()}
+        bms = {n: (b.inconsistent, b.bits, b.granularity, b.enabled) for n, b in store.bitmaps.items()}
         stale = img.header.stale_bitmaps_ext is not None
     finally:
         img.close(flush=False)
@@ -214,7 +231,9 @@ def _check_state(m: Model, task: Task, img_path: str, res: dict, fails: list) ->
             got = qemu_raw(img_path, os.path.join(task.dir, "snap.raw"), snapshot=snap)
             if got != want:
                 fails.append(f"internal snapshot {snap} changed")
-    if m.granularities or bms:
+    if ex.intent:
+        _check_intent_bitmaps(m, task, img_path, bms, stale, actual, res, fails)
+    elif m.granularities or bms:
         _check_bitmaps(m, ex, img_path, bms, stale, res, fails)
 
 
@@ -276,7 +295,7 @@ def _check_bitmaps(m: Model, ex: Expect, img_path: str, bms: dict, stale: bool, 
             fails.append(f"bitmaps listed although the extension is stale: {sorted(bms)}")
         return
     allowed_names = set(m.pristine_bitmap_names) | set(ex.creating)
-    for name, (inconsistent, bits, gran) in bms.items():
+    for name, (inconsistent, bits, gran, _enabled) in bms.items():
         qin = "in-use" in q[name]["flags"]
         if qin != inconsistent:
             fails.append(f"bitmap {name}: QEMU says in-use={qin}, qcowfs inconsistent={inconsistent}")
@@ -310,3 +329,226 @@ def _check_bitmaps(m: Model, ex: Expect, img_path: str, bms: dict, stale: bool, 
         want = {n for n, _ in ex.must}
         if set(bms) != want:
             fails.append(f"after a clean close the bitmaps are {sorted(bms)}, expected {sorted(want)}")
+
+
+# ----------------------------------------------------------------------------- intent mode
+def _check_intent_bitmaps(m: Model, task: Task, img_path: str, bms: dict, stale: bool, actual: bytes, res: dict,
+                          fails: list) -> None:
+    """Intent mode (bitmap_intent.py): at every crash point every bitmap is valid on disk, never in_use
+    (except while its creation is under way: qcowfs writes the entry in_use first), and a superset of
+    what changed since it started recording or was last cleared:
+
+    - lower bound: every bit of the model's exact bits as of the last completed guest write or command
+      (a write's bits are durable before it is issued, so before it returns), except while a clear
+      (zeros) or the creation is under way;
+    - changed data: a granule whose guest data in this state cannot be explained without a write the
+      bitmap recorded (each byte is the content of the durable writes it did not record, or a value an
+      unflushed write it did not record put there) has its bit set: the intent was on disk before the
+      data (the in-progress write counts; writes while it was disabled, or before its last clear, do not);
+    - upper bound: no bit outside the 8 MiB regions (aligned; 8 granules when they are larger) of the
+      writes it recorded and its extra ranges (pristine bits, merges), as of before and after the step
+      under way: intent mode marks whole regions, nothing else;
+    - flags: "auto" as recording (either while enable/disable is under way); the granularity;
+    - presence: created -> present, removal completed -> gone, nothing from nowhere;
+    - after a completed clean close: exactly the model's bits.
+    On task.nbd states the same bits are also read through QEMU (qemu-nbd -B, nbdinfo): they must
+    equal qcowfs' reading, so every check above holds in QEMU's view as well."""
+    ex = task.expect
+    q = qemu_bitmaps(img_path)
+    if set(q) != set(bms):
+        fails.append(f"bitmaps: qemu-img info lists {sorted(q)}, qcowfs {sorted(bms)}")
+        return
+    if stale:
+        res["stale_bitmaps"] = 1
+        fails.append("intent mode: the bitmaps extension is stale (autoclear bit clear): every bitmap is lost")
+        return
+    phases = {ph.name: ph for ph in ex.bms}
+    for name in bms:
+        if name not in phases:
+            fails.append(f"bitmap {name} is still there after its removal completed" if name in ex.removed
+                         else f"bitmap {name} appeared from nowhere")
+    for name, ph in phases.items():
+        if name not in bms:
+            if ph.op not in ("create", "remove"):
+                fails.append(f"bitmap {name} is missing (its creation completed, its removal did not start)")
+            continue
+        inconsistent, bits, gran, enabled = bms[name]
+        st = ph.before or ph.after
+        flags = q[name]["flags"]
+        if q[name]["granularity"] != gran or gran != st.granularity:
+            fails.append(f"bitmap {name}: granularity {q[name]['granularity']} (QEMU) / {gran} (qcowfs), "
+                         f"expected {st.granularity}")
+            continue
+        if ("in-use" in flags) != inconsistent:
+            fails.append(f"bitmap {name}: QEMU flags {flags}, qcowfs inconsistent={inconsistent}")
+        if inconsistent:
+            if ph.op == "create":
+                res["intent_creating"] = res.get("intent_creating", 0) + 1
+            else:
+                fails.append(f"intent-mode bitmap {name} is in_use (QEMU flags {flags}; step under way: {ph.op or 'none'})")
+            continue
+        rec_ok = {ph.before.recording} if ph.before else set()
+        if ph.after is not None:
+            rec_ok.add(ph.after.recording)
+        if ("auto" in flags) not in rec_ok or enabled not in rec_ok:
+            fails.append(f"bitmap {name}: QEMU flags {flags}, qcowfs enabled={enabled}, expected recording in {sorted(rec_ok)} "
+                         f"(step under way: {ph.op or 'none'})")
+        res["intent_bitmaps"] = res.get("intent_bitmaps", 0) + 1
+        why = _intent_bits_problem(m, ex, ph, bits, actual, res)
+        if why:
+            fails.append(f"bitmap {name} (qcowfs' reading): {why}")
+        if ex.closed and bits != state_bits(m, ph.before):
+            fails.append(f"bitmap {name}: after a clean close it holds {bits.count()} bits, not the exact "
+                         f"{state_bits(m, ph.before).count()} the guest writes set")
+        if task.nbd:
+            res["nbd_views"] = res.get("nbd_views", 0) + 1
+            qbits = nbd_bits(img_path, name, gran, m.size)
+            if qbits != bits:
+                k = (qbits ^ bits).find(1)
+                fails.append(f"bitmap {name}: QEMU's NBD view differs from qcowfs' reading (first at bit {k}: "
+                             f"QEMU {qbits[k]}, qcowfs {bits[k]})")
+                why = _intent_bits_problem(m, ex, ph, qbits, actual, {})
+                if why:
+                    fails.append(f"bitmap {name} (QEMU's NBD view): {why}")
+    if ex.closed:
+        want = {n for n, ph in phases.items() if ph.before is not None}
+        if set(bms) != want:
+            fails.append(f"after a clean close the bitmaps are {sorted(bms)}, expected {sorted(want)}")
+
+
+def nbd_dirty_map(img_path: str, name: str) -> list:
+    """support.oracles.dirty_map (qemu-nbd -r -B NAME served to nbdinfo --map), run in the image's
+    directory: QEMU opens an external data file named relatively from its working directory."""
+    img_path = os.path.abspath(img_path)
+    server = ["qemu-nbd", "-r", "-f", "qcow2", "-B", name, img_path]
+    p = run(["nbdinfo", "--json", f"--map=qemu:dirty-bitmap:{name}", "--", "[", *server, "]"], check=False,
+            timeout=120, cwd=os.path.dirname(img_path))
+    if p.returncode != 0:
+        raise AssertionError(f"nbdinfo --map of {' '.join(server)} exited {p.returncode}: {p.stderr.strip()}")
+    return [(e["offset"], e["length"], e["type"] & 1 == 1) for e in json.loads(p.stdout)]
+
+
+def nbd_bits(img_path: str, name: str, g: int, size: int) -> bitarray:
+    """Bitmap NAME as QEMU serves it (qemu-nbd -r -B NAME, nbdinfo --map), as bits of granularity g."""
+    bits = bitarray(-(-size // g), endian="little")
+    bits.setall(0)
+    for off, length, dirty in nbd_dirty_map(img_path, name):
+        if dirty and length:
+            bits[off // g : (off + length - 1) // g + 1] = 1
+    return bits
+
+
+def _region_bits(m: Model, st: BmState) -> bitarray:
+    """The most an intent-mode bitmap in state st may hold on disk: the aligned intent region of every
+    write it recorded, and the granules of its extra ranges."""
+    g = st.granularity
+    region = max(INTENT_REGION, 8 * g)
+    bits = bitarray(-(-m.size // g), endian="little")
+    bits.setall(0)
+    for i in st.rec:
+        off, data = m.writes[i]
+        a = off // region * region
+        b = -(-(off + len(data)) // region) * region
+        bits[a // g : -(-b // g)] = 1
+    for off, length in st.extra:
+        if length:
+            bits[off // g : (off + length - 1) // g + 1] = 1
+    return bits
+
+
+def _intent_bits_problem(m: Model, ex: Expect, ph, bits: bitarray, actual: bytes, res: dict) -> Optional[str]:
+    """None if the on-disk bits of one intent-mode bitmap are right for this crash state (see
+    _check_intent_bitmaps); else why not."""
+    g = (ph.before or ph.after).granularity
+    nbits = -(-m.size // g)
+    if len(bits) != nbits:
+        return f"{len(bits)} bits, expected {nbits}"
+    before = ph.before
+    # lower bound: the exact bits as of the last completed step (nothing while zeros or creation are under way)
+    if before is not None and ph.op not in ("clear", "create"):
+        missing = state_bits(m, before) & ~bits
+        if missing.any():
+            k = missing.find(1)
+            by = [i for i in before.rec if _touches(m.writes[i], k * g, (k + 1) * g)]
+            return (f"bit {k} (guest bytes {k * g:#x}+{g:#x}) is clear on disk although "
+                    + (f"guest write #{by[0]} set it and returned before the crash" if by else
+                       "it was dirty (pristine or merged bits) and no clear completed")
+                    + f" ({missing.count()} such bits; step under way: {ph.op or 'none'})")
+    # changed data: the recorded writes, including the one under way, not those of a clear under way
+    if ph.op == "write":
+        rec = ph.after.rec
+    elif ph.op in ("clear", "create"):
+        rec = ()
+    else:
+        rec = before.rec
+    bad = _unexplained(m, ex, rec, g, bits, actual, res)
+    if bad:
+        k, p, ws = bad
+        return (f"bit {k} (guest bytes {k * g:#x}+{g:#x}) is clear on disk, but guest byte {p:#x} holds data only "
+                f"a write it recorded can have put there (#{', #'.join(map(str, ws))}): the data reached the disk "
+                f"before the intent (writes durable: {ex.durable}; unflushed: {list(ex.pending)}; step under way: "
+                f"{ph.op or 'none'})")
+    # upper bound: whole intent regions of recorded writes, as of before and after the step under way
+    ub = _region_bits(m, before) if before is not None else bitarray(nbits, endian="little")
+    if before is None:
+        ub.setall(0)
+    if ph.after is not None:
+        ub |= _region_bits(m, ph.after)
+    extra = bits & ~ub
+    if extra.any():
+        k = extra.find(1)
+        return (f"bit {k} (guest bytes {k * g:#x}+{g:#x}) is set on disk outside every intent region of the writes it "
+                f"recorded ({extra.count()} such bits; step under way: {ph.op or 'none'})")
+    return None
+
+
+def _touches(w: tuple, a: int, b: int) -> bool:
+    off, data = w
+    return off < b and a < off + len(data)
+
+
+def _unexplained(m: Model, ex: Expect, rec: tuple, g: int, bits: bitarray, act: bytes, res: dict):
+    """(granule, guest byte, recorded writes there) of the first byte, in a granule whose bit is clear, that
+    holds a value no write outside `rec` explains: neither the content of the durable writes not in rec
+    (over the pristine content), nor a value an unflushed write not in rec wrote there. None if none.
+    Also counts, in res["intent_landed"], states where unflushed data of a recorded write is on disk."""
+    if not rec:
+        return None
+    recset = set(rec)
+    pending = [i for i in ex.pending if i in recset]
+    if pending and not res.get("intent_landed"):
+        flushed = _guest_at(m, ex.durable)
+        for i in pending:
+            off, data = m.writes[i]
+            if act[off : off + len(data)] == data and flushed[off : off + len(data)] != data:
+                res["intent_landed"] = 1
+                break
+    ranges = []
+    for i in rec:
+        off, data = m.writes[i]
+        end = off + len(data)
+        g1 = (end - 1) // g + 1
+        k = bits.find(0, off // g, g1)
+        while k >= 0:
+            ranges.append((max(off, k * g), min(end, (k + 1) * g)))
+            k = bits.find(0, k + 1, g1)
+    if not ranges:
+        return None
+    durable_other = [i for i in range(ex.durable) if i not in recset]
+    pending_other = [i for i in ex.pending if i not in recset]
+    for a, b in _merge(ranges):
+        base = bytearray(m.initial[a:b])
+        for i in durable_other:
+            off, data = m.writes[i]
+            lo, hi = max(a, off), min(b, off + len(data))
+            if lo < hi:
+                base[lo - a : hi - a] = data[lo - off : hi - off]
+        if act[a:b] == base:
+            continue
+        cands = [m.writes[i] for i in pending_other if _touches(m.writes[i], a, b)]
+        for p in range(a, b):
+            v = act[p]
+            if v == base[p - a] or any(o <= p < o + len(d) and d[p - o] == v for o, d in cands):
+                continue
+            return p // g, p, [i for i in rec if _touches(m.writes[i], p, p + 1)]
+    return None

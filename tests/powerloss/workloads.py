@@ -11,13 +11,12 @@ import shutil
 import zlib
 from typing import Callable, Optional
 
-from bitarray import bitarray
-
 from support.oracles import qemu_img, qemu_io, qemu_raw, run
 from support.probes import read_header_field
 
-from .driver import BitmapSpec, Driver, Model
+from .driver import BitmapSpec, BmState, Driver, Model, state_bits
 from .iolog import IOLog, replay_all
+from .verify import nbd_dirty_map
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -50,6 +49,8 @@ class Workload:
     bounds: Bounds = dataclasses.field(default_factory=Bounds)
     verify: Optional[Callable] = None  # verify(dir, image_path_after_run, model) -> None (e.g. table growth)
     oracle_every: int = 10
+    bitmap_sync: str = "close"  # the Driver's Disk(bitmap_sync=...) (reopen may switch it)
+    nbd_every: int = 4  # intent mode: QEMU's NBD view of the bitmaps on every Nth new state
 
 
 def _create(path: str, size: int, **opts) -> None:
@@ -329,13 +330,135 @@ def wl_refblock_siblings() -> Workload:
     return Workload("refblock-siblings-c512-r64", create, body, bounds=Bounds(exhaustive=64))
 
 
+def _pristine_bitmap(img: str, name: str, granularity: int, enabled: bool = True) -> BitmapSpec:
+    """A bitmap of the pristine image, its dirty ranges as QEMU serves them (qemu-nbd -B)."""
+    initial = tuple((off, n) for off, n, dirty in nbd_dirty_map(img, name) if dirty)
+    return BitmapSpec(name, granularity, 0, True, enabled, initial)
+
+
+def _intent_writes(d: Driver, rng: random.Random, n: int, spots: list, flush_every: int = 3) -> None:
+    """n guest writes near the given offsets (sub-granule, unaligned, multi-granule, some zeros), a
+    guest flush after every flush_every of them."""
+    size = d.model.size
+    for k in range(n):
+        base = rng.choice(spots)
+        length = rng.choice([1, 700, 4096, 9000, 65536 + 123, 200 * KiB])
+        off = min(max(0, base + rng.randrange(-64 * KiB, 64 * KiB)), size - length)
+        if rng.random() < 0.12:
+            d.zero(off, length)
+        else:
+            d.write(off, rng.randbytes(length))
+        if k % flush_every == flush_every - 1:
+            d.flush()
+
+
+def wl_intent_bitmaps() -> Workload:
+    """Intent mode (bitmap_sync="intent"), 32 MiB disk (four 8 MiB intent regions), 64 KiB clusters.
+    Pristine (QEMU-made): q0 (64 KiB granules) and gone (16 KiB) holding the bits of QEMU's own writes,
+    qd (4 KiB) disabled. Session 1: activation stores them all with every data cluster allocated;
+    create b0 during the mount; first writes into clean granules of every region, a write straddling
+    a region boundary, writes over dirty granules; remove gone; disable q0, write, enable q0, write over
+    the same places; clear b0, write over its old dirty granules; enable qd; create b1 (16 MiB granules,
+    larger than a region); merge q0 into b0; close (exact bits). Session 2 (intent again): writes over
+    granules dirty from session 1 and next to them, clear q0, remove b0, disable b1, writes, close."""
+    size = 32 * MiB
+
+    def create(dirname):
+        img = os.path.join(dirname, "disk.qcow2")
+        _create(img, size, cluster_size=65536)
+        qemu_img("bitmap", "--add", "-g", "65536", img, "q0")
+        qemu_img("bitmap", "--add", "-g", "16384", img, "gone")
+        qemu_img("bitmap", "--add", "--disable", "-g", "4096", img, "qd")
+        # QEMU records these in q0 and gone (persistent, enabled), not in qd
+        qemu_io(img, f"write -P 0x77 0 {1 * MiB}", f"write -P 0x78 {20 * MiB} {192 * KiB}")
+        return dict(image="disk.qcow2", pristine_bitmaps=[_pristine_bitmap(img, "q0", 65536),
+                                                          _pristine_bitmap(img, "gone", 16384),
+                                                          _pristine_bitmap(img, "qd", 4096, enabled=False)])
+
+    def body(d, rng):
+        R = 8 * MiB
+        d.create_bitmap("b0", 4096)
+        # first writes into clean granules of every region (one intent each), one straddling regions 0|1
+        for r in range(4):
+            d.write(r * R + rng.randrange(0, R - 64 * KiB), rng.randbytes(rng.choice([512, 5000, 64 * KiB])))
+        d.write(R - 3000, rng.randbytes(6000))
+        d.flush()
+        spots = [off for off, _ in d.writes]
+        _intent_writes(d, rng, 6, spots)  # over dirty granules (same regions: no new intent)
+        d.remove_bitmap("gone")
+        d.disable_bitmap("q0")
+        _intent_writes(d, rng, 4, [2 * R + 1 * MiB, 3 * R + 5 * MiB])
+        d.enable_bitmap("q0")
+        _intent_writes(d, rng, 4, [2 * R + 1 * MiB, 3 * R + 5 * MiB, 0])
+        d.clear_bitmap("b0")
+        _intent_writes(d, rng, 5, spots)  # over b0's old dirty granules: first writes again for b0
+        d.enable_bitmap("qd")
+        _intent_writes(d, rng, 3, [R + 2 * MiB, 20 * MiB])
+        d.create_bitmap("b1", 16 * MiB)
+        d.merge_bitmap("q0", "b0")
+        _intent_writes(d, rng, 4, spots + [R + 2 * MiB])
+        d.flush()
+        d.reopen()  # clean close stores exact bits; the new open stores them with every cluster allocated
+        _intent_writes(d, rng, 5, [off for off, _ in d.writes[-12:]] + [3 * R - 100 * KiB])
+        d.clear_bitmap("q0")
+        d.remove_bitmap("b0")
+        d.disable_bitmap("b1")
+        _intent_writes(d, rng, 4, spots)
+        d.close()
+
+    return Workload("intent-bitmaps-c64k", create, body, bitmap_sync="intent", nbd_every=6,
+                    bounds=Bounds(exhaustive=16, prefixes=5, drop_one=3, singles=3, random=6, torn=3))
+
+
+def wl_intent_data_file() -> Workload:
+    """Intent mode with 512 B clusters (an intent region's bitmap data spans several clusters: written
+    piecewise, torn) and an external data file (the intent's fdatasync is of the image, the data goes
+    to the data file). 16 MiB disk. Pristine: p (512 B granules) holding QEMU's writes. Session 1
+    (intent): create c (64 KiB) and writes, clear p, disable c, writes, enable c, writes, close.
+    Session 2 switches to close mode (bitmaps marked in_use in place over intent-stored ones, then
+    stored exactly), session 3 back to intent mode; each writes a little and closes."""
+    size = 16 * MiB
+
+    def create(dirname):
+        img = os.path.join(dirname, "disk.qcow2")
+        _create(img, size, cluster_size=512, data_file="disk.data")
+        run(["qemu-img", "bitmap", "--add", "-g", "512", img, "p"], cwd=dirname)
+        run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x55 {3 * MiB} {64 * KiB}", "-c", f"write -P 0x56 {9 * MiB + 512} 1000",
+             img], cwd=dirname)
+        return dict(image="disk.qcow2", files=["disk.qcow2", "disk.data"],
+                    pristine_bitmaps=[_pristine_bitmap(img, "p", 512)])
+
+    def body(d, rng):
+        R = 8 * MiB
+        spots = [0, 3 * MiB, R - 40 * KiB, R + 1 * MiB, 2 * R - 200 * KiB]
+        d.create_bitmap("c", 65536)
+        _intent_writes(d, rng, 8, spots, flush_every=2)
+        d.clear_bitmap("p")
+        _intent_writes(d, rng, 4, spots)
+        d.disable_bitmap("c")
+        _intent_writes(d, rng, 3, spots)
+        d.enable_bitmap("c")
+        _intent_writes(d, rng, 4, spots)
+        d.flush()
+        d.reopen(bitmap_sync="close")
+        _intent_writes(d, rng, 3, spots)
+        d.flush()
+        d.reopen(bitmap_sync="intent")
+        _intent_writes(d, rng, 4, spots, flush_every=2)
+        d.close()
+
+    return Workload("intent-data-file-c512", create, body, bitmap_sync="intent",
+                    bounds=Bounds(exhaustive=16, prefixes=5, drop_one=3, singles=3, random=6, torn=3))
+
+
 def workloads() -> list:
     out = []
     for cluster, size, count in ((512, 2 * MiB, 50), (4096, 4 * MiB, 50), (65536, 16 * MiB, 45)):
         for refbits in (1, 16):
             out.append(wl_alloc(cluster, refbits, size, count))
     out += [wl_refblock_siblings(), wl_reftable_growth(), wl_cow_backing(), wl_cow_backing(extended=True),
-            wl_zero_free(), wl_zero_free("0.10"), wl_snapshot(), wl_bitmaps(), wl_lazy(), wl_data_file()]
+            wl_zero_free(), wl_zero_free("0.10"), wl_snapshot(), wl_bitmaps(), wl_lazy(), wl_data_file(),
+            wl_intent_bitmaps(), wl_intent_data_file()]
     return out
 
 
@@ -362,16 +485,16 @@ def record(wl: Workload, workdir: str, seed: Optional[int] = None, record_flushe
             pristine[name] = f.read()
     initial = qemu_raw(os.path.join(pdir, image), os.path.join(workdir, "initial.raw"))
     size = len(initial)
+    specs = tuple(info.get("pristine_bitmaps", []))
     model = Model(wl.name, image, files, size, initial, [], lazy=wl.lazy, snapshots=info.get("snapshots", {}),
-                  oracle_every=wl.oracle_every)
-    for spec in info.get("pristine_bitmaps", []):
+                  oracle_every=wl.oracle_every, bitmap_sync=wl.bitmap_sync, pristine_specs=specs,
+                  nbd_every=wl.nbd_every)
+    for spec in specs:
         model.bitmaps[spec.name] = spec
-    model.pristine_bitmap_names = {s.name for s in info.get("pristine_bitmaps", [])}
-    for spec in info.get("pristine_bitmaps", []):
+    model.pristine_bitmap_names = {s.name for s in specs}
+    for spec in specs:
         model.granularities[spec.name] = spec.granularity
-        empty = bitarray(-(-size // spec.granularity), endian="little")
-        empty.setall(0)
-        model.versions[(spec.name, "pristine")] = empty
+        model.versions[(spec.name, "pristine")] = state_bits(model, BmState(spec.granularity, extra=spec.initial))
     # the working copy the workload writes to (pristine stays untouched for the backing file etc.)
     wdir = os.path.join(workdir, "run")
     os.makedirs(wdir, exist_ok=True)
