@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 
+from . import snapshots as snapshot_ops
 from .bitmaps import BitmapStore
 from .errors import ReadOnlyImage
 from .image import Qcow2Image
@@ -49,6 +50,19 @@ class Disk:
         self.bitmaps.mark(offset, end - offset)
         self.image.write(offset, data)
         return end - offset
+
+    # ------------------------------------------------------------------ snapshots
+    def snapshots(self) -> list:
+        return snapshot_ops.read_all(self.image)
+
+    def snapshot_view(self, snap) -> snapshot_ops.SnapshotView:
+        return snapshot_ops.SnapshotView(self.image, snap)
+
+    def take_snapshot(self, name: str):
+        return snapshot_ops.create(self.image, name)
+
+    def delete_snapshot(self, snap_id: str) -> None:
+        snapshot_ops.delete(self.image, snap_id)
 
     def flush(self) -> None:
         self.image.flush()
