@@ -43,6 +43,8 @@ DIRS = (ROOT, BITMAPS_DIR, SNAPSHOTS_DIR)
 PID_XATTR = bitmap_commands.PID_XATTR.encode()
 COMMAND_XATTR = bitmap_commands.COMMAND_XATTR.encode()
 COMMANDS = bitmap_commands.FILE_COMMANDS
+EXTENTS_XATTR = bitmap_commands.EXTENTS_XATTR.encode()
+RESULT_XATTR = bitmap_commands.RESULT_XATTR.encode()
 
 
 def _errno_for(ops: "QcowOperations", where: str, e: Exception) -> int:
@@ -107,6 +109,7 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
         self.handles: dict[int, BitmapHandle] = {}
         self.next_fh = 16
         self._init_snapshots()
+        self.last_result: Optional[dict] = None  # what the last checkpoint did (RESULT_XATTR)
 
     # ------------------------------------------------------------------ attributes
     def _bitmap_inode(self, name: str) -> int:
@@ -394,15 +397,30 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
         cmd = bitmap_commands.decode(value)
         if self.disk.read_only:
             raise pyfuse3.FUSEError(errno.EROFS)
+        if cmd["op"] == "checkpoint":
+            self.last_result = self.disk.checkpoint(cmd["name"], cmd.get("disable", []), cmd.get("snapshot", True))
+            self.snapshots_changed()
+            log.info("%s: checkpoint %s", self.disk.image.path, self.last_result)
+            return
         removed = bitmap_commands.apply(self.disk.bitmaps, cmd, live=True)
         if removed is not None:
             self._forget_bitmap(removed)
         log.info("%s: bitmap %r: %s", self.disk.image.path, cmd["name"], cmd)
 
     # ------------------------------------------------------------------ misc
+    @_guard
     async def getxattr(self, inode, name, ctx):
         if inode == ROOT and name == PID_XATTR:
             return str(os.getpid()).encode()
+        if inode == BITMAPS_DIR and name == RESULT_XATTR and self.last_result is not None:
+            return json.dumps(self.last_result).encode()
+        if name.startswith(EXTENTS_XATTR) and inode in self.inode_names:
+            try:
+                start = int(name[len(EXTENTS_XATTR):])
+            except ValueError:
+                raise pyfuse3.FUSEError(errno.EINVAL) from None
+            bm = self.disk.bitmaps.usable(self.inode_names[inode])
+            return bitmap_commands.extents_chunk(bm, start)
         raise pyfuse3.FUSEError(errno.ENODATA)
 
     @_guard

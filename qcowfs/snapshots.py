@@ -131,8 +131,8 @@ def _table_extent(img, snaps: list) -> tuple:
     return img.header.snapshots_offset, len(snapshot_table.build(snaps)) if snaps else 0
 
 
-def create(img, name: str, *, now: Any = None) -> Snapshot:
-    """Take an internal snapshot NAME of the active disk, durable when this returns."""
+def check_can_create(img, name: str) -> list:
+    """Refuse (SnapshotError) a snapshot NAME that create() could not take; the table otherwise."""
     _check_can_snapshot(img)
     if not name or "\0" in name:
         raise SnapshotError(f"invalid snapshot name {name!r}", img.path, errno.EINVAL)
@@ -141,10 +141,21 @@ def create(img, name: str, *, now: Any = None) -> Snapshot:
         raise SnapshotError(f"a snapshot named {name!r} already exists", img.path, errno.EEXIST)
     if len(snaps) >= 65536:
         raise SnapshotError("an image holds at most 65536 snapshots", img.path, errno.ENOSPC)
+    if img.refcounts.max_refcount < 2:
+        raise SnapshotError(f"{img.refcounts.bits}-bit refcounts cannot count a second reference: no "
+                            "internal snapshots in this image", img.path, errno.EOPNOTSUPP)
+    return snaps
+
+
+def create(img, name: str, *, now: Any = None) -> Snapshot:
+    """Take an internal snapshot NAME of the active disk, durable when this returns."""
+    snaps = check_can_create(img, name)
     img.flush()  # every acknowledged write is in the metadata the copy is taken from
     cs, cb = img.cluster_size, img.cluster_bits
     rc = img.refcounts
     l1 = img.l1
+    if rc.max_refcount < 0xFFFF:
+        _check_headroom(img)
     # 1. the L1 copy
     l1_off = 0
     if len(l1):
@@ -186,6 +197,24 @@ def create(img, name: str, *, now: Any = None) -> Snapshot:
     _switch_table(img, snaps + [snap], new, old)
     log.info("%s: took internal snapshot %r (id %s)", img.path, name, snap.id)
     return snap
+
+
+def _check_headroom(img) -> None:
+    """Narrow refcounts: refuse before writing anything if one more reference would overflow."""
+    rc, cb = img.refcounts, img.cluster_bits
+    step = 2 if img.extended else 1
+    for e in img.l1:
+        l2_off = e & OFFSET_MASK
+        if not l2_off:
+            continue
+        clusters = [l2_off >> cb]
+        t = img.load_l2(l2_off)
+        for k in range(0, len(t), step):
+            clusters.extend(_data_clusters(t[k], cb))
+        for c in clusters:
+            if rc.get(c) >= rc.max_refcount:
+                raise SnapshotError(f"cluster {c} is already referenced {rc.max_refcount} times, the most "
+                                    f"{rc.bits}-bit refcounts can count: no more snapshots", img.path, errno.ERANGE)
 
 
 def delete(img, snap_id: str) -> None:
