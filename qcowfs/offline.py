@@ -149,7 +149,8 @@ def live_command(mountpoint: str, op: str, name: str, **kw) -> None:
         os.setxattr(os.path.join(mountpoint, ".bitmaps"), bitmap_commands.COMMAND_XATTR, value)
     except OSError as e:
         reasons: dict[int, str] = {
-            errno.EEXIST: "that name is taken (by a bitmap, or for a checkpoint by a snapshot too; an inconsistent bitmap must be removed first)",
+            errno.EEXIST: "that name is taken (by a bitmap, or for a checkpoint by a snapshot too; "
+                          "an inconsistent bitmap must be removed first)",
             errno.ENOENT: "no such bitmap",
             errno.EBUSY: "the bitmap is inconsistent (in use at the last close); remove it",
             errno.EROFS: "the mount is read-only",
