@@ -251,3 +251,24 @@ def test_backup_recipe_from_the_readme(tmp_path, mount):
     assert sorted(os.listdir(m.bitmaps)) == ["c4"] and os.listdir(m.mnt / ".snapshots") == []
     assert m.unmount() == 0
     assert_clean(img)
+
+
+def test_snapshot_with_vm_state_from_savevm(tmp_path, mount):
+    """A snapshot QEMU's savevm made (VM state stored past the disk's end in its L1) is listed,
+    reads like qemu-img convert -l, and deleting it frees the VM state too."""
+    img = make(tmp_path)
+    qemu_io(img, "write -P 0x44 0 2M")
+    p = subprocess.run(["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
+                        "-monitor", "stdio", "-drive", f"if=none,id=d0,file={img},format=qcow2"],
+                       input="savevm vm1\nquit\n", capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    (snap,) = qemu_info(img)["snapshots"]
+    assert snap["name"] == "vm1" and snap["vm-state-size"] > 0
+    want = qemu_snapshot_raw(img, "vm1", tmp_path / "vm1.raw")
+    qemu_io(img, "write -P 0x55 0 1M")
+    m = mount(img)
+    assert (m.mnt / ".snapshots" / "vm1").read_bytes() == want
+    (m.mnt / ".snapshots" / "vm1").unlink()
+    assert m.unmount() == 0
+    assert snapshot_names(img) == []
+    assert_clean(img)  # the VM state's clusters were freed with it
