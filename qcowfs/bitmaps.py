@@ -382,6 +382,16 @@ class BitmapStore:
         self._set_auto_flag(bm)
         self._refresh_recording()
 
+    def sync_directory(self) -> None:
+        """Make every on-disk entry's flags durable now (a close-mode mount otherwise writes
+        them at close): a new directory, the header switched, the old one freed."""
+        self._writable()
+        self._free_clusters(self._write_directory())
+
+    def usable(self, name: str) -> DirtyBitmap:
+        """The bitmap, refused (EBUSY, logged) when it is inconsistent."""
+        return self._usable(name)
+
     def _set_auto_flag(self, bm: DirtyBitmap) -> None:
         if bm.disk_entry is not None:
             toff, tsize, flags, extra = bm.disk_entry

@@ -254,6 +254,10 @@ def image_info(path: str, backing_policy: str = "follow") -> dict:
         }
         data["features"] = feats
         data["snapshots"] = h.nb_snapshots
+        if h.nb_snapshots:
+            from .snapshots import read_all
+
+            info["snapshots"] = [s.info() for s in read_all(img)]
         info["format-specific"] = {"type": "qcow2", "data": data}
         # qcowfs's own key: every other file a mount would open, resolved (symlinks followed)
         info["resolved-chain"] = chain(img)
@@ -301,9 +305,7 @@ def cmd_bitmap(args) -> int:
                     print(f"{r['name']}\tgranularity={r['granularity']}\tcount={r['count']}\t{state}\t{safe}")
             return 0
         if args.op == "extents":
-            if live:
-                return _fail(f"{target}: 'bitmap extents' reads an unmounted image; unmount it first")
-            ext = offline.bitmap_extents(target, args.name)
+            ext = offline.live_extents(target, args.name) if live else offline.bitmap_extents(target, args.name)
             if args.json:
                 print(json.dumps(ext))
             else:
@@ -327,6 +329,25 @@ def cmd_bitmap(args) -> int:
         return 0
     except OSError as e:
         return _fail(f"{target}: {e.strerror}")
+
+
+# ---------------------------------------------------------------------- checkpoint
+def cmd_checkpoint(args) -> int:
+    from . import offline
+
+    if not offline.is_qcowfs_mount(args.mountpoint):
+        return _fail(f"{args.mountpoint}: not a qcowfs mount (a checkpoint is taken on a live mount)")
+    try:
+        done = offline.live_checkpoint(args.mountpoint, args.name, args.disable, args.snapshot)
+    except OSError as e:
+        return _fail(f"{args.mountpoint}: {e.strerror}")
+    if args.json:
+        print(json.dumps(done, indent=4))
+    else:
+        snap = done.get("snapshot")
+        print(f"checkpoint {args.name}: " + (f"snapshot {snap['name']} (id {snap['id']}), " if snap else "")
+              + f"bitmap {args.name} recording" + "".join(f", bitmap {b} disabled" for b in done["disabled"]))
+    return 0
 
 
 # ---------------------------------------------------------------------- check
@@ -443,10 +464,22 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("name", metavar="NAME")
     be.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bitmap)
+
+    k = sub.add_parser("checkpoint", help="snapshot + new bitmap (+ disable others) as one step, on a live mount",
+                       description=(
+        "On a running qcowfs mount, as one step with no guest write in between: take internal snapshot NAME, "
+        "create persistent recording bitmap NAME, disable each --disable BITMAP. All of it happens or none of "
+        "it; the command returns once all of it is on disk."))
+    k.add_argument("mountpoint", metavar="MOUNTPOINT")
+    k.add_argument("name", metavar="NAME")
+    k.add_argument("--disable", metavar="BITMAP", action="append", default=[], help="stop this bitmap (repeatable)")
+    k.add_argument("--no-snapshot", dest="snapshot", action="store_false", help="only the bitmaps, no snapshot")
+    k.add_argument("--json", action="store_true", help="print what was done as JSON")
+    k.set_defaults(func=cmd_checkpoint)
     return p
 
 
-COMMANDS = ("mount", "umount", "info", "check", "bitmap")
+COMMANDS = ("mount", "umount", "info", "check", "bitmap", "checkpoint")
 
 
 def _mount_helper_form(argv: list) -> list:

@@ -73,6 +73,10 @@ class ClusterMap:
         self._cache_l2(offset, t)
         return t
 
+    #: the same, for the engine's other modules (snapshots.py); the hot paths call _load_l2
+    def load_l2(self, offset: int) -> array:
+        return self._load_l2(offset)
+
     def _cache_l2(self, offset: int, table: array) -> None:
         self.l2_cache[offset] = table
         if len(self.l2_cache) > self.l2_cache_max:

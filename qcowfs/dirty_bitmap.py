@@ -101,23 +101,23 @@ class DirtyBitmap:
                          f"remove it (rm .bitmaps/{self.name}) and create a new one, then take a full backup")
         return d
 
-    def extents(self) -> list:
-        """[(start, length, dirty)] runs over the guest disk."""
-        out = []
+    def extents(self, start: int = 0, limit: int = 0) -> list:
+        """[(start, length, dirty)] runs over the guest disk from guest offset `start` (a
+        granule boundary), at most `limit` of them (0: all)."""
         if self.bits is None:
             return [(0, self.size, False)]
+        out: list = []
         g = self.granularity
-        pos = 0
         bits = self.bits
         n = len(bits)
-        while pos < n:
+        pos = start // g
+        while pos < n and not (limit and len(out) >= limit):
             v = bits[pos]
             try:
                 nxt = bits.index(not v, pos)
             except ValueError:
                 nxt = n
-            start = pos * g
-            end = min(nxt * g, self.size)
-            out.append((start, end - start, bool(v)))
+            s0 = pos * g
+            out.append((s0, min(nxt * g, self.size) - s0, bool(v)))
             pos = nxt
         return out

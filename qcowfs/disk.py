@@ -7,10 +7,12 @@ ordered shutdown: store the bitmaps (clearing in_use), flush, close.
 
 from __future__ import annotations
 
+import errno
 import logging
 
+from . import snapshots as snapshot_ops
 from .bitmaps import BitmapStore
-from .errors import ReadOnlyImage
+from .errors import BitmapError, ReadOnlyImage
 from .image import Qcow2Image
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,56 @@ class Disk:
         self.bitmaps.mark(offset, end - offset)
         self.image.write(offset, data)
         return end - offset
+
+    # ------------------------------------------------------------------ snapshots
+    def snapshots(self) -> list:
+        return snapshot_ops.read_all(self.image)
+
+    def snapshot_view(self, snap) -> snapshot_ops.SnapshotView:
+        return snapshot_ops.SnapshotView(self.image, snap)
+
+    def take_snapshot(self, name: str):
+        return snapshot_ops.create(self.image, name)
+
+    def delete_snapshot(self, snap_id: str) -> None:
+        snapshot_ops.delete(self.image, snap_id)
+
+    def checkpoint(self, name: str, disable=(), snapshot: bool = True) -> dict:
+        """As one step between two guest requests: internal snapshot NAME, persistent recording
+        bitmap NAME, each bitmap in `disable` stopped. All of it or none of it (a failure undoes
+        what was done); durable when this returns."""
+        store = self.bitmaps
+        if self.image.read_only:
+            raise ReadOnlyImage("image is mounted read-only: no checkpoint", self.image.path)
+        # everything that can be refused is refused before anything is written
+        if name in store.bitmaps:
+            raise BitmapError(f"a bitmap named {name!r} already exists", self.image.path, errno.EEXIST)
+        for b in disable:
+            store.usable(b)
+        if snapshot:
+            snapshot_ops.check_can_create(self.image, name)
+        done: list = []
+        try:
+            snap = snapshot_ops.create(self.image, name) if snapshot else None
+            if snap is not None:
+                done.append(lambda: snapshot_ops.delete(self.image, snap.id))
+            store.create(name)
+            done.append(lambda: store.remove(name))
+            for b in disable:
+                if store.get(b).enabled:
+                    store.disable(b)
+                    done.append(lambda b=b: store.enable(b))
+            store.sync_directory()
+            self.image.flush()
+        except BaseException:
+            for undo in reversed(done):
+                try:
+                    undo()
+                except Exception as e:  # keep undoing the rest; the first error is what the user sees
+                    log.error("%s: undoing a failed checkpoint %r: %s", self.image.path, name, e)
+            raise
+        return {"checkpoint": name, "snapshot": snap.info() if snap is not None else None,
+                "bitmap": name, "disabled": list(disable)}
 
     def flush(self) -> None:
         self.image.flush()

@@ -60,6 +60,14 @@ class BitmapError(QcowError):
         self.errno = err
 
 
+class SnapshotError(QcowError):
+    """An internal snapshot operation was refused (name taken, read-only, external data file, ...)."""
+
+    def __init__(self, message: str, path: str | None = None, err: int = errno.EINVAL):
+        super().__init__(message, path)
+        self.errno = err
+
+
 class LockError(QcowError):
     """Another process holds the image in a conflicting way (QEMU's OFD lock protocol)."""
 

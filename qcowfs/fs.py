@@ -25,7 +25,8 @@ import pyfuse3
 
 from . import bitmap_commands
 from .disk import Disk
-from .errors import BitmapError, CorruptImage, QcowError
+from .errors import BitmapError, CorruptImage, QcowError, SnapshotError
+from .fs_snapshots import SnapshotDir
 from .options import MountOptions
 
 log = logging.getLogger(__name__)
@@ -33,19 +34,24 @@ log = logging.getLogger(__name__)
 ROOT = pyfuse3.ROOT_INODE
 DISK = ROOT + 1
 BITMAPS_DIR = ROOT + 2
+SNAPSHOTS_DIR = ROOT + 3
 FIRST_BITMAP_INODE = 16
 DISK_NAME = b"disk.raw"
 BITMAPS_NAME = b".bitmaps"
+SNAPSHOTS_NAME = b".snapshots"
+DIRS = (ROOT, BITMAPS_DIR, SNAPSHOTS_DIR)
 PID_XATTR = bitmap_commands.PID_XATTR.encode()
 COMMAND_XATTR = bitmap_commands.COMMAND_XATTR.encode()
 COMMANDS = bitmap_commands.FILE_COMMANDS
+EXTENTS_XATTR = bitmap_commands.EXTENTS_XATTR.encode()
+RESULT_XATTR = bitmap_commands.RESULT_XATTR.encode()
 
 
 def _errno_for(ops: "QcowOperations", where: str, e: Exception) -> int:
     """The one place errors become errnos (an exception escaping a handler kills the mount)."""
     if isinstance(e, CorruptImage):
         return e.errno  # already logged once by the image layer
-    if isinstance(e, BitmapError):
+    if isinstance(e, (BitmapError, SnapshotError)):
         log.info("%s", e)
         return e.errno
     if isinstance(e, QcowError):
@@ -81,7 +87,7 @@ class BitmapHandle:
         self.content = content
 
 
-class QcowOperations(pyfuse3.Operations):
+class QcowOperations(SnapshotDir, pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
     enable_acl = False
@@ -102,6 +108,8 @@ class QcowOperations(pyfuse3.Operations):
         self.next_inode = FIRST_BITMAP_INODE
         self.handles: dict[int, BitmapHandle] = {}
         self.next_fh = 16
+        self._init_snapshots()
+        self.last_result: Optional[dict] = None  # what the last checkpoint did (RESULT_XATTR)
 
     # ------------------------------------------------------------------ attributes
     def _bitmap_inode(self, name: str) -> int:
@@ -127,12 +135,12 @@ class QcowOperations(pyfuse3.Operations):
         a.st_blksize = 4096
         ro = self.disk.read_only
         mode = self.options.mode
-        if inode == ROOT or inode == BITMAPS_DIR:
+        if inode in DIRS:
             # the root holds fixed entries (nothing can be created there): never writable
-            a.st_mode = stat.S_IFDIR | (mode(0o777, ro) if inode == BITMAPS_DIR else mode(0o555, ro))
-            a.st_nlink = 3 if inode == ROOT else 2
-            a.entry_timeout = 300 if inode == BITMAPS_DIR else 0
-            a.attr_timeout = 0 if inode == BITMAPS_DIR else 1
+            a.st_mode = stat.S_IFDIR | (mode(0o555, ro) if inode == ROOT else mode(0o777, ro))
+            a.st_nlink = 4 if inode == ROOT else 2
+            a.entry_timeout = 0 if inode == ROOT else 300
+            a.attr_timeout = 1 if inode == ROOT else 0
         elif inode == DISK:
             a.st_mode = stat.S_IFREG | mode(0o666, ro)
             a.st_nlink = 1
@@ -140,6 +148,11 @@ class QcowOperations(pyfuse3.Operations):
             a.st_blocks = self.disk.image.allocated_host_bytes() // 512
             a.entry_timeout = 300
             a.attr_timeout = 1
+        elif inode in self.inode_snaps:
+            snap = self.snapshot_by_inode(inode)
+            if snap is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            self.snapshot_attr(a, snap)
         else:
             name = self.inode_names.get(inode)
             if name is None or name not in self.disk.bitmaps.bitmaps:
@@ -162,6 +175,12 @@ class QcowOperations(pyfuse3.Operations):
                 return self._attr(DISK)
             if name == BITMAPS_NAME:
                 return self._attr(BITMAPS_DIR)
+            if name == SNAPSHOTS_NAME:
+                return self._attr(SNAPSHOTS_DIR)
+        elif parent_inode == SNAPSHOTS_DIR:
+            snap = self.snapshot_files().get(name)
+            if snap is not None:
+                return self._attr(self.snap_inode(snap))
         elif parent_inode == BITMAPS_DIR:
             n = os.fsdecode(name)
             if n in self.disk.bitmaps.bitmaps:
@@ -178,8 +197,10 @@ class QcowOperations(pyfuse3.Operations):
             if inode == DISK:
                 if attr.st_size != self.disk.size:
                     raise pyfuse3.FUSEError(errno.EPERM)
-            elif inode in (ROOT, BITMAPS_DIR):
+            elif inode in DIRS:
                 raise pyfuse3.FUSEError(errno.EISDIR)
+            elif inode in self.inode_snaps:
+                raise pyfuse3.FUSEError(errno.EROFS)
             # truncating a bitmap file (echo cmd > NAME opens with O_TRUNC) is accepted and ignored
         if (fields.update_mode or fields.update_uid or fields.update_gid):
             raise pyfuse3.FUSEError(errno.EPERM)
@@ -192,14 +213,18 @@ class QcowOperations(pyfuse3.Operations):
     # ------------------------------------------------------------------ directories
     @_guard
     async def opendir(self, inode, ctx):
-        if inode not in (ROOT, BITMAPS_DIR):
+        if inode not in DIRS:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
     @_guard
     async def readdir(self, fh, start_id, token):
         if fh == ROOT:
-            entries = [(DISK_NAME, DISK), (BITMAPS_NAME, BITMAPS_DIR)]
+            entries = [(DISK_NAME, DISK), (BITMAPS_NAME, BITMAPS_DIR), (SNAPSHOTS_NAME, SNAPSHOTS_DIR)]
+        elif fh == SNAPSHOTS_DIR:
+            if start_id == 0:
+                self.snapshots_changed()  # a fresh listing rereads the table
+            entries = [(n, self.snap_inode(s)) for n, s in sorted(self.snapshot_files().items())]
         else:
             entries = [(os.fsencode(n), self._bitmap_inode(n)) for n in sorted(self.disk.bitmaps.bitmaps)]
         for i in range(start_id, len(entries)):
@@ -221,8 +246,13 @@ class QcowOperations(pyfuse3.Operations):
             # stale is served from the page cache, and the kernel skips its per-write
             # security.capability getxattr round trip (measured: 2 requests per write -> 1).
             return pyfuse3.FileInfo(fh=DISK, direct_io=True)
-        if inode in (ROOT, BITMAPS_DIR):
+        if inode in DIRS:
             raise pyfuse3.FUSEError(errno.EISDIR)
+        if inode in self.inode_snaps:
+            snap = self.snapshot_by_inode(inode)
+            if snap is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            return self.open_snapshot(snap, writing)
         name = self.inode_names.get(inode)
         if name is None or name not in self.disk.bitmaps.bitmaps:
             raise pyfuse3.FUSEError(errno.ENOENT)
@@ -239,10 +269,13 @@ class QcowOperations(pyfuse3.Operations):
 
     @_guard
     async def create(self, parent_inode, name, mode, flags, ctx):
-        if parent_inode != BITMAPS_DIR:
+        if parent_inode not in (BITMAPS_DIR, SNAPSHOTS_DIR):
             raise pyfuse3.FUSEError(errno.EPERM)
         if self.disk.read_only:
             raise pyfuse3.FUSEError(errno.EROFS)
+        if parent_inode == SNAPSHOTS_DIR:
+            snap = self.take_snapshot(name)
+            return self.open_snapshot(snap, False), self._attr(self.snap_inode(snap))
         n = os.fsdecode(name)
         self.disk.bitmaps.create(n)
         log.info("%s: created persistent bitmap %r", self.disk.image.path, n)
@@ -268,6 +301,9 @@ class QcowOperations(pyfuse3.Operations):
     def _read_bitmap(self, fh, off, size):
         h = self.handles.get(fh)
         if h is None:
+            view = self.snap_handles.get(fh)
+            if view is not None:
+                return view.read_view(off, size)
             raise pyfuse3.FUSEError(errno.EBADF)
         if off == 0:
             # a fresh read from the start sees the current status
@@ -316,13 +352,17 @@ class QcowOperations(pyfuse3.Operations):
 
     async def release(self, fh):
         self.handles.pop(fh, None)
+        self.snap_handles.pop(fh, None)
 
     @_guard
     async def unlink(self, parent_inode, name, ctx):
-        if parent_inode != BITMAPS_DIR:
+        if parent_inode not in (BITMAPS_DIR, SNAPSHOTS_DIR):
             raise pyfuse3.FUSEError(errno.EPERM)
         if self.disk.read_only:
             raise pyfuse3.FUSEError(errno.EROFS)
+        if parent_inode == SNAPSHOTS_DIR:
+            self.delete_snapshot(name)
+            return
         n = os.fsdecode(name)
         self.disk.bitmaps.remove(n)
         self._forget_bitmap(n)
@@ -357,15 +397,30 @@ class QcowOperations(pyfuse3.Operations):
         cmd = bitmap_commands.decode(value)
         if self.disk.read_only:
             raise pyfuse3.FUSEError(errno.EROFS)
+        if cmd["op"] == "checkpoint":
+            self.last_result = self.disk.checkpoint(cmd["name"], cmd.get("disable", []), cmd.get("snapshot", True))
+            self.snapshots_changed()
+            log.info("%s: checkpoint %s", self.disk.image.path, self.last_result)
+            return
         removed = bitmap_commands.apply(self.disk.bitmaps, cmd, live=True)
         if removed is not None:
             self._forget_bitmap(removed)
         log.info("%s: bitmap %r: %s", self.disk.image.path, cmd["name"], cmd)
 
     # ------------------------------------------------------------------ misc
+    @_guard
     async def getxattr(self, inode, name, ctx):
         if inode == ROOT and name == PID_XATTR:
             return str(os.getpid()).encode()
+        if inode == BITMAPS_DIR and name == RESULT_XATTR and self.last_result is not None:
+            return json.dumps(self.last_result).encode()
+        if name.startswith(EXTENTS_XATTR) and inode in self.inode_names:
+            try:
+                start = int(name[len(EXTENTS_XATTR):])
+            except ValueError:
+                raise pyfuse3.FUSEError(errno.EINVAL) from None
+            bm = self.disk.bitmaps.usable(self.inode_names[inode])
+            return bitmap_commands.extents_chunk(bm, start)
         raise pyfuse3.FUSEError(errno.ENODATA)
 
     @_guard

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 from typing import Iterator, Optional
 
@@ -117,6 +118,30 @@ def offline_command(path: str, op: str, name: str, **kw) -> None:
         bitmap_commands.apply(disk.bitmaps, cmd, live=False)
 
 
+def live_extents(mountpoint: str, name: str) -> list:
+    """`bitmap extents` on a live mount: the daemon's in-memory bitmap, piece by piece."""
+    path = os.path.join(mountpoint, ".bitmaps", name)
+    out: list = []
+    start: Optional[int] = 0
+    while start is not None:
+        try:
+            piece = json.loads(os.getxattr(path, f"{bitmap_commands.EXTENTS_XATTR}{start}"))
+        except OSError as e:
+            reason = {errno.ENOENT: "no such bitmap",
+                      errno.EBUSY: "the bitmap is inconsistent (in use at the last close); its extents are unknown; "
+                                   "remove it"}.get(e.errno or 0, e.strerror or str(e))
+            raise QcowError(f"bitmap extents {name!r} failed: {reason}", mountpoint) from None
+        out += [{"start": s, "length": n, "dirty": d} for s, n, d in piece["extents"]]
+        start = piece["next"]
+    return out
+
+
+def live_checkpoint(mountpoint: str, name: str, disable: list, snapshot: bool) -> dict:
+    """Send a checkpoint to a running daemon; what it did (its JSON)."""
+    live_command(mountpoint, "checkpoint", name, disable=list(disable), snapshot=snapshot)
+    return json.loads(os.getxattr(os.path.join(mountpoint, ".bitmaps"), bitmap_commands.RESULT_XATTR))
+
+
 def live_command(mountpoint: str, op: str, name: str, **kw) -> None:
     """Send a command to a running qcowfs daemon (an xattr write on MOUNTPOINT/.bitmaps)."""
     value = bitmap_commands.encode(op, name, **kw)
@@ -124,13 +149,17 @@ def live_command(mountpoint: str, op: str, name: str, **kw) -> None:
         os.setxattr(os.path.join(mountpoint, ".bitmaps"), bitmap_commands.COMMAND_XATTR, value)
     except OSError as e:
         reasons: dict[int, str] = {
-            errno.EEXIST: "a bitmap with that name already exists (an inconsistent one must be removed first)",
+            errno.EEXIST: "that name is taken (by a bitmap, or for a checkpoint by a snapshot too; "
+                          "an inconsistent bitmap must be removed first)",
             errno.ENOENT: "no such bitmap",
             errno.EBUSY: "the bitmap is inconsistent (in use at the last close); remove it",
             errno.EROFS: "the mount is read-only",
             errno.EINVAL: "invalid argument (name or granularity)",
             errno.ENAMETOOLONG: "bitmap name too long (at most 1023 bytes)",
-            errno.EOPNOTSUPP: "not supported by this image (version 2 images cannot hold persistent bitmaps)",
+            errno.EOPNOTSUPP: "not supported by this image (version 2 images cannot hold persistent bitmaps; "
+                              "images with an external data file cannot hold internal snapshots)",
+            errno.ERANGE: "the image's refcounts cannot count another reference (narrow refcount_bits)",
         }
         reason = reasons.get(e.errno or 0, e.strerror or str(e))
-        raise QcowError(f"bitmap {op} {name!r} failed: {reason}", mountpoint) from None
+        what = op if op == "checkpoint" else f"bitmap {op}"
+        raise QcowError(f"{what} {name!r} failed: {reason}", mountpoint) from None

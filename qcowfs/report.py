@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sys
+import time
 
 from .consistency import CheckResult
 
@@ -42,6 +43,15 @@ def format_info(info: dict) -> str:
     for kind in ("incompatible", "compatible", "autoclear"):
         lines.append(f"    {kind} features: {', '.join(f[kind]) or 'none'}")
     lines.append(f"    internal snapshots: {d['snapshots']}")
+    if info.get("snapshots"):
+        lines.append("Snapshot list:")
+        lines.append(f"{'ID':<10}{'TAG':<18}{'VM SIZE':>7}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}")
+        for s in info["snapshots"]:
+            date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["date-sec"]))
+            clock = s["vm-clock-sec"]
+            vmc = f"{clock // 3600:02d}:{clock // 60 % 60:02d}:{clock % 60:02d}.{s['vm-clock-nsec'] // 1000000:03d}"
+            lines.append(f"{s['id']:<10}{s['name']:<18}{human_size(s['vm-state-size']):>7}{date:>20}{vmc:>13}"
+                         f"{s.get('icount', ''):>11}")
     if info["resolved-chain"]:
         lines.append("Files this image opens (resolved):")
         for c in info["resolved-chain"]:

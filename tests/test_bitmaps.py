@@ -531,7 +531,7 @@ def test_control_semantics(tmp_path, mount, qemu_dirty):
     assert e == errno.EEXIST, errno.errorcode.get(e, e)
     e = errno_of(lambda: os.unlink(m.bitmaps / "nosuch"))
     assert e == errno.ENOENT, errno.errorcode.get(e, e)
-    assert sorted(os.listdir(m.mnt)) == [".bitmaps", "disk.raw"]
+    assert sorted(os.listdir(m.mnt)) == [".bitmaps", ".snapshots", "disk.raw"]
     assert sorted(os.listdir(m.bitmaps)) == ["b0", "gone", "keep"]
 
     os.unlink(m.bitmaps / "gone")

@@ -26,7 +26,7 @@ import trio
 
 from conftest import sha256
 from qcowfs.disk import Disk
-from qcowfs.fs import BITMAPS_DIR, COMMAND_XATTR, DISK, PID_XATTR, ROOT, QcowOperations
+from qcowfs.fs import BITMAPS_DIR, COMMAND_XATTR, DISK, PID_XATTR, ROOT, SNAPSHOTS_DIR, QcowOperations
 from qcowfs.image import Qcow2Image
 from qcowfs.options import MountOptions
 from support.oracles import assert_clean, dirty_extents, qemu_bitmaps, qemu_img, qemu_io
@@ -168,9 +168,10 @@ def test_readdir_of_root_and_bitmaps(tmp_path, operations, listing):
     ops = operations(img)
     fh = call(ops.opendir, ROOT, CTX)
     root = listing(ops, fh)
-    assert [(n, ino) for n, ino, _, _ in root] == [("disk.raw", DISK), (".bitmaps", BITMAPS_DIR)]
-    assert stat.S_ISREG(root[0][2]) and stat.S_ISDIR(root[1][2])
-    assert [n for n, *_ in listing(ops, fh, start=root[0][3])] == [".bitmaps"]  # resumed after the first
+    assert [(n, ino) for n, ino, _, _ in root] == [("disk.raw", DISK), (".bitmaps", BITMAPS_DIR),
+                                                   (".snapshots", SNAPSHOTS_DIR)]
+    assert stat.S_ISREG(root[0][2]) and stat.S_ISDIR(root[1][2]) and stat.S_ISDIR(root[2][2])
+    assert [n for n, *_ in listing(ops, fh, start=root[0][3])] == [".bitmaps", ".snapshots"]  # resumed after the first
     assert [n for n, *_ in listing(ops, fh, limit=1)] == ["disk.raw"]  # a full buffer stops the listing
     call(ops.releasedir, fh)
     bfh = call(ops.opendir, BITMAPS_DIR, CTX)

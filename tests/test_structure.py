@@ -14,7 +14,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "qcowfs"
 MAX_LINES = 520
-FUSE_MODULES = {"fs", "fuseloop", "mount"}
+FUSE_MODULES = {"fs", "fs_snapshots", "fuseloop", "mount"}
 
 
 def _imports(path: Path) -> set:
