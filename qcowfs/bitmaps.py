@@ -322,13 +322,15 @@ class BitmapStore:
             raise BitmapError(f"an image holds at most {fmt.MAX_BITMAPS} bitmaps", img.path, errno.ENOSPC)
         bm = DirtyBitmap(name, granularity, img.size, persistent=persistent, enabled=enabled)
         if persistent:
-            # Write the entry now, in_use, with an all-zero table of the right size: a crash
-            # leaves a visible inconsistent bitmap instead of nothing (Launchpad 1814418).
+            # Write the entry now, with an all-zero table of the right size: a crash leaves a
+            # visible record instead of nothing (Launchpad 1814418). In close mode it is in_use
+            # (inconsistent after a crash); in intent mode an empty bitmap is already valid, so it
+            # is written consistent, and stored with all its data clusters just after.
             tsize = table_size_for(img.size, granularity, img.cluster_size)
             tclusters = div_round_up(tsize * 8, img.cluster_size)
             toff = img.refcounts.allocate(tclusters)
             img.file.pwrite(bytes(tclusters * img.cluster_size), toff)
-            flags = fmt.BME_FLAG_IN_USE | (fmt.BME_FLAG_AUTO if enabled else 0)
+            flags = (0 if self.intent else fmt.BME_FLAG_IN_USE) | (fmt.BME_FLAG_AUTO if enabled else 0)
             bm.disk_entry = (toff, tsize, flags, b"")
             self.bitmaps[name] = bm
             try:

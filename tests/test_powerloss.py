@@ -39,16 +39,21 @@ class _Summary:
         self.total = 0
         self.workloads: set = set()
         self.seconds = 0.0
+        self.intent_total = 0
+        self.intent_workloads: set = set()
 
     def add(self, stats: pl.Stats) -> None:
         self.lines.append(stats.line())
         self.total += stats.distinct
         self.workloads.add(stats.workload)
         self.seconds += stats.seconds
+        if stats.bitmap_sync == "intent":
+            self.intent_total += stats.distinct
+            self.intent_workloads.add(stats.workload)
 
     def total_line(self) -> str:
-        return (f"power-loss total: {self.total} distinct crash states checked across {len(self.workloads)} "
-                f"workloads in {self.seconds:.0f}s")
+        return pl.total_line(self.total, len(self.workloads), self.seconds, self.intent_total,
+                             sorted(self.intent_workloads))
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         if not self.lines:
@@ -115,6 +120,64 @@ def test_harness_catches_bitmaps_left_clean(tmp_path, monkeypatch):
                                               max_states=40))
     msgs = [f for res in ex.stats.failures for f in res["failures"]]
     assert any("is clean (not in_use) but holds version ['pristine']" in f for f in msgs), ex.stats.line()
+
+
+def _intent_failures(tmp_path, name: str) -> tuple:
+    ex = pl.explore_workload(pl.wl_intent_minimal(), str(tmp_path / name), jobs=JOBS)
+    return ex, [f for res in ex.stats.failures for f in res["failures"]]
+
+
+def test_intent_minimal_passes(tmp_path):
+    """Positive control for the two below: the intent-mode minimal workload passes with qcowfs as it is."""
+    ex, msgs = _intent_failures(tmp_path, "ok")
+    assert not msgs, pl.failure_report(ex)
+    assert ex.stats.intent_bitmaps and ex.stats.intent_landed and ex.stats.nbd_views, ex.stats.line()
+
+
+def test_harness_catches_intents_not_written(tmp_path, monkeypatch):
+    """Negative control: if a guest write did not make its granules' bits durable first (intent mode), crash
+    states show a valid bitmap missing a returned write (lower bound) and data no write outside the bitmap
+    explains (changed data); the harness must say both, in qcowfs' reading and in QEMU's NBD view (checked
+    on every state of this workload)."""
+    from qcowfs.bitmaps import BitmapStore
+
+    monkeypatch.setattr(BitmapStore, "_write_intents", lambda self, offset, length: None)
+    ex, msgs = _intent_failures(tmp_path, "nointent")
+    for view in ("qcowfs' reading", "QEMU's NBD view"):
+        assert any(f"({view}): bit" in f and "is clear on disk although guest write #" in f for f in msgs), ex.stats.line()
+        assert any(f"({view}): bit" in f and "the data reached the disk before the intent" in f for f in msgs), \
+            ex.stats.line()
+
+
+def test_harness_catches_data_before_intent(tmp_path, monkeypatch):
+    """Negative control: intents written but their fdatasync moved after the guest data write (so both
+    are in one flush epoch): some crash states hold the data but not the intent. Only the changed-data
+    rule can see it (the intent is durable once the write returns)."""
+    from qcowfs.bitmaps import BitmapStore
+    from qcowfs.disk import Disk
+
+    write_intents, disk_write = BitmapStore._write_intents, Disk.write
+
+    def late_intents(self, offset, length):
+        f = self.image.file
+        f.flush = lambda: setattr(self, "late_flush", True)  # the flush it asks for is deferred
+        try:
+            write_intents(self, offset, length)
+        finally:
+            del f.flush
+
+    def write(self, offset, data):
+        n = disk_write(self, offset, data)
+        if getattr(self.bitmaps, "late_flush", False):
+            self.bitmaps.late_flush = False
+            self.image.file.flush()
+        return n
+
+    monkeypatch.setattr(BitmapStore, "_write_intents", late_intents)
+    monkeypatch.setattr(Disk, "write", write)
+    ex, msgs = _intent_failures(tmp_path, "late")
+    assert any("the data reached the disk before the intent" in f for f in msgs), ex.stats.line()
+    assert not any("is clear on disk although" in f for f in msgs), pl.failure_report(ex)
 
 
 def test_recording_covers_all_io(tmp_path):

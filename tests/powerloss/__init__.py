@@ -43,6 +43,31 @@ How it works
      - qcowfs logs no error while reading the state;
      - on a sample of states, qemu-img convert -O raw equals qcowfs' read of the state
        (and internal snapshots read back unchanged).
+5. Intent mode (Workload(bitmap_sync="intent"); the Driver opens and reopens with
+   Disk(bitmap_sync=...), a reopen may switch modes; the "open" marker says which). The driver's
+   markers (guest write started "gw" / returned "gw-done", bitmap create/remove, "bmc" commands:
+   clear, disable, enable, merge) are replayed by driver.Tracker into, per bitmap, its exact state as
+   of the last completed step (recording or not, the guest writes it recorded since its last clear,
+   ranges dirty without a write of its own: QEMU-made bits, merged bits) and the step under way.
+   Every crash state of an intent-mode open is checked (verify._check_intent_bitmaps) for:
+     - qemu-img check 0 or 3, the guest data, as above; the bitmaps extension never stale;
+     - every bitmap present (created -> present, removal completed -> gone), never in_use (QEMU's
+       flags and qcowfs' loader), not even while it is being created, "auto" as recording;
+     - lower bound: every bit of the exact state as of the last completed step (a write's intent is
+       durable before it is issued), except while a clear or the creation is under way;
+     - changed data (the issue's superset property): in a granule whose bit is clear, every byte is
+       explained without the writes the bitmap recorded (the durable writes it did not record over
+       the pristine content, or a value an unflushed write it did not record put there); writes
+       while it was disabled, or before its last clear, need no bit;
+     - upper bound: no bit outside the 8 MiB intent regions of the writes it recorded and its extra
+       ranges (qcowfs marks whole regions, nothing else: a clear or disable that did not reach the
+       disk shows here);
+     - after a completed clean close: exactly the model's bits;
+     - on every nbd_every-th new state (and every state after a close or inside an open) the same
+       checks on QEMU's own view of each bitmap (qemu-nbd -B + nbdinfo --map), which must also equal
+       qcowfs' reading.
+   wl_intent_minimal (not in workloads()) is the negative controls' workload: test_powerloss runs it
+   against qcowfs with the intents not written, and with their fdatasync moved after the data.
 """
 
 from __future__ import annotations
@@ -55,13 +80,13 @@ try:
 except ImportError:  # run from a checkout without an installed qcowfs
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from .driver import BitmapSpec, Driver, Model, expected_bits
-from .explore import Explorer, Stats, explore_workload, failure_report
+from .driver import BitmapSpec, BmPhase, BmState, Driver, Model, Tracker, expected_bits, state_bits
+from .explore import Explorer, Stats, explore_workload, failure_report, total_line
 from .iolog import SECTOR, F, IOLog, M, RecordingHostFile, T, W, recording_factory, replay_all
 from .verify import Expect, Task, check_state, compare_guest
-from .workloads import Bounds, Recorded, Workload, record, workloads
+from .workloads import Bounds, Recorded, Workload, record, wl_intent_minimal, workloads
 
 __all__ = ["W", "F", "T", "M", "SECTOR", "IOLog", "RecordingHostFile", "recording_factory", "replay_all",
            "BitmapSpec", "Model", "Driver", "expected_bits", "Bounds", "Workload", "Recorded", "record",
-           "workloads", "Expect", "Task", "check_state", "compare_guest", "Stats", "Explorer",
-           "explore_workload", "failure_report"]
+           "workloads", "wl_intent_minimal", "Expect", "Task", "check_state", "compare_guest", "Stats", "Explorer",
+           "explore_workload", "failure_report", "total_line", "BmState", "BmPhase", "Tracker", "state_bits"]

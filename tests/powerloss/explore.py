@@ -41,6 +41,7 @@ class Stats:
     qemu_checks: int = 0
     dirty_states: int = 0
     dirty_repaired: int = 0  # dirty states qemu-img check called corrupt (repaired, then clean)
+    repair_eof_leaks: int = 0  # ... where leaks past the end of the file came into view after QEMU's repair
     leaks: int = 0  # states where qemu-img check reported leaks (exit 3)
     in_use_bitmaps: int = 0
     clean_bitmaps: int = 0
@@ -48,7 +49,8 @@ class Stats:
     oracle_reads: int = 0
     intent_bitmaps: int = 0  # intent-mode bitmaps checked: valid, covering every changed granule
     intent_landed: int = 0  # ... in states holding unflushed data of a write they recorded
-    intent_creating: int = 0  # in_use bitmaps seen while their creation was under way
+    intent_opening: int = 0  # intent-mode states inside a read-write open (activation stores every bitmap)
+    bitmap_sync: str = "close"  # the workload's first open
     nbd_views: int = 0  # bitmaps checked in QEMU's own view too (qemu-nbd -B + nbdinfo)
     log_writes: int = 0
     log_flushes: int = 0
@@ -59,15 +61,18 @@ class Stats:
         extra = [f"{self.checks} state/expectation pairs", f"{self.crash_points} crash points",
                  f"log {self.log_writes} writes / {self.log_flushes} flushes", f"{self.leaks} with leaks"]
         if self.dirty_states:
-            extra.append(f"{self.dirty_states} with the dirty bit ({self.dirty_repaired} corrupt until repaired)")
+            extra.append(f"{self.dirty_states} with the dirty bit ({self.dirty_repaired} corrupt until repaired"
+                         + (f", {self.repair_eof_leaks} with leaks past the end of the file that QEMU's repair exposed"
+                            if self.repair_eof_leaks else "") + ")")
         if self.in_use_bitmaps or self.clean_bitmaps:
             extra.append(f"{self.in_use_bitmaps} in_use + {self.clean_bitmaps} clean bitmaps seen")
         if self.stale_bitmaps:
             extra.append(f"{self.stale_bitmaps} with the bitmaps extension stale")
         if self.intent_bitmaps:
             extra.append(f"intent mode: {self.intent_bitmaps} bitmaps checked valid and covering every changed granule "
-                         f"({self.intent_landed} with unflushed recorded data on disk, {self.nbd_views} in QEMU's NBD view too"
-                         + (f", {self.intent_creating} in_use mid-creation" if self.intent_creating else "") + ")")
+                         f"({self.intent_landed} states with unflushed recorded data on disk, {self.intent_opening} during "
+                         f"activation, {self.nbd_views} in QEMU's NBD view too"
+                         + ")")
         extra.append(f"{self.oracle_reads} qemu-img convert cross-checks")
         return (f"power-loss {self.workload}: {self.distinct} distinct crash states checked ({', '.join(extra)}) "
                 f"in {self.seconds:.1f}s" + (f", {len(self.failures)} FAILING" if self.failures else ""))
@@ -165,7 +170,7 @@ class Explorer:
         self.bounds = bounds
         self.jobs = jobs
         self.rng = random.Random(seed ^ zlib.crc32(rec.model.name.encode()))
-        self.stats = Stats(workload=rec.model.name)
+        self.stats = Stats(workload=rec.model.name, bitmap_sync=rec.model.bitmap_sync)
         c = rec.log.counts()
         self.stats.log_writes, self.stats.log_flushes = c["writes"], c["flushes"]
         self.seen_content: set = set()
@@ -370,8 +375,9 @@ class Explorer:
 
     def _collect(self, res: dict) -> None:
         s = self.stats
-        for k in ("qemu_checks", "dirty_states", "dirty_repaired", "leaks", "in_use_bitmaps", "clean_bitmaps", "stale_bitmaps",
-                  "oracle_reads", "intent_bitmaps", "intent_landed", "intent_creating", "nbd_views"):
+        for k in ("qemu_checks", "dirty_states", "dirty_repaired", "repair_eof_leaks", "leaks", "in_use_bitmaps",
+                  "clean_bitmaps", "stale_bitmaps", "oracle_reads", "intent_bitmaps", "intent_landed",
+                  "intent_opening", "nbd_views"):
             setattr(s, k, getattr(s, k) + res.get(k, 0))
         if res["failures"]:
             s.failures.append(res)
@@ -391,6 +397,15 @@ class Explorer:
             else:
                 out.append(f"  #{j} marker {e[1]} {e[2]!r}")
         return "\n".join(out)
+
+
+def total_line(total: int, workloads: int, seconds: float, intent_total: int = 0, intent_workloads=()) -> str:
+    """The summary line of a run (pytest's terminal summary, scripts/crash-states)."""
+    line = f"power-loss total: {total} distinct crash states checked across {workloads} workloads"
+    if intent_workloads:
+        line += (f" ({intent_total} of them in {len(intent_workloads)} intent-mode bitmap workloads: "
+                 f"{', '.join(intent_workloads)})")
+    return line + f" in {seconds:.0f}s"
 
 
 def failure_report(ex: Explorer, max_failures: int = 3) -> str:

@@ -353,15 +353,17 @@ def _intent_writes(d: Driver, rng: random.Random, n: int, spots: list, flush_eve
 
 
 def wl_intent_bitmaps() -> Workload:
-    """Intent mode (bitmap_sync="intent"), 32 MiB disk (four 8 MiB intent regions), 64 KiB clusters.
+    """Intent mode (bitmap_sync="intent"), 24 MiB disk (three 8 MiB intent regions), 64 KiB clusters.
     Pristine (QEMU-made): q0 (64 KiB granules) and gone (16 KiB) holding the bits of QEMU's own writes,
     qd (4 KiB) disabled. Session 1: activation stores them all with every data cluster allocated;
     create b0 during the mount; first writes into clean granules of every region, a write straddling
     a region boundary, writes over dirty granules; remove gone; disable q0, write, enable q0, write over
     the same places; clear b0, write over its old dirty granules; enable qd; create b1 (16 MiB granules,
-    larger than a region); merge q0 into b0; close (exact bits). Session 2 (intent again): writes over
-    granules dirty from session 1 and next to them, clear q0, remove b0, disable b1, writes, close."""
-    size = 32 * MiB
+    larger than a region, the last one partial); merge q0 into b0; close (exact bits). Session 2 (intent
+    again): writes over granules dirty from session 1 and next to them, clear q0, remove b0, disable b1,
+    writes, close. Session 3: create b2 (512 B granules), writes, merge b1 (disabled, 16 MiB granules)
+    into it, enable b1, writes, clear b2, writes, remove q0, writes, close."""
+    size = 24 * MiB
 
     def create(dirname):
         img = os.path.join(dirname, "disk.qcow2")
@@ -379,7 +381,7 @@ def wl_intent_bitmaps() -> Workload:
         R = 8 * MiB
         d.create_bitmap("b0", 4096)
         # first writes into clean granules of every region (one intent each), one straddling regions 0|1
-        for r in range(4):
+        for r in range(3):
             d.write(r * R + rng.randrange(0, R - 64 * KiB), rng.randbytes(rng.choice([512, 5000, 64 * KiB])))
         d.write(R - 3000, rng.randbytes(6000))
         d.flush()
@@ -387,9 +389,9 @@ def wl_intent_bitmaps() -> Workload:
         _intent_writes(d, rng, 6, spots)  # over dirty granules (same regions: no new intent)
         d.remove_bitmap("gone")
         d.disable_bitmap("q0")
-        _intent_writes(d, rng, 4, [2 * R + 1 * MiB, 3 * R + 5 * MiB])
+        _intent_writes(d, rng, 4, [2 * R + 1 * MiB, 2 * R + 5 * MiB])
         d.enable_bitmap("q0")
-        _intent_writes(d, rng, 4, [2 * R + 1 * MiB, 3 * R + 5 * MiB, 0])
+        _intent_writes(d, rng, 4, [2 * R + 1 * MiB, 2 * R + 5 * MiB, 0])
         d.clear_bitmap("b0")
         _intent_writes(d, rng, 5, spots)  # over b0's old dirty granules: first writes again for b0
         d.enable_bitmap("qd")
@@ -404,24 +406,35 @@ def wl_intent_bitmaps() -> Workload:
         d.remove_bitmap("b0")
         d.disable_bitmap("b1")
         _intent_writes(d, rng, 4, spots)
+        d.reopen()
+        d.create_bitmap("b2", 512)
+        _intent_writes(d, rng, 5, spots + [2 * R + 3 * MiB], flush_every=2)
+        d.merge_bitmap("b1", "b2")
+        d.enable_bitmap("b1")
+        _intent_writes(d, rng, 5, spots + [R + 7 * MiB])
+        d.clear_bitmap("b2")
+        _intent_writes(d, rng, 4, spots)
+        d.remove_bitmap("q0")
+        _intent_writes(d, rng, 3, spots, flush_every=2)
         d.close()
 
-    return Workload("intent-bitmaps-c64k", create, body, bitmap_sync="intent", nbd_every=6,
+    return Workload("intent-bitmaps-c64k", create, body, bitmap_sync="intent", nbd_every=8,
                     bounds=Bounds(exhaustive=16, prefixes=5, drop_one=3, singles=3, random=6, torn=3))
 
 
 def wl_intent_data_file() -> Workload:
-    """Intent mode with 512 B clusters (an intent region's bitmap data spans several clusters: written
-    piecewise, torn) and an external data file (the intent's fdatasync is of the image, the data goes
-    to the data file). 16 MiB disk. Pristine: p (512 B granules) holding QEMU's writes. Session 1
+    """Intent mode with 1 KiB clusters (an intent region of p's bitmap data, 2 KiB, spans two clusters:
+    written piecewise, torn) and an external data file (the intent's fdatasync is of the image, the data goes
+    to the data file). 9 MiB + 3.5 KiB disk: the second intent region is partial, c's last granule too
+    (and qcowfs reads small clusters slowly: a small disk). Pristine: p (512 B granules) holding QEMU's writes. Session 1
     (intent): create c (64 KiB) and writes, clear p, disable c, writes, enable c, writes, close.
     Session 2 switches to close mode (bitmaps marked in_use in place over intent-stored ones, then
-    stored exactly), session 3 back to intent mode; each writes a little and closes."""
-    size = 16 * MiB
+    stored exactly), session 3 back to intent mode (writes, clear c, writes); each closes."""
+    size = 9 * MiB + 3584
 
     def create(dirname):
         img = os.path.join(dirname, "disk.qcow2")
-        _create(img, size, cluster_size=512, data_file="disk.data")
+        _create(img, size, cluster_size=1024, data_file="disk.data")
         run(["qemu-img", "bitmap", "--add", "-g", "512", img, "p"], cwd=dirname)
         run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x55 {3 * MiB} {64 * KiB}", "-c", f"write -P 0x56 {9 * MiB + 512} 1000",
              img], cwd=dirname)
@@ -430,25 +443,85 @@ def wl_intent_data_file() -> Workload:
 
     def body(d, rng):
         R = 8 * MiB
-        spots = [0, 3 * MiB, R - 40 * KiB, R + 1 * MiB, 2 * R - 200 * KiB]
+        spots = [0, 3 * MiB, R - 40 * KiB, R + 512 * KiB, size - 5000]
         d.create_bitmap("c", 65536)
-        _intent_writes(d, rng, 8, spots, flush_every=2)
+        _intent_writes(d, rng, 10, spots, flush_every=2)
         d.clear_bitmap("p")
-        _intent_writes(d, rng, 4, spots)
+        _intent_writes(d, rng, 6, spots)
         d.disable_bitmap("c")
-        _intent_writes(d, rng, 3, spots)
-        d.enable_bitmap("c")
         _intent_writes(d, rng, 4, spots)
+        d.enable_bitmap("c")
+        _intent_writes(d, rng, 6, spots)
         d.flush()
         d.reopen(bitmap_sync="close")
-        _intent_writes(d, rng, 3, spots)
+        _intent_writes(d, rng, 4, spots)
         d.flush()
         d.reopen(bitmap_sync="intent")
-        _intent_writes(d, rng, 4, spots, flush_every=2)
+        _intent_writes(d, rng, 6, spots, flush_every=2)
+        d.clear_bitmap("c")
+        _intent_writes(d, rng, 4, spots)
         d.close()
 
-    return Workload("intent-data-file-c512", create, body, bitmap_sync="intent",
+    return Workload("intent-data-file-c1k", create, body, bitmap_sync="intent",
                     bounds=Bounds(exhaustive=16, prefixes=5, drop_one=3, singles=3, random=6, torn=3))
+
+
+def wl_intent_lazy() -> Workload:
+    """Intent mode with lazy refcounts (the dirty bit is set while open, refcounts are written late):
+    the bitmap clusters allocated by activation, creation and every store must survive both repairs
+    of a dirty crash state (qemu-img check -r all, and qcowfs' refcount rebuild at its next read-write
+    open), and the bitmaps must stay valid supersets. 16 MiB, 4 KiB clusters. Pristine: l (64 KiB
+    granules) with QEMU's writes; create n (4 KiB), writes, clear l, writes, close; reopen, disable l,
+    writes, remove n, enable l, writes, close."""
+    size = 16 * MiB
+
+    def create(dirname):
+        img = os.path.join(dirname, "disk.qcow2")
+        _create(img, size, cluster_size=4096, lazy_refcounts="on")
+        qemu_img("bitmap", "--add", "-g", "65536", img, "l")
+        qemu_io(img, f"write -P 0x66 0 {1 * MiB}")
+        return dict(image="disk.qcow2", pristine_bitmaps=[_pristine_bitmap(img, "l", 65536)])
+
+    def body(d, rng):
+        spots = [512 * KiB, 5 * MiB, 8 * MiB - 30 * KiB, 13 * MiB]
+        d.create_bitmap("n", 4096)
+        _intent_writes(d, rng, 8, spots, flush_every=2)
+        d.clear_bitmap("l")
+        _intent_writes(d, rng, 6, spots)
+        d.flush()
+        d.reopen()
+        d.disable_bitmap("l")
+        _intent_writes(d, rng, 4, spots, flush_every=2)
+        d.remove_bitmap("n")
+        d.enable_bitmap("l")
+        _intent_writes(d, rng, 5, spots, flush_every=2)
+        d.close()
+
+    return Workload("intent-lazy-refcounts-c4k", create, body, lazy=True, bitmap_sync="intent", nbd_every=6)
+
+
+def wl_intent_minimal() -> Workload:
+    """The smallest intent-mode workload where the order of intent and data matters: QEMU wrote data
+    first and added bitmap q afterwards (clean); one guest write over allocated clusters (no allocation,
+    so nothing but the intent's own fdatasync separates intent and data), a flush, close. Every subset
+    of each flush epoch is enumerated. Not in workloads(): the negative controls of test_powerloss run
+    it against a qcowfs broken on purpose (and once unbroken)."""
+
+    def create(dirname):
+        img = os.path.join(dirname, "disk.qcow2")
+        _create(img, 16 * MiB, cluster_size=65536)
+        qemu_io(img, f"write -P 0x77 0 {1 * MiB}", f"write -P 0x78 {9 * MiB} {1 * MiB}")
+        qemu_img("bitmap", "--add", "-g", "65536", img, "q")
+        return dict(image="disk.qcow2", pristine_bitmaps=[_pristine_bitmap(img, "q", 65536)])
+
+    def body(d, rng):
+        d.write(64 * KiB + 512, rng.randbytes(4096))
+        d.write(9 * MiB + 3000, rng.randbytes(700))
+        d.flush()
+        d.close()
+
+    return Workload("intent-minimal", create, body, bitmap_sync="intent", nbd_every=1,
+                    bounds=Bounds(exhaustive=256, torn=4))
 
 
 def workloads() -> list:
@@ -458,7 +531,7 @@ def workloads() -> list:
             out.append(wl_alloc(cluster, refbits, size, count))
     out += [wl_refblock_siblings(), wl_reftable_growth(), wl_cow_backing(), wl_cow_backing(extended=True),
             wl_zero_free(), wl_zero_free("0.10"), wl_snapshot(), wl_bitmaps(), wl_lazy(), wl_data_file(),
-            wl_intent_bitmaps(), wl_intent_data_file()]
+            wl_intent_bitmaps(), wl_intent_data_file(), wl_intent_lazy()]
     return out
 
 
