@@ -208,7 +208,12 @@ REPAIR_MAY_DIFFER = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(DAMAGE))
+#: the damage cases scripts/test --quick runs (the whole set is marked slow)
+QUICK_DAMAGE = ("leak", "reserved-bits", "copied-flag")
+
+
+@pytest.mark.parametrize("case", [c if c in QUICK_DAMAGE else pytest.param(c, marks=pytest.mark.slow)
+                                  for c in sorted(DAMAGE)])
 def test_check_agrees_with_qemu_and_repairs(tmp_path, case):
     damage, repairable = DAMAGE[case]
     img = make(tmp_path)
@@ -353,7 +358,8 @@ def _layout_lazy_dirty(img):
 LAYOUTS = {name[len("_layout_"):]: fn for name, fn in sorted(globals().items()) if name.startswith("_layout_")}
 
 
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("layout", [x if x in ("compressed", "snapshot", "data_file") else
+                                    pytest.param(x, marks=pytest.mark.slow) for x in sorted(LAYOUTS)])
 def test_check_agrees_with_qemu_on_layouts(tmp_path, layout):
     img = tmp_path / "img.qcow2"
     LAYOUTS[layout](img)

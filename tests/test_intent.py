@@ -100,7 +100,7 @@ class Storm(threading.Thread):
                 pass
 
 
-@pytest.mark.parametrize("k", range(4))
+@pytest.mark.parametrize("k", [0] + [pytest.param(k, marks=pytest.mark.slow) for k in range(1, 4)])
 def test_kill9_during_a_write_storm_leaves_valid_bitmaps(tmp_path, mount, k):
     size = 96 * MiB
     img = make(tmp_path, size)
