@@ -70,6 +70,7 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 def errno_of(call, *args) -> int:
     with pytest.raises(OSError) as info:
         call(*args)
+    assert info.value.errno is not None
     return info.value.errno
 
 
