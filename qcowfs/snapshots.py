@@ -11,7 +11,14 @@ Crash order (qcow2-facts "Internal snapshots"): on creation the L1 copy and the 
 increases are durable (and the COPIED changes after them, flush_metadata's order) before a
 new snapshot table is written and the header switched to it in one write; on deletion the
 header is switched to a table without the snapshot first, then the refcounts fall. A crash
-at any point leaks clusters at worst.
+before the switch leaves no snapshot, after it a complete one; no data is ever lost or shared
+wrongly. One window cannot be closed, in QEMU either (reproduced with blkdebug on qemu-img
+snapshot -c/-d): a refcount and the COPIED flag of the entry that points at it live in different
+clusters, so a crash between the two writes leaves a COPIED/refcount mismatch that qemu-img check
+counts as a corruption. Only harmless kinds occur (COPIED set on a refcount of 2 whose extra
+reference is a leak; COPIED clear on a refcount of 1, which costs one needless copy), and
+`qemu-img check -r all` / `qcowfs check --repair=all` mend them; the power-loss harness accepts
+exactly these, only while a snapshot step was under way.
 
 A SnapshotView reads a snapshot through the image's read path and L2 cache: tables and
 clusters shared with the active disk are never changed in place (the write path copies

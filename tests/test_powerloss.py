@@ -180,6 +180,64 @@ def test_harness_catches_data_before_intent(tmp_path, monkeypatch):
     assert not any("is clear on disk although" in f for f in msgs), pl.failure_report(ex)
 
 
+def _snapshot_failures(tmp_path, name: str) -> tuple:
+    ex = pl.explore_workload(pl.wl_snapshot_minimal(), str(tmp_path / name), jobs=JOBS)
+    return ex, [f for res in ex.stats.failures for f in res["failures"]]
+
+
+def _step_under_way(ex, res: dict) -> str:
+    """The snapshot step ("sn+ NAME" / "sn- NAME") under way at a failing state's crash point, or ""."""
+    p = int(res["where"].split("log position ")[1].split(" ")[0])
+    step = ""
+    for e in ex.rec.log.entries[:p]:
+        if e[0] == pl.M and e[1] in ("sn+", "sn-"):
+            step = f"{e[1]} {e[2]}"
+        elif e[0] == pl.M and e[1] in ("sn+done", "sn-done"):
+            step = ""
+    return step
+
+
+def test_snapshot_minimal_passes(tmp_path):
+    """Positive control for the one below: the minimal snapshot workload passes with qcowfs as it is, and
+    its crash states catch a creation and a deletion half-way (listed and not), and the harmless
+    OFLAG_COPIED mismatches QEMU's order leaves (allowed only then)."""
+    ex, msgs = _snapshot_failures(tmp_path, "ok")
+    assert not msgs, pl.failure_report(ex)
+    st = ex.stats
+    assert st.snap_views and st.snap_oracle and st.snap_midway_listed and st.snap_midway_absent, st.line()
+    assert st.copied_mismatch, st.line()
+
+
+def test_harness_catches_snapshot_steps_without_barriers(tmp_path, monkeypatch):
+    """Negative control: snapshot creation and deletion with every flush they ask for deferred to their end
+    (one flush epoch: the header switch may reach the disk before the refcount increases, or after the
+    refcounts fell). qemu-img check must call crash states inside both steps corrupt, and not only with
+    OFLAG_COPIED mismatches."""
+    from qcowfs import snapshots
+
+    def deferred(fn):
+        def run(img, *args, **kw):
+            f = img.file
+            f.flush = lambda: None
+            try:
+                return fn(img, *args, **kw)
+            finally:
+                del f.flush
+                f.flush()
+
+        return run
+
+    monkeypatch.setattr(snapshots, "create", deferred(snapshots.create))
+    monkeypatch.setattr(snapshots, "delete", deferred(snapshots.delete))
+    ex, _ = _snapshot_failures(tmp_path, "nobarrier")
+    bad = {}
+    for res in ex.stats.failures:
+        for f in res["failures"]:
+            if "qemu-img check exit 2" in f and "not an OFLAG_COPIED mismatch or a leak" in f:
+                bad.setdefault(_step_under_way(ex, res).split(" ")[0], []).append(f)
+    assert set(bad) == {"sn+", "sn-"}, (sorted(bad), ex.stats.line())
+
+
 def test_recording_covers_all_io(tmp_path):
     """RecordingHostFile logs every write/flush of the image and the external data file, names the
     file, and replaying the log over the pristine bytes reproduces both files exactly."""

@@ -12,7 +12,10 @@ How it works
    makes one for the image and for its external data file (Qcow2Image's file_factory).
 2. A workload (workloads) runs through Qcow2Image + Disk with that factory, starting from a pristine
    image whose bytes were saved first. The Driver (driver) also drops markers into the log: a
-   guest write begins ("gw"), a guest flush returned ("gf"), bitmap create/remove, close.
+   guest write begins ("gw"), a guest flush returned ("gf"), bitmap create/remove, close, internal
+   snapshot create ("sn+"/"sn+done") and delete ("sn-"/"sn-done"), checkpoint ("ckpt"/"ckpt-done":
+   snapshot + bitmap + bitmaps disabled, Disk.checkpoint). A snapshot step that returned is followed
+   by a "gf" (it flushes every acknowledged write first).
 3. Explorer (explore) walks the log and materialises crash states. Model of the disk: a write to
    file F is durable once a later flush *of F* completed; writes after F's last flush may
    each have reached the disk or not, in any combination (the disk reorders within a
@@ -41,8 +44,19 @@ How it works
        present; one whose removal completed is gone. Inside a read-write open the whole
        extension may be stale (autoclear bit clear, QEMU's in-place protocol): no bitmaps;
      - qcowfs logs no error while reading the state;
-     - on a sample of states, qemu-img convert -O raw equals qcowfs' read of the state
-       (and internal snapshots read back unchanged).
+     - on a sample of states, qemu-img convert -O raw equals qcowfs' read of the state;
+     - internal snapshots (whenever the workload has any): qcowfs' table and qemu-img info list the
+       same (id, name, VM state size); a snapshot whose creation completed (QEMU-made ones from the
+       start) is listed until its deletion starts, one whose deletion completed is not, one being
+       created or deleted may be either; nothing else is listed; every listed snapshot reads
+       (qcowfs' SnapshotView on every state, qemu-img convert -l snapshot.name=NAME on the sample)
+       as the guest disk when it was taken (the model: the guest writes issued before the step).
+       While a snapshot step is under way, qemu-img check may exit 2 for OFLAG_COPIED mismatches
+       only, and only harmless ones (COPIED set where the refcount above 1 is a leak, or clear on
+       refcount 1; -r all repairs them): no order of in-place writes avoids them, QEMU's own
+       leaves them too (verify._copied_mismatch_problem). Anything else stays exit 0 or 3;
+     - a completed checkpoint: its snapshot and bitmap present; in close mode the bitmaps it
+       disabled have their auto flag clear on disk (intent mode: the Tracker's per-bitmap phases).
 5. Intent mode (Workload(bitmap_sync="intent"); the Driver opens and reopens with
    Disk(bitmap_sync=...), a reopen may switch modes; the "open" marker says which). The driver's
    markers (guest write started "gw" / returned "gw-done", bitmap create/remove, "bmc" commands:
@@ -68,6 +82,11 @@ How it works
        qcowfs' reading.
    wl_intent_minimal (not in workloads()) is the negative controls' workload: test_powerloss runs it
    against qcowfs with the intents not written, and with their fdatasync moved after the data.
+6. Internal snapshots: snapshot-ops-c4k (close mode) and intent-checkpoint-c4k (intent mode) take and
+   delete snapshots through the Driver over QEMU-made ones (q1; vm1 with VM state, from savevm) and
+   compressed clusters, and each takes one checkpoint. wl_snapshot_minimal (not in workloads()) is
+   the quick controls' workload: it passes as is, and fails with the snapshot steps' flushes deferred.
+   For heavier negative controls, run scripts/crash-states with PYTHONPATH naming a broken copy of qcowfs.
 """
 
 from __future__ import annotations
@@ -84,9 +103,10 @@ from .driver import BitmapSpec, BmPhase, BmState, Driver, Model, Tracker, expect
 from .explore import Explorer, Stats, explore_workload, failure_report, total_line
 from .iolog import SECTOR, F, IOLog, M, RecordingHostFile, T, W, recording_factory, replay_all
 from .verify import Expect, Task, check_state, compare_guest
-from .workloads import Bounds, Recorded, Workload, record, wl_intent_minimal, workloads
+from .workloads import Bounds, Recorded, Workload, record, wl_intent_minimal, wl_snapshot_minimal, workloads
 
 __all__ = ["W", "F", "T", "M", "SECTOR", "IOLog", "RecordingHostFile", "recording_factory", "replay_all",
            "BitmapSpec", "Model", "Driver", "expected_bits", "Bounds", "Workload", "Recorded", "record",
-           "workloads", "wl_intent_minimal", "Expect", "Task", "check_state", "compare_guest", "Stats", "Explorer",
+           "workloads", "wl_intent_minimal", "wl_snapshot_minimal", "Expect", "Task", "check_state", "compare_guest",
+           "Stats", "Explorer",
            "explore_workload", "failure_report", "total_line", "BmState", "BmPhase", "Tracker", "state_bits"]

@@ -5,7 +5,13 @@ what every bitmap must hold.
 Bitmap facts come from the markers alone: a Tracker replays them (the Driver feeds its own, the
 explorer one per walk), so the checker of a crash state knows, for every bitmap, its state as of
 the last completed command or guest write (BmState: recording or not, the guest writes it recorded
-since its last clear, ranges dirty without a write of its own) and the command under way."""
+since its last clear, ranges dirty without a write of its own) and the command under way.
+
+Internal snapshots (Disk.take_snapshot / delete_snapshot / checkpoint) are markers too: "sn+" /
+"sn+done" around a creation, "sn-" / "sn-done" around a deletion, "ckpt" / "ckpt-done" around a
+checkpoint (snapshot + new bitmap + bitmaps disabled). The model knows every snapshot's guest
+content: the pristine image's (Model.snapshots, read by QEMU) or the guest writes issued before
+the snapshot was taken (Model.snap_at)."""
 
 from __future__ import annotations
 
@@ -49,7 +55,8 @@ class BmPhase:
     """One bitmap at a crash point: its state as of the last completed command or guest write
     (None while its creation is under way) and the one under way, if it concerns this bitmap:
     op is "write", "create", "remove", "clear", "disable", "enable" or "merge" (as destination),
-    after the state it leads to (None for remove)."""
+    after the state it leads to (None for remove). A checkpoint under way is "create" for its new
+    bitmap and "disable" for the bitmaps it stops."""
 
     name: str
     before: Optional[BmState]
@@ -72,7 +79,10 @@ class Model:
     #: (name, version) -> bitarray: every content a clean (not in_use) bitmap may legitimately show:
     #: version "pristine" (QEMU-made, empty) and "s<k>" (stored by the k-th clean close)
     versions: dict = dataclasses.field(default_factory=dict)
-    snapshots: dict = dataclasses.field(default_factory=dict)  # name -> guest bytes of an internal snapshot
+    snapshots: dict = dataclasses.field(default_factory=dict)  # name -> guest bytes of a QEMU-made internal snapshot
+    #: name -> number of guest writes issued before the Driver took internal snapshot NAME (its content:
+    #: the pristine guest content with writes[:n] applied); snapshot names are never reused
+    snap_at: dict = dataclasses.field(default_factory=dict)
     ops: list = dataclasses.field(default_factory=list)  # human-readable workload for reports
     pristine_bitmap_names: set = dataclasses.field(default_factory=set)
     granularities: dict = dataclasses.field(default_factory=dict)  # bitmap name -> granularity
@@ -89,20 +99,31 @@ class Tracker:
         self.model = model
         self.done: dict = {s.name: BmState(s.granularity, s.enabled, (), tuple(s.initial)) for s in model.pristine_specs}
         self.op = ""
+        self.ops: dict = {}  # name -> its own op when a step does several (a checkpoint: create + disable)
         self.after: dict = {}  # name -> BmState (None: removed) once the command under way completes
 
     def feed(self, kind: str, val) -> None:
         m = self.model
+        self.ops = {} if kind in ("gw", "bm+", "bm-", "bmc") else self.ops
         if kind == "gw":
             self.op = "write"
             self.after = {n: dataclasses.replace(s, rec=s.rec + (val,)) for n, s in self.done.items() if s.recording}
-        elif kind in ("gw-done", "bm+done", "bm-done", "bmc-done"):
+        elif kind in ("gw-done", "bm+done", "bm-done", "bmc-done", "ckpt-done"):
             for n, s in self.after.items():
                 if s is None:
                     self.done.pop(n, None)
                 else:
                     self.done[n] = s
-            self.op, self.after = "", {}
+            self.op, self.after, self.ops = "", {}, {}
+        elif kind == "ckpt":
+            # one step: bitmap `name` created (recording, empty), every bitmap of `disable` stopped
+            name, _granularity, disable = val
+            self.op = "checkpoint"
+            self.after = {name: BmState(m.granularities[name])}
+            self.ops = {name: "create"}
+            for b in disable:
+                self.after[b] = dataclasses.replace(self.done[b], recording=False)
+                self.ops[b] = "disable"
         elif kind == "bm+":
             self.op, self.after = "create", {val: BmState(m.granularities[val])}
         elif kind == "bm-":
@@ -124,8 +145,8 @@ class Tracker:
 
     def phases(self) -> tuple:
         names = sorted(set(self.done) | set(self.after))
-        return tuple(BmPhase(n, self.done.get(n), self.op if n in self.after else "", self.after.get(n))
-                     for n in names)
+        return tuple(BmPhase(n, self.done.get(n), self.ops.get(n, self.op) if n in self.after else "",
+                             self.after.get(n)) for n in names)
 
 
 class Driver:
@@ -224,6 +245,73 @@ class Driver:
     def merge_bitmap(self, src: str, dst: str) -> None:
         """dst |= src (qcowfs' merge); dst then also covers the writes src recorded."""
         self._command("merge", dst, src)
+
+    # ------------------------------------------------------------------ internal snapshots
+    def snapshot_names(self) -> list:
+        """The snapshots the model says the image holds, in table order."""
+        return [s.name for s in self.disk.snapshots()]
+
+    def _check_snapshots(self, want: list) -> None:
+        got = self.snapshot_names()
+        if got != want:
+            raise AssertionError(f"qcowfs lists snapshots {got}, the model {want}")
+
+    def _check_snapshot_content(self, name: str) -> None:
+        """qcowfs' view of a snapshot just taken equals the guest disk now (the model's own sanity)."""
+        snap = next(s for s in self.disk.snapshots() if s.name == name)
+        got = self.disk.snapshot_view(snap).read(0, self.model.size)
+        want = bytearray(self.model.initial)
+        for off, data in self.writes[: self.model.snap_at[name]]:
+            want[off : off + len(data)] = data
+        if bytes(got) != bytes(want):
+            raise AssertionError(f"snapshot {name} just taken does not read as the guest disk")
+
+    def take_snapshot(self, name: str) -> None:
+        """Disk.take_snapshot(name) between guest writes: its content is the guest disk now; durable
+        (and every write before it) when it returns."""
+        assert name not in self.model.snap_at and name not in self.model.snapshots, "snapshot names are never reused"
+        before = self.snapshot_names()
+        self.model.ops.append(f"snapshot create {name}")
+        self.model.snap_at[name] = len(self.writes)
+        self._marker("sn+", name)
+        self.disk.take_snapshot(name)
+        self._marker("sn+done", name)
+        self._marker("gf", len(self.writes))
+        self._check_snapshots(before + [name])
+        self._check_snapshot_content(name)
+
+    def delete_snapshot(self, name: str) -> None:
+        """Disk.delete_snapshot(its id); durable (and every write before it) when it returns."""
+        snaps = self.disk.snapshots()
+        snap = next(s for s in snaps if s.name == name)
+        self.model.ops.append(f"snapshot delete {name} (id {snap.id})")
+        self._marker("sn-", name)
+        self.disk.delete_snapshot(snap.id)
+        self._marker("sn-done", name)
+        self._marker("gf", len(self.writes))
+        self._check_snapshots([s.name for s in snaps if s is not snap])
+
+    def checkpoint(self, name: str, disable=()) -> None:
+        """Disk.checkpoint(name, disable): snapshot NAME + recording bitmap NAME (QEMU's default
+        granularity: the cluster size clamped to [4 KiB, 64 KiB]) + the bitmaps of `disable` stopped,
+        one step, durable when it returns."""
+        assert name not in self.model.snap_at and name not in self.model.snapshots, "snapshot names are never reused"
+        disable = tuple(disable)
+        g = min(max(self.cluster_size, 4096), 65536)
+        before = self.snapshot_names()
+        self.model.ops.append(f"checkpoint {name} g={g}" + (f" disable {','.join(disable)}" if disable else ""))
+        self.model.bitmaps[name] = BitmapSpec(name, g, len(self.writes))
+        self.model.granularities[name] = g
+        self.model.snap_at[name] = len(self.writes)
+        self._marker("ckpt", (name, g, disable))
+        res = self.disk.checkpoint(name, disable=list(disable))
+        self._marker("ckpt-done", (name, g, disable))
+        self._marker("gf", len(self.writes))
+        assert res["bitmap"] == name and res["snapshot"]["name"] == name, res
+        assert self.disk.bitmaps.get(name).granularity == g
+        self._check_snapshots(before + [name])
+        self._check_snapshot_content(name)
+        self._check_memory()
 
     def _check_memory(self) -> None:
         """qcowfs' in-memory bitmaps equal the model's exact bits (and recording flags)."""

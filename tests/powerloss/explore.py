@@ -52,6 +52,11 @@ class Stats:
     intent_opening: int = 0  # intent-mode states inside a read-write open (activation stores every bitmap)
     bitmap_sync: str = "close"  # the workload's first open
     nbd_views: int = 0  # bitmaps checked in QEMU's own view too (qemu-nbd -B + nbdinfo)
+    copied_mismatch: int = 0  # states mid-snapshot-step whose only qemu-img check errors are harmless OFLAG_COPIED ones
+    snap_views: int = 0  # internal snapshots read back (qcowfs' SnapshotView) and compared with the model
+    snap_oracle: int = 0  # ... and by qemu-img convert -l snapshot.name=NAME
+    snap_midway_listed: int = 0  # distinct states with a snapshot creation/deletion under way that list it
+    snap_midway_absent: int = 0  # ... that do not list it
     log_writes: int = 0
     log_flushes: int = 0
     seconds: float = 0.0
@@ -73,6 +78,12 @@ class Stats:
                          f"({self.intent_landed} states with unflushed recorded data on disk, {self.intent_opening} during "
                          f"activation, {self.nbd_views} in QEMU's NBD view too"
                          + ")")
+        if self.snap_views:
+            midway = self.snap_midway_listed or self.snap_midway_absent or self.copied_mismatch
+            extra.append(f"snapshots: {self.snap_views} read back by qcowfs, {self.snap_oracle} by qemu-img convert -l"
+                         + (f"; a creation/deletion under way: listed in {self.snap_midway_listed} states, not in "
+                            f"{self.snap_midway_absent}; {self.copied_mismatch} with harmless OFLAG_COPIED mismatches "
+                            f"(qemu-img check exit 2, as QEMU's own order leaves them)" if midway else ""))
         extra.append(f"{self.oracle_reads} qemu-img convert cross-checks")
         return (f"power-loss {self.workload}: {self.distinct} distinct crash states checked ({', '.join(extra)}) "
                 f"in {self.seconds:.1f}s" + (f", {len(self.failures)} FAILING" if self.failures else ""))
@@ -233,6 +244,9 @@ class Explorer:
         unflushed: dict = {n: [] for n in base}
         ex = Expect()
         created, creating, removed = set(), set(), set()
+        snaps = set(rec.model.snapshots)  # internal snapshots that must be listed (QEMU-made ones first)
+        snaps_maybe: set = set()  # creation or deletion under way: absent, or listed and intact
+        disabled: set = set()  # close mode: bitmaps a completed checkpoint disabled (auto flag clear on disk)
         clean_ok = {k for k in rec.model.versions if k[1] == "pristine"}
         must: set = set()
         gw_started = 0
@@ -279,6 +293,29 @@ class Explorer:
                         removed.discard(val)
                     elif kind == "bm-":
                         created.discard(val)  # removal under way: it may be gone already
+                        disabled.discard(val)
+                    elif kind == "bmc" and val[0] == "enable":
+                        disabled.discard(val[1])
+                    elif kind == "sn+":
+                        snaps_maybe.add(val)
+                    elif kind == "sn+done":
+                        snaps_maybe.discard(val)
+                        snaps.add(val)
+                    elif kind == "sn-":
+                        snaps.discard(val)
+                        snaps_maybe.add(val)
+                    elif kind == "sn-done":
+                        snaps_maybe.discard(val)
+                    elif kind == "ckpt":
+                        creating.add(val[0])
+                        removed.discard(val[0])
+                        snaps_maybe.add(val[0])
+                    elif kind == "ckpt-done":
+                        name = val[0]
+                        created.add(name)
+                        snaps_maybe.discard(name)
+                        snaps.add(name)
+                        disabled |= set(val[2])
                     elif kind == "bm+done":
                         created.add(val)
                     elif kind == "bm-done":
@@ -289,6 +326,7 @@ class Explorer:
             ex.created, ex.creating, ex.removed = frozenset(created), frozenset(creating), frozenset(removed)
             ex.clean_ok, ex.must = frozenset(clean_ok), frozenset(must if ex.closed else ())
             ex.bms = tracker.phases()
+            ex.snaps, ex.snaps_maybe, ex.disabled = frozenset(snaps), frozenset(snaps_maybe), frozenset(disabled)
             opt = sorted(j for lst in unflushed.values() for j in lst)
             if not want_sub:
                 choices = [[(j, None) for j in opt]] if want_full else []
@@ -377,7 +415,8 @@ class Explorer:
         s = self.stats
         for k in ("qemu_checks", "dirty_states", "dirty_repaired", "repair_eof_leaks", "leaks", "in_use_bitmaps",
                   "clean_bitmaps", "stale_bitmaps", "oracle_reads", "intent_bitmaps", "intent_landed",
-                  "intent_opening", "nbd_views"):
+                  "intent_opening", "nbd_views", "copied_mismatch", "snap_views", "snap_oracle", "snap_midway_listed",
+                  "snap_midway_absent"):
             setattr(s, k, getattr(s, k) + res.get(k, 0))
         if res["failures"]:
             s.failures.append(res)

@@ -5,6 +5,7 @@ one workload through the recording factory and keep its log, model and pristine 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import random
 import shutil
@@ -524,6 +525,168 @@ def wl_intent_minimal() -> Workload:
                     bounds=Bounds(exhaustive=256, torn=4))
 
 
+def _savevm(img: str, name: str) -> None:
+    """An internal snapshot with VM state, made by QEMU's savevm (a machine without devices: a few
+    hundred bytes of VM state, stored past the disk's end through the snapshot's L1)."""
+    p = run(["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none", "-monitor", "stdio",
+             "-drive", f"if=none,id=d0,file={os.path.abspath(img)},format=qcow2"],
+            input=f"savevm {name}\nquit\n", timeout=120, cwd=os.path.dirname(os.path.abspath(img)))
+    snaps = json.loads(qemu_img("info", "--output=json", img).stdout).get("snapshots", [])
+    vm = [s for s in snaps if s["name"] == name]
+    assert vm and vm[0]["vm-state-size"] > 0, f"savevm made no snapshot with VM state: {p.stdout} {p.stderr}"
+
+
+def _snapshot_image(dirname: str, size: int, cluster: int, bitmaps=()) -> tuple:
+    """QEMU-made pristine image for the snapshot workloads: bitmaps (name, granularity) that record what
+    follows, data, compressed clusters (some sharing a host cluster: a cluster of one byte compresses to
+    a few dozen bytes), snapshot q1 (qemu-img), more data, snapshot vm1 with VM state (savevm), more data.
+    Returns (image path, {name: guest bytes})."""
+    img = os.path.join(dirname, "disk.qcow2")
+    _create(img, size, cluster_size=cluster)
+    for name, g in bitmaps:
+        qemu_img("bitmap", "--add", "-g", str(g), img, name)
+    qemu_io(img, f"write -P 0x11 0 {1 * MiB + 512 * KiB}", f"write -c -P 0x22 {3 * MiB} {256 * KiB}",
+            f"write -c -P 0x23 {3 * MiB + 512 * KiB} {cluster}", f"write -c -P 0x24 {3 * MiB + 512 * KiB + cluster} {cluster}")
+    qemu_img("snapshot", "-c", "q1", img)
+    qemu_io(img, f"write -P 0x44 {512 * KiB} {256 * KiB}", f"write -c -P 0x45 {2 * MiB} {64 * KiB}")
+    _savevm(img, "vm1")
+    qemu_io(img, f"write -P 0x55 {1 * MiB} {128 * KiB}")
+    snaps = {n: qemu_raw(img, os.path.join(dirname, f"{n}.raw"), snapshot=n) for n in ("q1", "vm1")}
+    return img, snaps
+
+
+def _snap_writes(d: Driver, rng: random.Random, n: int, spots: list, flush_every: int = 3) -> None:
+    """n guest writes at or next to `spots` (guest offsets): partial clusters (copy-on-write of a shared or
+    compressed cluster), whole clusters, a run across clusters, some zeros; a flush after every flush_every."""
+    cs = d.cluster_size
+    size = d.model.size
+    for k in range(n):
+        base = rng.choice(spots)
+        r = rng.random()
+        if r < 0.4:
+            off = base + rng.randrange(0, 4 * cs)
+            length = rng.choice([1, 512, 1000, cs // 2])
+        elif r < 0.75:
+            off = (base + rng.randrange(0, 4 * cs)) // cs * cs
+            length = rng.randint(1, 3) * cs
+        else:
+            off = base + rng.randrange(0, 2 * cs)
+            length = rng.randint(cs, 3 * cs)
+        length = min(length, size - off)
+        if rng.random() < 0.12:
+            d.zero(off, length)
+        else:
+            d.write(off, rng.randbytes(length))
+        if k % flush_every == flush_every - 1:
+            d.flush()
+
+
+def wl_snapshot_ops() -> Workload:
+    """Snapshots taken and deleted through the Driver (Disk.take_snapshot / delete_snapshot / checkpoint,
+    close mode), 4 MiB, 4 KiB clusters, 16-bit refcounts. Pristine (QEMU): q1 (qemu-img snapshot) and
+    vm1 (savevm, with VM state) sharing data and compressed clusters with the active disk, bitmap q0
+    (clean, empty). Writes over clusters shared with q1/vm1 and over compressed ones (copy-on-write);
+    take s1; writes over clusters and L2 tables now shared three and four ways, new allocations
+    inside shared L2 tables; take s2 right after (L2 tables shared by s1, s2 and the active disk);
+    delete q1 (the oldest, newer ones exist); writes; delete vm1 (VM state); reopen (the table read
+    back from disk); writes; take s3; delete s1 (a middle one); checkpoint c1 disabling q0; writes;
+    delete s2; writes; close."""
+    size = 4 * MiB
+    cluster = 4 * KiB
+
+    def create(dirname):
+        img, snaps = _snapshot_image(dirname, size, cluster)
+        qemu_img("bitmap", "--add", "-g", "65536", img, "q0")
+        return dict(image="disk.qcow2", snapshots=snaps, pristine_bitmaps=[BitmapSpec("q0", 65536, 0, True)])
+
+    def body(d, rng):
+        shared = [0, 512 * KiB, 1 * MiB, 1 * MiB + 448 * KiB]  # data shared with q1 and vm1
+        compressed = [3 * MiB, 3 * MiB + 128 * KiB, 3 * MiB + 512 * KiB, 2 * MiB]
+        fresh = [2 * MiB + 256 * KiB, 3 * MiB + 768 * KiB]  # unallocated: allocations into (shared) L2 tables
+        _snap_writes(d, rng, 6, shared + compressed)
+        d.flush()
+        d.take_snapshot("s1")
+        _snap_writes(d, rng, 6, shared + compressed + fresh)
+        d.flush()
+        d.take_snapshot("s2")
+        _snap_writes(d, rng, 5, shared + fresh)
+        d.delete_snapshot("q1")
+        _snap_writes(d, rng, 4, shared + compressed, flush_every=2)
+        d.delete_snapshot("vm1")
+        d.reopen()
+        _snap_writes(d, rng, 3, shared + fresh)
+        d.take_snapshot("s3")
+        d.delete_snapshot("s1")
+        _snap_writes(d, rng, 3, shared + compressed)
+        d.checkpoint("c1", disable=["q0"])
+        _snap_writes(d, rng, 4, shared + fresh, flush_every=2)
+        d.delete_snapshot("s2")
+        _snap_writes(d, rng, 3, shared + compressed)
+        d.close()
+
+    return Workload("snapshot-ops-c4k", create, body, oracle_every=8,
+                    bounds=Bounds(exhaustive=16, prefixes=4, drop_one=2, singles=2, random=4, torn=2))
+
+
+def wl_intent_checkpoint() -> Workload:
+    """Intent mode (Disk(bitmap_sync="intent")) with snapshots and a checkpoint, 4 MiB, 4 KiB clusters.
+    Pristine (QEMU): q1 and vm1 as in snapshot-ops-c4k; bitmaps qi (recording, holding QEMU's
+    writes) and qd (recording, empty). Writes over shared and compressed clusters; take s1; writes;
+    checkpoint c1 disabling qd (its auto flag cleared on disk before it returns); writes over clusters
+    shared with s1 and c1 (copy-on-write; qd no longer records); delete q1 (the oldest); writes;
+    delete s1; writes; close (exact bits)."""
+    size = 4 * MiB
+    cluster = 4 * KiB
+
+    def create(dirname):
+        img, snaps = _snapshot_image(dirname, size, cluster, bitmaps=[("qi", 16384)])
+        qemu_img("bitmap", "--add", "-g", "4096", img, "qd")
+        return dict(image="disk.qcow2", snapshots=snaps,
+                    pristine_bitmaps=[_pristine_bitmap(img, "qi", 16384), _pristine_bitmap(img, "qd", 4096)])
+
+    def body(d, rng):
+        shared = [0, 512 * KiB, 1 * MiB + 448 * KiB]
+        compressed = [3 * MiB, 3 * MiB + 512 * KiB, 2 * MiB]
+        fresh = [2 * MiB + 256 * KiB]
+        _snap_writes(d, rng, 4, shared + compressed)
+        d.take_snapshot("s1")
+        _snap_writes(d, rng, 4, shared + fresh)
+        d.checkpoint("c1", disable=["qd"])
+        _snap_writes(d, rng, 5, shared + compressed + fresh)
+        d.delete_snapshot("q1")
+        _snap_writes(d, rng, 3, shared)
+        d.delete_snapshot("s1")
+        _snap_writes(d, rng, 3, shared + compressed)
+        d.close()
+
+    return Workload("intent-checkpoint-c4k", create, body, bitmap_sync="intent", nbd_every=10, oracle_every=8,
+                    bounds=Bounds(exhaustive=16, prefixes=4, drop_one=2, singles=2, random=4, torn=2))
+
+
+def wl_snapshot_minimal() -> Workload:
+    """The smallest snapshot workload: 1 MiB, 4 KiB clusters, QEMU-made data and snapshot q1; one write over
+    a shared cluster (copy-on-write), take s1, one write over a cluster s1 shares, delete q1 (its clusters
+    shared with s1 and the active disk), close. Not in workloads(): test_powerloss runs it unchanged
+    (positive control) and with the snapshot steps' flushes deferred to their end (negative control)."""
+
+    def create(dirname):
+        img = os.path.join(dirname, "disk.qcow2")
+        _create(img, 1 * MiB, cluster_size=4096)
+        qemu_io(img, f"write -P 0x11 0 {64 * KiB}", f"write -c -P 0x22 {256 * KiB} {16 * KiB}")
+        qemu_img("snapshot", "-c", "q1", img)
+        return dict(image="disk.qcow2", snapshots={"q1": qemu_raw(img, os.path.join(dirname, "q1.raw"), snapshot="q1")})
+
+    def body(d, rng):
+        d.write(4096 + 100, rng.randbytes(3000))
+        d.take_snapshot("s1")
+        d.write(8192, rng.randbytes(4096))
+        d.delete_snapshot("q1")
+        d.close()
+
+    return Workload("snapshot-minimal", create, body, oracle_every=3,
+                    bounds=Bounds(exhaustive=64, prefixes=6, drop_one=4, singles=4, random=12, torn=3))
+
+
 def workloads() -> list:
     out = []
     for cluster, size, count in ((512, 2 * MiB, 50), (4096, 4 * MiB, 50), (65536, 16 * MiB, 45)):
@@ -531,7 +694,7 @@ def workloads() -> list:
             out.append(wl_alloc(cluster, refbits, size, count))
     out += [wl_refblock_siblings(), wl_reftable_growth(), wl_cow_backing(), wl_cow_backing(extended=True),
             wl_zero_free(), wl_zero_free("0.10"), wl_snapshot(), wl_bitmaps(), wl_lazy(), wl_data_file(),
-            wl_intent_bitmaps(), wl_intent_data_file(), wl_intent_lazy()]
+            wl_intent_bitmaps(), wl_intent_data_file(), wl_intent_lazy(), wl_snapshot_ops(), wl_intent_checkpoint()]
     return out
 
 
