@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 
+from . import allocation
 from . import snapshots as snapshot_ops
 from .bitmaps import BitmapStore
 from .errors import BitmapError, ReadOnlyImage
@@ -51,6 +52,23 @@ class Disk:
         self.bitmaps.mark(offset, end - offset)
         self.image.write(offset, data)
         return end - offset
+
+    def zero_range(self, offset: int, length: int) -> int:
+        """Discard / zero [offset, offset+length) (clipped at the disk's end): reads give zeros
+        after it, freed clusters go back to the host, and every recording bitmap marks the range
+        (QEMU dirties discards too). Returns the bytes zeroed."""
+        if self.image.read_only:
+            raise ReadOnlyImage("disk is read-only", self.image.path)
+        end = min(offset + length, self.size)
+        if offset >= end:
+            return 0
+        self.bitmaps.mark(offset, end - offset)
+        self.image.write_zeroes(offset, end - offset)
+        return end - offset
+
+    def seek(self, offset: int, whence: int):
+        """SEEK_DATA / SEEK_HOLE over the guest disk (allocation.py); None: ENXIO."""
+        return allocation.seek(self.image, offset, whence)
 
     # ------------------------------------------------------------------ snapshots
     def snapshots(self) -> list:

@@ -23,7 +23,7 @@ from typing import Optional
 
 import pyfuse3
 
-from . import bitmap_commands
+from . import allocation, bitmap_commands
 from .disk import Disk
 from .errors import BitmapError, CorruptImage, QcowError, SnapshotError
 from .fs_snapshots import SnapshotDir
@@ -43,6 +43,10 @@ DIRS = (ROOT, BITMAPS_DIR, SNAPSHOTS_DIR)
 PID_XATTR = bitmap_commands.PID_XATTR.encode()
 COMMAND_XATTR = bitmap_commands.COMMAND_XATTR.encode()
 COMMANDS = bitmap_commands.FILE_COMMANDS
+FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE, FALLOC_ZERO_RANGE = 0x01, 0x02, 0x10  # <linux/falloc.h>
+FALLOC_PUNCH_KEEP = FALLOC_PUNCH_HOLE | FALLOC_KEEP_SIZE
+#: whether this pyfuse3 passes fallocate and lseek requests on (qcowfs' patch, patches/)
+HAS_FALLOCATE = hasattr(pyfuse3.Operations, "fallocate") and hasattr(pyfuse3.Operations, "lseek")
 EXTENTS_XATTR = bitmap_commands.EXTENTS_XATTR.encode()
 RESULT_XATTR = bitmap_commands.RESULT_XATTR.encode()
 
@@ -341,6 +345,34 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
         getattr(self.disk.bitmaps, command)(h.name)
         log.info("%s: bitmap %r: %s", self.disk.image.path, h.name, command)
         return len(buf)
+
+    # fallocate and lseek reach us only through a pyfuse3 with qcowfs' patch (patches/); stock
+    # pyfuse3 has no handler for them and the kernel answers EOPNOTSUPP / seeks generically
+    @_guard
+    async def fallocate(self, fh, mode, offset, length):
+        log.debug("fallocate fh=%s mode=%#x offset=%d length=%d", fh, mode, offset, length)
+        if fh != DISK:
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+        if self.disk.read_only:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        if mode == 0:
+            # preallocation: every byte of the disk is already as allocated as it will be
+            if offset + length > self.disk.size:
+                raise pyfuse3.FUSEError(errno.EOPNOTSUPP)  # growing goes through truncate
+            return
+        if mode in (FALLOC_PUNCH_KEEP, FALLOC_ZERO_RANGE, FALLOC_ZERO_RANGE | FALLOC_KEEP_SIZE):
+            self.disk.zero_range(offset, length)
+            return
+        raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
+
+    @_guard
+    async def lseek(self, fh, offset, whence):
+        if fh != DISK or whence not in (allocation.SEEK_DATA, allocation.SEEK_HOLE):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        pos = self.disk.seek(offset, whence)
+        if pos is None:
+            raise pyfuse3.FUSEError(errno.ENXIO)
+        return pos
 
     @_guard
     async def fsync(self, fh, datasync):

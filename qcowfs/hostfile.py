@@ -8,11 +8,24 @@ a recording variant can log every write and flush to replay power-loss states.
 
 from __future__ import annotations
 
+import ctypes
 import os
 from typing import Sequence
 
 #: larger than any file Linux allows (MAX_LFS_FILESIZE is 2**63 - 1)
 _MAX_OFFSET = (1 << 62)
+
+# fallocate(2) with a mode (os has posix_fallocate only): FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+_PUNCH_KEEP = 0x02 | 0x01
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong)
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
 
 try:
     _IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
@@ -29,6 +42,7 @@ class HostFile:
         flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
         self.fd = os.open(path, flags)
         self._size = os.fstat(self.fd).st_size
+        self._can_punch = writable
 
     @property
     def size(self) -> int:
@@ -71,6 +85,15 @@ class HostFile:
             offset += total
             if offset > self._size:
                 self._size = offset
+
+    def punch_hole(self, offset: int, length: int) -> None:
+        """Deallocate host blocks (they read as zeros); silently nothing where the host file
+        system cannot (only ever used on clusters whose refcount is 0 on disk)."""
+        if self._can_punch:
+            try:
+                _fallocate(self.fd, _PUNCH_KEEP, offset, length)
+            except OSError:
+                self._can_punch = False
 
     def flush(self) -> None:
         """Make every completed write durable (fdatasync: metadata that reaches the data included)."""

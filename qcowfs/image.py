@@ -229,10 +229,14 @@ class Qcow2Image(WritePath):
         if self.pending_frees:
             # the references are gone from the disk now; drop the refcounts (rule 2)
             frees, self.pending_frees = self.pending_frees, []
-            for c in frees:
-                self.refcounts.update(c, -1)
+            unused = [c for c in frees if self.refcounts.update(c, -1) == 0]
             self.refcounts.write_dirty()
             f.flush()
+            # free for good (refcount 0 on disk): give the space back to the host, as QEMU's
+            # discard does, so the image's actual size drops (best effort: not every host can)
+            cs = self.cluster_size
+            for c in sorted(unused):
+                f.punch_hole(c * cs, cs)
         self.metadata_dirty = False
 
     def flush(self) -> None:

@@ -23,7 +23,7 @@ import trio
 
 from .disk import Disk
 from .errors import MountError, QcowError
-from .fs import QcowOperations
+from .fs import HAS_FALLOCATE, QcowOperations
 from .fuseloop import FastLoop
 from .image import Qcow2Image
 from .locks import ImageLock
@@ -173,6 +173,9 @@ def mount(image_path: str, mountpoint: str, options: MountOptions, ready=None) -
             ready(str(err))
         raise err from None
     log.info("%s: mounted on %s%s", image_path, mountpoint, " read-only" if read_only else "")
+    if not HAS_FALLOCATE:
+        log.warning("this pyfuse3 has no fallocate/lseek handlers (qcowfs' patch, scripts/build-pyfuse3): discard "
+                    "and zeroing on disk.raw fail with EOPNOTSUPP and SEEK_DATA/SEEK_HOLE see one data extent")
     m.hold_signals()
     if ready:
         ready(None)

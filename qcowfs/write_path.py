@@ -12,13 +12,14 @@ from __future__ import annotations
 from array import array
 from typing import Callable
 
+from .cluster_map import UNALLOCATED, ZERO
 from .entries import ALL_ALLOC as _ALL_ALLOC
 from .entries import ALL_ZERO as _ALL_ZERO
 from .entries import COMPRESSED as _COMPRESSED
 from .entries import COPIED as _COPIED
 from .entries import OFFSET_MASK as _OFFSET
 from .entries import ZERO_FLAG as _ZERO
-from .errors import CorruptImage, ReadOnlyImage, WriteBeyondEnd
+from .errors import CorruptImage, ReadOnlyImage, UnsupportedFeature, WriteBeyondEnd
 from .read_path import ReadPath
 
 
@@ -44,6 +45,47 @@ class WritePath(ReadPath):
         except CorruptImage as e:
             self.mark_corrupt(e.message)
             raise
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Make guest bytes [offset, offset+length) read as zeros (QEMU's write-zeroes with unmap,
+        what its FUSE export does for FALLOC_FL_PUNCH_HOLE and FALLOC_FL_ZERO_RANGE): whole
+        clusters become zero clusters (v3) or unallocated (v2 without a backing file) and what
+        they held is freed after the entries are on disk (pending_frees, rule 2); partial
+        clusters are written with zeros unless they already read as zeros."""
+        self._check_writable()
+        end = offset + length
+        if end > self.size:
+            raise WriteBeyondEnd(f"write-zeroes beyond the end of the disk ({offset}+{length} > {self.size})", self.path)
+        if not self.has_data_file and not self._can_zero_detect():
+            # v2 with a backing file: an unallocated cluster would show the backing file
+            raise UnsupportedFeature("zeroing needs the zero cluster flag of version 3 images when a backing file "
+                                     "is present (QEMU refuses it too)", self.path)
+        try:
+            cs = self.cluster_size
+            first_full = -(-offset // cs) * cs
+            last_full = end // cs * cs
+            if self._can_zero_detect() and last_full > first_full:
+                self._zero_bytes(offset, first_full)
+                self._zero_clusters(first_full, last_full)
+                self._zero_bytes(last_full, end)
+            else:
+                self._zero_bytes(offset, end)
+        except CorruptImage as e:
+            self.mark_corrupt(e.message)
+            raise
+
+    def _zero_bytes(self, pos: int, end: int) -> None:
+        """Write zeros over [pos, end), skipping clusters that read as zeros already."""
+        cs = self.cluster_size
+        while pos < end:
+            n = min(end - pos, cs - (pos & (cs - 1)), 1 << 20)
+            kind, _host, m = self.map(pos, pos + n)
+            if kind == ZERO or (kind == UNALLOCATED and (self.backing is None or pos >= self.backing_size)
+                                and not self.has_data_file):
+                pos += m
+                continue
+            self._write_data(pos, self._zeros(n))
+            pos += n
 
     def _write(self, offset: int, mv: memoryview) -> None:
         cs = self.cluster_size

@@ -84,6 +84,11 @@ class RecordingHostFile(HostFile):
         super().pwrite(data, offset)
         self.log.write(self.name, offset, data)
 
+    def punch_hole(self, offset: int, length: int) -> None:
+        # what a crash state can show afterwards: zeros there (or the old bytes, before it lands)
+        super().punch_hole(offset, length)
+        self.log.write(self.name, offset, bytes(length))
+
     def pwritev(self, buffers, offset: int) -> None:
         self.pwrite(b"".join(bytes(b) for b in buffers), offset)
 
