@@ -384,6 +384,19 @@ class BitmapStore:
         self._set_auto_flag(bm)
         self._refresh_recording()
 
+    def resize(self, new_size: int, grow) -> None:
+        """The disk grows to new_size through grow() (resize.py). Intent-mode bitmaps cannot stay
+        valid on disk while their tables change size, so for the duration they follow QEMU's
+        protocol (in_use), and are stored for the new size, valid again, right after."""
+        intents = [b for b in self._on_disk() if b.durable is not None and not b.inconsistent]
+        if intents:
+            self._mark_in_use_on_disk()
+        grow()
+        for bm in self.bitmaps.values():
+            bm.resize(new_size)
+        if intents:
+            self.store(only=intents, all_clusters=True)
+
     def sync_directory(self) -> None:
         """Make every on-disk entry's flags durable now (a close-mode mount otherwise writes
         them at close): a new directory, the header switched, the old one freed."""

@@ -73,6 +73,16 @@ class DirtyBitmap:
         # only recording bitmaps are marked, and a recording bitmap is consistent: bits is set
         self.bits[offset >> gb : ((offset + length - 1) >> gb) + 1] = 1  # type: ignore[index]
 
+    def resize(self, size: int) -> None:
+        """The disk grew: the bitmap covers the new size, the new area clean."""
+        self.size = size
+        self.nbits = div_round_up(size, self.granularity)
+        for bits in (self.bits, self.durable):
+            if bits is not None and len(bits) < self.nbits:
+                extra = bitarray(self.nbits - len(bits), endian="little")
+                extra.setall(0)
+                bits.extend(extra)
+
     def data(self) -> bitarray:
         """The bits of a consistent bitmap (an inconsistent one has none: BitmapStore._usable
         refuses it before this is reached)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 
-from . import allocation
+from . import allocation, resize
 from . import snapshots as snapshot_ops
 from .bitmaps import BitmapStore
 from .errors import BitmapError, ReadOnlyImage
@@ -65,6 +65,16 @@ class Disk:
         self.bitmaps.mark(offset, end - offset)
         self.image.write_zeroes(offset, end - offset)
         return end - offset
+
+    def grow(self, new_size: int) -> None:
+        """truncate -s BIGGER disk.raw: the image grows as qemu-img resize grows it, the bitmaps
+        with it (as QEMU resizes them); snapshots keep their own sizes. Shrinking: EPERM."""
+        if self.image.read_only:
+            raise ReadOnlyImage("disk is read-only", self.image.path)
+        if new_size < self.size:
+            resize.grow(self.image, new_size)  # refuses (ShrinkRefused, EPERM)
+        self.bitmaps.resize(new_size, lambda: resize.grow(self.image, new_size))
+        self.size = new_size
 
     def seek(self, offset: int, whence: int):
         """SEEK_DATA / SEEK_HOLE over the guest disk (allocation.py); None: ENXIO."""

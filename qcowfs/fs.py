@@ -200,7 +200,7 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
         if fields.update_size:
             if inode == DISK:
                 if attr.st_size != self.disk.size:
-                    raise pyfuse3.FUSEError(errno.EPERM)
+                    self.disk.grow(attr.st_size)  # a smaller size: EPERM, nothing changed
             elif inode in DIRS:
                 raise pyfuse3.FUSEError(errno.EISDIR)
             elif inode in self.inode_snaps:
