@@ -31,7 +31,12 @@ globals on every iteration) with one that
 It needs one worker task: call run() instead of pyfuse3.main(), and exit() (not
 pyfuse3.terminate() alone) to stop it.
 
-The hook is private, so it is watched: install() refuses a pyfuse3 outside the
+With qcowfs' pyfuse3 patch (patches/pyfuse3-3.5.0-wait-readable-hook.patch, built by
+scripts/setup) the waiter is handed to pyfuse3.main(wait_readable=...), a public hook that
+also passes the /dev/fuse descriptor: no module globals are swapped and no descriptor is
+searched for. On a stock pyfuse3 the private hook below is used instead.
+
+The private hook is watched: install() refuses a pyfuse3 outside the
 releases it was checked against (_VERIFIED) or without the waiter, logs why
 once, and run() falls back to stock pyfuse3.main(). The loop counts its
 wake-ups at no cost to the hot path and logs them at shutdown ("request loop:
@@ -98,6 +103,14 @@ def hook_refusal() -> Optional[str]:
     return None
 
 
+def public_hook() -> bool:
+    """Whether pyfuse3.main takes wait_readable= (qcowfs' patch): the clean way in."""
+    try:
+        return "wait_readable" in inspect.signature(pyfuse3.main).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _trio_has_queued_work() -> bool:
     """Whether a signal handler (or another thread) queued a callback trio has not run yet."""
     return trio.lowlevel.current_statistics().run_sync_soon_queue_size > 0
@@ -128,6 +141,7 @@ class FastLoop:
         self._poll = select.poll()
         self._original = None
         self.fast = False
+        self.public = False
         # Wake-ups that found a request to read (the last one may be the unmount itself), and of
         # them those that came after blocking in poll() and after parking in trio. `requests` is
         # also the checkpoint clock, so counting costs the hot path nothing it did not pay before.
@@ -140,6 +154,11 @@ class FastLoop:
     def install(self) -> bool:
         """Swap in the fast waiter; False (and stock pyfuse3 behaviour) if that is not possible."""
         global _refusal_logged
+        if public_hook():
+            self.fast = self.public = True
+            log.debug("fast FUSE request loop through pyfuse3.main(wait_readable=) (spin %d us)",
+                      self.spin_ns // 1000)
+            return True
         reason = hook_refusal()
         fd = fuse_device_fd() if reason is None else None
         if fd is None:
@@ -174,16 +193,27 @@ class FastLoop:
         try:
             # One worker: our waiter keeps no count of idle readers, and with handlers that
             # never await, more workers would only take turns.
-            await pyfuse3.main(min_tasks=1, max_tasks=1)
+            if self.public:
+                await pyfuse3.main(min_tasks=1, max_tasks=1, wait_readable=self._wait_on)  # type: ignore[call-arg]
+            else:
+                await pyfuse3.main(min_tasks=1, max_tasks=1)
         finally:
             self.uninstall()
             log.info("request loop: %d requests through the fast waiter (%d after blocking in poll, "
-                     "%d after parking in trio)", self.requests, self.slept, self.parked)
+                     "%d after parking in trio; %s hook)", self.requests, self.slept, self.parked,
+                     "public" if self.public else "private")
 
     def exit(self) -> None:
         """Stop serving (from the trio thread): the loop returns after the current request."""
         self.exiting = True
         pyfuse3.terminate()
+
+    async def _wait_on(self, fd: int) -> bool:
+        """The public hook's form: pyfuse3 passes the session's descriptor."""
+        if self.fd is None:
+            self.fd = fd
+            self._poll.register(fd, select.POLLIN)
+        return await self._wait()
 
     async def _wait(self) -> bool:
         """pyfuse3's waiter contract: True when /dev/fuse is readable, False to end the loop."""

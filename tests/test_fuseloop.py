@@ -69,6 +69,11 @@ def test_fast_waiter_serves_the_requests(tmp_path, mount):
     served = SERVED.findall(log)
     assert len(served) == 1, f"no (or more than one) request loop summary at shutdown:\n{log}"
     assert int(served[0]) >= 200, f"the fast waiter served only {served[0]} of 200+ requests"
+    from qcowfs.fuseloop import public_hook
+
+    # scripts/setup builds pyfuse3 with the public hook (patches/): the private one is the fallback
+    assert public_hook(), "the installed pyfuse3 lacks main(wait_readable=): run scripts/build-pyfuse3"
+    assert "public hook" in log, log
 
 
 @needs_fuse
@@ -118,6 +123,14 @@ import builtins, os
 import pyfuse3
 
 how = os.environ.get("QCOWFS_TEST_PYFUSE3")
+if how and "wait_readable" in __import__("inspect").signature(pyfuse3.main).parameters:
+    # qcowfs' patched pyfuse3: hide its public hook too, as a release without the patch would
+    _main = pyfuse3.main
+
+    async def main(min_tasks=1, max_tasks=99):
+        return await _main(min_tasks, max_tasks)
+
+    pyfuse3.main = main
 if how == "no-hook":
     # A Cython module looks its globals up in the module dict, then in builtins: moved there,
     # pyfuse3's own loop still finds its waiter, but pyfuse3 no longer has the attribute,
