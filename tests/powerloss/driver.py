@@ -90,6 +90,10 @@ class Model:
     bitmap_sync: str = "close"  # Disk(bitmap_sync=...) of the first open (reopen may switch it)
     pristine_specs: tuple = ()  # BitmapSpec of every bitmap of the pristine image (the Tracker's start)
     nbd_every: int = 4  # intent mode: QEMU's view of the bitmaps (qemu-nbd -B) on every Nth new state
+    #: Driver.grow steps (old size, new size) in order; `size` and `initial` are the final ones (the grown
+    #: area reads as zeros), a crash state's own size is one of the sizes the grow markers allow
+    grows: list = dataclasses.field(default_factory=list)
+    snap_sizes: dict = dataclasses.field(default_factory=dict)  # Driver-made snapshot name -> disk size when taken
 
 
 class Tracker:
@@ -199,6 +203,34 @@ class Driver:
     def zero(self, offset: int, length: int) -> None:
         self.write(offset, bytes(length))
 
+    def zero_range(self, offset: int, length: int) -> None:
+        """Disk.zero_range (discard / write-zeroes): in the model a guest write of zeros ("gw" markers,
+        recorded by the bitmaps like a write); unflushed, it may or may not have happened."""
+        assert length > 0 and offset + length <= self.model.size
+        i = len(self.writes)
+        self._marker("gw", i)
+        self.model.ops.append(f"zero_range {offset:#x}+{length:#x}")
+        self.writes.append((offset, bytes(length)))
+        n = self.disk.zero_range(offset, length)
+        assert n == length, (n, length)
+        self._marker("gw-done", i)
+
+    def grow(self, new_size: int) -> None:
+        """Disk.grow(new_size): the guest disk gets bigger, the new area reads as zeros; durable (and
+        every write before it) when it returns. Markers "grow" (old, new) / "grow-done" (old, new), then "gf"."""
+        old = self.model.size
+        assert new_size > old
+        self.model.ops.append(f"grow {old:#x} -> {new_size:#x}")
+        self._marker("grow", (old, new_size))
+        self.disk.grow(new_size)
+        self.model.grows.append((old, new_size))
+        self.model.size = new_size
+        self.model.initial = bytes(self.model.initial) + bytes(new_size - old)
+        self._marker("grow-done", (old, new_size))
+        self._marker("gf", len(self.writes))
+        assert self.disk.size == new_size and self.img.size == new_size
+        self._check_memory()
+
     def flush(self) -> None:
         self.model.ops.append("flush")
         self.disk.flush()
@@ -273,6 +305,7 @@ class Driver:
         before = self.snapshot_names()
         self.model.ops.append(f"snapshot create {name}")
         self.model.snap_at[name] = len(self.writes)
+        self.model.snap_sizes[name] = self.model.size
         self._marker("sn+", name)
         self.disk.take_snapshot(name)
         self._marker("sn+done", name)
@@ -303,6 +336,7 @@ class Driver:
         self.model.bitmaps[name] = BitmapSpec(name, g, len(self.writes))
         self.model.granularities[name] = g
         self.model.snap_at[name] = len(self.writes)
+        self.model.snap_sizes[name] = self.model.size
         self._marker("ckpt", (name, g, disable))
         res = self.disk.checkpoint(name, disable=list(disable))
         self._marker("ckpt-done", (name, g, disable))

@@ -57,6 +57,9 @@ class Stats:
     snap_oracle: int = 0  # ... and by qemu-img convert -l snapshot.name=NAME
     snap_midway_listed: int = 0  # distinct states with a snapshot creation/deletion under way that list it
     snap_midway_absent: int = 0  # ... that do not list it
+    grow_old: int = 0  # distinct states with a grow under way at the old virtual size
+    grow_new: int = 0  # ... at the new one
+    grow_in_use: int = 0  # intent mode: distinct states with a grow under way and its bitmaps in_use
     log_writes: int = 0
     log_flushes: int = 0
     seconds: float = 0.0
@@ -84,6 +87,9 @@ class Stats:
                          + (f"; a creation/deletion under way: listed in {self.snap_midway_listed} states, not in "
                             f"{self.snap_midway_absent}; {self.copied_mismatch} with harmless OFLAG_COPIED mismatches "
                             f"(qemu-img check exit 2, as QEMU's own order leaves them)" if midway else ""))
+        if self.grow_old or self.grow_new:
+            extra.append(f"a grow under way: {self.grow_old} states at the old size, {self.grow_new} at the new"
+                         + (f", {self.grow_in_use} with intent-mode bitmaps in_use" if self.grow_in_use else ""))
         extra.append(f"{self.oracle_reads} qemu-img convert cross-checks")
         return (f"power-loss {self.workload}: {self.distinct} distinct crash states checked ({', '.join(extra)}) "
                 f"in {self.seconds:.1f}s" + (f", {len(self.failures)} FAILING" if self.failures else ""))
@@ -252,6 +258,8 @@ class Explorer:
         gw_started = 0
         tracker = Tracker(rec.model)
         ex.intent = rec.model.bitmap_sync == "intent"
+        if rec.model.grows:
+            ex.sizes = (rec.model.grows[0][0],)
         i = 0
         for p, want_full, want_sub in points:
             while i < p:
@@ -316,6 +324,10 @@ class Explorer:
                         snaps_maybe.discard(name)
                         snaps.add(name)
                         disabled |= set(val[2])
+                    elif kind == "grow":
+                        ex.sizes, ex.growing = tuple(val), True
+                    elif kind == "grow-done":
+                        ex.sizes, ex.growing = (val[1],), False
                     elif kind == "bm+done":
                         created.add(val)
                     elif kind == "bm-done":
@@ -416,7 +428,7 @@ class Explorer:
         for k in ("qemu_checks", "dirty_states", "dirty_repaired", "repair_eof_leaks", "leaks", "in_use_bitmaps",
                   "clean_bitmaps", "stale_bitmaps", "oracle_reads", "intent_bitmaps", "intent_landed",
                   "intent_opening", "nbd_views", "copied_mismatch", "snap_views", "snap_oracle", "snap_midway_listed",
-                  "snap_midway_absent"):
+                  "snap_midway_absent", "grow_old", "grow_new", "grow_in_use"):
             setattr(s, k, getattr(s, k) + res.get(k, 0))
         if res["failures"]:
             s.failures.append(res)

@@ -687,6 +687,74 @@ def wl_snapshot_minimal() -> Workload:
                     bounds=Bounds(exhaustive=64, prefixes=6, drop_one=4, singles=4, random=12, torn=3))
 
 
+def wl_zero_grow(bitmap_sync: str = "close") -> Workload:
+    """Disk.zero_range and Disk.grow, 4 MiB, 4 KiB clusters (an L1 entry maps 2 MiB: the 4 MiB disk's L1
+    has 2 entries, growing to 10 MiB needs 5, a new L1 table). Pristine (QEMU): data, compressed clusters
+    (some sharing a host cluster), snapshot q1 sharing them, more data over part of it, bitmap q0 (64 KiB
+    granules; close mode: clean and empty, intent mode: holding QEMU's writes after it). Writes; zero_range
+    over whole clusters shared with q1, partial clusters, a run straddling clusters, compressed clusters
+    (whole and partial), over clusters written in the same epoch; flushes; create bitmap b0 (4 KiB); grow to
+    10 MiB (intent mode: q0 and b0 in_use while it runs, valid again after); writes and zero_range past the
+    old end and across it; zero_range over a whole L2 table's worth; close."""
+    size = 4 * MiB
+    cluster = 4 * KiB
+
+    def create(dirname):
+        img = os.path.join(dirname, "disk.qcow2")
+        _create(img, size, cluster_size=cluster)
+        if bitmap_sync == "intent":
+            qemu_img("bitmap", "--add", "-g", "65536", img, "q0")
+        qemu_io(img, f"write -P 0x11 0 {1 * MiB + 512 * KiB}", f"write -c -P 0x22 {3 * MiB} {256 * KiB}",
+                f"write -c -P 0x23 {3 * MiB + 512 * KiB} {cluster}", f"write -c -P 0x24 {3 * MiB + 512 * KiB + cluster} {cluster}")
+        qemu_img("snapshot", "-c", "q1", img)
+        qemu_io(img, f"write -P 0x44 {512 * KiB} {256 * KiB}", f"write -P 0x55 {2 * MiB} {64 * KiB}")
+        snaps = {"q1": qemu_raw(img, os.path.join(dirname, "q1.raw"), snapshot="q1")}
+        if bitmap_sync == "intent":
+            specs = [_pristine_bitmap(img, "q0", 65536)]
+        else:
+            qemu_img("bitmap", "--add", "-g", "65536", img, "q0")
+            specs = [BitmapSpec("q0", 65536, 0, True)]
+        return dict(image="disk.qcow2", snapshots=snaps, pristine_bitmaps=specs)
+
+    def body(d, rng):
+        cs = d.cluster_size
+        d.write(64 * KiB + 100, rng.randbytes(3 * cs))  # COW of clusters shared with q1
+        d.write(2 * MiB + 8 * cs, rng.randbytes(4 * cs))
+        d.flush()
+        d.zero_range(16 * cs, 8 * cs)  # whole clusters shared with q1 (refcount 2 -> 1: nothing freed)
+        d.zero_range(64 * KiB, cs)  # a whole cluster the write above copied (refcount 1: freed)
+        d.zero_range(5 * cs + 300, 1000)  # inside one cluster: written with zeros
+        d.flush()
+        d.zero_range(3 * MiB + 4 * cs, 6 * cs)  # whole compressed clusters
+        d.zero_range(3 * MiB + 512 * KiB + 100, cs)  # partial, over two compressed clusters sharing a host cluster
+        d.zero_range(512 * KiB + cs // 2, 5 * cs)  # straddling: partial, whole, partial (over q1's 0x44 data)
+        d.write(2 * MiB + 9 * cs, rng.randbytes(2 * cs))
+        d.zero_range(2 * MiB + 8 * cs, 3 * cs + 512)  # over clusters written in the same epoch
+        d.flush()
+        d.create_bitmap("b0", 4096)
+        d.write(1 * MiB + 100 * KiB, rng.randbytes(9000))
+        d.zero_range(1 * MiB + 96 * KiB, 2 * cs)  # unflushed when the grow starts (the grow flushes first)
+        d.grow(10 * MiB)
+        d.write(8 * MiB + 3 * cs, rng.randbytes(5 * cs))  # a new L2 table under a new L1 entry
+        d.write(4 * MiB - 2 * cs, rng.randbytes(4 * cs))  # across the old end
+        d.flush()
+        d.zero_range(8 * MiB + 4 * cs, 2 * cs)
+        d.zero_range(4 * MiB - 6 * KiB, 12 * KiB)  # across the old end, partial both sides
+        d.zero_range(0, 2 * MiB)  # a whole L2 table's worth over q1's clusters
+        d.flush()
+        d.write(3 * cs, rng.randbytes(2 * cs))
+        d.close()
+
+    def verify(dirname, image_path, model):
+        info = json.loads(qemu_img("info", "--output=json", image_path).stdout)
+        assert info["virtual-size"] == 10 * MiB, info["virtual-size"]
+        assert read_header_field(image_path, 36, 4) == 5, "the grow did not make a 5-entry L1 table"
+
+    return Workload(f"zero-grow-{bitmap_sync}-c4k", create, body, bitmap_sync=bitmap_sync, verify=verify,
+                    oracle_every=6, nbd_every=6,
+                    bounds=Bounds(exhaustive=16, prefixes=4, drop_one=2, singles=2, random=4, torn=2))
+
+
 def workloads() -> list:
     out = []
     for cluster, size, count in ((512, 2 * MiB, 50), (4096, 4 * MiB, 50), (65536, 16 * MiB, 45)):
@@ -694,7 +762,8 @@ def workloads() -> list:
             out.append(wl_alloc(cluster, refbits, size, count))
     out += [wl_refblock_siblings(), wl_reftable_growth(), wl_cow_backing(), wl_cow_backing(extended=True),
             wl_zero_free(), wl_zero_free("0.10"), wl_snapshot(), wl_bitmaps(), wl_lazy(), wl_data_file(),
-            wl_intent_bitmaps(), wl_intent_data_file(), wl_intent_lazy(), wl_snapshot_ops(), wl_intent_checkpoint()]
+            wl_intent_bitmaps(), wl_intent_data_file(), wl_intent_lazy(), wl_snapshot_ops(), wl_intent_checkpoint(),
+            wl_zero_grow(), wl_zero_grow("intent")]
     return out
 
 
