@@ -87,6 +87,16 @@ How it works
    compressed clusters, and each takes one checkpoint. wl_snapshot_minimal (not in workloads()) is
    the quick controls' workload: it passes as is, and fails with the snapshot steps' flushes deferred.
    For heavier negative controls, run scripts/crash-states with PYTHONPATH naming a broken copy of qcowfs.
+7. Discard / zeroing and growing: zero-grow-close-c4k and zero-grow-intent-c4k (4 MiB, 4 KiB clusters, QEMU-made
+   snapshot q1 and compressed clusters, bitmap q0). Driver.zero_range (Disk.zero_range) is a guest write of
+   zeros in the model ("gw" markers; unflushed, it may or may not have happened; the bitmaps record it).
+   Driver.grow (Disk.grow: 4 -> 10 MiB, a new 5-entry L1 table) logs "grow" (old, new) / "grow-done", then
+   "gf" (durable when it returns); Model.size/initial become the grown ones (zeros past the old end). Every
+   crash state's virtual size (header and qemu-img info) must be the old one before a grow, either while it
+   is under way, the new one after; the state is checked at its own size (Model.grows, Expect.sizes). While
+   a grow is under way, intent-mode bitmaps may be in_use, or the extension stale (QEMU's in-place in_use
+   protocol); nowhere else. QEMU-made snapshots keep their old size (qemu-img convert -l pads them with zeros
+   to the grown disk's size: allowed when it does).
 """
 
 from __future__ import annotations

@@ -705,7 +705,8 @@ def wl_zero_grow(bitmap_sync: str = "close") -> Workload:
         if bitmap_sync == "intent":
             qemu_img("bitmap", "--add", "-g", "65536", img, "q0")
         qemu_io(img, f"write -P 0x11 0 {1 * MiB + 512 * KiB}", f"write -c -P 0x22 {3 * MiB} {256 * KiB}",
-                f"write -c -P 0x23 {3 * MiB + 512 * KiB} {cluster}", f"write -c -P 0x24 {3 * MiB + 512 * KiB + cluster} {cluster}")
+                f"write -c -P 0x23 {3 * MiB + 512 * KiB} {cluster}",
+                f"write -c -P 0x24 {3 * MiB + 512 * KiB + cluster} {cluster}")
         qemu_img("snapshot", "-c", "q1", img)
         qemu_io(img, f"write -P 0x44 {512 * KiB} {256 * KiB}", f"write -P 0x55 {2 * MiB} {64 * KiB}")
         snaps = {"q1": qemu_raw(img, os.path.join(dirname, "q1.raw"), snapshot="q1")}
