@@ -66,7 +66,7 @@ class WritePath(ReadPath):
             last_full = end // cs * cs
             if self._can_zero_detect() and last_full > first_full:
                 self._zero_bytes(offset, first_full)
-                self._zero_clusters(first_full, last_full)
+                self._zero_clusters(first_full, last_full, unmap=True)
                 self._zero_bytes(last_full, end)
             else:
                 self._zero_bytes(offset, end)
@@ -112,12 +112,15 @@ class WritePath(ReadPath):
             return True
         return self.backing is None  # v2: unallocated reads zero only without a backing file
 
-    def _zero_clusters(self, start: int, end: int) -> None:
-        """Make whole clusters [start, end) read as zeros and free what they held."""
+    def _zero_clusters(self, start: int, end: int, unmap: bool = False) -> None:
+        """Make whole clusters [start, end) read as zeros and free what they held. Zero clusters
+        (v3), except where unmap (a discard) finds nothing below to hide: no backing file there,
+        so unallocated reads zeros too and QEMU's discard leaves the entry empty."""
         cb = self.cluster_bits
         for ci in range(start >> cb, end >> cb):
+            shows_backing = self.backing is not None and (ci << cb) < self.backing_size
             l2 = self._l2_for_read(ci >> self.l2_bits)
-            if l2 is None and self.backing is None:
+            if l2 is None and not shows_backing:
                 continue  # already reads zero
             if l2 is not None:
                 i = ci & (self.l2_entries - 1)
@@ -125,20 +128,21 @@ class WritePath(ReadPath):
                     e, bm = l2[2 * i], l2[2 * i + 1]
                     if (e & _OFFSET) == 0 and not e & _COMPRESSED and bm == _ALL_ZERO:
                         continue
-                    if e == 0 and bm == 0 and self.backing is None:
+                    if e == 0 and bm == 0 and not shows_backing:
                         continue
                 else:
                     e = l2[i]
-                    if e == _ZERO or (e == 0 and self.backing is None):
+                    if e == _ZERO or (e == 0 and not shows_backing):
                         continue
             t, i = self._l2_location(ci)
+            empty = unmap and not shows_backing
             if self.extended:
                 old = t[2 * i]
                 t[2 * i] = 0
-                t[2 * i + 1] = _ALL_ZERO
+                t[2 * i + 1] = 0 if empty else _ALL_ZERO
             else:
                 old = t[i]
-                t[i] = _ZERO if self.v3 else 0
+                t[i] = _ZERO if self.v3 and not empty else 0
             self._free_entry_clusters(old)
 
     def _write_data(self, offset: int, mv: memoryview) -> None:

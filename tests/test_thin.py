@@ -127,6 +127,11 @@ def test_punch_hole_and_zero_range(tmp_path, mount, layout):
     c = run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", img, ref], check=False)
     assert c.returncode == 0, c.stdout
     assert qemu_data_extents(img) == data_extents_by_seek_after(img, tmp_path, mount)
+    # the punched whole clusters as QEMU's discard leaves them: zero clusters where a backing file
+    # would show through, unallocated where nothing is below
+    first = json.loads(run(["qemu-img", "map", "--output=json", img]).stdout)[0]
+    assert first["start"] == 0 and first["length"] >= 2 * MiB and first["zero"] and not first["data"]
+    assert first["present"] == (extra == "raw"), first
     if extra is None:
         assert os.stat(img).st_blocks < before_actual, "the freed clusters went back to the host"
     if extra == "snapshot":  # the snapshot still reads as before
