@@ -337,6 +337,16 @@ def _pristine_bitmap(img: str, name: str, granularity: int, enabled: bool = True
     return BitmapSpec(name, granularity, 0, True, enabled, initial)
 
 
+def _write_or_zero(d: Driver, rng: random.Random, off: int, length: int, k: int, flush_every: int) -> None:
+    """One guest write (one in eight or so of zeros), then a guest flush after every flush_every."""
+    if rng.random() < 0.12:
+        d.zero(off, length)
+    else:
+        d.write(off, rng.randbytes(length))
+    if k % flush_every == flush_every - 1:
+        d.flush()
+
+
 def _intent_writes(d: Driver, rng: random.Random, n: int, spots: list, flush_every: int = 3) -> None:
     """n guest writes near the given offsets (sub-granule, unaligned, multi-granule, some zeros), a
     guest flush after every flush_every of them."""
@@ -345,12 +355,7 @@ def _intent_writes(d: Driver, rng: random.Random, n: int, spots: list, flush_eve
         base = rng.choice(spots)
         length = rng.choice([1, 700, 4096, 9000, 65536 + 123, 200 * KiB])
         off = min(max(0, base + rng.randrange(-64 * KiB, 64 * KiB)), size - length)
-        if rng.random() < 0.12:
-            d.zero(off, length)
-        else:
-            d.write(off, rng.randbytes(length))
-        if k % flush_every == flush_every - 1:
-            d.flush()
+        _write_or_zero(d, rng, off, length, k, flush_every)
 
 
 def wl_intent_bitmaps() -> Workload:
@@ -573,12 +578,7 @@ def _snap_writes(d: Driver, rng: random.Random, n: int, spots: list, flush_every
             off = base + rng.randrange(0, 2 * cs)
             length = rng.randint(cs, 3 * cs)
         length = min(length, size - off)
-        if rng.random() < 0.12:
-            d.zero(off, length)
-        else:
-            d.write(off, rng.randbytes(length))
-        if k % flush_every == flush_every - 1:
-            d.flush()
+        _write_or_zero(d, rng, off, length, k, flush_every)
 
 
 def wl_snapshot_ops() -> Workload:
