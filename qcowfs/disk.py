@@ -53,6 +53,21 @@ class Disk:
         self.image.write(offset, data)
         return end - offset
 
+    def plan_write(self, offset: int, data) -> tuple:
+        """write(), split for an I/O thread (fs_io.py): clip, mark the bitmaps, plan. Returns
+        (bytes accepted, plan): a WritePlan to copy and commit, None to call write() instead,
+        or BUSY (a cluster of it is being allocated: ask again after that commit)."""
+        if self.image.read_only:
+            raise ReadOnlyImage("disk is read-only", self.image.path)
+        length = len(data)
+        end = min(offset + length, self.size)
+        if offset >= self.size:
+            return 0, None
+        if end - offset < length:
+            data = memoryview(data)[: end - offset]
+        self.bitmaps.mark(offset, end - offset)  # before the data, as in write()
+        return end - offset, self.image.plan_write(offset, data)
+
     def zero_range(self, offset: int, length: int) -> int:
         """Discard / zero [offset, offset+length) (clipped at the disk's end): reads give zeros
         after it, freed clusters go back to the host, and every recording bitmap marks the range

@@ -26,6 +26,7 @@ import pyfuse3
 from . import allocation, bitmap_commands
 from .disk import Disk
 from .errors import BitmapError, CorruptImage, QcowError, SnapshotError
+from .fs_io import ConcurrentIo
 from .fs_snapshots import SnapshotDir
 from .options import MountOptions
 
@@ -83,6 +84,19 @@ def _guard(fn):
     return wrapper
 
 
+def _quiesced(fn):
+    """_guard, for a handler that changes metadata beyond guest writes (or needs them settled):
+    it runs once no host data copy is in flight (fs_io.ConcurrentIo.quiesce, QEMU's drain)."""
+
+    @functools.wraps(fn)
+    async def after_quiesce(self, *args):
+        if self.cio is not None:
+            await self.cio.quiesce()
+        return await fn(self, *args)
+
+    return _guard(after_quiesce)
+
+
 class BitmapHandle:
     __slots__ = ("name", "content")
 
@@ -95,6 +109,9 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
     enable_acl = False
+    # write data as a view of pyfuse3's request buffer, not a copy (qcowfs' pyfuse3 patch;
+    # stock pyfuse3 ignores it): nothing here keeps it past the handler
+    enable_write_view = True
 
     def __init__(self, disk: Disk, options: Optional[MountOptions] = None):
         super().__init__()
@@ -114,6 +131,8 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
         self.next_fh = 16
         self._init_snapshots()
         self.last_result: Optional[dict] = None  # what the last checkpoint did (RESULT_XATTR)
+        #: several guest reads and writes in flight (fs_io.py); None: each served inline
+        self.cio: Optional[ConcurrentIo] = None
 
     # ------------------------------------------------------------------ attributes
     def _bitmap_inode(self, name: str) -> int:
@@ -195,7 +214,7 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
     async def getattr(self, inode, ctx=None):
         return self._attr(inode)
 
-    @_guard
+    @_quiesced
     async def setattr(self, inode, attr, fields, fh, ctx):
         if fields.update_size:
             if inode == DISK:
@@ -271,7 +290,7 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
         # direct_io: the kernel must not serve a stale status from its cache
         return pyfuse3.FileInfo(fh=fh, direct_io=True)
 
-    @_guard
+    @_quiesced
     async def create(self, parent_inode, name, mode, flags, ctx):
         if parent_inode not in (BITMAPS_DIR, SNAPSHOTS_DIR):
             raise pyfuse3.FUSEError(errno.EPERM)
@@ -291,6 +310,11 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
     async def read(self, fh, off, size):
         if fh == DISK:
             try:
+                cio = self.cio
+                if cio is not None and size >= cio.read_min and cio.wanted():
+                    got = await cio.read(off, size)
+                    if got is not None:
+                        return got
                 # a reused buffer: pyfuse3 sends the reply before it reads the next request
                 return self._read_view(off, size)
             except Exception as e:
@@ -320,10 +344,15 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
     async def write(self, fh, off, buf):
         if fh == DISK:
             try:
+                cio = self.cio
+                if cio is not None and cio.wanted():
+                    return await cio.write(off, buf)
                 return self.disk.write(off, buf)
             except Exception as e:
                 raise pyfuse3.FUSEError(_errno_for(self, "write", e)) from None
         try:
+            if self.cio is not None:
+                await self.cio.quiesce()  # a bitmap command: no write half-recorded around it
             return self._write_bitmap(fh, off, buf)
         except pyfuse3.FUSEError:
             raise
@@ -335,12 +364,12 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
         if h is None:
             raise pyfuse3.FUSEError(errno.EBADF)
         try:
-            command = buf.decode("ascii").strip()
+            command = bytes(buf).decode("ascii").strip()
         except UnicodeDecodeError:
             command = None
         if command not in COMMANDS:
             log.info("%s: bitmap %r: unknown command %r (use clear, enable or disable)",
-                     self.disk.image.path, h.name, buf[:40])
+                     self.disk.image.path, h.name, bytes(buf[:40]))
             raise pyfuse3.FUSEError(errno.EINVAL)
         getattr(self.disk.bitmaps, command)(h.name)
         log.info("%s: bitmap %r: %s", self.disk.image.path, h.name, command)
@@ -348,7 +377,7 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
 
     # fallocate and lseek reach us only through a pyfuse3 with qcowfs' patch (patches/); stock
     # pyfuse3 has no handler for them and the kernel answers EOPNOTSUPP / seeks generically
-    @_guard
+    @_quiesced
     async def fallocate(self, fh, mode, offset, length):
         log.debug("fallocate fh=%s mode=%#x offset=%d length=%d", fh, mode, offset, length)
         if fh != DISK:
@@ -374,7 +403,7 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENXIO)
         return pos
 
-    @_guard
+    @_quiesced
     async def fsync(self, fh, datasync):
         if fh == DISK:
             self.disk.flush()
@@ -386,7 +415,7 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
         self.handles.pop(fh, None)
         self.snap_handles.pop(fh, None)
 
-    @_guard
+    @_quiesced
     async def unlink(self, parent_inode, name, ctx):
         if parent_inode not in (BITMAPS_DIR, SNAPSHOTS_DIR):
             raise pyfuse3.FUSEError(errno.EPERM)
@@ -420,7 +449,7 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.EPERM)
 
     # ------------------------------------------------------------------ control
-    @_guard
+    @_quiesced
     async def setxattr(self, inode, name, value, ctx):
         """`qcowfs bitmap OP MOUNTPOINT ...` sends one JSON command as the value of
         user.qcowfs.command on .bitmaps/ (bitmap_commands.py: strictly parsed, EINVAL otherwise)."""

@@ -56,6 +56,8 @@ from typing import Optional
 import pyfuse3
 import trio
 
+from .io_threads import IoThreads
+
 log = logging.getLogger(__name__)
 
 _WAITER = "_wait_fuse_readable"
@@ -149,6 +151,13 @@ class FastLoop:
         self.slept = 0
         self.parked = 0
         self._checkpoint_at = checkpoint_every
+        # Host I/O threads (io_threads.py) whose completions this loop delivers, and the
+        # workers that take turns at the device while others wait for their threads.
+        self.io: Optional[IoThreads] = None
+        self.workers = 1
+        self._device_busy = False
+        self._turns = trio.lowlevel.ParkingLot()
+        self._device_poll = select.poll()  # /dev/fuse alone, for pending()
 
     # ------------------------------------------------------------------ setup
     def install(self) -> bool:
@@ -191,11 +200,19 @@ class FastLoop:
                 log.info("request loop: pyfuse3's own served this mount (no fast waiter)")
             return
         try:
-            # One worker: our waiter keeps no count of idle readers, and with handlers that
-            # never await, more workers would only take turns.
             if self.public:
-                await pyfuse3.main(min_tasks=1, max_tasks=1, wait_readable=self._wait_on)  # type: ignore[call-arg]
+                # Several workers only where handlers may await host I/O threads; pyfuse3 starts
+                # them as they are needed (no worker waiting at the device) up to max_tasks, and
+                # with min_tasks == max_tasks an idle one waits here instead of exiting and being
+                # started again at the next burst.
+                n = self.workers if self.io is not None else 1
+                async with trio.open_nursery() as nursery:
+                    if self.io is not None:
+                        nursery.start_soon(self._deliver_when_idle, self.io)
+                    await pyfuse3.main(min_tasks=n, max_tasks=n, wait_readable=self._wait_on)  # type: ignore[call-arg]
+                    nursery.cancel_scope.cancel()
             else:
+                # the private hook cannot keep pyfuse3's count of waiting workers: one worker
                 await pyfuse3.main(min_tasks=1, max_tasks=1)
         finally:
             self.uninstall()
@@ -207,58 +224,133 @@ class FastLoop:
         """Stop serving (from the trio thread): the loop returns after the current request."""
         self.exiting = True
         pyfuse3.terminate()
+        self._turns.unpark_all()
+
+    def pending(self) -> bool:
+        """Whether another request waits at the device (one poll(0), about a microsecond)."""
+        return bool(self._device_poll.poll(0))
+
+    def attach_io(self, io: IoThreads, workers: int) -> bool:
+        """Deliver io's completions and serve up to `workers` requests at once; only through
+        the public hook (the private one serves with one worker). False if not possible."""
+        if not self.fast and not self.install():
+            return False
+        if not self.public:
+            return False
+        self.io = io
+        self.workers = workers
+        self._poll.register(io.efd, select.POLLIN)
+        return True
 
     async def _wait_on(self, fd: int) -> bool:
         """The public hook's form: pyfuse3 passes the session's descriptor."""
         if self.fd is None:
             self.fd = fd
             self._poll.register(fd, select.POLLIN)
+            self._device_poll.register(fd, select.POLLIN)
         return await self._wait()
 
     async def _wait(self) -> bool:
-        """pyfuse3's waiter contract: True when /dev/fuse is readable, False to end the loop."""
+        """pyfuse3's waiter contract: True when /dev/fuse is readable, False to end the loop.
+
+        Workers take turns: one waits at the device (and delivers I/O completions meanwhile),
+        the others park. It returns True only from a poll() with no await after it, so the
+        caller's read() that follows cannot block (pyfuse3's own waiter uses a lock for this).
+        """
+        while self._device_busy:
+            if self.exiting:
+                return False
+            await self._turns.park()
         if self.exiting:
-            return False
+            return await self._drain_io()
+        self._device_busy = True
+        try:
+            return await self._wait_device()
+        finally:
+            self._device_busy = False
+            self._turns.unpark()
+
+    async def _wait_device(self) -> bool:
         self.requests += 1
         if self.requests >= self._checkpoint_at:
             self._checkpoint_at = self.requests + self.checkpoint_every
             await trio.lowlevel.checkpoint()  # let the signal watcher in
             if self.exiting:
-                return self._stop()
+                self._stop()
+                return await self._drain_io()
         # Blocks the trio thread for at most block_ms: nothing else in the daemon is waiting
-        # for it except signal delivery, which at worst waits that long.
+        # for it except signal delivery, which at worst waits that long, and I/O completions,
+        # whose eventfd is in the same poll set.
         poll = self._poll.poll
-        if poll(0):
-            return True
-        if self.spin_ns:
-            deadline = monotonic_ns() + self.spin_ns
-            while monotonic_ns() < deadline:
-                if poll(0):
-                    return True
-        if poll(self.block_ms):
-            self.slept += 1
-            # A stop signal that came while we were blocked has only queued its delivery in trio
-            # (its handler ran inside poll()): look, and if anything is queued let it through
-            # now, rather than serve on until checkpoints let it through (measured: another
-            # 100-160 requests, most of a second with one every 5 ms). The look costs 1-3 us,
-            # paid only by a request that came after an idle gap longer than the spin.
-            if _trio_has_queued_work():
-                await trio.sleep(_SETTLE_S)
-                if self.exiting:
-                    return self._stop()
-            return True
-        self._checkpoint_at = self.requests + self.checkpoint_every
-        assert self.fd is not None  # installed
-        try:
-            await trio.lowlevel.wait_readable(self.fd)
-        except trio.ClosedResourceError:  # pyfuse3.terminate() -> notify_closing()
-            return self._stop()
-        if self.exiting:
-            return self._stop()
-        self.parked += 1
-        return True
+        io = self.io
+        while True:
+            ready = poll(0)
+            if not ready and self.spin_ns:
+                deadline = monotonic_ns() + self.spin_ns
+                while not ready and monotonic_ns() < deadline:
+                    ready = poll(0)
+            if not ready:
+                if io is not None and trio.lowlevel.current_statistics().tasks_runnable:
+                    await trio.lowlevel.checkpoint()  # never block while a worker could run
+                    continue
+                ready = poll(self.block_ms)
+                if ready:
+                    self.slept += 1
+                    # A stop signal that came while we were blocked has only queued its delivery
+                    # in trio (its handler ran inside poll()): look, and if anything is queued
+                    # let it through now, rather than serve on until checkpoints let it through
+                    # (measured: another 100-160 requests, most of a second with one every
+                    # 5 ms). The look costs 1-3 us, paid only after an idle gap longer than the spin.
+                    if _trio_has_queued_work():
+                        await trio.sleep(_SETTLE_S)
+                        if self.exiting:
+                            self._stop()
+                            return await self._drain_io()
+                        continue  # poll again: another worker may have run meanwhile
+            if ready:
+                if io is not None and (len(ready) > 1 or ready[0][0] != self.fd):
+                    if io.deliver():
+                        # the finished requests reply and come back here (and park)
+                        await trio.lowlevel.checkpoint()
+                        if self.exiting:
+                            self._stop()
+                            return await self._drain_io()
+                    continue
+                if io is not None and io.inflight and ready[0][1] & (select.POLLERR | select.POLLHUP):
+                    await self._drain_io()  # unmounted: the requests still running finish first
+                return True
+            if io is not None and io.inflight:
+                continue  # completions come through the eventfd: keep polling, do not park
+            self._checkpoint_at = self.requests + self.checkpoint_every
+            assert self.fd is not None  # installed
+            try:
+                await trio.lowlevel.wait_readable(self.fd)
+            except trio.ClosedResourceError:  # pyfuse3.terminate() -> notify_closing()
+                self._stop()
+                return await self._drain_io()
+            if self.exiting:
+                self._stop()
+                return await self._drain_io()
+            self.parked += 1
+            # trio scheduled us: other workers may have run since the device became readable
+            continue
 
-    def _stop(self) -> bool:
-        """End the loop from a wake-up that was counted but serves no request."""
-        self.requests -= 1
+    async def _deliver_when_idle(self, io: IoThreads) -> None:
+        """Completions when no worker waits at the device (every one is waiting for a thread):
+        trio's own wait then, which runs only when every task is blocked, or at a checkpoint."""
+        while True:
+            await trio.lowlevel.wait_readable(io.efd)
+            io.deliver()
+
+    async def _drain_io(self) -> bool:
+        """On the way out: deliver the I/O still running, so its requests finish; then False."""
+        io = self.io
+        while io is not None and io.inflight:
+            select.select([io.efd], [], [], 0.1)
+            if io.deliver():
+                await trio.lowlevel.checkpoint()
         return False
+
+    def _stop(self) -> None:
+        """A wake-up was counted but serves no request."""
+        self.requests -= 1

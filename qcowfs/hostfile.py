@@ -86,6 +86,11 @@ class HostFile:
             if offset > self._size:
                 self._size = offset
 
+    def note_written(self, end: int) -> None:
+        """An I/O thread wrote up to end (io_threads.py): the size follows, on the trio thread."""
+        if end > self._size:
+            self._size = end
+
     def punch_hole(self, offset: int, length: int) -> None:
         """Deallocate host blocks (they read as zeros); silently nothing where the host file
         system cannot (only ever used on clusters whose refcount is 0 on disk)."""

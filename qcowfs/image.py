@@ -124,6 +124,11 @@ class Qcow2Image(WritePath):
         self.l2_dirty: set[int] = set()
         self.l2_cache_max = max(16, cache_bytes // cs)
         self.pending_frees: list = []  # host clusters whose refcount drops after the next flush
+        # Requests whose host data I/O an I/O thread is doing (fs_io.py), and the guest clusters
+        # their plans are allocating (write_path.WritePlan): no cluster is freed while any runs,
+        # so none can be reallocated under a copy still in flight.
+        self.io_inflight = 0
+        self.allocating: set[int] = set()
         self.metadata_dirty = False
         self.refcounts = Refcounts(self.file, h, self._write_header_bytes)
         # Backing chain / external data file
@@ -226,8 +231,10 @@ class Qcow2Image(WritePath):
                 f.pwrite(self.l1[i].to_bytes(8, "big"), base + 8 * i)
             self.l1_dirty.clear()
             f.flush()
-        if self.pending_frees:
-            # the references are gone from the disk now; drop the refcounts (rule 2)
+        if self.pending_frees and not self.io_inflight:
+            # the references are gone from the disk now; drop the refcounts (rule 2). Not while
+            # a thread may still be copying into or out of one of them: then at a later flush
+            # (fsync and unmount wait for the threads first).
             frees, self.pending_frees = self.pending_frees, []
             unused = [c for c in frees if self.refcounts.update(c, -1) == 0]
             self.refcounts.write_dirty()

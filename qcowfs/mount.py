@@ -24,8 +24,10 @@ import trio
 from .disk import Disk
 from .errors import MountError, QcowError
 from .fs import HAS_FALLOCATE, QcowOperations
+from .fs_io import ConcurrentIo
 from .fuseloop import FastLoop
 from .image import Qcow2Image
+from .io_threads import IoThreads
 from .locks import ImageLock
 from .options import MountOptions
 
@@ -94,7 +96,21 @@ class Mounted:
                     hint = " (allow_other for a non-root user needs 'user_allow_other' in /etc/fuse.conf)"
                 raise MountError(f"cannot mount on {mp}: {e}{hint}") from None
             stack.callback(self._close_fuse)
+            if self.options.io_threads and not self.read_only:
+                self._start_io(ops, disk, stack)
             self.stack = stack.pop_all()
+
+    def _start_io(self, ops: QcowOperations, disk: Disk, stack: contextlib.ExitStack) -> None:
+        """Host data I/O threads, so several requests are served at once (fs_io.py); only
+        with the patched pyfuse3's hook (scripts/build-pyfuse3), else one at a time."""
+        threads = IoThreads(self.options.io_threads)
+        stack.callback(threads.close)
+        # a worker per thread and as many again queued behind them, one at the device
+        if not self.loop.attach_io(threads, workers=2 * threads.size + 1):
+            log.info("serving one request at a time: this pyfuse3 has no main(wait_readable) "
+                     "hook for several workers (scripts/build-pyfuse3 builds one)")
+            return
+        ops.cio = ConcurrentIo(disk, self.loop, threads)
 
     def _close_fuse(self) -> None:
         try:

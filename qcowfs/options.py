@@ -15,7 +15,8 @@ The conventions are those of sshfs, s3ql and libfuse's own options:
 - fstab bookkeeping (`defaults`, `noauto`, `nofail`, `_netdev`, `x-*`, ...):
   accepted and ignored, as mount.fuse itself drops most of them.
 - qcowfs's own: `log=FILE`, `debug`, `foreground`, `backing=follow|same-dir|none`,
-  `bitmap_sync=close|intent`.
+  `bitmap_sync=close|intent`, `io_threads=N` (host data I/O threads serving several
+  requests at once, fs_io.py; 0 serves one request at a time).
 Anything else is refused with one line.
 """
 
@@ -43,7 +44,9 @@ _MOUNT8_ONLY = frozenset({"defaults", "auto", "noauto", "user", "nouser", "users
                           "nostrictatime", "lazytime", "nolazytime", "diratime", "nodiratime"})
 
 KNOWN = ("ro, rw, allow_other, default_permissions, uid=N, gid=N, umask=NNN, log=FILE, debug, "
-         "foreground, backing=follow|same-dir|none, bitmap_sync=close|intent")
+         "foreground, backing=follow|same-dir|none, bitmap_sync=close|intent, io_threads=N")
+DEFAULT_IO_THREADS = 4
+MAX_IO_THREADS = 64
 
 
 @dataclasses.dataclass
@@ -58,6 +61,7 @@ class MountOptions:
     foreground: bool = False
     backing: str = "follow"
     bitmap_sync: str = "close"  # "intent": crash-proof bitmaps (bitmap_intent.py)
+    io_threads: int = DEFAULT_IO_THREADS  # 0: one request at a time (fs_io.py)
     kernel_flags: list = dataclasses.field(default_factory=list)
 
     def fuse_options(self, fsname: str) -> set:
@@ -132,6 +136,10 @@ def parse_into(opts: MountOptions, specs: Iterable[str]) -> MountOptions:
                 if value not in BITMAP_SYNC_MODES:
                     raise OptionError(f"mount option bitmap_sync={value}: expected one of {', '.join(BITMAP_SYNC_MODES)}")
                 opts.bitmap_sync = value
+            elif key == "io_threads" and eq:
+                if not value.isdigit() or int(value) > MAX_IO_THREADS:
+                    raise OptionError(f"mount option io_threads={value}: expected a number from 0 to {MAX_IO_THREADS}")
+                opts.io_threads = int(value)
             elif not eq and key in _KERNEL_FLAGS:
                 opts.kernel_flags.append(key)
             elif not eq and (key in _ALWAYS_NOSUID_NODEV or key in _MOUNT8_ONLY):

@@ -93,6 +93,20 @@ class ReadPath(ClusterMap):
         self._read_into(mv, offset, end, first, zeroed=False)
         return mv
 
+    def data_host(self, offset: int, length: int) -> int:
+        """Where guest [offset, offset+length) lies on the host when it is one contiguous run of
+        data clusters, so that an I/O thread can read it with one preadv (fs_io.py); -1 when it
+        is not (holes, zeros, compressed, backing, the end of the disk: read_view() then)."""
+        end = offset + length
+        if end > self.size or length <= 0:
+            return -1
+        kind, host, n = self.map(offset, end)
+        if kind != DATA:
+            return -1
+        if n < length:
+            n = self._data_run(offset, end, host, n)
+        return host if n == length else -1
+
     def _read_into(self, mv: memoryview, offset: int, end: int, first: tuple, zeroed: bool) -> None:
         """Fill mv with guest bytes [offset, end); first is map(offset, end); zeroed: mv holds zeros."""
         pos = offset

@@ -9,6 +9,7 @@ clusters old entries referenced are freed only after that (pending_frees, rule 2
 
 from __future__ import annotations
 
+import os
 from array import array
 from typing import Callable
 
@@ -22,11 +23,49 @@ from .entries import ZERO_FLAG as _ZERO
 from .errors import CorruptImage, ReadOnlyImage, UnsupportedFeature, WriteBeyondEnd
 from .read_path import ReadPath
 
+#: plan_write's answer when a cluster of the request is being allocated by another request
+BUSY = "busy"
+
+
+class WritePlan:
+    """One guest write decided on the trio thread, its data copy left to an I/O thread
+    (io_threads.py): the host runs to write, and the L2 entries to commit after them.
+
+    Its new clusters are reserved (refcount 1 in the cache, guest clusters in
+    Qcow2Image.allocating) from plan_write() to commit_write()/abort_write(): a request for
+    one of those guest clusters waits (BUSY), as QEMU's requests wait on its in-flight cluster
+    allocations (qcow2-cluster.c, handle_dependencies); a read meanwhile sees the old mapping,
+    never a half-written copy-on-write."""
+
+    __slots__ = ("fd", "runs", "entries", "fresh", "end", "clusters")
+
+    def __init__(self, fd: int, runs: list, entries: list, fresh: tuple = (), end: int = 0):
+        self.fd = fd
+        self.clusters = (0, -1)  # the guest clusters reserved in Qcow2Image.allocating
+        self.runs = runs  # [(host offset, [buffers])], written back to back from the offset
+        self.entries = entries  # [(guest cluster, new host offset, old entry)]
+        self.fresh = fresh  # (first guest cluster, count, host base): a fresh run's slice of L2
+        self.end = end  # host end of the furthest run (the file's size after it)
+
+    def write_data(self) -> None:
+        """The data copy: thread-safe, touches no shared state (hostfile.HostFile's size is
+        updated by commit_write, on the trio thread)."""
+        fd = self.fd
+        for host, bufs in self.runs:
+            want = sum(len(b) for b in bufs)
+            done = os.pwritev(fd, bufs, host)
+            if done < want:  # rare short write: the rest piecewise
+                rest = memoryview(b"".join(bytes(b) for b in bufs))
+                while done < want:
+                    done += os.pwrite(fd, rest[done:], host + done)
+
 
 class WritePath(ReadPath):
     """The write half of Qcow2Image (a mixin over the image's state)."""
 
     mark_corrupt: "Callable[[str], None]"
+    io_inflight: int
+    allocating: "set[int]"
 
     def _check_writable(self) -> None:
         if self.read_only:
@@ -45,6 +84,91 @@ class WritePath(ReadPath):
         except CorruptImage as e:
             self.mark_corrupt(e.message)
             raise
+
+    def plan_write(self, offset: int, data) -> "WritePlan | str | None":
+        """Decide a guest write whose data an I/O thread will copy (WritePlan.write_data), then
+        commit_write (or abort_write) it. None: this write goes through write() (zero
+        detection, subclusters, external data files, ...); BUSY: a cluster of it is being
+        allocated: wait for that commit and ask again. Called with data in range (Disk clips)."""
+        self._check_writable()
+        mv = memoryview(data).cast("B")
+        length = len(mv)
+        end = offset + length
+        if end > self.size:
+            raise WriteBeyondEnd(f"write beyond the end of the disk ({offset}+{length} > {self.size})", self.path)
+        if length == 0 or self.extended or self.has_data_file:
+            return None
+        cs = self.cluster_size
+        cb = self.cluster_bits
+        first_ci = offset >> cb
+        last_ci = (end - 1) >> cb
+        try:
+            host = self._in_place_host(offset, first_ci, last_ci)
+            if host >= 0:
+                self.io_inflight += 1
+                return WritePlan(self.data_file.fd, [(host, [mv])], [])
+            if self.allocating and not self.allocating.isdisjoint(range(first_ci, last_ci + 1)):
+                return BUSY
+            if self._can_zero_detect():
+                first_full = -(-offset // cs) * cs
+                last_full = end // cs * cs
+                if last_full > first_full:
+                    a, b = first_full - offset, last_full - offset
+                    if mv[a] == 0 and mv[b - 1] == 0 and mv[a:b] == self._zeros(b - a):
+                        return None
+            base = self._fresh_base(offset, length, first_ci, last_ci)
+            if base >= 0:
+                plan = WritePlan(self.data_file.fd, [(base, [mv])], [], (first_ci, last_ci - first_ci + 1, base),
+                                 base + length)
+            else:
+                runs, entries = self._plan_runs(offset, mv, first_ci, last_ci)
+                plan = WritePlan(self.data_file.fd, runs, entries,
+                                 end=max(h + sum(len(b) for b in bufs) for h, bufs in runs))
+        except CorruptImage as e:
+            self.mark_corrupt(e.message)
+            raise
+        self.allocating.update(range(first_ci, last_ci + 1))
+        plan.clusters = (first_ci, last_ci)
+        self.io_inflight += 1
+        return plan
+
+    def commit_write(self, plan: WritePlan) -> None:
+        """After plan.write_data(): the new clusters become visible (L2 entries, in the cache;
+        on disk at the next flush, after their refcounts: rules 1 and 3)."""
+        self.io_inflight -= 1
+        if plan.end:
+            self.data_file.note_written(plan.end)
+        if plan.fresh:
+            self._commit_fresh(*plan.fresh)
+        elif plan.entries:
+            self._commit_entries(plan.entries)
+        self._release(plan)
+
+    def abort_write(self, plan: WritePlan) -> None:
+        """plan.write_data() failed: give back the clusters reserved for it (referenced by no
+        entry, so their refcounts drop now); the guest sees what it saw before."""
+        self.io_inflight -= 1
+        cb = self.cluster_bits
+        if plan.fresh:
+            _first, count, base = plan.fresh
+            hosts = [(base >> cb) + k for k in range(count)]
+        else:
+            hosts = [host >> cb for _ci, host, _e in plan.entries]
+        for c in hosts:
+            self.refcounts.update(c, -1)
+        self._release(plan)
+
+    def _release(self, plan: WritePlan) -> None:
+        first, last = plan.clusters
+        self.allocating.difference_update(range(first, last + 1))
+
+    def busy(self, offset: int, length: int) -> bool:
+        """Whether a guest cluster of [offset, offset+length) is being allocated (plan_write)."""
+        if not self.allocating or length <= 0:
+            return False
+        cb = self.cluster_bits
+        first, last = offset >> cb, (offset + length - 1) >> cb
+        return any(first <= ci <= last for ci in self.allocating)
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Make guest bytes [offset, offset+length) read as zeros (QEMU's write-zeroes with unmap,
@@ -160,6 +284,18 @@ class WritePath(ReadPath):
         last_ci = (end - 1) >> cb
         if self._write_in_place(offset, mv, first_ci, last_ci) or self._write_fresh_run(offset, mv, first_ci, last_ci):
             return
+        runs, entries = self._plan_runs(offset, mv, first_ci, last_ci)
+        for host, bufs in runs:
+            self.data_file.pwritev(bufs, host)
+        self._commit_entries(entries)
+
+    def _plan_runs(self, offset: int, mv: memoryview, first_ci: int, last_ci: int) -> tuple:
+        """The general write: which clusters are written in place, which get a new cluster
+        (allocated here; copy-on-write of the rest of a partial cluster from what the guest sees
+        now). Returns the host runs to write (contiguous pieces merged) and the new entries."""
+        cs = self.cluster_size
+        cb = self.cluster_bits
+        end = offset + len(mv)
         # Pass 1: which clusters can be written in place, which need a new cluster.
         plan = []  # (ci, host or None, old_entry)
         need_alloc = 0
@@ -177,7 +313,8 @@ class WritePath(ReadPath):
                 plan.append((ci, None, e))
                 need_alloc += 1
         base = self.refcounts.allocate(need_alloc) if need_alloc else 0
-        # Pass 2: write data (merged into contiguous host runs) and update L2 entries.
+        # Pass 2: the data for each cluster, merged into contiguous host runs.
+        runs: list = []
         run_host = -1
         run_bufs: list = []
         run_len = 0
@@ -211,63 +348,85 @@ class WritePath(ReadPath):
                 run_len += len(piece)
             else:
                 if run_bufs:
-                    self.data_file.pwritev(run_bufs, run_host)
+                    runs.append((run_host, run_bufs))
                 run_host, run_bufs, run_len = wr_host, [piece], len(piece)
         if run_bufs:
-            self.data_file.pwritev(run_bufs, run_host)
-        for ci, host, e in new_entries:
+            runs.append((run_host, run_bufs))
+        return runs, new_entries
+
+    def _commit_entries(self, entries: list) -> None:
+        ext = self.header.has_data_file
+        for ci, host, e in entries:
             t, i = self._l2_location(ci)
             t[i] = host | _COPIED
             if not ext:
                 self._free_entry_clusters(e)
 
     def _write_in_place(self, offset: int, mv: memoryview, first_ci: int, last_ci: int) -> bool:
-        """The common overwrite: every cluster of the request allocated, COPIED (not shared with
-        a snapshot) and contiguous on the host, within one L2 table. Checked with one array
-        comparison and written with one pwrite; False (nothing done) otherwise."""
+        """The common overwrite (_in_place_host) with one pwrite; False (nothing done) otherwise."""
+        host = self._in_place_host(offset, first_ci, last_ci)
+        if host < 0:
+            return False
+        self.data_file.pwrite(mv, host)
+        return True
+
+    def _in_place_host(self, offset: int, first_ci: int, last_ci: int) -> int:
+        """Where the common overwrite goes on the host: every cluster of the request allocated,
+        COPIED (not shared with a snapshot) and contiguous on the host, within one L2 table,
+        checked with one array comparison. -1 if the request is not such a write."""
         l2i = first_ci >> self.l2_bits
         if l2i != last_ci >> self.l2_bits:
-            return False
+            return -1
         l2 = self._l2_for_read(l2i)
         if l2 is None:
-            return False
+            return -1
         i = first_ci & (self.l2_entries - 1)
         e = l2[i]
         off = e & _OFFSET
         if not e & _COPIED or e & (_COMPRESSED | _ZERO) or not (off or self.has_data_file):
-            return False
+            return -1
         count = last_ci - first_ci + 1
         cs = self.cluster_size
         if count > 1 and l2[i : i + count] != array("Q", range(e, e + count * cs, cs)):
-            return False
+            return -1
         self._check_data_offset(off, first_ci)
         if count > 1:
             self._check_data_offset(off + (count - 1) * cs, last_ci)
-        self.data_file.pwrite(mv, off + (offset & (cs - 1)))
-        return True
+        return off + (offset & (cs - 1))
 
     def _write_fresh_run(self, offset: int, mv: memoryview, first_ci: int, last_ci: int) -> bool:
+        """The common first write (_fresh_base) with one pwrite; False (nothing done) otherwise."""
+        base = self._fresh_base(offset, len(mv), first_ci, last_ci)
+        if base < 0:
+            return False
+        self.data_file.pwrite(mv, base)
+        self._commit_fresh(first_ci, last_ci - first_ci + 1, base)
+        return True
+
+    def _fresh_base(self, offset: int, length: int, first_ci: int, last_ci: int) -> int:
         """The common first write: whole clusters, all unallocated (entry 0), within one L2
         table. Nothing to copy on write (every byte of every cluster is new) and nothing to
-        free: one contiguous allocation, one pwrite, one slice of L2 entries. The entries reach
-        the disk at the next flush, after the refcounts, as in _write_data (rules 1 and 3)."""
+        free: one contiguous allocation (made here), one pwrite, one slice of L2 entries
+        (_commit_fresh). The entries reach the disk at the next flush, after the refcounts, as
+        in _write_data (rules 1 and 3). -1 (nothing allocated) if the request is not such a write."""
         cs = self.cluster_size
-        if self.has_data_file or (offset | len(mv)) & (cs - 1):
-            return False
+        if self.has_data_file or (offset | length) & (cs - 1):
+            return -1
         l2i = first_ci >> self.l2_bits
         if l2i != last_ci >> self.l2_bits:
-            return False
+            return -1
         count = last_ci - first_ci + 1
         i = first_ci & (self.l2_entries - 1)
         l2 = self._l2_for_read(l2i)
         if l2 is not None and l2[i : i + count] != array("Q", bytes(8 * count)):
-            return False
-        base = self.refcounts.allocate(count)
-        self.data_file.pwrite(mv, base)
+            return -1
+        return self.refcounts.allocate(count)
+
+    def _commit_fresh(self, first_ci: int, count: int, base: int) -> None:
+        cs = self.cluster_size
         t, i = self._l2_location(first_ci)
         first = base | _COPIED
         t[i : i + count] = array("Q", range(first, first + count * cs, cs))
-        return True
 
     def _check_data_offset(self, off: int, ci: int) -> None:
         """Refuse to write through an entry QEMU would call corrupt (unaligned, or past the end
