@@ -52,6 +52,7 @@ class ConcurrentIo:
         self.draining = 0  # handlers in quiesce()
         self._changed = trio.lowlevel.ParkingLot()  # woken at every commit and completion
         self._buffers: dict = {}  # worker task -> its read buffer
+        self.waits = 0  # requests that waited for another's allocation (BUSY) or a drain
 
     def wanted(self) -> bool:
         """Whether a request should go through here: another one is running or waiting."""
@@ -64,11 +65,13 @@ class ConcurrentIo:
                 n, plan = disk.plan_write(offset, data)
                 if plan is not BUSY:
                     break
+                self.waits += 1
                 await self._changed.park()
             if plan is not None:
                 return await self._copy(n, plan)
         # inline: never over a cluster another request is allocating
         while self.image.busy(offset, len(data)):
+            self.waits += 1
             await self._changed.park()
         return disk.write(offset, data)
 
@@ -121,6 +124,7 @@ class ConcurrentIo:
         if not self.running:
             return
         self.draining += 1
+        self.waits += 1
         try:
             while self.running:
                 await self._changed.park()

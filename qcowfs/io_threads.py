@@ -45,6 +45,7 @@ class IoThreads:
         self._done: collections.deque = collections.deque()
         self.inflight = 0  # jobs submitted and not yet delivered (trio thread only)
         self.jobs = 0  # jobs run, for the shutdown log line
+        self.peak = 0  # the most in flight at once
         self._threads = [threading.Thread(target=self._work, name=f"qcowfs-io-{i}", daemon=True)
                          for i in range(threads)]
         for t in self._threads:
@@ -56,6 +57,8 @@ class IoThreads:
         task = trio.lowlevel.current_task()
         self.inflight += 1
         self.jobs += 1
+        if self.inflight > self.peak:
+            self.peak = self.inflight
         self._jobs.put((task, fn, args))
         return await trio.lowlevel.wait_task_rescheduled(lambda _raise: trio.lowlevel.Abort.FAILED)
 
@@ -90,5 +93,6 @@ class IoThreads:
         for t in self._threads:
             t.join(timeout=10)
         os.close(self.efd)
-        log.debug("host I/O threads: %d jobs", self.jobs)
+        # tests/test_concurrency.py reads this line: the storms must have overlapped
+        log.info("host I/O threads: %d jobs, up to %d at once", self.jobs, self.peak)
 

@@ -110,7 +110,9 @@ class Mounted:
             log.info("serving one request at a time: this pyfuse3 has no main(wait_readable) "
                      "hook for several workers (scripts/build-pyfuse3 builds one)")
             return
-        ops.cio = ConcurrentIo(disk, self.loop, threads)
+        ops.cio = cio = ConcurrentIo(disk, self.loop, threads)
+        stack.callback(lambda: log.info("concurrent requests: %d waited for another's allocation or a drain",
+                                        cio.waits))
 
     def _close_fuse(self) -> None:
         try:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -222,6 +223,16 @@ def assert_same(a: Path, b: Path) -> None:
         raise AssertionError(f"{a} and {b} differ first at {i} (0x{i:x}): {x[i:i + 16].hex()} != {y[i:i + 16].hex()}")
 
 
+def overlapped(log: str) -> None:
+    """The storm went through the host I/O threads, several requests at once (qcowfs/fs_io.py),
+    and some waited for another's cluster allocation: the concurrent paths were exercised."""
+    m = re.search(r"host I/O threads: (\d+) jobs, up to (\d+) at once", log)
+    assert m, f"no host I/O thread summary in the daemon's log (io_threads off?):\n{log[-2000:]}"
+    assert int(m[1]) > 100 and int(m[2]) > 1, m[0]
+    w = re.search(r"concurrent requests: (\d+) waited", log)
+    assert w and int(w[1]) > 0, w[0] if w else "no concurrent request summary"
+
+
 @needs_fuse
 @pytest.mark.parametrize("kind", ["fresh", "backing", "snapshot", "compressed"])
 def test_storm(kind, mount, tmp_path):
@@ -233,6 +244,7 @@ def test_storm(kind, mount, tmp_path):
     run_fio(storm_jobfile(tmp_path / "mnt-fio", m.disk, jobs, base_a=base_a))
     assert m.unmount() == 0
     assert_clean(img)
+    overlapped(m.log_text())
 
     ref = tmp_path / "ref.raw"
     shutil.copyfile(before, ref)
