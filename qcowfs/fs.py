@@ -26,7 +26,7 @@ import pyfuse3
 from . import allocation, bitmap_commands
 from .disk import Disk
 from .errors import BitmapError, CorruptImage, QcowError, SnapshotError
-from .fs_io import ConcurrentIo
+from .fs_io import SAMPLE_EVERY, ConcurrentIo
 from .fs_snapshots import SnapshotDir
 from .options import MountOptions
 
@@ -311,10 +311,14 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
         if fh == DISK:
             try:
                 cio = self.cio
-                if cio is not None and size >= cio.read_min and cio.wanted():
-                    got = await cio.read(off, size)
-                    if got is not None:
-                        return got
+                if cio is not None:
+                    if cio.wanted():
+                        got = await cio.read(off, size)
+                        if got is not None:
+                            return got
+                    cio.ticks += 1
+                    if not cio.ticks % SAMPLE_EVERY:
+                        return cio.timed(self._read_view, off, size)
                 # a reused buffer: pyfuse3 sends the reply before it reads the next request
                 return self._read_view(off, size)
             except Exception as e:
@@ -345,8 +349,12 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
         if fh == DISK:
             try:
                 cio = self.cio
-                if cio is not None and cio.wanted():
-                    return await cio.write(off, buf)
+                if cio is not None:
+                    if cio.running or cio.wanted():
+                        return await cio.write(off, buf, cio.wanted())
+                    cio.ticks += 1
+                    if not cio.ticks % SAMPLE_EVERY:
+                        return cio.timed(self.disk.write, off, buf)
                 return self.disk.write(off, buf)
             except Exception as e:
                 raise pyfuse3.FUSEError(_errno_for(self, "write", e)) from None

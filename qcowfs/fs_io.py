@@ -1,8 +1,14 @@
 """Guest reads and writes with their host data I/O on threads: several requests in flight.
 
-The FUSE layer (fs.py) hands a request here when another one is waiting at the device or
-already running on a thread; alone (queue depth 1) it is served inline, as before, because a
-trip through a thread costs more than it saves when nothing else could run meanwhile.
+When threads pay: a trip through one costs about 50 us of handoffs (futexes, the GIL, a trio
+reschedule; measured on 2 cores, more under load), so it pays only when the host I/O itself
+waits longer than that (a disk, a network file system, writeback throttling) and another
+request could be served meanwhile. Copies into and out of the host page cache are CPU work
+that a second thread cannot speed up on a busy 2-core machine; there, measured, threads made
+every queue-depth job slower (docs/performance.md). So the FUSE layer (fs.py) serves requests
+inline and samples how long the host kept them *waiting* (wall time minus the thread's CPU
+time): once that average passes SLOW_WAIT_NS, requests that find another one waiting or
+running go to the threads, and the threads' own samples tell when the host is fast again.
 
 Every decision stays on the trio thread and is made between two awaits, so it is atomic
 (trio's rule): mapping, allocation and copy-on-write planning (Qcow2Image.plan_write),
@@ -18,15 +24,17 @@ bitmap marking (Disk.plan_write, before the data), commits of new L2 entries aft
 - fsync covers every acknowledged write: a write is acknowledged after its copy completed and
   its entries were committed, and the flush writes those entries after the data.
 
-Reads get one buffer per worker task (a reply is sent before that worker reads its next
-request); the inline path keeps Qcow2Image.read_view's single reused buffer, which is safe
-because an inline read replies before any other request runs.
+Reads on threads get one buffer per worker task (a reply is sent before that worker reads its
+next request); the inline path keeps Qcow2Image.read_view's single reused buffer, which is
+safe because an inline read replies before any other request runs.
 """
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
+from time import monotonic_ns, thread_time_ns
 from typing import Optional
 
 import trio
@@ -36,31 +44,63 @@ from .fuseloop import FastLoop
 from .io_threads import IoThreads
 from .write_path import BUSY
 
-#: reads shorter than this stay inline even under load: a 4 KiB copy out of the page cache
-#: costs less than the trip through a thread (scripts/bench, docs/performance.md)
-DEFAULT_READ_MIN = 65536
+log = logging.getLogger(__name__)
+
+
+
+#: average host wait per request above which requests under load go to the threads: a few
+#: times the ~50 us a trip through a thread costs
+SLOW_WAIT_NS = 200_000
+#: inline requests are timed one in this many (two clock reads, one a syscall)
+SAMPLE_EVERY = 16
 
 
 class ConcurrentIo:
-    def __init__(self, disk: Disk, loop: FastLoop, threads: IoThreads, read_min: int = DEFAULT_READ_MIN):
+    def __init__(self, disk: Disk, loop: FastLoop, threads: IoThreads, always: bool = False):
         self.disk = disk
         self.image = disk.image
         self.loop = loop
         self.threads = threads
-        self.read_min = read_min
         self.running = 0  # requests waiting for their copy
         self.draining = 0  # handlers in quiesce()
         self._changed = trio.lowlevel.ParkingLot()  # woken at every commit and completion
         self._buffers: dict = {}  # worker task -> its read buffer
+        self.always = always  # offload=always: under load, however fast the host
+        self.slow = always  # the host keeps requests waiting: offload under load
+        self.slow_spells = 0  # times it turned slow
+        self.wait_ns = 0  # moving average of the host's wait per sampled request
+        self.ticks = 0  # inline requests seen (sampling clock)
+        threads.on_sample = self.note
         self.waits = 0  # requests that waited for another's allocation (BUSY) or a drain
 
     def wanted(self) -> bool:
-        """Whether a request should go through here: another one is running or waiting."""
-        return bool(self.running) or self.loop.pending()
+        """Whether a request should go to a thread: the host is slow and another request is
+        running or waiting."""
+        return self.slow and (bool(self.running) or self.loop.pending())
 
-    async def write(self, offset: int, data) -> int:
+    def note(self, wait_ns: int) -> None:
+        """One sample of how long the host kept a request waiting (not working)."""
+        self.wait_ns += (wait_ns - self.wait_ns) >> 3
+        slow = self.always or self.wait_ns > SLOW_WAIT_NS
+        if slow != self.slow:
+            self.slow = slow
+            self.slow_spells += slow
+            log.info("%s: host I/O %s (%d us average wait): %s", self.image.path,
+                     "slow" if slow else "fast again", self.wait_ns // 1000,
+                     "requests under load go to the I/O threads" if slow else "serving inline")
+
+    def timed(self, fn, *args):
+        """fn(*args) inline, noting how long the host kept it waiting."""
+        wall, cpu = monotonic_ns(), thread_time_ns()
+        result = fn(*args)
+        self.note((monotonic_ns() - wall) - (thread_time_ns() - cpu))
+        return result
+
+    async def write(self, offset: int, data, offload: bool = True) -> int:
+        """A guest write: its copy on a thread (offload), or inline once no request is
+        allocating one of its clusters."""
         disk = self.disk
-        if not self.draining:
+        if offload and not self.draining:
             while True:
                 n, plan = disk.plan_write(offset, data)
                 if plan is not BUSY:
@@ -91,13 +131,12 @@ class ConcurrentIo:
         return n
 
     async def read(self, offset: int, size: int) -> Optional[memoryview]:
-        """The guest bytes, or None: read inline (not one contiguous data run, or draining)."""
+        """A read on a thread, so the requests behind it are served while the host works.
+        None: read it inline (not one contiguous data run, draining, short)."""
         image = self.image
-        if self.draining:
-            return None
         length = min(size, image.size - offset)
         host = image.data_host(offset, length)
-        if host < 0:
+        if host < 0 or self.draining:
             return None
         buf = self._buffer(length)
         image.io_inflight += 1
@@ -108,7 +147,7 @@ class ConcurrentIo:
             image.io_inflight -= 1
             self.running -= 1
             self._changed.unpark_all()
-        return buf if got == length else None  # short: inline again, which reports it
+        return buf if got == length else None
 
     def _buffer(self, n: int) -> memoryview:
         task = trio.lowlevel.current_task()

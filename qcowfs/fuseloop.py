@@ -285,7 +285,9 @@ class FastLoop:
         io = self.io
         while True:
             ready = poll(0)
-            if not ready and self.spin_ns:
+            # no spinning while a thread is at work: the spin holds the GIL between its polls,
+            # and the thread needs it to hand its completion over (a blocking poll releases it)
+            if not ready and self.spin_ns and not (io is not None and io.inflight):
                 deadline = monotonic_ns() + self.spin_ns
                 while not ready and monotonic_ns() < deadline:
                     ready = poll(0)
@@ -311,7 +313,8 @@ class FastLoop:
                 if io is not None and (len(ready) > 1 or ready[0][0] != self.fd):
                     if io.deliver():
                         # the finished requests reply and come back here (and park)
-                        await trio.lowlevel.checkpoint()
+                        while io.resuming:
+                            await trio.lowlevel.checkpoint()
                         if self.exiting:
                             self._stop()
                             return await self._drain_io()
@@ -347,7 +350,8 @@ class FastLoop:
         io = self.io
         while io is not None and io.inflight:
             select.select([io.efd], [], [], 0.1)
-            if io.deliver():
+            io.deliver()
+            while io.resuming:
                 await trio.lowlevel.checkpoint()
         return False
 

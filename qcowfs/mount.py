@@ -110,9 +110,9 @@ class Mounted:
             log.info("serving one request at a time: this pyfuse3 has no main(wait_readable) "
                      "hook for several workers (scripts/build-pyfuse3 builds one)")
             return
-        ops.cio = cio = ConcurrentIo(disk, self.loop, threads)
-        stack.callback(lambda: log.info("concurrent requests: %d waited for another's allocation or a drain",
-                                        cio.waits))
+        ops.cio = cio = ConcurrentIo(disk, self.loop, threads, always=self.options.offload == "always")
+        stack.callback(lambda: log.info("concurrent requests: %d waited for another's allocation or a drain, "
+                                        "%d host I/O slow-downs seen", cio.waits, cio.slow_spells))
 
     def _close_fuse(self) -> None:
         try:

@@ -16,7 +16,9 @@ The conventions are those of sshfs, s3ql and libfuse's own options:
   accepted and ignored, as mount.fuse itself drops most of them.
 - qcowfs's own: `log=FILE`, `debug`, `foreground`, `backing=follow|same-dir|none`,
   `bitmap_sync=close|intent`, `io_threads=N` (host data I/O threads serving several
-  requests at once, fs_io.py; 0 serves one request at a time).
+  requests at once, fs_io.py; 0 serves one request at a time), `offload=auto|always`
+  (auto: to the threads only while the host keeps requests waiting; always: whenever
+  another request is waiting or running).
 Anything else is refused with one line.
 """
 
@@ -44,7 +46,8 @@ _MOUNT8_ONLY = frozenset({"defaults", "auto", "noauto", "user", "nouser", "users
                           "nostrictatime", "lazytime", "nolazytime", "diratime", "nodiratime"})
 
 KNOWN = ("ro, rw, allow_other, default_permissions, uid=N, gid=N, umask=NNN, log=FILE, debug, "
-         "foreground, backing=follow|same-dir|none, bitmap_sync=close|intent, io_threads=N")
+         "foreground, backing=follow|same-dir|none, bitmap_sync=close|intent, io_threads=N, offload=auto|always")
+OFFLOAD_MODES = ("auto", "always")
 DEFAULT_IO_THREADS = 4
 MAX_IO_THREADS = 64
 
@@ -62,6 +65,7 @@ class MountOptions:
     backing: str = "follow"
     bitmap_sync: str = "close"  # "intent": crash-proof bitmaps (bitmap_intent.py)
     io_threads: int = DEFAULT_IO_THREADS  # 0: one request at a time (fs_io.py)
+    offload: str = "auto"  # "always": to the threads under load, however fast the host
     kernel_flags: list = dataclasses.field(default_factory=list)
 
     def fuse_options(self, fsname: str) -> set:
@@ -140,6 +144,10 @@ def parse_into(opts: MountOptions, specs: Iterable[str]) -> MountOptions:
                 if not value.isdigit() or int(value) > MAX_IO_THREADS:
                     raise OptionError(f"mount option io_threads={value}: expected a number from 0 to {MAX_IO_THREADS}")
                 opts.io_threads = int(value)
+            elif key == "offload" and eq:
+                if value not in OFFLOAD_MODES:
+                    raise OptionError(f"mount option offload={value}: expected one of {', '.join(OFFLOAD_MODES)}")
+                opts.offload = value
             elif not eq and key in _KERNEL_FLAGS:
                 opts.kernel_flags.append(key)
             elif not eq and (key in _ALWAYS_NOSUID_NODEV or key in _MOUNT8_ONLY):

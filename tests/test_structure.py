@@ -14,7 +14,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "qcowfs"
 MAX_LINES = 520
-FUSE_MODULES = {"fs", "fs_snapshots", "fuseloop", "mount"}
+FUSE_MODULES = {"fs", "fs_snapshots", "fuseloop", "mount", "fs_io", "io_threads"}
 
 
 def _imports(path: Path) -> set:
