@@ -106,18 +106,21 @@ class ConcurrentIo:
                 if plan is not BUSY:
                     break
                 self.waits += 1
+                self.loop.hand_over()
                 await self._changed.park()
             if plan is not None:
                 return await self._copy(n, plan)
         # inline: never over a cluster another request is allocating
         while self.image.busy(offset, len(data)):
             self.waits += 1
+            self.loop.hand_over()
             await self._changed.park()
         return disk.write(offset, data)
 
     async def _copy(self, n: int, plan) -> int:
         image = self.image
         self.running += 1
+        self.loop.hand_over()
         try:
             await self.threads.run(plan.write_data)
         except BaseException:
@@ -141,6 +144,7 @@ class ConcurrentIo:
         buf = self._buffer(length)
         image.io_inflight += 1
         self.running += 1
+        self.loop.hand_over()
         try:
             got = await self.threads.run(os.preadv, image.data_file.fd, (buf,), host)
         finally:
@@ -166,6 +170,7 @@ class ConcurrentIo:
         self.waits += 1
         try:
             while self.running:
+                self.loop.hand_over()
                 await self._changed.park()
         finally:
             self.draining -= 1

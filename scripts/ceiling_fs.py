@@ -36,8 +36,9 @@ class CeilingOperations(pyfuse3.Operations):
     enable_writeback_cache = False
     enable_acl = False
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, latency_us: int = 0):
         super().__init__()
+        self.latency = latency_us / 1e6
         self.path = path
         self.fd = os.open(path, os.O_RDWR)
         self.size = os.fstat(self.fd).st_size
@@ -103,16 +104,24 @@ class CeilingOperations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=DISK, direct_io=True)
 
     async def read(self, fh, off, size):
+        if self.latency:
+            await trio.sleep(self.latency)
         if off >= self.size:
             return b""
         return os.pread(self.fd, min(size, self.size - off), off)
 
     async def write(self, fh, off, buf):
-        if off + len(buf) > self.size:
+        if self.latency:
+            # a slow host file system under a qcow2 image: the image may grow
+            await trio.sleep(self.latency)
+            self.size = max(self.size, off + len(buf))
+        elif off + len(buf) > self.size:
             raise pyfuse3.FUSEError(errno.ENOSPC)
         return os.pwrite(self.fd, buf, off)
 
     async def fsync(self, fh, datasync):
+        if self.latency:
+            await trio.sleep(self.latency)
         os.fdatasync(self.fd) if datasync else os.fsync(self.fd)
 
     async def flush(self, fh):
@@ -166,9 +175,16 @@ async def _serve(loop) -> None:
 def main(argv: list[str]) -> int:
     stock = "--stock-loop" in argv
     argv = [a for a in argv if a != "--stock-loop"]
+    latency_us = 0
+    if len(argv) == 3 and argv[0].startswith("--latency-us="):
+        # a slow host device (scripts/bench --host-latency-us): every read, write and fsync
+        # waits this long first, many at once (pyfuse3's own loop, up to 99 workers); writes may
+        # extend the file
+        latency_us = int(argv.pop(0).split("=", 1)[1])
+        stock = True
     if len(argv) != 2 or argv[0] in ("-h", "--help"):
-        print("usage: ceiling_fs.py [--stock-loop] RAWFILE MOUNTPOINT  (serves RAWFILE as MOUNTPOINT/disk.raw)",
-              file=sys.stderr)
+        print("usage: ceiling_fs.py [--stock-loop] [--latency-us=N] RAWFILE MOUNTPOINT  "
+              "(serves RAWFILE as MOUNTPOINT/disk.raw)", file=sys.stderr)
         return 2
     raw, mnt = argv
     if not os.path.isfile(raw):
@@ -177,7 +193,7 @@ def main(argv: list[str]) -> int:
     if not os.path.isdir(mnt) or os.path.ismount(mnt):
         print(f"ceiling_fs: {mnt}: not a directory, or already a mount point", file=sys.stderr)
         return 1
-    ops = CeilingOperations(raw)
+    ops = CeilingOperations(raw, latency_us)
     options = set(pyfuse3.default_options)
     options.add(f"fsname={os.path.abspath(raw)}")
     options.add("subtype=ceilingfs")

@@ -36,15 +36,16 @@ copied into the reference.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import needs_fuse
 from support.fio import fio_header_ok, job_file, run_fio, write_iolog
 from support.oracles import assert_clean, assert_compare, dirty_extents, qemu_check, qemu_img, qemu_io
@@ -328,3 +329,44 @@ def test_kill_during_storm_keeps_fsynced_data(mount, tmp_path):
     res = qemu_check(img)
     assert res["rc"] in (0, 3), f"qemu-img check after the remount: {res}"
     qemu_io(img, "write -P 0x5a 0 512", "read -P 0x5a 0 512")
+
+
+CEILING = Path(__file__).resolve().parents[1] / "scripts" / "ceiling_fs.py"
+HOST_LATENCY_US = 2000
+
+
+@needs_fuse
+def test_slow_host_goes_to_threads(mount, tmp_path):
+    """By default (offload=auto) requests go to the host I/O threads only once the host keeps
+    them waiting: here every read of the image file waits 2 ms (scripts/ceiling_fs.py
+    --latency-us, many at once, like a disk or network storage). One request at a time that is
+    at most 500 reads a second; at queue depth 16 the threads must do clearly better, the daemon
+    must say the host turned slow, and the image stays clean."""
+    img = tmp_path / "img.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", img, str(16 * MiB))
+    qemu_io(img, f"write -P 0x11 0 {16 * MiB}")
+    host = tmp_path / "host"
+    host.mkdir()
+    slow = subprocess.Popen([sys.executable, str(CEILING),
+                             f"--latency-us={HOST_LATENCY_US}", str(img), str(host)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: os.path.ismount(host) or slow.poll() is not None, what="slow host file system")
+        assert os.path.ismount(host), f"ceiling_fs did not mount: {slow.stderr.read() if slow.stderr else ''}"
+        m = mount(host / "disk.raw")
+        out = subprocess.run(["fio", "--name=qd16", f"--filename={m.disk}", "--direct=1", "--ioengine=libaio",
+                              "--iodepth=16", "--rw=randread", "--bs=4k", f"--size={16 * MiB}", "--runtime=3",
+                              "--time_based", "--output-format=json"], stdout=subprocess.PIPE, text=True,
+                             check=True, timeout=120)
+        iops = json.loads(out.stdout)["jobs"][0]["read"]["iops"]
+        assert m.unmount() == 0
+        log = m.log_text()
+        assert "host I/O slow" in log, log[-2000:]
+        serial_max = 1e6 / HOST_LATENCY_US
+        assert iops > 2 * serial_max, f"{iops:.0f} IOPS at queue depth 16 over a 2 ms host: no overlap"
+        overlapped_jobs = re.search(r"host I/O threads: (\d+) jobs, up to (\d+) at once", log)
+        assert overlapped_jobs and int(overlapped_jobs[2]) > 1, log[-2000:]
+    finally:
+        subprocess.run(["fusermount3", "-u", str(host)], check=False)
+        slow.wait(timeout=30)
+    assert_clean(img)

@@ -29,6 +29,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyfuse3
@@ -302,3 +303,40 @@ def test_wait_readable_hook_serves_the_mount(onefile):
     assert m.stop() == 0  # the unmount ends the loop the hook waits in
     (exit_record,) = m.calls("exit")
     assert exit_record["waits"] >= 22, exit_record  # at least one wait per request served
+
+
+# ----------------------------------------------------------------------------- workers, write views
+HAS_WRITE_VIEW = hasattr(pyfuse3.Operations, "enable_write_view")
+
+
+@pytest.mark.skipif(not HAS_HOOK, reason=f"the installed pyfuse3's main() has no wait_readable: {BUILD}")
+def test_wait_readable_hook_with_several_workers(onefile):
+    """pyfuse3-3.5.0-workers-write-view.patch: main(wait_readable=..., max_tasks=4) serves (the
+    unpatched hook refused max_tasks > 1 with ValueError), requests from 4 threads at once."""
+    m = onefile("--hook", "--workers", "4")
+    fd = m.open()
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda i: os.pread(fd, 4 * KiB, i * 4 * KiB), range(64)))
+        assert got == [(b"\xab" if i < 16 else b"\0") * 4 * KiB for i in range(64)]
+    finally:
+        os.close(fd)
+    assert m.stop() == 0
+
+
+@pytest.mark.skipif(not HAS_WRITE_VIEW, reason=f"the installed pyfuse3 has no Operations.enable_write_view: {BUILD}")
+@pytest.mark.parametrize("view", [True, False])
+def test_write_view(onefile, view):
+    """With enable_write_view the write handler gets a memoryview of the request (no copy),
+    without it bytes, as before; the data is the same either way."""
+    m = onefile(*(["--write-view"] if view else []))
+    fd = m.open()
+    try:
+        data = bytes(range(256)) * 64
+        assert os.pwrite(fd, data, 8 * KiB) == len(data)
+        assert os.pread(fd, len(data), 8 * KiB) == data
+    finally:
+        os.close(fd)
+    assert m.stop() == 0
+    writes = m.calls("write")
+    assert writes and {w["type"] for w in writes} == {"memoryview" if view else "bytes"}, writes

@@ -155,6 +155,12 @@ class OneFile(pyfuse3.Operations):
     async def read(self, fh, off, size):
         return bytes(self.content[off:min(off + size, self.size)])
 
+    async def write(self, fh, off, buf):
+        # what pyfuse3 hands over: bytes (a copy), or with enable_write_view a memoryview
+        self.record(op="write", type=type(buf).__name__, off=off, size=len(buf))
+        self.content[off:off + len(buf)] = buf
+        return len(buf)
+
     async def release(self, fh):
         pass
 
@@ -200,10 +206,14 @@ class CountingWaiter:
 
     def __init__(self):
         self.waits = 0
+        self.turn = None
 
     async def __call__(self, fd: int) -> bool:
         self.waits += 1
-        await trio.lowlevel.wait_readable(fd)
+        if self.turn is None:
+            self.turn = trio.Lock()
+        async with self.turn:  # several workers: one at a time returns True per request
+            await trio.lowlevel.wait_readable(fd)
         return True
 
 
@@ -213,16 +223,19 @@ def main(argv=None) -> int:
     parser.add_argument("--record", required=True, help="append one JSON line per handler call here")
     parser.add_argument("--defaults", action="store_true", help="defer to pyfuse3's default handlers")
     parser.add_argument("--hook", action="store_true", help="serve through pyfuse3.main(wait_readable=...)")
+    parser.add_argument("--workers", type=int, default=1, help="max_tasks behind the hook")
+    parser.add_argument("--write-view", action="store_true", help="set Operations.enable_write_view")
     args = parser.parse_args(argv)
 
     ops = OneFile(args.record, args.defaults)
+    ops.enable_write_view = args.write_view
     options = set(pyfuse3.default_options)
     options.add("fsname=patched_pyfuse3_fs")
     pyfuse3.init(ops, args.mountpoint, options)
     waiter = CountingWaiter()
     try:
         if args.hook:
-            trio.run(functools.partial(pyfuse3.main, min_tasks=1, max_tasks=1, wait_readable=waiter))
+            trio.run(functools.partial(pyfuse3.main, min_tasks=1, max_tasks=args.workers, wait_readable=waiter))
         else:
             trio.run(pyfuse3.main)
     finally:
