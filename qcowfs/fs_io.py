@@ -7,7 +7,7 @@ request could be served meanwhile. Copies into and out of the host page cache ar
 that a second thread cannot speed up on a busy 2-core machine; there, measured, threads made
 every queue-depth job slower (docs/performance.md). So the FUSE layer (fs.py) serves requests
 inline and samples how long the host kept them *waiting* (wall time minus the thread's CPU
-time): once that average passes SLOW_WAIT_NS, requests that find another one waiting or
+time, counted only when it blocked: preemption on a busy machine is not the host's doing): once that average passes SLOW_WAIT_NS, requests that find another one waiting or
 running go to the threads, and the threads' own samples tell when the host is fast again.
 
 Every decision stays on the trio thread and is made between two awaits, so it is atomic
@@ -34,14 +34,13 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-from time import monotonic_ns, thread_time_ns
 from typing import Optional
 
 import trio
 
 from .disk import Disk
 from .fuseloop import FastLoop
-from .io_threads import IoThreads
+from .io_threads import IoThreads, host_wait_ns, host_wait_start
 from .write_path import BUSY
 
 log = logging.getLogger(__name__)
@@ -91,9 +90,9 @@ class ConcurrentIo:
 
     def timed(self, fn, *args):
         """fn(*args) inline, noting how long the host kept it waiting."""
-        wall, cpu = monotonic_ns(), thread_time_ns()
+        before = host_wait_start()
         result = fn(*args)
-        self.note((monotonic_ns() - wall) - (thread_time_ns() - cpu))
+        self.note(host_wait_ns(before))
         return result
 
     async def write(self, offset: int, data, offload: bool = True) -> int:

@@ -26,7 +26,8 @@ import os
 import queue
 import sys
 import threading
-from time import monotonic_ns, thread_time_ns
+from resource import RUSAGE_THREAD, getrusage
+from time import monotonic_ns
 from typing import Any, Callable
 
 import outcome
@@ -36,6 +37,23 @@ log = logging.getLogger(__name__)
 
 DEFAULT_THREADS = 4
 SWITCH_INTERVAL_S = 0.0001
+
+
+def host_wait_start() -> tuple:
+    return monotonic_ns(), getrusage(RUSAGE_THREAD)
+
+
+def host_wait_ns(start: tuple) -> int:
+    """How long the calling thread waited since host_wait_start(): wall time minus its CPU
+    time, counted only if it blocked (a voluntary context switch). Time it lost to preemption
+    on a busy machine is not the host's doing and must not send requests to the threads."""
+    wall0, r0 = start
+    wall = monotonic_ns() - wall0
+    r1 = getrusage(RUSAGE_THREAD)
+    if r1.ru_nvcsw == r0.ru_nvcsw:
+        return 0
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    return max(0, wall - int(cpu * 1e9))
 
 
 class IoThreads:
@@ -86,10 +104,9 @@ class IoThreads:
             if job is None:
                 return
             task, fn, args = job
-            wall, cpu = monotonic_ns(), thread_time_ns()
+            before = host_wait_start()
             result = outcome.capture(fn, *args)
-            waited = (monotonic_ns() - wall) - (thread_time_ns() - cpu)
-            done.append((task, result, waited))
+            done.append((task, result, host_wait_ns(before)))
             os.eventfd_write(efd, 1)
 
     def deliver(self) -> int:
@@ -111,11 +128,14 @@ class IoThreads:
         return n
 
     def close(self) -> None:
+        if self.efd < 0:
+            return  # closed already
         for _ in self._threads:
             self._jobs.put(None)
         for t in self._threads:
             t.join(timeout=10)
         os.close(self.efd)
+        self.efd = -1
         sys.setswitchinterval(self._interval)
         # tests/test_concurrency.py reads this line: the storms must have overlapped
         log.info("host I/O threads: %d jobs, up to %d at once", self.jobs, self.peak)

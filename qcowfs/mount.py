@@ -96,7 +96,7 @@ class Mounted:
                     hint = " (allow_other for a non-root user needs 'user_allow_other' in /etc/fuse.conf)"
                 raise MountError(f"cannot mount on {mp}: {e}{hint}") from None
             stack.callback(self._close_fuse)
-            if self.options.io_threads and not self.read_only:
+            if self.options.io_threads:
                 self._start_io(ops, disk, stack)
             self.stack = stack.pop_all()
 
@@ -107,6 +107,7 @@ class Mounted:
         stack.callback(threads.close)
         # a worker per thread and as many again queued behind them, one at the device
         if not self.loop.attach_io(threads, workers=2 * threads.size + 1):
+            threads.close()
             log.info("serving one request at a time: this pyfuse3 has no main(wait_readable) "
                      "hook for several workers (scripts/build-pyfuse3 builds one)")
             return
