@@ -7,8 +7,9 @@ request could be served meanwhile. Copies into and out of the host page cache ar
 that a second thread cannot speed up on a busy 2-core machine; there, measured, threads made
 every queue-depth job slower (docs/performance.md). So the FUSE layer (fs.py) serves requests
 inline and samples how long the host kept them *waiting* (wall time minus the thread's CPU
-time, counted only when it blocked: preemption on a busy machine is not the host's doing): once that average passes SLOW_WAIT_NS, requests that find another one waiting or
-running go to the threads, and the threads' own samples tell when the host is fast again.
+time, counted only when it blocked: preemption on a busy machine is not the host's doing):
+once that average passes SLOW_WAIT_NS, requests that find another one waiting or running go to
+the threads, and the threads' own samples tell when the host is fast again.
 
 Every decision stays on the trio thread and is made between two awaits, so it is atomic
 (trio's rule): mapping, allocation and copy-on-write planning (Qcow2Image.plan_write),
