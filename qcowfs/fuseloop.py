@@ -267,10 +267,13 @@ class FastLoop:
         try:
             return await self._wait_device()
         finally:
-            # The others stay parked: a handler that never awaits is done before its worker
-            # comes back here, and waking them for nothing cost 20% at queue depth 16 (each
-            # woken worker is a scheduler pass). fs_io wakes one before it awaits (hand_over).
             self._device_busy = False
+            # Wake the next worker on every return, though a handler that never awaits is done
+            # before its worker comes back: the worker that reads the end of the session
+            # (FUSE_DESTROY) leaves pyfuse3's loop without coming back here, and the others must
+            # not stay parked (CI caught a daemon that did not exit after its unmount when only
+            # hand_over() and an unmounted device's POLLERR woke them).
+            self._turns.unpark()
 
     def hand_over(self) -> None:
         """A handler is about to await: a parked worker takes the device meanwhile."""
