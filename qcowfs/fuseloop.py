@@ -338,6 +338,12 @@ class FastLoop:
                 continue  # completions come through the eventfd: keep polling, do not park
             self._checkpoint_at = self.requests + self.checkpoint_every
             assert self.fd is not None  # installed
+            if self.exiting:
+                # exit() came while this worker was at a checkpoint above: its notify_closing()
+                # woke only the tasks already waiting, and a wait begun after it never ends
+                # (CI: a daemon that did not exit after SIGINT, about 1 run in 16)
+                self._stop()
+                return await self._drain_io()
             try:
                 await trio.lowlevel.wait_readable(self.fd)
             except trio.ClosedResourceError:  # pyfuse3.terminate() -> notify_closing()
