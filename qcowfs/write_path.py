@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from array import array
-from typing import Callable
+from typing import Callable, Optional, Tuple
 
 from .cluster_map import UNALLOCATED, ZERO
 from .entries import ALL_ALLOC as _ALL_ALLOC
@@ -98,7 +98,6 @@ class WritePath(ReadPath):
             raise WriteBeyondEnd(f"write beyond the end of the disk ({offset}+{length} > {self.size})", self.path)
         if length == 0 or self.extended or self.has_data_file:
             return None
-        cs = self.cluster_size
         cb = self.cluster_bits
         first_ci = offset >> cb
         last_ci = (end - 1) >> cb
@@ -109,13 +108,8 @@ class WritePath(ReadPath):
                 return WritePlan(self.data_file.fd, [(host, [mv])], [])
             if self.allocating and not self.allocating.isdisjoint(range(first_ci, last_ci + 1)):
                 return BUSY
-            if self._can_zero_detect():
-                first_full = -(-offset // cs) * cs
-                last_full = end // cs * cs
-                if last_full > first_full:
-                    a, b = first_full - offset, last_full - offset
-                    if mv[a] == 0 and mv[b - 1] == 0 and mv[a:b] == self._zeros(b - a):
-                        return None
+            if self._zero_span(offset, mv) is not None:
+                return None  # served inline by _write, which turns it into zero clusters
             base = self._fresh_base(offset, length, first_ci, last_ci)
             if base >= 0:
                 plan = WritePlan(self.data_file.fd, [(base, [mv])], [], (first_ci, last_ci - first_ci + 1, base),
@@ -212,22 +206,32 @@ class WritePath(ReadPath):
             pos += n
 
     def _write(self, offset: int, mv: memoryview) -> None:
+        span = self._zero_span(offset, mv)
+        if span is None:
+            self._write_data(offset, mv)
+            return
+        a, b = span
+        if a:
+            self._write_data(offset, mv[:a])
+        self._zero_clusters(offset + a, offset + b)
+        if b < len(mv):
+            self._write_data(offset + b, mv[b:])
+
+    def _zero_span(self, offset: int, mv: memoryview) -> Optional[Tuple[int, int]]:
+        """(a, b): mv[a:b] covers whole clusters and is all zeros, so they can become zero
+        clusters; None if no such middle, or zero clusters are not possible here. Cheap: the
+        first and last byte, then one memcmp."""
+        if not self._can_zero_detect():
+            return None
         cs = self.cluster_size
-        end = offset + len(mv)
-        # Zero detection on the whole-cluster middle of the request (cheap: first/last byte, then memcmp).
-        if self._can_zero_detect():
-            first_full = -(-offset // cs) * cs
-            last_full = end // cs * cs
-            if last_full > first_full:
-                a, b = first_full - offset, last_full - offset
-                if mv[a] == 0 and mv[b - 1] == 0 and mv[a:b] == self._zeros(b - a):
-                    if a:
-                        self._write_data(offset, mv[:a])
-                    self._zero_clusters(first_full, last_full)
-                    if b < len(mv):
-                        self._write_data(last_full, mv[b:])
-                    return
-        self._write_data(offset, mv)
+        first_full = -(-offset // cs) * cs
+        last_full = (offset + len(mv)) // cs * cs
+        if last_full <= first_full:
+            return None
+        a, b = first_full - offset, last_full - offset
+        if mv[a] == 0 and mv[b - 1] == 0 and mv[a:b] == self._zeros(b - a):
+            return a, b
+        return None
 
     def _can_zero_detect(self) -> bool:
         if self.header.has_data_file:
