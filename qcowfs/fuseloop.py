@@ -303,6 +303,9 @@ class FastLoop:
             if not ready:
                 if io is not None and trio.lowlevel.current_statistics().tasks_runnable:
                     await trio.lowlevel.checkpoint()  # never block while a worker could run
+                    if self.exiting:
+                        self._stop()
+                        return await self._drain_io()
                     continue
                 ready = poll(self.block_ms)
                 if ready:
