@@ -18,7 +18,7 @@ of other metadata). For every damaged image:
     when qemu-img check found the damaged image consistent, written data reads back and the
     image is still consistent for qemu-img check after a clean unmount.
 
-Examples per base image: QCOWFS_FUZZ_EXAMPLES (default 30). QCOWFS_FUZZ_SECONDS stops each
+Examples per base image: QCOWFS_FUZZ_EXAMPLES (default 20). QCOWFS_FUZZ_SECONDS stops each
 base image's run (as skipped) after that many seconds; scripts/fuzz uses both for long runs.
 QCOWFS_FUZZ_SAVE=DIR keeps every failing damaged image there.
 """
@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 QCOWFS = [sys.executable, "-m", "qcowfs"]
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
 
-EXAMPLES = int(os.environ.get("QCOWFS_FUZZ_EXAMPLES", "30"))
+EXAMPLES = int(os.environ.get("QCOWFS_FUZZ_EXAMPLES", "20"))
 TIME_BUDGET = float(os.environ.get("QCOWFS_FUZZ_SECONDS", "0") or 0)
 SAVE_DIR = os.environ.get("QCOWFS_FUZZ_SAVE")
 
