@@ -285,8 +285,7 @@ class FastLoop:
             self._checkpoint_at = self.requests + self.checkpoint_every
             await trio.lowlevel.checkpoint()  # let the signal watcher in
             if self.exiting:
-                self._stop()
-                return await self._drain_io()
+                return await self._leave()
         # Blocks the trio thread for at most block_ms: nothing else in the daemon is waiting
         # for it except signal delivery, which at worst waits that long, and I/O completions,
         # whose eventfd is in the same poll set.
@@ -304,8 +303,7 @@ class FastLoop:
                 if io is not None and trio.lowlevel.current_statistics().tasks_runnable:
                     await trio.lowlevel.checkpoint()  # never block while a worker could run
                     if self.exiting:
-                        self._stop()
-                        return await self._drain_io()
+                        return await self._leave()
                     continue
                 ready = poll(self.block_ms)
                 if ready:
@@ -318,8 +316,7 @@ class FastLoop:
                     if _trio_has_queued_work():
                         await trio.sleep(_SETTLE_S)
                         if self.exiting:
-                            self._stop()
-                            return await self._drain_io()
+                            return await self._leave()
                         continue  # poll again: another worker may have run meanwhile
             if ready:
                 if io is not None and (len(ready) > 1 or ready[0][0] != self.fd):
@@ -328,8 +325,7 @@ class FastLoop:
                         while io.resuming:
                             await trio.lowlevel.checkpoint()
                         if self.exiting:
-                            self._stop()
-                            return await self._drain_io()
+                            return await self._leave()
                     continue
                 if ready[0][1] & (select.POLLERR | select.POLLHUP):
                     # unmounted: every worker must come and read the end of the session
@@ -345,16 +341,13 @@ class FastLoop:
                 # exit() came while this worker was at a checkpoint above: its notify_closing()
                 # woke only the tasks already waiting, and a wait begun after it never ends
                 # (CI: a daemon that did not exit after SIGINT, about 1 run in 16)
-                self._stop()
-                return await self._drain_io()
+                return await self._leave()
             try:
                 await trio.lowlevel.wait_readable(self.fd)
             except trio.ClosedResourceError:  # pyfuse3.terminate() -> notify_closing()
-                self._stop()
-                return await self._drain_io()
+                return await self._leave()
             if self.exiting:
-                self._stop()
-                return await self._drain_io()
+                return await self._leave()
             self.parked += 1
             # trio scheduled us: other workers may have run since the device became readable
             continue
@@ -376,6 +369,8 @@ class FastLoop:
                 await trio.lowlevel.checkpoint()
         return False
 
-    def _stop(self) -> None:
-        """A wake-up was counted but serves no request."""
+    async def _leave(self) -> bool:
+        """Stop serving from inside _wait_device: the wake-up was counted but serves no request;
+        the I/O still running finishes first (_drain_io); False ends pyfuse3's loop."""
         self.requests -= 1
+        return await self._drain_io()
