@@ -8,6 +8,7 @@ usage errors, as argparse does). Tracebacks are for bugs only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import logging.handlers
@@ -173,23 +174,42 @@ def cmd_umount(args) -> int:
     return 0
 
 
-# Minimal inits that exit when their one child does (Docker's --init is tini, "docker-init").
-_CONTAINER_INITS = ("docker-init", "tini", "dumb-init", "catatonit")
-
-
 def _exit_ends_pid_namespace(pid: int) -> bool:
-    """Whether the daemon's exit ends our PID namespace: it is its init (pid 1), or the
-    child of a container's minimal init."""
+    """Whether the daemon's exit ends our PID namespace, so that the kernel kills this command
+    too (`docker exec ... qcowfs umount` exited 137): the daemon is the namespace's init (pid 1),
+    or pid 1 has no other child than the daemon. The second is what a container's minimal init
+    looks like (docker's and podman's --init: tini, catatonit; dumb-init; a shell running the
+    daemon), and each of those exits when that one child does. An init with more children
+    (systemd, or a container's main process beside a daemon started later) outlives the daemon,
+    and then umount waits as usual. The cost of a wrong yes is only not waiting."""
     if pid == 1:
         return True
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        with open("/proc/1/comm") as f:
-            init = f.read().strip()
+        return _parent(pid) == 1 and _children_of_init() == {pid}
     except (OSError, ValueError, IndexError):
         return False
-    return ppid == 1 and init in _CONTAINER_INITS
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])  # the name in (...) may hold spaces
+
+
+def _children_of_init() -> set[int]:
+    """The pids whose parent is pid 1 (/proc/1/task/*/children, else a walk of /proc)."""
+    children: set[int] = set()
+    try:
+        for task in os.listdir("/proc/1/task"):
+            with open(f"/proc/1/task/{task}/children") as f:
+                children.update(int(c) for c in f.read().split())
+        return children
+    except OSError:  # a kernel without CONFIG_PROC_CHILDREN
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    if _parent(int(entry)) == 1:
+                        children.add(int(entry))
+        return children
 
 
 def _which(name: str) -> bool:

@@ -12,6 +12,7 @@ import configparser
 import json
 import os
 import re
+import shlex
 import shutil
 import stat
 import subprocess
@@ -358,32 +359,104 @@ def test_info_prints_the_resolved_chain(hostile):
 
 
 # ---------------------------------------------------------------------- containers
-def test_umount_in_a_container_whose_init_is_the_daemon(tmp_path):
-    """docker run ... mount --foreground: the daemon is the PID namespace's init, its exit kills
-    everything left in the namespace; `docker exec ... qcowfs umount` was killed (137)."""
+# A PID and mount namespace of its own, like a container, whatever way the machine's / is mounted:
+# unshare's default (making / private) fails where / is not a mount point (a chroot), so the
+# namespace keeps the propagation it inherits; --mount-proc makes /proc private before mounting
+# the namespace's own, and the script then makes every mount it sees private, so that the FUSE
+# mount made inside stays inside.
+_PRIVATE_MOUNTS = 'awk "{print \\$5}" /proc/self/mountinfo | while read -r m; do mount --make-private "$m" 2>/dev/null; done; exec "$@"'
+CONTAINER = ["unshare", "--pid", "--fork", "--mount", "--propagation", "unchanged", "--mount-proc",
+             "sh", "-c", _PRIVATE_MOUNTS, "sh"]
+
+# The inits `--init` runs: docker's is tini named docker-init, podman's is catatonit named
+# podman-init; "sandbox-init" is a name no list could hold (qcowfs looks at what pid 1 does, not
+# at its name).
+_INITS = {"docker-init": "tini", "tini": "tini", "podman-init": "catatonit", "catatonit": "catatonit",
+          "dumb-init": "dumb-init", "sandbox-init": "tini"}
+
+
+def _init_command(tmp_path: Path, name: str | None) -> list:
+    if name is None:
+        return []
+    binary = shutil.which(_INITS[name])
+    assert binary, f"{_INITS[name]} is missing (scripts/setup installs it)"
+    link = tmp_path / "bin" / name
+    link.parent.mkdir(exist_ok=True)
+    link.symlink_to(binary)  # pid 1's comm is the name it was started by
+    return [link, "--"]
+
+
+def _pid1_of(unshare: subprocess.Popen) -> int:
+    """The namespace's pid 1, seen from here: unshare's one child."""
+    return int(Path(f"/proc/{unshare.pid}/task/{unshare.pid}/children").read_text().split()[0])
+
+
+@pytest.mark.parametrize("init", [None, "docker-init", "tini", "podman-init", "catatonit", "dumb-init",
+                                  "sandbox-init"])
+def test_umount_in_a_container_whose_init_is_the_daemon(tmp_path, init):
+    """docker/podman run [--init] ... mount --foreground: the daemon is the PID namespace's init, or
+    the one child of a minimal init that exits with it; its exit kills everything left in the
+    namespace, and `docker exec ... qcowfs umount` was killed (137; podman's podman-init too)."""
     img = private_image(tmp_path)
     qemu_img("bitmap", "--add", img, "b0")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     log = tmp_path / "ns.log"
-    # a PID and mount namespace of its own, like a container: the daemon is pid 1 there
-    daemon = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", *QCOWFS, "mount", "--foreground",
-                               "--log", log, img, mnt], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    ns = subprocess.Popen([*CONTAINER, *_init_command(tmp_path, init), *QCOWFS, "mount", "--foreground",
+                           "--log", log, img, mnt], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        wait_for(lambda: "mounted on" in (log.read_text() if log.exists() else "") or daemon.poll() is not None,
+        wait_for(lambda: "mounted on" in (log.read_text() if log.exists() else "") or ns.poll() is not None,
                  what="the namespaced mount")
-        assert daemon.poll() is None, daemon.communicate()
-        # unshare's child is the daemon (pid 1 inside)
-        inner = int(Path(f"/proc/{daemon.pid}/task/{daemon.pid}/children").read_text().split()[0])
+        assert ns.poll() is None, ns.communicate()
+        inner = _pid1_of(ns)
+        if init is not None:
+            assert Path(f"/proc/{inner}/comm").read_text().strip() == init[:15]
         u = run(["nsenter", "-t", inner, "--pid", "--mount", "--", *QCOWFS, "umount", mnt], check=False)
         assert u.returncode == 0, u
         assert "not waiting" in u.stderr
-        daemon.wait(timeout=60)
-        assert daemon.returncode == 0
+        ns.wait(timeout=60)
+        assert ns.returncode == 0, ns.communicate()
     finally:
-        if daemon.poll() is None:
-            daemon.kill()
-            daemon.wait()
+        if ns.poll() is None:
+            ns.kill()
+            ns.wait()
     assert "unmounted cleanly" in log.read_text()
+    assert _bitmap_flags(img) == {"b0": ["auto"]}
+    assert_clean(img)
+
+
+def test_umount_in_a_container_waits_when_the_init_outlives_the_daemon(tmp_path):
+    """The container's main process is something else (here `sleep`) and the daemon was started
+    later (`docker exec ... qcowfs mount`): pid 1 has two children and stays when the daemon goes,
+    so umount waits for the daemon's clean shutdown, as everywhere else."""
+    img = private_image(tmp_path)
+    qemu_img("bitmap", "--add", img, "b0")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log = tmp_path / "ns.log"
+    # tini runs sh, which starts the daemon in the background (it is re-parented to pid 1) and
+    # then becomes `sleep`
+    script = f'{shlex.join(map(str, QCOWFS))} mount --log {shlex.quote(str(log))} {shlex.quote(str(img))} ' \
+             f'{shlex.quote(str(mnt))} && exec sleep 300'
+    ns = subprocess.Popen([*CONTAINER, *_init_command(tmp_path, "docker-init"), "sh", "-c", script],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: "mounted on" in (log.read_text() if log.exists() else "") or ns.poll() is not None,
+                 what="the namespaced mount")
+        assert ns.poll() is None, ns.communicate()
+        inner = _pid1_of(ns)
+        # `qcowfs mount` returns once mounted; then sh becomes sleep beside the re-parented daemon
+        wait_for(lambda: len(Path(f"/proc/{inner}/task/{inner}/children").read_text().split()) == 2,
+                 what="pid 1 with two children, sleep and the daemon")
+        u = run(["nsenter", "-t", inner, "--pid", "--mount", "--", *QCOWFS, "umount", mnt], check=False)
+        assert u.returncode == 0, u
+        assert "not waiting" not in u.stderr
+        # it waited: the daemon had finished (the image is unlocked) when umount returned
+        assert "unmounted cleanly" in log.read_text()
+        assert ns.poll() is None  # the container goes on
+    finally:
+        if ns.poll() is None:
+            ns.kill()
+            ns.wait()
     assert _bitmap_flags(img) == {"b0": ["auto"]}
     assert_clean(img)
