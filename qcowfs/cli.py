@@ -8,7 +8,6 @@ usage errors, as argparse does). Tracebacks are for bugs only.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import logging.handlers
@@ -22,6 +21,7 @@ from . import __version__
 from .bitmap_commands import PID_XATTR
 from .errors import OptionError, QcowError
 from .options import BACKING_POLICIES, BITMAP_SYNC_MODES, MountOptions, parse_into
+from .pidns import exit_ends_pid_namespace
 
 log = logging.getLogger("qcowfs")
 
@@ -150,7 +150,7 @@ def cmd_umount(args) -> int:
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         return _fail(f"{args.mountpoint}: unmount failed: {p.stderr.strip() or p.stdout.strip()} (is it busy?)")
-    if _exit_ends_pid_namespace(pid):
+    if exit_ends_pid_namespace(pid):
         # In a container whose main process is the daemon (docker run ... mount --foreground),
         # the daemon's exit ends the PID namespace and the kernel kills everything left in it,
         # this command too (docker exec ... umount exited 137). The unmount is done and the
@@ -172,44 +172,6 @@ def cmd_umount(args) -> int:
         while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
             time.sleep(0.05)
     return 0
-
-
-def _exit_ends_pid_namespace(pid: int) -> bool:
-    """Whether the daemon's exit ends our PID namespace, so that the kernel kills this command
-    too (`docker exec ... qcowfs umount` exited 137): the daemon is the namespace's init (pid 1),
-    or pid 1 has no other child than the daemon. The second is what a container's minimal init
-    looks like (docker's and podman's --init: tini, catatonit; dumb-init; a shell running the
-    daemon), and each of those exits when that one child does. An init with more children
-    (systemd, or a container's main process beside a daemon started later) outlives the daemon,
-    and then umount waits as usual. The cost of a wrong yes is only not waiting."""
-    if pid == 1:
-        return True
-    try:
-        return _parent(pid) == 1 and _children_of_init() == {pid}
-    except (OSError, ValueError, IndexError):
-        return False
-
-
-def _parent(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[1])  # the name in (...) may hold spaces
-
-
-def _children_of_init() -> set[int]:
-    """The pids whose parent is pid 1 (/proc/1/task/*/children, else a walk of /proc)."""
-    children: set[int] = set()
-    try:
-        for task in os.listdir("/proc/1/task"):
-            with open(f"/proc/1/task/{task}/children") as f:
-                children.update(int(c) for c in f.read().split())
-        return children
-    except OSError:  # a kernel without CONFIG_PROC_CHILDREN
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                with contextlib.suppress(OSError, ValueError, IndexError):
-                    if _parent(int(entry)) == 1:
-                        children.add(int(entry))
-        return children
 
 
 def _which(name: str) -> bool:
@@ -237,8 +199,8 @@ def image_info(path: str, backing_policy: str = "follow") -> dict:
         }
         if h.backing_file:
             info["backing-filename"] = h.backing_file
-            base_dir = os.path.dirname(os.path.abspath(path))
-            full = h.backing_file if os.path.isabs(h.backing_file) else os.path.join(base_dir, h.backing_file)
+            # as QEMU combines them: relative to the image's name as given (not made absolute)
+            full = h.backing_file if os.path.isabs(h.backing_file) else os.path.join(os.path.dirname(path), h.backing_file)
             info["full-backing-filename"] = full
             if h.backing_format:
                 info["backing-filename-format"] = h.backing_format
@@ -400,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qcowfs",
         description="Mount a qcow2 image with FUSE: MOUNTPOINT/disk.raw is the guest disk, "
-        "MOUNTPOINT/.bitmaps/ holds its persistent dirty bitmaps.",
+        "MOUNTPOINT/.bitmaps/ holds its persistent dirty bitmaps (one file each) and "
+        "MOUNTPOINT/.snapshots/ its internal snapshots (one read-only file each).",
     )
     p.add_argument("--version", action="version", version=f"qcowfs {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")

@@ -242,14 +242,18 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
 
     @_guard
     async def readdir(self, fh, start_id, token):
+        # "." and ".." first, as every file system lists them (a low-level FUSE server must
+        # add them itself; `ls -a` and some tools expect them). The root is its own parent here:
+        # the kernel resolves the mount point's ".." itself.
+        entries = [(b".", fh), (b"..", ROOT)]
         if fh == ROOT:
-            entries = [(DISK_NAME, DISK), (BITMAPS_NAME, BITMAPS_DIR), (SNAPSHOTS_NAME, SNAPSHOTS_DIR)]
+            entries += [(DISK_NAME, DISK), (BITMAPS_NAME, BITMAPS_DIR), (SNAPSHOTS_NAME, SNAPSHOTS_DIR)]
         elif fh == SNAPSHOTS_DIR:
             if start_id == 0:
                 self.snapshots_changed()  # a fresh listing rereads the table
-            entries = [(n, self.snap_inode(s)) for n, s in sorted(self.snapshot_files().items())]
+            entries += [(n, self.snap_inode(s)) for n, s in sorted(self.snapshot_files().items())]
         else:
-            entries = [(os.fsencode(n), self._bitmap_inode(n)) for n in sorted(self.disk.bitmaps.bitmaps)]
+            entries += [(os.fsencode(n), self._bitmap_inode(n)) for n in sorted(self.disk.bitmaps.bitmaps)]
         for i in range(start_id, len(entries)):
             name, ino = entries[i]
             if not pyfuse3.readdir_reply(token, name, self._attr(ino), i + 1):

@@ -19,7 +19,9 @@ def human_size(n: int) -> str:
 
 
 def format_info(info: dict) -> str:
-    """qemu-img info's text layout for image_info()'s dict, plus the files the image opens."""
+    """qemu-img info's text layout for image_info()'s dict, in qemu-img's order: the image's
+    fields, the snapshot list, then the format-specific section (bitmaps nested where qemu-img
+    puts them, after lazy refcounts); then what qcowfs adds: the files the image opens."""
     d = info["format-specific"]["data"]
     lines = [
         f"image: {info['filename']}",
@@ -29,20 +31,11 @@ def format_info(info: dict) -> str:
         f"cluster_size: {info['cluster-size']}",
     ]
     if "backing-filename" in info:
-        lines.append(f"backing file: {info['backing-filename']}")
+        actual = info.get("full-backing-filename", info["backing-filename"])
+        suffix = f" (actual path: {actual})" if actual != info["backing-filename"] else ""
+        lines.append(f"backing file: {info['backing-filename']}{suffix}")
         if "backing-filename-format" in info:
             lines.append(f"backing file format: {info['backing-filename-format']}")
-    lines.append("Format specific information:")
-    lines.append(f"    compat: {d['compat']}")
-    lines.append(f"    compression type: {d['compression-type']}")
-    for key in ("lazy-refcounts", "refcount-bits", "corrupt", "extended-l2", "data-file", "data-file-raw"):
-        if key in d:
-            v = d[key]
-            lines.append(f"    {key.replace('-', ' ')}: {str(v).lower() if isinstance(v, bool) else v}")
-    f = d["features"]
-    for kind in ("incompatible", "compatible", "autoclear"):
-        lines.append(f"    {kind} features: {', '.join(f[kind]) or 'none'}")
-    lines.append(f"    internal snapshots: {d['snapshots']}")
     if info.get("snapshots"):
         lines.append("Snapshot list:")
         lines.append(f"{'ID':<10}{'TAG':<18}{'VM SIZE':>7}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}")
@@ -52,15 +45,30 @@ def format_info(info: dict) -> str:
             vmc = f"{clock // 3600:02d}:{clock // 60 % 60:02d}:{clock % 60:02d}.{s['vm-clock-nsec'] // 1000000:03d}"
             lines.append(f"{s['id']:<10}{s['name']:<18}{human_size(s['vm-state-size']):>7}{date:>20}{vmc:>13}"
                          f"{s.get('icount', ''):>11}")
+    lines.append("Format specific information:")
+    lines.append(f"    compat: {d['compat']}")
+    lines.append(f"    compression type: {d['compression-type']}")
+    for key in ("lazy-refcounts", "bitmaps", "refcount-bits", "corrupt", "extended-l2", "data-file", "data-file-raw"):
+        if key == "bitmaps" and d.get("bitmaps"):
+            lines.append("    bitmaps:")
+            for n, bm in enumerate(d["bitmaps"]):
+                lines.append(f"        [{n}]:")
+                lines.append("            flags:")
+                lines.extend(f"                [{i}]: {flag}" for i, flag in enumerate(bm["flags"]))
+                lines.append(f"            name: {bm['name']}")
+                lines.append(f"            granularity: {bm['granularity']}")
+        elif key in d and key != "bitmaps":
+            v = d[key]
+            lines.append(f"    {key.replace('-', ' ')}: {str(v).lower() if isinstance(v, bool) else v}")
+    f = d["features"]
+    for kind in ("incompatible", "compatible", "autoclear"):
+        lines.append(f"    {kind} features: {', '.join(f[kind]) or 'none'}")
+    lines.append(f"    internal snapshots: {d['snapshots']}")
     if info["resolved-chain"]:
         lines.append("Files this image opens (resolved):")
         for c in info["resolved-chain"]:
             lines.append(f"    {c['role']} of {c['named-by']}: {c['filename']} -> {c['resolved']} "
                          f"({c['format']}, {c['type']})")
-    if d.get("bitmaps"):
-        lines.append("    bitmaps:")
-        for bm in d["bitmaps"]:
-            lines.append(f"        {bm['name']}: granularity {bm['granularity']}, flags [{', '.join(bm['flags'])}]")
     return "\n".join(lines)
 
 

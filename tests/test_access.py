@@ -276,14 +276,13 @@ def test_readme_systemd_mount_unit_parses_and_verifies(tmp_path):
     # systemd requires the unit name to be the escaped Where=
     esc = run(["systemd-escape", "-p", "--suffix=mount", mnt["Where"]]).stdout.strip()
     assert esc == "mnt-vm.mount"
-    if shutil.which("systemd-analyze"):
-        unit = tmp_path / esc
-        unit.write_text(unit_text)
-        v = run(["systemd-analyze", "verify", "--man=no", unit], check=False)
-        # verify may grumble about a missing What= on this machine; never about the unit's syntax
-        bad = [x for x in (v.stderr + v.stdout).splitlines()
-               if "Unknown" in x or "Failed to parse" in x or "Invalid" in x or "bad-setting" in x]
-        assert not bad, v.stderr
+    unit = tmp_path / esc  # systemd-analyze: scripts/setup installs systemd
+    unit.write_text(unit_text)
+    v = run(["systemd-analyze", "verify", "--man=no", unit], check=False)
+    # verify may grumble about a missing What= on this machine; never about the unit's syntax
+    bad = [x for x in (v.stderr + v.stdout).splitlines()
+           if "Unknown" in x or "Failed to parse" in x or "Invalid" in x or "bad-setting" in x]
+    assert not bad, v.stderr
 
 
 # ---------------------------------------------------------------------- untrusted images
@@ -364,7 +363,8 @@ def test_info_prints_the_resolved_chain(hostile):
 # namespace keeps the propagation it inherits; --mount-proc makes /proc private before mounting
 # the namespace's own, and the script then makes every mount it sees private, so that the FUSE
 # mount made inside stays inside.
-_PRIVATE_MOUNTS = 'awk "{print \\$5}" /proc/self/mountinfo | while read -r m; do mount --make-private "$m" 2>/dev/null; done; exec "$@"'
+_PRIVATE_MOUNTS = ('awk "{print \\$5}" /proc/self/mountinfo | '
+                   'while read -r m; do mount --make-private "$m" 2>/dev/null; done; exec "$@"')
 CONTAINER = ["unshare", "--pid", "--fork", "--mount", "--propagation", "unchanged", "--mount-proc",
              "sh", "-c", _PRIVATE_MOUNTS, "sh"]
 

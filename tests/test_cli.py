@@ -30,6 +30,27 @@ def test_help_texts():
     for args in ([], ["mount"], ["umount"], ["info"], ["check"], ["bitmap"], ["bitmap", "add"]):
         p = run([*QCOWFS, *args, "--help"])
         assert "usage: qcowfs" in p.stdout and p.stdout.count("\n") > 3, args
+    # what the mount point holds, all of it
+    top = " ".join(run([*QCOWFS, "--help"]).stdout.split())
+    assert all(name in top for name in ("disk.raw", ".bitmaps/", ".snapshots/")), top
+
+
+def test_info_text_is_qemu_img_info_then_qcowfs_lines(tmp_path):
+    """qemu-img info's lines, in its order (the snapshot list before the format-specific section,
+    bitmaps nested after lazy refcounts), then what qcowfs adds."""
+    base = make(tmp_path, name="base.qcow2")
+    img = tmp_path / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", img)
+    qemu_img("bitmap", "--add", img, "b0")
+    qemu_img("bitmap", "--add", "--disable", "-g", "4096", img, "b1")
+    qemu_img("snapshot", "-c", "s1", img)
+    qemu_io(img, "write -P 1 0 64k")
+    qemu_img("snapshot", "-c", "second", img)
+    assert base.exists()
+    theirs = run(["qemu-img", "info", img]).stdout.splitlines()
+    ours = run([*QCOWFS, "info", img]).stdout.splitlines()
+    assert ours[: len(theirs)] == theirs
+    assert ours[len(theirs)].startswith("    incompatible features:")
 
 
 @needs_fuse
@@ -176,3 +197,18 @@ def test_corruption_met_during_fsync_is_handled_like_one_met_while_writing(tmp_p
     log = m.log_text()
     assert "marking image corrupt and switching to read-only" in log and "drop below zero" in log, log
     assert struct.unpack_from(">Q", img.read_bytes(), 72)[0] & 2, "corrupt bit not set"
+
+
+@needs_fuse
+def test_ls_a_lists_dot_and_dot_dot(tmp_path, mount):
+    img = make(tmp_path)
+    qemu_img("bitmap", "--add", img, "b0")
+    qemu_img("snapshot", "-c", "s1", img)
+    m = mount(img)
+    env = {**os.environ, "LC_ALL": "C"}
+    for d, names in ((m.mnt, [".bitmaps", ".snapshots", "disk.raw"]), (m.mnt / ".bitmaps", ["b0"]),
+                     (m.mnt / ".snapshots", sorted(os.listdir(m.mnt / ".snapshots")))):
+        assert run(["ls", "-a1", d], env=env).stdout.split() == [".", "..", *names]
+        long = run(["ls", "-la", d], env=env).stdout.splitlines()[1:]  # after "total N"
+        assert [line.split()[-1] for line in long[:2]] == [".", ".."] and long[0].startswith("d")
+    assert os.listdir(m.mnt / ".snapshots") != []

@@ -168,14 +168,17 @@ def test_readdir_of_root_and_bitmaps(tmp_path, operations, listing):
     ops = operations(img)
     fh = call(ops.opendir, ROOT, CTX)
     root = listing(ops, fh)
-    assert [(n, ino) for n, ino, _, _ in root] == [("disk.raw", DISK), (".bitmaps", BITMAPS_DIR),
-                                                   (".snapshots", SNAPSHOTS_DIR)]
-    assert stat.S_ISREG(root[0][2]) and stat.S_ISDIR(root[1][2]) and stat.S_ISDIR(root[2][2])
-    assert [n for n, *_ in listing(ops, fh, start=root[0][3])] == [".bitmaps", ".snapshots"]  # resumed after the first
-    assert [n for n, *_ in listing(ops, fh, limit=1)] == ["disk.raw"]  # a full buffer stops the listing
+    assert [(n, ino) for n, ino, _, _ in root] == [(".", ROOT), ("..", ROOT), ("disk.raw", DISK),
+                                                   (".bitmaps", BITMAPS_DIR), (".snapshots", SNAPSHOTS_DIR)]
+    assert all(stat.S_ISDIR(mode) for n, _, mode, _ in root if n != "disk.raw")
+    assert stat.S_ISREG(root[2][2])
+    assert [n for n, *_ in listing(ops, fh, start=root[2][3])] == [".bitmaps", ".snapshots"]  # resumed after disk.raw
+    assert [n for n, *_ in listing(ops, fh, limit=3)] == [".", "..", "disk.raw"]  # a full buffer stops the listing
     call(ops.releasedir, fh)
     bfh = call(ops.opendir, BITMAPS_DIR, CTX)
     entries = listing(ops, bfh)
+    assert [(n, ino) for n, ino, *_ in entries[:2]] == [(".", BITMAPS_DIR), ("..", ROOT)]
+    entries = entries[2:]
     assert [n for n, *_ in entries] == ["alpha", "zeta"]
     for n, ino, mode, _ in entries:
         assert stat.S_ISREG(mode)
