@@ -203,9 +203,9 @@ def main(argv: list[str]) -> int:
     if stock:
         loop = _StockLoop()
     else:
-        # the request loop qcowfs runs (qcowfs/fuseloop.py), so the ceiling stays a ceiling
+        # the request loop qcowfs runs (qcowfs/fuse/request_loop.py), so the ceiling stays a ceiling
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        from qcowfs.fuseloop import FastLoop
+        from qcowfs.fuse.request_loop import FastLoop
 
         loop = FastLoop()
     try:

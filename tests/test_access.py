@@ -270,7 +270,7 @@ def test_readme_systemd_mount_unit_parses_and_verifies(tmp_path):
     assert mnt["What"].endswith(".qcow2") and mnt["Where"] == "/mnt/vm"
     opts = mnt["Options"].split(",")
     # the options the unit passes are ones qcowfs accepts
-    from qcowfs.options import MountOptions, parse_into
+    from qcowfs.fuse.options import MountOptions, parse_into
     parsed = parse_into(MountOptions(), [mnt["Options"]])
     assert parsed.allow_other and "allow_other" in opts
     # systemd requires the unit name to be the escaped Where=

@@ -225,13 +225,13 @@ def assert_same(a: Path, b: Path) -> None:
 
 
 # Every request that finds another waiting or running goes to the host I/O threads, however
-# fast the host (by default only a slow host sends them there: qcowfs/fs_io.py), so the storms
+# fast the host (by default only a slow host sends them there: qcowfs/fuse/concurrent_io.py), so the storms
 # run the concurrent paths: plans, copies on threads, commits, waits for allocations, drains.
 OFFLOAD = ("-o", "offload=always")
 
 
 def overlapped(log: str) -> None:
-    """The storm went through the host I/O threads, several requests at once (qcowfs/fs_io.py),
+    """The storm went through the host I/O threads, several requests at once (qcowfs/fuse/concurrent_io.py),
     and some waited for another's cluster allocation: the concurrent paths were exercised."""
     m = re.search(r"host I/O threads: (\d+) jobs, up to (\d+) at once", log)
     assert m, f"no host I/O thread summary in the daemon's log (io_threads off?):\n{log[-2000:]}"

@@ -4,7 +4,7 @@
   earlier read (zero, unallocated, backing and compressed ranges are filled explicitly).
 - _write_in_place / _write_fresh_run take one pwrite for contiguous overwrites and fresh
   whole-cluster runs; everything else must still go the general way, with the same result.
-- the fast FUSE request loop (qcowfs/fuseloop.py): parallel readers each get their own
+- the fast FUSE request loop (qcowfs/fuse/request_loop.py): parallel readers each get their own
   data, an idle mount still answers, and a stop signal under a request storm unmounts
   cleanly.
 """
@@ -24,8 +24,8 @@ from conftest import needs_fuse
 from support.mounts import Mount
 from support.oracles import assert_clean, qemu_img, qemu_io
 from support.proc import wait_for
-from qcowfs.hostfile import HostFile
-from qcowfs.image import Qcow2Image
+from qcowfs.engine.hostfile import HostFile
+from qcowfs.engine.image import Qcow2Image
 
 KiB = 1024
 MiB = 1024 * KiB

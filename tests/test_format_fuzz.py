@@ -27,8 +27,8 @@ except ImportError:  # run from a venv without the project installed: use the wo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qcowfs.errors import QcowError
-from qcowfs.format import Header, parse_header
-from qcowfs.image import Qcow2Image
+from qcowfs.format.header import Header, parse_header
+from qcowfs.engine.image import Qcow2Image
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

@@ -1,4 +1,4 @@
-"""The fast FUSE request loop's private hook is watched (qcowfs/fuseloop.py, issue 11 item 7).
+"""The fast FUSE request loop's private hook is watched (qcowfs/fuse/request_loop.py, issue 11 item 7).
 
 - on the installed pyfuse3 the fast waiter really serves the requests (its counters, logged at
   shutdown), not merely gets installed: when a pyfuse3 upgrade makes qcowfs fall back to the
@@ -41,7 +41,7 @@ def image(tmp_path: Path, size: str = "8M") -> Path:
 def test_only_verified_pyfuse3_releases_get_the_hook(monkeypatch, version, ok):
     import pyfuse3
 
-    from qcowfs import fuseloop
+    from qcowfs.fuse import request_loop as fuseloop
 
     monkeypatch.setattr(pyfuse3, "__version__", version)
     reason = fuseloop.hook_refusal()
@@ -64,12 +64,12 @@ def test_fast_waiter_serves_the_requests(tmp_path, mount):
     log = m.log_text()
     assert UNAVAILABLE not in log, (
         "qcowfs fell back to pyfuse3's own request loop on the installed pyfuse3: read that "
-        f"version's internal.pxi (_wait_fuse_readable, _session_loop) against qcowfs/fuseloop.py, "
+        f"version's internal.pxi (_wait_fuse_readable, _session_loop) against qcowfs/fuse/request_loop.py, "
         f"then extend fuseloop._VERIFIED\n{log}")
     served = SERVED.findall(log)
     assert len(served) == 1, f"no (or more than one) request loop summary at shutdown:\n{log}"
     assert int(served[0]) >= 200, f"the fast waiter served only {served[0]} of 200+ requests"
-    from qcowfs.fuseloop import public_hook
+    from qcowfs.fuse.request_loop import public_hook
 
     # scripts/setup builds pyfuse3 with the public hook (patches/): the private one is the fallback
     assert public_hook(), "the installed pyfuse3 lacks main(wait_readable=): run scripts/build-pyfuse3"

@@ -20,7 +20,7 @@ except ImportError:  # run from a venv without the project installed: use the wo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qcowfs.errors import LockError
-from qcowfs.locks import _FLOCK, ImageLock, lock_bytes, probe_conflict
+from qcowfs.engine.locks import _FLOCK, ImageLock, lock_bytes, probe_conflict
 from support import oracles
 from support.oracles import qemu_img
 from support.proc import wait_for

@@ -1,6 +1,6 @@
 """The FUSE Operations layer called directly, without a mount (the README's layer 2).
 
-qcowfs.fs.QcowOperations(Disk(Qcow2Image(path, read_only=...)), MountOptions(...)) is built the
+qcowfs.fuse.operations.QcowOperations(Disk(Qcow2Image(path, read_only=...)), MountOptions(...)) is built the
 way qcowfs/mount.py builds it and driven with trio.run, request by request, as pyfuse3 would:
 inode numbers, file handles, open flags, names as bytes. A refusal comes back as
 pyfuse3.FUSEError carrying the errno the kernel would pass on. The images are made by qemu-img;
@@ -25,10 +25,10 @@ import pytest
 import trio
 
 from conftest import sha256
-from qcowfs.disk import Disk
-from qcowfs.fs import BITMAPS_DIR, COMMAND_XATTR, DISK, PID_XATTR, ROOT, SNAPSHOTS_DIR, QcowOperations
-from qcowfs.image import Qcow2Image
-from qcowfs.options import MountOptions
+from qcowfs.engine.disk import Disk
+from qcowfs.fuse.operations import BITMAPS_DIR, COMMAND_XATTR, DISK, PID_XATTR, ROOT, SNAPSHOTS_DIR, QcowOperations
+from qcowfs.engine.image import Qcow2Image
+from qcowfs.fuse.options import MountOptions
 from support.oracles import assert_clean, dirty_extents, qemu_bitmaps, qemu_img, qemu_io
 from support.probes import COPIED, l2_entry_offset, write_u64
 

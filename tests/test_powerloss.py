@@ -111,7 +111,7 @@ def test_harness_catches_missing_barriers(tmp_path):
 def test_harness_catches_bitmaps_left_clean(tmp_path, monkeypatch):
     """Negative control: if the read-write open did not mark the bitmaps in_use before the first guest
     write, crash states would show a clean bitmap whose contents miss writes; the harness must say so."""
-    from qcowfs.bitmaps import BitmapStore
+    from qcowfs.engine.bitmaps import BitmapStore
 
     monkeypatch.setattr(BitmapStore, "activate", lambda self: None)
     wl = next(w for w in WORKLOADS if w.name.startswith("bitmaps"))
@@ -139,7 +139,7 @@ def test_harness_catches_intents_not_written(tmp_path, monkeypatch):
     states show a valid bitmap missing a returned write (lower bound) and data no write outside the bitmap
     explains (changed data); the harness must say both, in qcowfs' reading and in QEMU's NBD view (checked
     on every state of this workload)."""
-    from qcowfs.bitmaps import BitmapStore
+    from qcowfs.engine.bitmaps import BitmapStore
 
     monkeypatch.setattr(BitmapStore, "_write_intents", lambda self, offset, length: None)
     ex, msgs = _intent_failures(tmp_path, "nointent")
@@ -153,8 +153,8 @@ def test_harness_catches_data_before_intent(tmp_path, monkeypatch):
     """Negative control: intents written but their fdatasync moved after the guest data write (so both
     are in one flush epoch): some crash states hold the data but not the intent. Only the changed-data
     rule can see it (the intent is durable once the write returns)."""
-    from qcowfs.bitmaps import BitmapStore
-    from qcowfs.disk import Disk
+    from qcowfs.engine.bitmaps import BitmapStore
+    from qcowfs.engine.disk import Disk
 
     write_intents, disk_write = BitmapStore._write_intents, Disk.write
 
@@ -213,7 +213,7 @@ def test_harness_catches_snapshot_steps_without_barriers(tmp_path, monkeypatch):
     (one flush epoch: the header switch may reach the disk before the refcount increases, or after the
     refcounts fell). qemu-img check must call crash states inside both steps corrupt, and not only with
     OFLAG_COPIED mismatches."""
-    from qcowfs import snapshots
+    from qcowfs.engine import snapshots
 
     def deferred(fn):
         def run(img, *args, **kw):

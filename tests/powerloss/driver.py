@@ -20,8 +20,8 @@ from typing import Optional
 
 from bitarray import bitarray
 
-from qcowfs.disk import Disk
-from qcowfs.image import Qcow2Image
+from qcowfs.engine.disk import Disk
+from qcowfs.engine.image import Qcow2Image
 
 from .iolog import IOLog, recording_factory
 

@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Callable, Optional
 
-from qcowfs.hostfile import HostFile
+from qcowfs.engine.hostfile import HostFile
 
 SECTOR = 512
 

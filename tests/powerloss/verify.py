@@ -20,10 +20,10 @@ from bitarray import bitarray
 from support.oracles import qemu_bitmaps, qemu_check_rc, qemu_raw, run
 from support.probes import header_dirty, read_header_field
 
-from qcowfs.bitmap_intent import INTENT_REGION
-from qcowfs.bitmaps import BitmapStore
-from qcowfs.image import Qcow2Image
-from qcowfs.snapshots import SnapshotView, read_all
+from qcowfs.engine.bitmap_intent import INTENT_REGION
+from qcowfs.engine.bitmaps import BitmapStore
+from qcowfs.engine.image import Qcow2Image
+from qcowfs.engine.snapshots import SnapshotView, read_all
 
 from .driver import BmState, Model, state_bits
 from .iolog import SECTOR, _merge

@@ -1,0 +1,317 @@
+"""Qcow2Image: open and validate an image, flush in crash-safe order, header bits. No FUSE.
+
+The engine is split along QEMU's own seams; this module is block/qcow2.c's share
+(open, flush ordering, dirty/corrupt bits, close), and the class gathers the rest:
+    cluster_map.py  L1/L2 lookup, the L2 cache, L2 tables for writing (qcow2-cluster.c)
+    read_path.py    guest reads, backing fall-through, compressed clusters
+    write_path.py   guest writes: in place, fresh clusters, copy-on-write, zero clusters
+    refcounts.py    refcount table and blocks, allocation (qcow2-refcount.c)
+    backing.py      which backing/data files may be opened, raw backing files
+    entries.py      L1/L2 entry encoding (format layer, no I/O)
+
+Writing keeps QEMU's crash-ordering rules (qcow2-facts "Write ordering"). Data
+goes straight to the host file; refcount blocks and L2 tables are cached and
+written by flush() in dependency order:
+    refcount blocks -> fdatasync -> L2 tables -> fdatasync -> L1 entries -> fdatasync
+    -> deferred refcount decrements -> refcount blocks -> fdatasync
+so a reference never reaches the disk before the refcount that covers it
+(rule 1), copied data and new L2 tables are durable before anything points at
+them (rules 3, 4), and a reference is gone from the disk before its cluster's
+refcount drops (rule 2). A crash at any point leaks clusters at worst.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+from array import array
+from typing import Optional
+
+from ..errors import CorruptImage, FormatError, QcowError, UnsupportedFeature, with_path
+from ..format import header as fmt
+from ..format.entries import be_array, to_be
+from .backing import RawImage, probe_format
+from .backing import vet as vet_named_file
+from .hostfile import HostFile
+from .refcounts import Refcounts
+from .repair import rebuild_refcounts
+from .write_path import WritePath
+
+log = logging.getLogger(__name__)
+
+MAX_BACKING_DEPTH = 64
+HEADER_INCOMPATIBLE_FEATURES = fmt.HEADER_FIELD_OFFSETS["incompatible_features"]
+
+# check.py decoded tables with this name before entries.py existed
+_be_array = be_array
+
+
+def open_backing(name: str, fmt_name: Optional[str], chain: tuple, depth: int, policy: str = "follow"):
+    real = os.path.realpath(name)
+    if real in chain:
+        raise FormatError(f"backing chain loops back to {name}")
+    if depth > MAX_BACKING_DEPTH:
+        raise FormatError(f"backing chain deeper than {MAX_BACKING_DEPTH}")
+    if not os.path.exists(name):
+        raise FormatError(f"backing file {name} not found")
+    kind = fmt_name or probe_format(name)
+    if kind == "raw":
+        return RawImage(name)
+    if kind == "qcow2":
+        return Qcow2Image(name, read_only=True, _chain=chain + (real,), _depth=depth, backing_policy=policy)
+    raise UnsupportedFeature(f"backing file {name} has format {kind!r}; qcowfs reads qcow2 and raw")
+
+
+class Qcow2Image(WritePath):
+    """One qcow2 image (and, below it, its backing chain)."""
+
+    def __init__(self, path: str, read_only: bool = True, *, _chain: tuple = (), _depth: int = 0,
+                 cache_bytes: int = 32 << 20, file_factory=HostFile, backing_policy: str = "follow"):
+        self.path = path
+        self.read_only = read_only
+        #: which backing and external data files this image may open (backing.py)
+        self.backing_policy = backing_policy
+        #: makes the HostFile for the image and its external data file; a recording
+        #: variant lets the power-loss tests log every write and flush
+        self.file_factory = file_factory
+        self.file = file_factory(path, writable=not read_only)
+        self.backing = None
+        self.data_file = self.file
+        self._closed = False
+        self._corrupt_logged: set = set()
+        #: called when the image turns read-only after corruption (the mount drops its write lock)
+        self.on_read_only = None
+        try:
+            self._open(_chain, _depth, cache_bytes)
+        except BaseException:
+            self.close(flush=False)
+            raise
+
+    # ------------------------------------------------------------------ open
+    @classmethod
+    def open(cls, path: str, read_only: bool = True, **kw) -> "Qcow2Image":
+        return cls(path, read_only=read_only, **kw)
+
+    def _open(self, chain: tuple, depth: int, cache_bytes: int) -> None:
+        first = self.file.pread(1 << fmt.MAX_CLUSTER_BITS, 0)
+        try:
+            h = fmt.parse_header(first)
+        except QcowError as e:
+            raise with_path(e, self.path) from None
+        self.header = h
+        if h.corrupt and not self.read_only:
+            raise FormatError("image is marked corrupt; mount it with --read-only, or repair it "
+                              "(qemu-img check -r all)", self.path)
+        self.size = h.size
+        self.cluster_bits = h.cluster_bits
+        self.cluster_size = cs = h.cluster_size
+        self.extended = h.extended_l2
+        self.l2_entries = h.l2_entries
+        self.l2_bits = self.l2_entries.bit_length() - 1
+        self.subcluster_bits = self.cluster_bits - 5
+        self.compression_type = h.compression_type
+        self.v3 = h.version >= 3
+        self.has_data_file = h.has_data_file
+        # L1 table
+        raw = self.file.pread(h.l1_size * 8, h.l1_table_offset) if h.l1_size else b""
+        if len(raw) < h.l1_size * 8:
+            raise FormatError("L1 table lies past the end of the file", self.path)
+        self.l1 = be_array(raw)
+        self.l1_dirty: set[int] = set()
+        # L2 cache: offset -> array of native 64-bit words
+        self.l2_cache: "collections.OrderedDict[int, array]" = collections.OrderedDict()
+        self.l2_dirty: set[int] = set()
+        self.l2_cache_max = max(16, cache_bytes // cs)
+        self.pending_frees: list = []  # host clusters whose refcount drops after the next flush
+        # Requests whose host data I/O an I/O thread is doing (fuse/concurrent_io.py), and the guest clusters
+        # their plans are allocating (write_path.WritePlan): no cluster is freed while any runs,
+        # so none can be reallocated under a copy still in flight.
+        self.io_inflight = 0
+        self.allocating: set[int] = set()
+        self.metadata_dirty = False
+        self.refcounts = Refcounts(self.file, h, self._write_header_bytes)
+        # Backing chain / external data file
+        me = os.path.realpath(self.path)
+        chain = chain + (me,) if me not in chain else chain
+        base_dir = os.path.dirname(os.path.abspath(self.path))
+        if h.backing_file:
+            name = h.backing_file
+            if h.backing_file.startswith("json:"):
+                raise UnsupportedFeature("json: backing file names are not supported", self.path)
+            if not os.path.isabs(name):
+                name = os.path.join(base_dir, name)
+            vet_named_file(self.path, "backing file", name, self.backing_policy)
+            try:
+                self.backing = open_backing(name, h.backing_format, chain, depth + 1, self.backing_policy)
+            except QcowError as e:
+                if e.path is None:
+                    raise with_path(e, self.path) from None
+                raise
+        if h.has_data_file and h.data_file is not None:
+            name = h.data_file
+            if not os.path.isabs(name):
+                name = os.path.join(base_dir, name)
+            vet_named_file(self.path, "external data file", name, self.backing_policy)
+            if not os.path.exists(name):
+                raise FormatError(f"external data file {h.data_file} not found", self.path)
+            self.data_file = self.file_factory(name, writable=not self.read_only)
+        self.backing_size = self.backing.size if self.backing is not None else 0
+        self._zero_cluster = bytes(cs)
+        self._last_compressed: tuple = (None, b"")
+        self._rbuf = memoryview(bytearray(0))  # read_view()'s reply buffer
+
+    def start_writing(self) -> None:
+        """First writes of a read-write open, done only after everything has been validated
+        (and the caller holds the image lock): rebuild refcounts after an unclean lazy-refcount
+        close, clear unknown autoclear bits, drop a bitmaps extension that lost its autoclear bit."""
+        if self.read_only:
+            return
+        h = self.header
+        if h.dirty:
+            log.warning("%s: dirty bit set (lazy refcounts, not closed cleanly): rebuilding refcounts", self.path)
+            rebuild_refcounts(self)
+        changed = False
+        unknown = h.autoclear_features & ~fmt.AUTOCLEAR_KNOWN
+        if unknown:
+            # qcow2.txt: a writer that does not know an autoclear bit must clear it.
+            h.autoclear_features &= ~unknown
+            changed = True
+        if h.stale_bitmaps_ext is not None:
+            # Bitmaps extension written without the autoclear bit: not trustworthy, drop it.
+            h.stale_bitmaps_ext = None
+            h.extensions = [e for e in h.extensions if e.magic != fmt.EXT_BITMAPS]
+            changed = True
+        if changed:
+            self.write_header()
+
+    # ------------------------------------------------------------------ header
+    def _write_header_bytes(self, offset: int, data: bytes) -> None:
+        self.file.pwrite(data, offset)
+
+    def write_header(self) -> None:
+        """Rewrite cluster 0's header, extensions and backing name (then flush)."""
+        data = self.header.build()
+        self.file.pwrite(data, 0)
+        self.file.flush()
+
+    # ------------------------------------------------------------------ helpers
+    def corrupt(self, message: str) -> CorruptImage:
+        """Build a CorruptImage for a bad entry met at run time; logged once per message."""
+        if message not in self._corrupt_logged:
+            self._corrupt_logged.add(message)
+            log.error("%s: %s", self.path, message)
+        return CorruptImage(message, self.path)
+
+
+    # ------------------------------------------------------------------ flushing
+    def flush_metadata(self) -> None:
+        """Write cached metadata in crash-safe order (see the module docstring); ends durable."""
+        if not (self.metadata_dirty or self.refcounts.dirty or self.pending_frees):
+            return
+        f = self.file
+        if self.data_file is not f:
+            self.data_file.flush()
+        if self.header.lazy_refcounts and not self.header.dirty and (self.l2_dirty or self.l1_dirty):
+            # Lazy refcounts: the dirty bit is on disk before the first L2 update (qcow2.txt
+            # "compatible features" bit 0); a crash then means "rebuild refcounts on open".
+            self.set_dirty_bit(True)
+        self.refcounts.write_dirty()
+        f.flush()  # refcounts (and COW data) before the L2 tables that reference them
+        if self.l2_dirty:
+            for off in sorted(self.l2_dirty):
+                t = self.l2_cache.get(off)
+                if t is not None:
+                    f.pwrite(to_be(t), off)
+            self.l2_dirty.clear()
+            f.flush()  # new L2 tables before the L1 entries that point at them
+        if self.l1_dirty:
+            base = self.header.l1_table_offset
+            for i in sorted(self.l1_dirty):
+                f.pwrite(self.l1[i].to_bytes(8, "big"), base + 8 * i)
+            self.l1_dirty.clear()
+            f.flush()
+        if self.pending_frees and not self.io_inflight:
+            # the references are gone from the disk now; drop the refcounts (rule 2). Not while
+            # a thread may still be copying into or out of one of them: then at a later flush
+            # (fsync and unmount wait for the threads first).
+            frees, self.pending_frees = self.pending_frees, []
+            unused = [c for c in frees if self.refcounts.update(c, -1) == 0]
+            self.refcounts.write_dirty()
+            f.flush()
+            # free for good (refcount 0 on disk): give the space back to the host, as QEMU's
+            # discard does, so the image's actual size drops (best effort: not every host can)
+            cs = self.cluster_size
+            for c in sorted(unused):
+                f.punch_hole(c * cs, cs)
+        self.metadata_dirty = False
+
+    def flush(self) -> None:
+        """fsync semantics: every acknowledged write and the metadata reaching it is durable."""
+        if self.read_only:
+            return
+        if self.metadata_dirty or self.refcounts.dirty or self.pending_frees:
+            try:
+                self.flush_metadata()
+            except CorruptImage as e:
+                # as during a write: corrupt bit, one log line, read-only from now on
+                self.mark_corrupt(e.message)
+                raise
+        else:
+            self.data_file.flush()
+            if self.data_file is not self.file:
+                self.file.flush()
+
+    def set_dirty_bit(self, on: bool) -> None:
+        h = self.header
+        if on:
+            h.incompatible_features |= fmt.INCOMPAT_DIRTY
+        else:
+            h.incompatible_features &= ~fmt.INCOMPAT_DIRTY
+        self.file.pwrite(h.incompatible_features.to_bytes(8, "big"), HEADER_INCOMPATIBLE_FEATURES)
+        self.file.flush()
+
+    def mark_corrupt(self, reason: str) -> None:
+        """An inconsistency met while writing: set the corrupt bit, log once, go read-only (as QEMU does)."""
+        if self.read_only:
+            return
+        log.error("%s: marking image corrupt and switching to read-only: %s", self.path, reason)
+        try:
+            self.header.incompatible_features |= fmt.INCOMPAT_CORRUPT
+            self.file.pwrite(self.header.incompatible_features.to_bytes(8, "big"), HEADER_INCOMPATIBLE_FEATURES)
+            self.file.flush()
+        except OSError as e:
+            log.error("%s: could not set the corrupt bit: %s", self.path, e)
+        self.read_only = True
+        if self.on_read_only is not None:
+            self.on_read_only()
+
+    # ------------------------------------------------------------------ info
+    def allocated_host_bytes(self) -> int:
+        """Host space used, for st_blocks (512-byte units * 512)."""
+        total = self.file.st_blocks() * 512
+        if self.data_file is not self.file:
+            total += self.data_file.st_blocks() * 512
+        return total
+
+    def close(self, flush: bool = True) -> None:
+        if self._closed:
+            return
+        try:
+            if flush and not self.read_only and hasattr(self, "refcounts"):
+                self.flush()
+                if self.header.dirty and self.header.lazy_refcounts:
+                    self.set_dirty_bit(False)  # clean close: refcounts are exact again
+        finally:
+            self._closed = True
+            if self.backing is not None:
+                self.backing.close()
+            if self.data_file is not self.file:
+                self.data_file.close()
+            self.file.close()
+
+    def __enter__(self) -> "Qcow2Image":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close(flush=exc[0] is None)
