@@ -8,8 +8,8 @@
     qcowfs/cli/        commands: anything
 
 No import cycle between modules (imports inside functions included), and ruff + mypy clean.
-Module length has no cap: a module is as long as its one concern needs (README, "How the code
-is laid out"). The checks take the package's path, so the test below plants violations in a
+Module length has no cap: a module is as long as its one concern needs (docs/architecture.md,
+"How long is a module"). The checks take the package's path, so the test below plants violations in a
 copy of the tree and sees each one reported.
 """
 

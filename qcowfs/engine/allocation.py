@@ -29,10 +29,10 @@ def status(img, pos: int, end: int) -> tuple:
     if pos >= img.size:
         return False, end - pos
     end = min(end, img.size)
-    cb = img.cluster_bits
-    span = 1 << (img.l2_bits + cb)  # guest bytes one L2 table maps
-    l1i = pos >> (img.l2_bits + cb)
-    if l1i >= len(img.l1) or not img.l1[l1i] & OFFSET_MASK:
+    cb = img.geo.cluster_bits
+    span = 1 << (img.geo.l2_bits + cb)  # guest bytes one L2 table maps
+    l1i = pos >> (img.geo.l2_bits + cb)
+    if l1i >= len(img.active.l1) or not img.active.l1[l1i] & OFFSET_MASK:
         n = min(end, (l1i + 1) * span) - pos
         return _unallocated(img, pos, n)
     kind, _host, n = img.map(pos, end)

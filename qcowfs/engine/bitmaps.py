@@ -100,7 +100,7 @@ class BitmapStore:
     def _check_entry(self, e, name_raw: bytes) -> None:
         """QEMU's check_dir_entry(): an entry QEMU refuses makes the whole image unusable."""
         img = self.image
-        cs = img.cluster_size
+        cs = img.geo.cluster_size
         bad = (
             e.bitmap_table_size == 0
             or e.bitmap_table_offset == 0
@@ -154,7 +154,7 @@ class BitmapStore:
 
     def _load_data(self, bm: DirtyBitmap) -> None:
         img = self.image
-        cs = img.cluster_size
+        cs = img.geo.cluster_size
         assert bm.disk_entry is not None  # only bitmaps read from the directory have data to load
         toff, tsize = bm.disk_entry[0], bm.disk_entry[1]
         table = self._read_table(toff, tsize)
@@ -225,7 +225,7 @@ class BitmapStore:
         Returns the host clusters of the old directory, for the caller to free after the switch."""
         img = self.image
         h = img.header
-        cs = img.cluster_size
+        cs = img.geo.cluster_size
         old = []
         if self.dir_offset:
             old = list(range(self.dir_offset // cs, div_round_up(self.dir_offset + self.dir_size, cs)))
@@ -269,7 +269,7 @@ class BitmapStore:
         if bm.disk_entry is None:
             return []
         img = self.image
-        cs = img.cluster_size
+        cs = img.geo.cluster_size
         toff, tsize = bm.disk_entry[0], bm.disk_entry[1]
         out = list(range(toff // cs, div_round_up(toff + tsize * 8, cs)))
         try:
@@ -310,11 +310,11 @@ class BitmapStore:
         if name in self.bitmaps:
             raise BitmapError(f"a bitmap named {name!r} already exists", img.path, errno.EEXIST)
         if granularity is None:
-            granularity = default_granularity(img.cluster_size)
+            granularity = default_granularity(img.geo.cluster_size)
         lo, hi = 1 << fmt.MIN_BITMAP_GRANULARITY_BITS, 1 << fmt.MAX_BITMAP_GRANULARITY_BITS
         if granularity & (granularity - 1) or not lo <= granularity <= hi:
             raise BitmapError(f"granularity {granularity} is not a power of two between 512 B and 2 GiB", img.path, errno.EINVAL)
-        if persistent and not img.v3:
+        if persistent and not img.geo.v3:
             log.error("%s: cannot create persistent bitmap %r: a version 2 (compat=0.10) image cannot hold "
                       "bitmaps; upgrade it with qemu-img amend -o compat=1.1", img.path, name)
             raise BitmapError("version 2 images cannot hold persistent bitmaps", img.path, errno.EOPNOTSUPP)
@@ -326,10 +326,10 @@ class BitmapStore:
             # visible record instead of nothing (Launchpad 1814418). In close mode it is in_use
             # (inconsistent after a crash); in intent mode an empty bitmap is already valid, so it
             # is written consistent, and stored with all its data clusters just after.
-            tsize = table_size_for(img.size, granularity, img.cluster_size)
-            tclusters = div_round_up(tsize * 8, img.cluster_size)
+            tsize = table_size_for(img.size, granularity, img.geo.cluster_size)
+            tclusters = div_round_up(tsize * 8, img.geo.cluster_size)
             toff = img.refcounts.allocate(tclusters)
-            img.file.pwrite(bytes(tclusters * img.cluster_size), toff)
+            img.file.pwrite(bytes(tclusters * img.geo.cluster_size), toff)
             flags = (0 if self.intent else fmt.BME_FLAG_IN_USE) | (fmt.BME_FLAG_AUTO if enabled else 0)
             bm.disk_entry = (toff, tsize, flags, b"")
             self.bitmaps[name] = bm
@@ -456,7 +456,7 @@ class BitmapStore:
             r0, r1 = intent_range(g0, g1, gb, bm.nbits)
             durable[r0:r1] = 1  # type: ignore[index]
             b0, b1 = r0 >> 3, (r1 + 7) >> 3
-            write_bytes(img.file, bm.data_offsets, img.cluster_size, durable[b0 << 3 : b1 << 3].tobytes(), b0)  # type: ignore[index]
+            write_bytes(img.file, bm.data_offsets, img.geo.cluster_size, durable[b0 << 3 : b1 << 3].tobytes(), b0)  # type: ignore[index]
             synced = True
         if synced:
             img.file.flush()
@@ -465,7 +465,7 @@ class BitmapStore:
         """Intent mode, after clear or merge: the on-disk data becomes `durable`, before the
         command returns."""
         img = self.image
-        write_bytes(img.file, bm.data_offsets, img.cluster_size, bm.durable.tobytes(), 0)  # type: ignore[union-attr]
+        write_bytes(img.file, bm.data_offsets, img.geo.cluster_size, bm.durable.tobytes(), 0)  # type: ignore[union-attr]
         img.file.flush()
 
     # ------------------------------------------------------------------ storing
@@ -476,7 +476,7 @@ class BitmapStore:
         img = self.image
         if img.read_only:
             return
-        cs = img.cluster_size
+        cs = img.geo.cluster_size
         to_store = only if only is not None else [b for b in self._on_disk() if not b.inconsistent]
         if not to_store and not self._on_disk():
             return

@@ -113,8 +113,8 @@ class Checker:
         self.repair = repair
         #: QEMU's "rebuild": the refcount structures cannot be trusted for an in-place repair
         self.rebuild = False
-        self.cs = img.cluster_size
-        self.cb = img.cluster_bits
+        self.cs = img.geo.cluster_size
+        self.cb = img.geo.cluster_bits
         self.file_size = img.file.size
         self.max_refcount = (1 << img.header.refcount_bits) - 1
         self.counts: collections.Counter = collections.Counter()
@@ -226,7 +226,7 @@ class Checker:
             self.res.check_errors += 1
             self.res.messages.append(f"ERROR cannot read the L1 table at 0x{l1_off:x}")
             return
-        l1 = img.l1 if active else be_array(img.file.pread(l1_size * 8, l1_off).ljust(l1_size * 8, b"\0"))
+        l1 = img.active.l1 if active else be_array(img.file.pread(l1_size * 8, l1_off).ljust(l1_size * 8, b"\0"))
         for i, e in enumerate(l1):
             if i % 64 == 0:
                 tick(i)
@@ -251,7 +251,7 @@ class Checker:
         img = self.img
         cs = self.cs
         data_file = img.header.has_data_file
-        ext = img.extended
+        ext = img.geo.extended
         step = 2 if ext else 1
         res = self.res
         next_contiguous = 0
@@ -324,7 +324,7 @@ class Checker:
             raw = struct.pack(">Q", fmt.QCOW_OFLAG_ZERO)
         img.file.pwrite(raw, l2_off + 8 * k)
         img.file.flush()
-        img.l2_cache.clear()
+        img.l2.clear()
         self.res.corruptions_fixed += 1
         if len(self.res.messages) < 1000:
             self.res.messages.append(f"Repairing L2 entry {k // (2 if ext else 1)} in table 0x{l2_off:x}: "

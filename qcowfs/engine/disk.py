@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import errno
 import logging
+from typing import Any, Optional
 
 from ..errors import BitmapError, ReadOnlyImage
 from . import allocation, resize
 from . import snapshots as snapshot_ops
 from .bitmaps import BitmapStore
 from .image import Qcow2Image
+from .inflight import Busy
+from .write_path import WriteRequest
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +56,10 @@ class Disk:
         self.image.write(offset, data)
         return end - offset
 
-    def plan_write(self, offset: int, data) -> tuple:
-        """write(), split for an I/O thread (fuse/concurrent_io.py): clip, mark the bitmaps, plan. Returns
-        (bytes accepted, plan): a WritePlan to copy and commit, None to call write() instead,
-        or BUSY (a cluster of it is being allocated: ask again after that commit)."""
+    def begin_write(self, offset: int, data: Any) -> tuple[int, Optional[WriteRequest | Busy]]:
+        """write(), for a caller that copies and commits its steps itself (fuse/concurrent_io.py):
+        clip, mark the bitmaps, begin (write_path.py). Returns (bytes accepted, the request, or
+        BUSY: a cluster of it is being allocated, ask again after that commit); None past the end."""
         if self.image.read_only:
             raise ReadOnlyImage("disk is read-only", self.image.path)
         length = len(data)
@@ -66,7 +69,7 @@ class Disk:
         if end - offset < length:
             data = memoryview(data)[: end - offset]
         self.bitmaps.mark(offset, end - offset)  # before the data, as in write()
-        return end - offset, self.image.plan_write(offset, data)
+        return end - offset, self.image.begin_write(offset, data)
 
     def zero_range(self, offset: int, length: int) -> int:
         """Discard / zero [offset, offset+length) (clipped at the disk's end): reads give zeros

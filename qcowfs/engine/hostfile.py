@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 from typing import Sequence
 
 #: larger than any file Linux allows (MAX_LFS_FILESIZE is 2**63 - 1)
@@ -42,6 +43,7 @@ class HostFile:
         flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
         self.fd = os.open(path, flags)
         self._size = os.fstat(self.fd).st_size
+        self._grow_lock = threading.Lock()
         self._can_punch = writable
 
     @property
@@ -68,12 +70,11 @@ class HostFile:
         done = 0
         while done < total:
             done += os.pwrite(self.fd, view[done:], offset + done)
-        end = offset + total
-        if end > self._size:
-            self._size = end
+        self._grew(offset + total)
 
     def pwritev(self, buffers: Sequence, offset: int) -> None:
-        """Write buffers back to back at offset (in groups of at most IOV_MAX)."""
+        """Write buffers back to back at offset (in groups of at most IOV_MAX). Safe on any
+        thread (the I/O threads copy guest data with it)."""
         for i in range(0, len(buffers), _IOV_MAX):
             group = buffers[i : i + _IOV_MAX]
             total = sum(len(b) for b in group)
@@ -83,13 +84,16 @@ class HostFile:
                 joined = b"".join(bytes(b) for b in group)
                 self.pwrite(memoryview(joined)[written:], offset + written)
             offset += total
-            if offset > self._size:
-                self._size = offset
+            self._grew(offset)
 
-    def note_written(self, end: int) -> None:
-        """An I/O thread wrote up to end (io_threads.py): the size follows, on the trio thread."""
+    def _grew(self, end: int) -> None:
+        """A write ended at end: the size follows. Writes run on several threads (write_path.
+        WritePlan.copy): the size only grows, re-checked under a lock, so a smaller end never
+        overwrites a larger one."""
         if end > self._size:
-            self._size = end
+            with self._grow_lock:
+                if end > self._size:
+                    self._size = end
 
     def punch_hole(self, offset: int, length: int) -> None:
         """Deallocate host blocks (they read as zeros); silently nothing where the host file

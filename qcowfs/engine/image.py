@@ -1,51 +1,55 @@
-"""Qcow2Image: open and validate an image, flush in crash-safe order, header bits. No FUSE.
+"""Qcow2Image: open and validate an image, own its parts, flush in crash-safe order, header
+bits. No FUSE.
 
-The engine is split along QEMU's own seams; this module is block/qcow2.c's share
-(open, flush ordering, dirty/corrupt bits, close), and the class gathers the rest:
-    cluster_map.py  L1/L2 lookup, the L2 cache, L2 tables for writing (qcow2-cluster.c)
-    read_path.py    guest reads, backing fall-through, compressed clusters
-    write_path.py   guest writes: in place, fresh clusters, copy-on-write, zero clusters
-    refcounts.py    refcount table and blocks, allocation (qcow2-refcount.c)
-    backing.py      which backing/data files may be opened, raw backing files
-    entries.py      L1/L2 entry encoding (format layer, no I/O)
+The engine is split along QEMU's own seams, and the image is built from parts that own their
+state (QEMU declares it once, in BDRVQcow2State; here each part declares its own):
+    geo         Geometry: what the header fixes (geometry.py)
+    refcounts   refcount table and blocks, allocation (refcounts.py; qcow2-refcount.c)
+    l2          the L2 table cache, shared with snapshot views (l2_cache.py; qcow2-cache.c)
+    active      the active disk's mapping: L1, what writes change until the flush
+                (cluster_map.py ActiveMap; qcow2-cluster.c)
+    reader      guest reads through the active mapping (read_path.py)
+    writer      guest writes, one plan/copy/commit sequence (write_path.py)
+    inflight    cluster allocations and host I/O in flight (inflight.py)
+    backing     the backing file (backing.py), file / data_file the host files (hostfile.py)
+and this module is block/qcow2.c's share: open, flush ordering, dirty/corrupt bits, close.
 
-Writing keeps QEMU's crash-ordering rules (qcow2-facts "Write ordering"). Data
-goes straight to the host file; refcount blocks and L2 tables are cached and
-written by flush() in dependency order:
+Writing keeps the crash-ordering rules of docs/crash-ordering.md. Data goes straight to the
+host file; refcount blocks and L2 tables are cached and written by flush_metadata() in
+dependency order:
     refcount blocks -> fdatasync -> L2 tables -> fdatasync -> L1 entries -> fdatasync
     -> deferred refcount decrements -> refcount blocks -> fdatasync
-so a reference never reaches the disk before the refcount that covers it
-(rule 1), copied data and new L2 tables are durable before anything points at
-them (rules 3, 4), and a reference is gone from the disk before its cluster's
-refcount drops (rule 2). A crash at any point leaks clusters at worst.
+so a reference never reaches the disk before the refcount that covers it (rule 1), copied
+data and new L2 tables are durable before anything points at them (rules 3, 4), and a
+reference is gone from the disk before its cluster's refcount drops (rule 2). A crash at any
+point leaks clusters at worst.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
-from array import array
-from typing import Optional
+from typing import Any, Optional
 
-from ..errors import CorruptImage, FormatError, QcowError, UnsupportedFeature, with_path
+from ..errors import CorruptImage, FormatError, QcowError, ReadOnlyImage, UnsupportedFeature, WriteBeyondEnd, with_path
 from ..format import header as fmt
-from ..format.entries import be_array, to_be
+from ..format.entries import be_array
 from .backing import RawImage, probe_format
 from .backing import vet as vet_named_file
+from .cluster_map import ActiveMap
+from .geometry import Geometry
 from .hostfile import HostFile
+from .inflight import Busy, InFlight
+from .l2_cache import L2Cache
+from .read_path import Reader
 from .refcounts import Refcounts
 from .repair import rebuild_refcounts
-from .write_path import WritePath
+from .write_path import Writer, WriteRequest
 
 log = logging.getLogger(__name__)
 
 MAX_BACKING_DEPTH = 64
 HEADER_INCOMPATIBLE_FEATURES = fmt.HEADER_FIELD_OFFSETS["incompatible_features"]
-
-# check.py decoded tables with this name before entries.py existed
-_be_array = be_array
-
 
 def open_backing(name: str, fmt_name: Optional[str], chain: tuple, depth: int, policy: str = "follow"):
     real = os.path.realpath(name)
@@ -63,7 +67,7 @@ def open_backing(name: str, fmt_name: Optional[str], chain: tuple, depth: int, p
     raise UnsupportedFeature(f"backing file {name} has format {kind!r}; qcowfs reads qcow2 and raw")
 
 
-class Qcow2Image(WritePath):
+class Qcow2Image:
     """One qcow2 image (and, below it, its backing chain)."""
 
     def __init__(self, path: str, read_only: bool = True, *, _chain: tuple = (), _depth: int = 0,
@@ -103,34 +107,17 @@ class Qcow2Image(WritePath):
         if h.corrupt and not self.read_only:
             raise FormatError("image is marked corrupt; mount it with --read-only, or repair it "
                               "(qemu-img check -r all)", self.path)
-        self.size = h.size
-        self.cluster_bits = h.cluster_bits
-        self.cluster_size = cs = h.cluster_size
-        self.extended = h.extended_l2
-        self.l2_entries = h.l2_entries
-        self.l2_bits = self.l2_entries.bit_length() - 1
-        self.subcluster_bits = self.cluster_bits - 5
-        self.compression_type = h.compression_type
-        self.v3 = h.version >= 3
-        self.has_data_file = h.has_data_file
+        self.geo = geo = Geometry.from_header(h)
+        self.refcounts = Refcounts(self.file, h, self._write_header_bytes)
         # L1 table
         raw = self.file.pread(h.l1_size * 8, h.l1_table_offset) if h.l1_size else b""
         if len(raw) < h.l1_size * 8:
             raise FormatError("L1 table lies past the end of the file", self.path)
-        self.l1 = be_array(raw)
-        self.l1_dirty: set[int] = set()
-        # L2 cache: offset -> array of native 64-bit words
-        self.l2_cache: "collections.OrderedDict[int, array]" = collections.OrderedDict()
-        self.l2_dirty: set[int] = set()
-        self.l2_cache_max = max(16, cache_bytes // cs)
-        self.pending_frees: list = []  # host clusters whose refcount drops after the next flush
-        # Requests whose host data I/O an I/O thread is doing (fuse/concurrent_io.py), and the guest clusters
-        # their plans are allocating (write_path.WritePlan): no cluster is freed while any runs,
-        # so none can be reallocated under a copy still in flight.
-        self.io_inflight = 0
-        self.allocating: set[int] = set()
-        self.metadata_dirty = False
-        self.refcounts = Refcounts(self.file, h, self._write_header_bytes)
+        self.l2 = L2Cache(self.file, geo.cluster_size, max(16, cache_bytes // geo.cluster_size), self.corrupt)
+        self.l2.write_back = self.flush_metadata  # a dirty table's dependencies go first
+        self.l2.after_evict = self.refcounts.drop_clean_cache
+        self.active = ActiveMap(geo, be_array(raw), self.l2, h.size, self.corrupt, self.refcounts)
+        self.inflight = InFlight()
         # Backing chain / external data file
         me = os.path.realpath(self.path)
         chain = chain + (me,) if me not in chain else chain
@@ -156,10 +143,59 @@ class Qcow2Image(WritePath):
             if not os.path.exists(name):
                 raise FormatError(f"external data file {h.data_file} not found", self.path)
             self.data_file = self.file_factory(name, writable=not self.read_only)
-        self.backing_size = self.backing.size if self.backing is not None else 0
-        self._zero_cluster = bytes(cs)
-        self._last_compressed: tuple = (None, b"")
-        self._rbuf = memoryview(bytearray(0))  # read_view()'s reply buffer
+        self.reader = Reader(self.active, self.file, self.data_file, self.backing)
+        self.writer = Writer(self.active, self.reader, self.refcounts, self.file, self.data_file, self.inflight,
+                             self.mark_corrupt)
+        self.backing_size = self.reader.backing_size
+        # the hot paths, bound once
+        self.read = self.reader.read
+        self.read_view = self.reader.read_view
+        self.data_host = self.reader.data_host
+        self.map = self.active.map
+
+    @property
+    def size(self) -> int:
+        """The guest disk's size (the active mapping's; resize changes it)."""
+        return self.active.size
+
+    # ------------------------------------------------------------------ guest writes
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise ReadOnlyImage("image is open read-only", self.path)
+
+    def write(self, offset: int, data: Any) -> None:
+        """Write guest bytes at offset, on this thread (Writer.write). Whole clusters of zeros
+        become zero clusters (detect-zeroes=unmap)."""
+        self._check_writable()
+        length = len(data)
+        if offset + length > self.active.size:
+            raise WriteBeyondEnd(f"write beyond the end of the disk ({offset}+{length} > {self.active.size})",
+                                 self.path)
+        if length:
+            self.writer.write(offset, memoryview(data).cast("B"))
+
+    def begin_write(self, offset: int, data: Any) -> WriteRequest | Busy:
+        """Start a guest write whose steps the caller copies and commits (write_path.py); data
+        in range (Disk clips). BUSY: wait for a commit and ask again."""
+        self._check_writable()
+        mv = memoryview(data).cast("B")
+        if offset + len(mv) > self.active.size:
+            raise WriteBeyondEnd(f"write beyond the end of the disk ({offset}+{len(mv)} > {self.active.size})",
+                                 self.path)
+        return self.writer.begin(offset, mv)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Make guest bytes [offset, offset+length) read as zeros (Writer.write_zeroes)."""
+        self._check_writable()
+        end = offset + length
+        if end > self.active.size:
+            raise WriteBeyondEnd(f"write-zeroes beyond the end of the disk ({offset}+{length} > {self.active.size})",
+                                 self.path)
+        if not self.geo.has_data_file and not self.writer.can_zero_detect():
+            # v2 with a backing file: an unallocated cluster would show the backing file
+            raise UnsupportedFeature("zeroing needs the zero cluster flag of version 3 images when a backing file "
+                                     "is present (QEMU refuses it too)", self.path)
+        self.writer.write_zeroes(offset, length)
 
     def start_writing(self) -> None:
         """First writes of a read-write open, done only after everything has been validated
@@ -207,50 +243,51 @@ class Qcow2Image(WritePath):
     # ------------------------------------------------------------------ flushing
     def flush_metadata(self) -> None:
         """Write cached metadata in crash-safe order (see the module docstring); ends durable."""
-        if not (self.metadata_dirty or self.refcounts.dirty or self.pending_frees):
+        m, l2 = self.active, self.l2
+        if not (m.metadata_dirty or self.refcounts.dirty or m.pending_frees):
             return
         f = self.file
         if self.data_file is not f:
             self.data_file.flush()
-        if self.header.lazy_refcounts and not self.header.dirty and (self.l2_dirty or self.l1_dirty):
+        if self.header.lazy_refcounts and not self.header.dirty and (l2.dirty or m.l1_dirty):
             # Lazy refcounts: the dirty bit is on disk before the first L2 update (qcow2.txt
             # "compatible features" bit 0); a crash then means "rebuild refcounts on open".
             self.set_dirty_bit(True)
         self.refcounts.write_dirty()
         f.flush()  # refcounts (and COW data) before the L2 tables that reference them
-        if self.l2_dirty:
-            for off in sorted(self.l2_dirty):
-                t = self.l2_cache.get(off)
-                if t is not None:
-                    f.pwrite(to_be(t), off)
-            self.l2_dirty.clear()
+        if l2.write_dirty():
             f.flush()  # new L2 tables before the L1 entries that point at them
-        if self.l1_dirty:
+        if m.l1_dirty:
             base = self.header.l1_table_offset
-            for i in sorted(self.l1_dirty):
-                f.pwrite(self.l1[i].to_bytes(8, "big"), base + 8 * i)
-            self.l1_dirty.clear()
+            for i in sorted(m.l1_dirty):
+                f.pwrite(m.l1[i].to_bytes(8, "big"), base + 8 * i)
+            m.l1_dirty.clear()
             f.flush()
-        if self.pending_frees and not self.io_inflight:
+        if m.pending_frees and self.inflight.idle:
             # the references are gone from the disk now; drop the refcounts (rule 2). Not while
             # a thread may still be copying into or out of one of them: then at a later flush
             # (fsync and unmount wait for the threads first).
-            frees, self.pending_frees = self.pending_frees, []
+            frees, m.pending_frees = m.pending_frees, []
             unused = [c for c in frees if self.refcounts.update(c, -1) == 0]
             self.refcounts.write_dirty()
             f.flush()
             # free for good (refcount 0 on disk): give the space back to the host, as QEMU's
             # discard does, so the image's actual size drops (best effort: not every host can)
-            cs = self.cluster_size
+            cs = self.geo.cluster_size
             for c in sorted(unused):
                 f.punch_hole(c * cs, cs)
-        self.metadata_dirty = False
+        m.metadata_dirty = False
+
+    @property
+    def metadata_dirty(self) -> bool:
+        """Whether flush() has metadata to write."""
+        return bool(self.active.metadata_dirty or self.refcounts.dirty or self.active.pending_frees)
 
     def flush(self) -> None:
         """fsync semantics: every acknowledged write and the metadata reaching it is durable."""
         if self.read_only:
             return
-        if self.metadata_dirty or self.refcounts.dirty or self.pending_frees:
+        if self.metadata_dirty:
             try:
                 self.flush_metadata()
             except CorruptImage as e:

@@ -1,6 +1,8 @@
 """Reading guest data (QEMU's qcow2_co_preadv_part): one preadv per contiguous host run,
 unallocated runs from the backing file (or zeros), zero clusters, compressed clusters.
 
+A Reader reads through one mapping: the active disk's (Qcow2Image.reader) or a snapshot's
+(snapshots.SnapshotView), both over the image's shared L2 cache, host files and backing file.
 read_view() is the FUSE hot path: it replies from one reused page-aligned buffer and
 inlines ClusterMap.map() for a request within one cached cluster.
 """
@@ -19,19 +21,29 @@ from ..format.entries import OFFSET_MASK as _OFFSET
 from ..format.entries import ZERO_FLAG as _ZERO
 from ..format.entries import compressed_descriptor
 from .cluster_map import COMPRESSED, DATA, UNALLOCATED, ClusterMap
+from .hostfile import HostFile
 
 
-class ReadPath(ClusterMap):
-    """The read half of Qcow2Image (a mixin over the image's state)."""
+class Reader:
+    """Guest reads through one mapping."""
 
-    backing: Optional[Any]  # Qcow2Image or RawImage
-    backing_size: int
-    compression_type: int
-    _rbuf: memoryview
-    _last_compressed: tuple
-    _zero_cluster: bytes
+    def __init__(self, mapping: ClusterMap, file: HostFile, data_file: HostFile, backing: Optional[Any]):
+        self.mapping = mapping
+        self.geo = mapping.geo
+        #: compressed clusters live in the image file, data clusters in data_file
+        self.file = file
+        self.data_file = data_file
+        self.backing = backing  # Qcow2Image or RawImage
+        self.backing_size = backing.size if backing is not None else 0
+        self._zero_cluster = bytes(self.geo.cluster_size)
+        self._last_compressed: tuple = (None, b"")
+        self._rbuf = memoryview(bytearray(0))  # read_view()'s reply buffer
 
-    def _zeros(self, n: int) -> memoryview:
+    @property
+    def size(self) -> int:
+        return self.mapping.size
+
+    def zeros(self, n: int) -> memoryview:
         if len(self._zero_cluster) < n:
             self._zero_cluster = bytes(max(n, 2 * len(self._zero_cluster)))
         return memoryview(self._zero_cluster)[:n]
@@ -43,9 +55,9 @@ class ReadPath(ClusterMap):
         end = min(offset + length, self.size)
         length = end - offset
         # Fast path: the whole request maps to one contiguous host run.
-        kind, host, n = self.map(offset, end)
+        kind, host, n = self.mapping.map(offset, end)
         if kind == DATA:
-            n = self._data_run(offset, end, host, n)
+            n = self.mapping.data_run(offset, end, host, n)
             if n == length:
                 return self._pread_data(host, n)
         buf = bytearray(length)
@@ -56,38 +68,42 @@ class ReadPath(ClusterMap):
         """read() into a buffer that the next read_view() call reuses: for a reply that is sent
         before the next request is served (the FUSE layer). No allocation and no page faults
         of a fresh buffer per request (measured: half the time of a 1 MiB read)."""
-        if offset >= self.size or length <= 0:
+        m = self.mapping
+        size = m.size
+        if offset >= size or length <= 0:
             return memoryview(b"")
-        end = min(offset + length, self.size)
+        end = min(offset + length, size)
         length = end - offset
         if len(self._rbuf) < length:
             # page aligned (anonymous mmap): the kernel's copy out of the page cache into a
             # buffer at another alignment, such as a bytearray's, measured 2x slower for 1 MiB
             self._rbuf = memoryview(mmap.mmap(-1, max(length, 2 * len(self._rbuf), mmap.PAGESIZE)))
         mv = self._rbuf[:length]
-        cs = self.cluster_size
+        cs = m.cluster_size
         co = offset & (cs - 1)
-        if co + length <= cs and not self.extended:
+        if co + length <= cs and not m.extended:
             # hottest case (a request within one cluster, its L2 table cached): map() inlined
-            ci = offset >> self.cluster_bits
-            l1i = ci >> self.l2_bits
-            if l1i < len(self.l1):
-                e1 = self.l1[l1i]
+            ci = offset >> m.cluster_bits
+            l1i = ci >> m.l2_bits
+            l1 = m.l1
+            if l1i < len(l1):
+                e1 = l1[l1i]
                 # reserved bits set: map() below reports the corruption
                 l2off = 0 if e1 & _L1_RESERVED else e1 & _OFFSET
-                t = self.l2_cache.get(l2off) if l2off else None
+                tables = m.cache.tables
+                t = tables.get(l2off) if l2off else None
                 if t is not None:
-                    e = t[ci & (self.l2_entries - 1)]
+                    e = t[ci & (m.l2_entries - 1)]
                     host = e & _OFFSET
                     if host and not e & (_COMPRESSED | _ZERO) and not host & (cs - 1):
-                        self.l2_cache.move_to_end(l2off)
+                        tables.move_to_end(l2off)
                         if os.preadv(self.data_file.fd, (mv,), host + co) == length:
                             return mv
-        first = kind, host, n = self.map(offset, end)
+        first = kind, host, n = self.mapping.map(offset, end)
         if kind == DATA:
             # fast path: the whole request is one contiguous host run
             if n < length:
-                n = self._data_run(offset, end, host, n)
+                n = self.mapping.data_run(offset, end, host, n)
             if n == length and self.data_file.preadv_into((mv,), host) == n:
                 return mv
         self._read_into(mv, offset, end, first, zeroed=False)
@@ -100,11 +116,11 @@ class ReadPath(ClusterMap):
         end = offset + length
         if end > self.size or length <= 0:
             return -1
-        kind, host, n = self.map(offset, end)
+        kind, host, n = self.mapping.map(offset, end)
         if kind != DATA:
             return -1
         if n < length:
-            n = self._data_run(offset, end, host, n)
+            n = self.mapping.data_run(offset, end, host, n)
         return host if n == length else -1
 
     def _read_into(self, mv: memoryview, offset: int, end: int, first: tuple, zeroed: bool) -> None:
@@ -113,21 +129,21 @@ class ReadPath(ClusterMap):
         kind, host, n = first
         while pos < end:
             if pos != offset:
-                kind, host, n = self.map(pos, end)
+                kind, host, n = self.mapping.map(pos, end)
             a = pos - offset
             if kind == DATA:
                 # a contiguous DATA run: one preadv
-                n = self._data_run(pos, end, host, n)
+                n = self.mapping.data_run(pos, end, host, n)
                 got = self.data_file.preadv_into([mv[a : a + n]], host)
                 if got < n:
-                    if self.header.has_data_file and self.header.data_file_raw:
-                        mv[a + got : a + n] = self._zeros(n - got)
+                    if self.geo.data_file_raw:
+                        mv[a + got : a + n] = self.zeros(n - got)
                     else:
-                        raise self.corrupt(f"data cluster at host offset 0x{host:x} lies past the end of the file")
+                        raise self.mapping.corrupt(f"data cluster at host offset 0x{host:x} lies past the end of the file")
             elif kind == UNALLOCATED:
                 # one backing read for the whole unallocated run
                 while pos + n < end:
-                    k2, _h2, n2 = self.map(pos + n, end)
+                    k2, _h2, n2 = self.mapping.map(pos + n, end)
                     if k2 != UNALLOCATED:
                         break
                     n += n2
@@ -136,36 +152,36 @@ class ReadPath(ClusterMap):
                     m = min(n, self.backing_size - pos)
                     mv[a : a + m] = self.backing.read(pos, m)
                 if not zeroed and m < n:
-                    mv[a + m : a + n] = self._zeros(n - m)
+                    mv[a + m : a + n] = self.zeros(n - m)
             elif kind == COMPRESSED:
                 data = self._read_compressed(host)
-                co = pos & (self.cluster_size - 1)
+                co = pos & (self.geo.cluster_size - 1)
                 mv[a : a + n] = data[co : co + n]
             elif not zeroed:  # ZERO
-                mv[a : a + n] = self._zeros(n)
+                mv[a : a + n] = self.zeros(n)
             pos += n
 
     def _pread_data(self, host: int, n: int) -> bytes:
         data = self.data_file.pread(n, host)
         if len(data) < n:
-            if self.header.has_data_file and self.header.data_file_raw:
+            if self.geo.data_file_raw:
                 return data + bytes(n - len(data))
-            raise self.corrupt(f"data cluster at host offset 0x{host:x} lies past the end of the file")
+            raise self.mapping.corrupt(f"data cluster at host offset 0x{host:x} lies past the end of the file")
         return data
 
     def _read_compressed(self, entry: int) -> bytes:
         key, data = self._last_compressed
         if key == entry:
             return data
-        off, nsec = compressed_descriptor(entry, self.cluster_bits)
+        off, nsec = compressed_descriptor(entry, self.geo.cluster_bits)
         clen = nsec * 512 - (off & 511)
         fsize = self.file.size
         if off >= fsize:
-            raise self.corrupt(f"compressed cluster at host offset 0x{off:x} lies past the end of the file")
+            raise self.mapping.corrupt(f"compressed cluster at host offset 0x{off:x} lies past the end of the file")
         raw = self.file.pread(min(clen, fsize - off), off)
         try:
-            data = decompress_cluster(raw, self.cluster_size, self.compression_type)
+            data = decompress_cluster(raw, self.geo.cluster_size, self.geo.compression_type)
         except CorruptImage as e:
-            raise self.corrupt(f"compressed cluster at host offset 0x{off:x}: {e.message}") from None
+            raise self.mapping.corrupt(f"compressed cluster at host offset 0x{off:x}: {e.message}") from None
         self._last_compressed = (entry, data)
         return data

@@ -5,7 +5,7 @@ data has a refcount; refcount_bits = 1 << refcount_order; a block holds
 cluster_size * 8 / refcount_bits entries. Widths below 8 bits are packed
 least-significant-bit first; wider entries are big-endian.
 
-Crash-ordering rules this module keeps (QEMU's, see qcow2-facts "Write ordering"):
+Crash-ordering rules this module keeps (QEMU's; numbered as in docs/crash-ordering.md):
 - a new refcount block refcounts itself, is written and flushed, and only then is
   hooked into the refcount table (rule 5);
 - a grown refcount table is written and flushed before the header switches to it

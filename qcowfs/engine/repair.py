@@ -45,7 +45,7 @@ def apply_repair(img, ck: Checker, mode: str) -> tuple:
                 continue
             done.add((table_off, idx))
             try:
-                stored = 1 if data_file else rc.get((e & fmt.OFFSET_MASK) >> img.cluster_bits)
+                stored = 1 if data_file else rc.get((e & fmt.OFFSET_MASK) >> img.geo.cluster_bits)
             except QcowError:
                 continue
             ne = (e | fmt.QCOW_OFLAG_COPIED) if stored == 1 else (e & ~fmt.QCOW_OFLAG_COPIED)
@@ -53,9 +53,9 @@ def apply_repair(img, ck: Checker, mode: str) -> tuple:
                 continue
             img.file.pwrite(ne.to_bytes(8, "big"), table_off + 8 * idx)
             if is_l1:
-                img.l1[idx] = ne
+                img.active.l1_entry_written(idx, ne)
             fixed_corr += 1
-        img.l2_cache.clear()
+        img.l2.clear()  # the tables were rewritten on disk behind the cache
         img.file.flush()
     if img.header.dirty:
         img.set_dirty_bit(False)

@@ -36,20 +36,22 @@ def grow(img, new_size: int) -> None:
     if new_size > fmt.INT64_MAX // 2 or new_size % 512:
         raise QcowError(f"cannot grow the disk to {new_size} bytes (a multiple of 512 up to 2^62 is needed)",
                         img.path)
-    need = fmt.l1_entries_needed(new_size, img.cluster_bits, 16 if img.extended else 8)
+    need = fmt.l1_entries_needed(new_size, img.geo.cluster_bits, 16 if img.geo.extended else 8)
     if need * 8 > fmt.MAX_L1_SIZE:
         raise TableLimit(f"a {new_size}-byte disk needs an L1 table beyond QEMU's {fmt.MAX_L1_SIZE} byte limit",
                          img.path)
-    if img.backing is not None and img.backing_size > old_size and not img.v3:
+    if img.backing is not None and img.backing_size > old_size and not img.geo.v3:
         raise QcowError("cannot grow a version 2 image whose backing file is longer than the disk: the new "
                         "area would show the backing file (QEMU refuses it too)", img.path)
     img.flush()
     h = img.header
     rc = img.refcounts
-    cs = img.cluster_size
-    if need > len(img.l1):
-        new_l1 = array("Q", img.l1)
-        new_l1.extend(array("Q", bytes(8 * (need - len(img.l1)))))
+    cs = img.geo.cluster_size
+    old_l1 = img.active.l1
+    new_l1 = None
+    if need > len(old_l1):
+        new_l1 = array("Q", old_l1)
+        new_l1.extend(array("Q", bytes(8 * (need - len(old_l1)))))
         raw = to_be(new_l1)
         nclusters = div_round_up(len(raw), cs)
         off = rc.allocate(nclusters)
@@ -59,7 +61,7 @@ def grow(img, new_size: int) -> None:
         old_off, old_len = h.l1_table_offset, h.l1_size
         h.l1_table_offset, h.l1_size, h.size = off, need, new_size
         img.write_header()  # one write switches table, its size and the disk size; flushed
-        img.l1 = new_l1
+        img.active.resized(new_size, new_l1)
         if old_len:
             for c in range(old_off // cs, div_round_up(old_off + 8 * old_len, cs)):
                 rc.update(c, -1)
@@ -68,7 +70,7 @@ def grow(img, new_size: int) -> None:
     else:
         h.size = new_size
         img.write_header()
-    img.size = new_size
+    img.active.resized(new_size)
     if img.backing is not None and img.backing_size > old_size:
         img.write_zeroes(old_size, min(new_size, img.backing_size) - old_size)
         img.flush()

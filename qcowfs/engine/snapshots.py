@@ -7,7 +7,7 @@ L1 reaches, and clears COPIED in the active entries (they are shared now: the wr
 copies them before changing them); deleting lowers what the snapshot's L1 reaches and sets
 COPIED again where an active entry's refcount fell back to 1.
 
-Crash order (qcow2-facts "Internal snapshots"): on creation the L1 copy and the refcount
+On creation the L1 copy and the refcount
 increases are durable (and the COPIED changes after them, flush_metadata's order) before a
 new snapshot table is written and the header switched to it in one write; on deletion the
 header is switched to a table without the snapshot first, then the refcounts fall. A crash
@@ -20,9 +20,13 @@ reference is a leak; COPIED clear on a refcount of 1, which costs one needless c
 `qemu-img check -r all` / `qcowfs check --repair=all` mend them; the power-loss harness accepts
 exactly these, only while a snapshot step was under way.
 
-A SnapshotView reads a snapshot through the image's read path and L2 cache: tables and
-clusters shared with the active disk are never changed in place (the write path copies
-them), so the view's bytes never change while disk.raw is written.
+A SnapshotView is a Reader over the snapshot's own L1 and the image's geometry, shared L2
+cache, host files and backing file: tables and clusters shared with the active disk are never
+changed in place (the write path copies them), so the view's bytes never change while
+disk.raw is written. Creating and deleting change the active mapping through its own methods
+(ActiveMap.set_l1_entry, changed_l2) and the cache through its (L2Cache.drop).
+
+Crash order: docs/crash-ordering.md, "Internal snapshots".
 """
 
 from __future__ import annotations
@@ -37,15 +41,10 @@ from ..format import snapshot_table
 from ..format.entries import COMPRESSED, COPIED, OFFSET_MASK, be_array, compressed_host_clusters, to_be
 from ..format.header import div_round_up
 from ..format.snapshot_table import Snapshot
-from .read_path import ReadPath
+from .cluster_map import ClusterMap
+from .read_path import Reader
 
 log = logging.getLogger(__name__)
-
-# what a view shares with its image (ClusterMap and ReadPath state)
-_SHARED = ("path", "header", "file", "data_file", "cluster_bits", "cluster_size", "extended", "l2_entries",
-           "l2_bits", "subcluster_bits", "has_data_file", "v3", "backing", "backing_size", "compression_type",
-           "l2_cache", "l2_dirty", "l2_cache_max", "refcounts", "corrupt", "flush_metadata")
-
 
 def read_all(img) -> list:
     """The image's snapshots, from its snapshot table."""
@@ -62,35 +61,36 @@ def read_all(img) -> list:
             raise CorruptImage("snapshot table exceeds QEMU's 64 MiB limit", img.path)
     raw = img.file.pread(size, h.snapshots_offset)
     try:
-        return snapshot_table.parse(raw, h.nb_snapshots, img.size, img.v3)
+        return snapshot_table.parse(raw, h.nb_snapshots, img.size, img.geo.v3)
     except Exception as e:  # FormatError, or struct errors on a damaged table
         raise CorruptImage(f"snapshot table: {e}", img.path) from None
 
 
-class SnapshotView(ReadPath):
+class SnapshotView(Reader):
     """A read-only guest disk as it was when the snapshot was taken."""
 
-    def __init__(self, image, snap: Snapshot):
-        for name in _SHARED:
-            setattr(self, name, getattr(image, name))
-        self.read_only = True
-        self.snapshot = snap
-        self.size = snap.disk_size
-        cs = self.cluster_size
+    def __init__(self, image: Any, snap: Snapshot):
+        cs = image.geo.cluster_size
         n = snap.l1_size
         if snap.l1_table_offset % cs or (n and snap.l1_table_offset + 8 * n > image.file.size):
             raise CorruptImage(f"snapshot {snap.id}: L1 table at 0x{snap.l1_table_offset:x} is not "
                                "cluster aligned or lies past the end of the file", image.path)
-        self.l1 = be_array(image.file.pread(8 * n, snap.l1_table_offset)) if n else be_array(b"")
-        self._zero_cluster = bytes(cs)
-        self._last_compressed = (None, b"")
-        self._rbuf = memoryview(bytearray(0))
+        l1 = be_array(image.file.pread(8 * n, snap.l1_table_offset)) if n else be_array(b"")
+        mapping = ClusterMap(image.geo, l1, image.l2, snap.disk_size, image.corrupt)
+        super().__init__(mapping, image.file, image.data_file, image.backing)
+        self.snapshot = snap
+        self.path = image.path
+        self.read_only = True
+
+    @property
+    def l1(self) -> Any:
+        return self.mapping.l1
 
 
 def _check_can_snapshot(img) -> None:
     if img.read_only:
         raise SnapshotError("image is mounted read-only: snapshots cannot be taken or deleted", img.path, errno.EROFS)
-    if img.has_data_file:
+    if img.geo.has_data_file:
         log.error("%s: internal snapshots are not possible in an image with an external data file (QEMU's rule)",
                   img.path)
         raise SnapshotError("internal snapshots are not possible with an external data file", img.path,
@@ -110,7 +110,7 @@ def _write_table(img, snaps: list) -> tuple:
     data = snapshot_table.build(snaps)
     if not data:
         return 0, 0
-    cs = img.cluster_size
+    cs = img.geo.cluster_size
     n = div_round_up(len(data), cs)
     off = img.refcounts.allocate(n)
     img.file.pwrite(data + bytes(n * cs - len(data)), off)
@@ -127,7 +127,7 @@ def _switch_table(img, snaps: list, new: tuple, old: tuple) -> None:
     img.write_header()  # nb_snapshots and snapshots_offset share a sector: one atomic write; flushed
     old_off, old_size = old
     if old_size:
-        cs = img.cluster_size
+        cs = img.geo.cluster_size
         for c in range(old_off // cs, div_round_up(old_off + old_size, cs)):
             img.refcounts.update(c, -1)
         img.refcounts.write_dirty()
@@ -158,9 +158,10 @@ def create(img, name: str, *, now: Any = None) -> Snapshot:
     """Take an internal snapshot NAME of the active disk, durable when this returns."""
     snaps = check_can_create(img, name)
     img.flush()  # every acknowledged write is in the metadata the copy is taken from
-    cs, cb = img.cluster_size, img.cluster_bits
+    cs, cb = img.geo.cluster_size, img.geo.cluster_bits
     rc = img.refcounts
-    l1 = img.l1
+    active = img.active
+    l1 = active.l1
     if rc.max_refcount < 0xFFFF:
         _check_headroom(img)
     # 1. the L1 copy
@@ -170,13 +171,13 @@ def create(img, name: str, *, now: Any = None) -> Snapshot:
         l1_off = rc.allocate(div_round_up(len(raw), cs))
         img.file.pwrite(raw + bytes(-len(raw) % cs), l1_off)
     # 2. one more reference to everything the active L1 reaches; active entries lose COPIED
-    step = 2 if img.extended else 1
+    step = 2 if img.geo.extended else 1
     for i in range(len(l1)):
         e = l1[i]
         l2_off = e & OFFSET_MASK
         if not l2_off:
             continue
-        t = img.load_l2(l2_off)
+        t = img.l2.load(l2_off)
         changed = False
         for k in range(0, len(t), step):
             x = t[k]
@@ -186,13 +187,10 @@ def create(img, name: str, *, now: Any = None) -> Snapshot:
                 t[k] = x & ~COPIED
                 changed = True
         if changed:
-            img.l2_dirty.add(l2_off)
-            img.metadata_dirty = True
+            active.changed_l2(l2_off)
         rc.update(l2_off >> cb, 1)
         if e & COPIED:
-            l1[i] = e & ~COPIED
-            img.l1_dirty.add(i)
-            img.metadata_dirty = True
+            active.set_l1_entry(i, e & ~COPIED)
     img.flush_metadata()  # refcounts, then the L2 and L1 entries without COPIED; the L1 copy too
     img.file.flush()
     # 3. the table with the new entry, then the header
@@ -208,14 +206,14 @@ def create(img, name: str, *, now: Any = None) -> Snapshot:
 
 def _check_headroom(img) -> None:
     """Narrow refcounts: refuse before writing anything if one more reference would overflow."""
-    rc, cb = img.refcounts, img.cluster_bits
-    step = 2 if img.extended else 1
-    for e in img.l1:
+    rc, cb = img.refcounts, img.geo.cluster_bits
+    step = 2 if img.geo.extended else 1
+    for e in img.active.l1:
         l2_off = e & OFFSET_MASK
         if not l2_off:
             continue
         clusters = [l2_off >> cb]
-        t = img.load_l2(l2_off)
+        t = img.l2.load(l2_off)
         for k in range(0, len(t), step):
             clusters.extend(_data_clusters(t[k], cb))
         for c in clusters:
@@ -233,7 +231,7 @@ def delete(img, snap_id: str) -> None:
         raise SnapshotError(f"no snapshot with id {snap_id}", img.path, errno.ENOENT)
     rest = [s for s in snaps if s is not target]
     img.flush()
-    cs, cb = img.cluster_size, img.cluster_bits
+    cs, cb = img.geo.cluster_size, img.geo.cluster_bits
     rc = img.refcounts
     # 1. the table without it, and the header: from here on nothing references its L1
     old = _table_extent(img, snaps)
@@ -241,13 +239,13 @@ def delete(img, snap_id: str) -> None:
     _switch_table(img, rest, new, old)
     # 2. what its L1 reached loses one reference; its L1 is freed
     view = SnapshotView(img, target)
-    step = 2 if img.extended else 1
+    step = 2 if img.geo.extended else 1
     freed_tables = []
     for e in view.l1:
         l2_off = e & OFFSET_MASK
         if not l2_off:
             continue
-        t = img.load_l2(l2_off)
+        t = img.l2.load(l2_off)
         for k in range(0, len(t), step):
             for c in _data_clusters(t[k], cb):
                 rc.update(c, -1)
@@ -257,7 +255,7 @@ def delete(img, snap_id: str) -> None:
         for c in range(target.l1_table_offset // cs, div_round_up(target.l1_table_offset + 8 * target.l1_size, cs)):
             rc.update(c, -1)
     for off in freed_tables:
-        img.l2_cache.pop(off, None)  # free space now: never read through a stale cached copy
+        img.l2.drop(off)  # free space now: never read through a stale cached copy
     # 3. active entries whose refcount fell back to 1 are COPIED again (written after the refcounts)
     _restore_copied(img)
     img.flush_metadata()
@@ -266,20 +264,19 @@ def delete(img, snap_id: str) -> None:
 
 
 def _restore_copied(img) -> None:
-    cb = img.cluster_bits
+    cb = img.geo.cluster_bits
     rc = img.refcounts
-    l1 = img.l1
-    step = 2 if img.extended else 1
+    active = img.active
+    l1 = active.l1
+    step = 2 if img.geo.extended else 1
     for i in range(len(l1)):
         e = l1[i]
         l2_off = e & OFFSET_MASK
         if not l2_off or rc.get(l2_off >> cb) != 1:
             continue
         if not e & COPIED:
-            l1[i] = e | COPIED
-            img.l1_dirty.add(i)
-            img.metadata_dirty = True
-        t = img.load_l2(l2_off)
+            active.set_l1_entry(i, e | COPIED)
+        t = img.l2.load(l2_off)
         changed = False
         for k in range(0, len(t), step):
             x = t[k]
@@ -288,5 +285,4 @@ def _restore_copied(img) -> None:
                 t[k] = x | COPIED
                 changed = True
         if changed:
-            img.l2_dirty.add(l2_off)
-            img.metadata_dirty = True
+            active.changed_l2(l2_off)

@@ -12,22 +12,28 @@ once that average passes SLOW_WAIT_NS, requests that find another one waiting or
 the threads, and the threads' own samples tell when the host is fast again.
 
 Every decision stays on the trio thread and is made between two awaits, so it is atomic
-(trio's rule): mapping, allocation and copy-on-write planning (Qcow2Image.plan_write),
-bitmap marking (Disk.plan_write, before the data), commits of new L2 entries after the data
-(commit_write), flush ordering. Only the copies run on threads (io_threads.py). The rules:
+(trio's rule): bitmap marking (Disk.begin_write, before the data), then the write's one
+sequence (engine/write_path.py): mapping, allocation and copy-on-write planning of a step,
+its copy (here, on a thread when that pays), the commit of its new L2 entries after the data;
+flush ordering. Only the copies run on threads (io_threads.py). The rules:
 
-- a request whose clusters another request is allocating waits for that commit (BUSY), as
-  QEMU's wait on in-flight cluster allocations; reads meanwhile see the old mapping;
+- a request whose clusters another request is allocating waits for that commit (BUSY, the
+  engine's InFlight reservations), as QEMU's wait on in-flight cluster allocations; reads
+  meanwhile see the old mapping;
 - requests that change metadata in other ways (fsync, discard, resize, snapshots, bitmap
   commands, checkpoints) first let every running copy finish (quiesce(): QEMU's drain);
   requests arriving meanwhile are served inline, so a drain always ends;
-- no cluster is freed while a copy runs (Qcow2Image.io_inflight), so none is reused under it;
+- no cluster is freed while a copy runs (InFlight.begin_io/end_io), so none is reused under it;
 - fsync covers every acknowledged write: a write is acknowledged after its copy completed and
   its entries were committed, and the flush writes those entries after the data.
 
 Reads on threads get one buffer per worker task (a reply is sent before that worker reads its
 next request); the inline path keeps Qcow2Image.read_view's single reused buffer, which is
 safe because an inline read replies before any other request runs.
+
+The policy (which request goes to a thread, the sampling that tells whether the host is slow)
+lives here only: the FUSE operations ask offload_read() / write_must_wait() and call the
+inline or the awaiting form.
 """
 
 from __future__ import annotations
@@ -35,12 +41,13 @@ from __future__ import annotations
 import logging
 import mmap
 import os
-from typing import Optional
+from typing import Any, Callable
 
 import trio
 
 from ..engine.disk import Disk
-from ..engine.write_path import BUSY
+from ..engine.inflight import Busy
+from ..engine.write_path import WritePlan
 from .io_threads import IoThreads, host_wait_ns, host_wait_start
 from .request_loop import FastLoop
 
@@ -89,69 +96,105 @@ class ConcurrentIo:
                      "slow" if slow else "fast again", self.wait_ns // 1000,
                      "requests under load go to the I/O threads" if slow else "serving inline")
 
-    def timed(self, fn, *args):
+    def _timed(self, fn: Callable[..., Any], *args: Any) -> Any:
         """fn(*args) inline, noting how long the host kept it waiting."""
         before = host_wait_start()
         result = fn(*args)
         self.note(host_wait_ns(before))
         return result
 
-    async def write(self, offset: int, data, offload: bool = True) -> int:
-        """A guest write: its copy on a thread (offload), or inline once no request is
-        allocating one of its clusters."""
-        disk = self.disk
-        if offload and not self.draining:
-            while True:
-                n, plan = disk.plan_write(offset, data)
-                if plan is not BUSY:
-                    break
-                self.waits += 1
-                self.loop.hand_over()
-                await self._changed.park()
-            if plan is not None:
-                return await self._copy(n, plan)
-        # inline: never over a cluster another request is allocating
-        while self.image.busy(offset, len(data)):
-            self.waits += 1
-            self.loop.hand_over()
-            await self._changed.park()
-        return disk.write(offset, data)
+    def _tick(self) -> bool:
+        """Whether this inline request is one to time (one in SAMPLE_EVERY)."""
+        self.ticks += 1
+        return not self.ticks % SAMPLE_EVERY
 
-    async def _copy(self, n: int, plan) -> int:
-        image = self.image
-        self.running += 1
-        self.loop.hand_over()
-        try:
-            await self.threads.run(plan.write_data)
-        except BaseException:
-            image.abort_write(plan)
-            raise
-        else:
-            image.commit_write(plan)
-        finally:
-            self.running -= 1
-            self._changed.unpark_all()
-        return n
+    # ------------------------------------------------------------------ reads
+    def offload_read(self) -> bool:
+        return self.wanted()
 
-    async def read(self, offset: int, size: int) -> Optional[memoryview]:
-        """A read on a thread, so the requests behind it are served while the host works.
-        None: read it inline (not one contiguous data run, draining, short)."""
+    def read_inline(self, offset: int, size: int) -> memoryview:
+        """A read on the trio thread, into Qcow2Image.read_view's reused buffer (pyfuse3 sends
+        the reply before it reads the next request)."""
+        if self._tick():
+            return self._timed(self.disk.read_view, offset, size)
+        return self.disk.read_view(offset, size)
+
+    async def read(self, offset: int, size: int) -> memoryview:
+        """A read on a thread when it is one contiguous data run, so the requests behind it are
+        served while the host works; inline otherwise (holes, zeros, draining, short)."""
         image = self.image
         length = min(size, image.size - offset)
         host = image.data_host(offset, length)
         if host < 0 or self.draining:
-            return None
+            return self.read_inline(offset, size)
         buf = self._buffer(length)
-        image.io_inflight += 1
+        image.inflight.begin_io()
         self.running += 1
         self.loop.hand_over()
         try:
             got = await self.threads.run(os.preadv, image.data_file.fd, (buf,), host)
         finally:
-            image.io_inflight -= 1
+            image.inflight.end_io()
             self.running -= 1
             self._changed.unpark_all()
-        return buf if got == length else None
+        return buf if got == length else self.read_inline(offset, size)
+
+    # ------------------------------------------------------------------ writes
+    def write_must_wait(self) -> bool:
+        """Whether a write takes the awaiting path: a copy is running (a cluster it needs may be
+        reserved: it may have to wait) or the policy offloads."""
+        return bool(self.running) or self.wanted()
+
+    def write_inline(self, offset: int, data: Any) -> int:
+        """A write on the trio thread, start to end (nothing is in flight: nothing to wait for)."""
+        if self._tick():
+            return self._timed(self.disk.write, offset, data)
+        return self.disk.write(offset, data)
+
+    async def write(self, offset: int, data: Any) -> int:
+        """A guest write: the engine's sequence (engine/write_path.py), each step's copy on a
+        thread when the policy offloads, after waiting out any request allocating one of its
+        clusters."""
+        offload = self.wanted()
+        disk = self.disk
+        while True:
+            n, req = disk.begin_write(offset, data)
+            if not isinstance(req, Busy):
+                break
+            self.waits += 1
+            self.loop.hand_over()
+            await self._changed.park()
+        if req is None:
+            return n
+        writer = self.image.writer
+        try:
+            for plan in req.steps:
+                if offload and plan.runs and not self.draining:
+                    await self._copy(plan)
+                else:
+                    writer.run(plan)
+        finally:
+            writer.end(req)
+            self._changed.unpark_all()
+        return n
+
+    async def _copy(self, plan: WritePlan) -> None:
+        inflight, writer = self.image.inflight, self.image.writer
+        inflight.begin_io()
+        self.running += 1
+        self.loop.hand_over()
+        try:
+            await self.threads.run(plan.copy)
+        except BaseException:
+            inflight.end_io()
+            writer.abort(plan)
+            raise
+        else:
+            inflight.end_io()
+            writer.commit(plan)
+        finally:
+            self.running -= 1
+            self._changed.unpark_all()
 
     def _buffer(self, n: int) -> memoryview:
         task = trio.lowlevel.current_task()

@@ -26,7 +26,7 @@ import pyfuse3
 from ..engine import allocation, bitmap_commands
 from ..engine.disk import Disk
 from ..errors import BitmapError, CorruptImage, QcowError, SnapshotError
-from .concurrent_io import SAMPLE_EVERY, ConcurrentIo
+from .concurrent_io import ConcurrentIo
 from .options import MountOptions
 from .snapshot_files import SnapshotDir
 
@@ -316,13 +316,9 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
             try:
                 cio = self.cio
                 if cio is not None:
-                    if cio.wanted():
-                        got = await cio.read(off, size)
-                        if got is not None:
-                            return got
-                    cio.ticks += 1
-                    if not cio.ticks % SAMPLE_EVERY:
-                        return cio.timed(self._read_view, off, size)
+                    if cio.offload_read():
+                        return await cio.read(off, size)
+                    return cio.read_inline(off, size)
                 # a reused buffer: pyfuse3 sends the reply before it reads the next request
                 return self._read_view(off, size)
             except Exception as e:
@@ -354,11 +350,9 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
             try:
                 cio = self.cio
                 if cio is not None:
-                    if cio.running or cio.wanted():
-                        return await cio.write(off, buf, cio.wanted())
-                    cio.ticks += 1
-                    if not cio.ticks % SAMPLE_EVERY:
-                        return cio.timed(self.disk.write, off, buf)
+                    if cio.write_must_wait():
+                        return await cio.write(off, buf)
+                    return cio.write_inline(off, buf)
                 return self.disk.write(off, buf)
             except Exception as e:
                 raise pyfuse3.FUSEError(_errno_for(self, "write", e)) from None

@@ -187,7 +187,7 @@ class Driver:
 
     @property
     def cluster_size(self) -> int:
-        return self.img.cluster_size
+        return self.img.geo.cluster_size
 
     def write(self, offset: int, data: bytes) -> None:
         data = bytes(data)
