@@ -16,7 +16,8 @@ import contextlib
 import logging
 import os
 import signal
-from typing import Optional
+from types import FrameType
+from typing import Callable, Optional
 
 import pyfuse3
 import trio
@@ -143,7 +144,7 @@ class Mounted:
                 await self.loop.run()
             nursery.cancel_scope.cancel()
 
-    async def _watch_signals(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def _watch_signals(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
             task_status.started()
             if self._early_signal is not None:
@@ -161,7 +162,7 @@ class Mounted:
     def hold_signals(self) -> None:
         """From the moment the mount is announced until trio's receiver takes over, a stop
         signal is remembered instead of killing the daemon with the mount still attached."""
-        def remember(signum, frame):
+        def remember(signum: int, frame: Optional[FrameType]) -> None:
             self._early_signal = signum
         for s in _STOP_SIGNALS:
             signal.signal(s, remember)
@@ -176,7 +177,8 @@ class Mounted:
         return self.clean
 
 
-def mount(image_path: str, mountpoint: str, options: MountOptions, ready=None) -> int:
+def mount(image_path: str, mountpoint: str, options: MountOptions,
+          ready: Optional[Callable[[Optional[str]], None]] = None) -> int:
     """Prepare and serve until unmounted. `ready(error_line or None)` is called once set-up ends."""
     read_only = options.read_only
     m = Mounted(image_path, mountpoint, options)
