@@ -15,6 +15,10 @@ Lifecycle (QEMU's block/qcow2-bitmap.c, plus the in_use rule of commit
   crash leaves an inconsistent record instead of nothing (Launchpad 1814418);
 - clean close: data to new clusters, new tables, new directory (in_use cleared),
   flush, header, then the old clusters are freed.
+With bitmap_sync=intent (bitmap_intent.py) a recording persistent bitmap is marked in_use
+only while the disk grows (resize()): at a read-write open and at creation it is stored
+with every data cluster allocated, and each write's granules are durable in its on-disk
+data before the write is issued.
 """
 
 from __future__ import annotations

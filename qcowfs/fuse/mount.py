@@ -1,13 +1,15 @@
 """Mounting: lock, open, serve, and shut down in order.
 
 Order on the way up: open and validate the image (no writes), take QEMU's locks
-on the image (read-write or read-only user) and on every backing file (read-only
-user), load the bitmaps and mark them in_use, then pyfuse3.init. Only then is the
-mount announced ready.
+on the image and its external data file (read-write or read-only user) and on
+every backing file (read-only user), load the bitmaps and mark them in_use (with
+bitmap_sync=intent: store them valid instead), then pyfuse3.init, then the host
+I/O threads (io_threads=N). Only then is the mount announced ready.
 
-Order on the way down (fusermount3 -u, qcowfs umount, SIGTERM, SIGINT): leave
-pyfuse3.main, detach the mount, store the bitmaps (in_use cleared), flush and
-close the image, release the locks. Exit code 0 for a clean shutdown.
+Order on the way down (fusermount3 -u, qcowfs umount, SIGTERM, SIGINT, SIGHUP):
+leave the request loop, stop the I/O threads, detach the mount, store the bitmaps
+(in_use cleared), flush and close the image, release the locks. Exit code 0 for a
+clean shutdown.
 """
 
 from __future__ import annotations
@@ -55,8 +57,8 @@ class Mounted:
 
     Every resource is pushed on one exit stack the moment it is acquired, so shutdown
     (and the unwinding of a set-up that failed half-way) is the reverse of set-up by
-    construction: FUSE session, then bitmaps + image (Disk.close), then locks, then the
-    image's files."""
+    construction: I/O threads, then FUSE session, then bitmaps + image (Disk.close), then
+    locks, then the image's files."""
 
     def __init__(self, image_path: str, mountpoint: str, options: MountOptions):
         self.image_path = image_path

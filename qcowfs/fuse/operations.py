@@ -1,14 +1,29 @@
 """The FUSE layer: translate requests into Disk and BitmapStore calls, and errors into errnos.
 
 The tree is fixed:
-    /            the mount root
-    /disk.raw    the guest disk (size = virtual size; st_blocks = host space used)
-    /.bitmaps/   one regular file per dirty bitmap: read -> JSON status,
-                 write "clear" | "enable" | "disable" -> command, create -> new bitmap,
-                 unlink -> remove
-Handlers contain no awaits, so each request runs to completion before the next
-one starts (trio's rule: code between awaits is atomic): metadata updates never
-interleave. Errors are mapped in exactly one place, _guard().
+    /              the mount root (xattr user.qcowfs.pid: the daemon's pid)
+    /disk.raw      the guest disk (size = virtual size; st_blocks = host space used)
+    /.bitmaps/     one regular file per dirty bitmap: read -> JSON status,
+                   write "clear" | "enable" | "disable" -> command, create -> new bitmap,
+                   unlink -> remove; xattrs user.qcowfs.command (set: one JSON command,
+                   bitmap_commands.py) and user.qcowfs.result (the last checkpoint) on the
+                   directory, user.qcowfs.extents@START on a bitmap file
+    /.snapshots/   one read-only file per internal snapshot (snapshot_files.py):
+                   create -> take a snapshot, unlink -> delete it
+
+The atomicity rule: no await inside a metadata mutation. Trio switches tasks only at an
+await, so every mutation (mapping, allocation, refcounts, bitmap marks and commands,
+snapshots, resize) runs to its end before another request's code runs. Handlers do await,
+outside mutations, when host data I/O runs on threads (ConcurrentIo, fuse/concurrent_io.py;
+without it, io_threads=0 or a pyfuse3 without qcowfs' hook, no handler ever waits): a guest
+write may wait for a cluster another request is allocating; a guest read or write may wait
+for its own data copy on an I/O thread, mapped and allocated before that await and
+committed after it; a handler that changes metadata beyond guest writes (the @_quiesced
+ones, and a command written to a bitmap file) first waits until no copy is in flight
+(ConcurrentIo.quiesce, QEMU's drain), then mutates without awaiting.
+
+Errors become errnos in exactly one place, _errno_for(): through _guard() (and _quiesced)
+for most handlers, called directly by read() and write(), the hot path.
 """
 
 from __future__ import annotations
@@ -93,7 +108,7 @@ def _guard(fn: Callable[Concatenate[_Ops, _P], Awaitable[_R]]) -> Callable[Conca
 
 def _quiesced(fn: Callable[Concatenate[_Ops, _P], Awaitable[_R]]) -> Callable[Concatenate[_Ops, _P], Coroutine[Any, Any, _R]]:
     """_guard, for a handler that changes metadata beyond guest writes (or needs them settled):
-    it runs once no host data copy is in flight (fs_io.ConcurrentIo.quiesce, QEMU's drain)."""
+    it runs once no host data copy is in flight (concurrent_io.ConcurrentIo.quiesce, QEMU's drain)."""
 
     @functools.wraps(fn)
     async def after_quiesce(self: _Ops, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
