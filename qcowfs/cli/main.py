@@ -16,6 +16,7 @@ import select
 import subprocess
 import sys
 import time
+from typing import Optional, Sequence
 
 from .. import __version__
 from ..engine.bitmap_commands import PID_XATTR
@@ -53,7 +54,7 @@ def _fail(message: str, code: int = 1) -> int:
 
 
 # ---------------------------------------------------------------------- mount
-def mount_options(args) -> MountOptions:
+def mount_options(args: argparse.Namespace) -> MountOptions:
     """The flags and every -o, in that order; --read-only wins over an -o rw (mount.fuse
     always passes rw or ro first, then what fstab or mount -o said)."""
     opts = MountOptions(foreground=args.foreground, log=args.log, debug=args.debug, backing=args.backing,
@@ -64,7 +65,7 @@ def mount_options(args) -> MountOptions:
     return opts
 
 
-def cmd_mount(args) -> int:
+def cmd_mount(args: argparse.Namespace) -> int:
     from ..fuse.mount import mount
 
     try:
@@ -110,7 +111,7 @@ def cmd_mount(args) -> int:
         os.dup2(null, fd)
     reported = False
 
-    def ready(error):
+    def ready(error: Optional[str]) -> None:
         nonlocal reported
         reported = True
         os.write(w, (f"ERR {error}\n" if error else "OK\n").encode())
@@ -131,7 +132,7 @@ def cmd_mount(args) -> int:
 
 
 # ---------------------------------------------------------------------- umount
-def cmd_umount(args) -> int:
+def cmd_umount(args: argparse.Namespace) -> int:
     mnt = os.path.abspath(args.mountpoint)
     if not os.path.ismount(mnt):
         return _fail(f"{args.mountpoint}: not mounted")
@@ -246,7 +247,7 @@ def image_info(path: str, backing_policy: str = "follow") -> dict:
         return info
 
 
-def cmd_info(args) -> int:
+def cmd_info(args: argparse.Namespace) -> int:
     try:
         info = image_info(args.image, args.backing)
     except QcowError as e:
@@ -263,7 +264,7 @@ def cmd_info(args) -> int:
 
 
 # ---------------------------------------------------------------------- bitmap
-def cmd_bitmap(args) -> int:
+def cmd_bitmap(args: argparse.Namespace) -> int:
     from ..engine import offline
 
     target = args.target
@@ -314,7 +315,7 @@ def cmd_bitmap(args) -> int:
 
 
 # ---------------------------------------------------------------------- checkpoint
-def cmd_checkpoint(args) -> int:
+def cmd_checkpoint(args: argparse.Namespace) -> int:
     from ..engine import offline
 
     if not offline.is_qcowfs_mount(args.mountpoint):
@@ -333,7 +334,7 @@ def cmd_checkpoint(args) -> int:
 
 
 # ---------------------------------------------------------------------- check
-def cmd_check(args) -> int:
+def cmd_check(args: argparse.Namespace) -> int:
     from ..engine.offline import check_image
     from .report import format_check, progress_bar
 
@@ -475,7 +476,7 @@ def _mount_helper_form(argv: list) -> list:
     return argv
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(_mount_helper_form(list(sys.argv[1:] if argv is None else argv)))
     if args.command != "mount":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Callable, TextIO
 
 from ..engine.consistency import CheckResult
 
@@ -100,7 +101,7 @@ def format_check(res: CheckResult) -> str:
     return "\n".join(lines)
 
 
-def progress_bar(stream=sys.stderr):
+def progress_bar(stream: TextIO = sys.stderr) -> Callable[[float], None]:
     last = [-1]
 
     def update(frac: float) -> None:

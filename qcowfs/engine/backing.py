@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+from typing import Optional, Protocol
 
 from ..errors import RefusedFile
 from ..format import header as fmt
@@ -67,11 +68,22 @@ def vet(owner: str, what: str, path: str, policy: str) -> None:
         log.info("%s: opening %s %s (%s)", owner, what, path, real)
 
 
-def chain(image) -> list:
+class OpenImage(Protocol):
+    """What chain() needs of an open image: a Qcow2Image (image.py imports this module, so it
+    cannot be named here) or a RawImage; it looks for data_file, backing and header itself."""
+
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def file(self) -> HostFile: ...
+
+
+def chain(image: OpenImage) -> list:
     """What an open image reads besides itself: one dict per backing or external data file,
     top down (the files an image names, as opened and as resolved)."""
     out = []
-    level = image
+    level: Optional[OpenImage] = image
     while level is not None:
         data = getattr(level, "data_file", None)
         if data is not None and data is not level.file:

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import errno
 import json
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from ..errors import BitmapError
+
+if TYPE_CHECKING:
+    from .bitmaps import BitmapStore
+    from .dirty_bitmap import DirtyBitmap
 
 #: the xattr on MNT/.bitmaps that carries a command to a live mount
 COMMAND_XATTR = "user.qcowfs.command"
@@ -56,7 +60,7 @@ def decode(value: bytes) -> dict:
     return cmd
 
 
-def extents_chunk(bm, start: int) -> bytes:
+def extents_chunk(bm: DirtyBitmap, start: int) -> bytes:
     """One piece of a live extents listing (EXTENTS_XATTR)."""
     ext = bm.extents(start, EXTENTS_PER_CALL + 1)
     more = len(ext) > EXTENTS_PER_CALL
@@ -65,7 +69,7 @@ def extents_chunk(bm, start: int) -> bytes:
     return json.dumps({"extents": [list(e) for e in ext], "next": nxt}, separators=(",", ":")).encode()
 
 
-def apply(store, cmd: dict, *, live: bool) -> Optional[str]:
+def apply(store: BitmapStore, cmd: dict, *, live: bool) -> Optional[str]:
     """Run a decoded command on a BitmapStore. Transient bitmaps exist only on a live mount.
     Returns the name of a bitmap the command removed (the FUSE layer forgets its inode)."""
     op, name = cmd["op"], cmd["name"]

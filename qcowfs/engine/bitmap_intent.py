@@ -25,6 +25,11 @@ The in-memory bitmap stays exact; a clean close stores the exact bits as usual.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .hostfile import HostFile
+
 #: guest bytes one intent covers at least (a power of two): the coarseness after a crash,
 #: and the number of fdatasyncs (one per newly touched region) before it
 INTENT_REGION_BITS = 23  # 8 MiB
@@ -40,7 +45,7 @@ def intent_range(g0: int, g1: int, granularity_bits: int, nbits: int) -> tuple[i
     return r0, min(r1, nbits)
 
 
-def write_bytes(file, data_offsets: list, cluster_size: int, data: bytes, start: int) -> None:
+def write_bytes(file: HostFile, data_offsets: list, cluster_size: int, data: bytes, start: int) -> None:
     """Write bitmap data bytes [start, start + len(data)) in place into the bitmap's data
     clusters (data_offsets[j] holds bytes [j * cluster_size, (j + 1) * cluster_size))."""
     pos = 0

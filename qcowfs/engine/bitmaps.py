@@ -15,6 +15,10 @@ Lifecycle (QEMU's block/qcow2-bitmap.c, plus the in_use rule of commit
   crash leaves an inconsistent record instead of nothing (Launchpad 1814418);
 - clean close: data to new clusters, new tables, new directory (in_use cleared),
   flush, header, then the old clusters are freed.
+With bitmap_sync=intent (bitmap_intent.py) a recording persistent bitmap is marked in_use
+only while the disk grows (resize()): at a read-write open and at creation it is stored
+with every data cluster allocated, and each write's granules are durable in its on-disk
+data before the write is issued.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from __future__ import annotations
 import errno
 import logging
 from array import array
-from typing import Optional
+from typing import TYPE_CHECKING, Callable, Collection, Iterable, Optional, Protocol
 
 from bitarray import bitarray
 
@@ -33,15 +37,56 @@ from ..format.header import align_up, div_round_up
 from .bitmap_intent import intent_range, write_bytes
 from .dirty_bitmap import DirtyBitmap, default_granularity, table_size_for, validate_name
 
+if TYPE_CHECKING:
+    from construct import Container
+
+    from .hostfile import HostFile
+    from .refcounts import Refcounts
+
 __all__ = ["BitmapStore", "DirtyBitmap", "default_granularity", "table_size_for", "validate_name"]
 
 log = logging.getLogger(__name__)
 
 
+class BitmapImage(Protocol):
+    """What a BitmapStore uses of its image: a Qcow2Image, which cannot be named here (image.py
+    imports repair.py, which imports consistency.py, which imports this module)."""
+
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def read_only(self) -> bool: ...
+
+    @property
+    def header(self) -> fmt.Header: ...
+
+    @property
+    def file(self) -> HostFile: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def cluster_size(self) -> int: ...
+
+    @property
+    def v3(self) -> bool: ...
+
+    @property
+    def refcounts(self) -> Refcounts: ...
+
+    def write_header(self) -> None: ...
+
+    def flush_metadata(self) -> None: ...
+
+    def flush(self) -> None: ...
+
+
 class BitmapStore:
     """All dirty bitmaps of one open image, and their on-disk directory."""
 
-    def __init__(self, image, sync: str = "close"):
+    def __init__(self, image: BitmapImage, sync: str = "close"):
         self.image = image
         #: "close": QEMU's protocol (in_use while open, stored at close); "intent": every
         #: recording persistent bitmap valid on disk at every instant (bitmap_intent.py)
@@ -56,7 +101,7 @@ class BitmapStore:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def directory(cls, img) -> list:
+    def directory(cls, img: BitmapImage) -> list:
         """The validated bitmap directory of an open image, [(entry, name, extra data)], without
         loading any bitmap (the consistency check walks it)."""
         store = cls.__new__(cls)
@@ -97,7 +142,7 @@ class BitmapStore:
         self.dir_offset, self.dir_size = off, size
         return entries
 
-    def _check_entry(self, e, name_raw: bytes) -> None:
+    def _check_entry(self, e: Container, name_raw: bytes) -> None:
         """QEMU's check_dir_entry(): an entry QEMU refuses makes the whole image unusable."""
         img = self.image
         cs = img.geo.cluster_size
@@ -184,7 +229,7 @@ class BitmapStore:
         self.intents = [b for b in self.recording if b.durable is not None]
 
     # ------------------------------------------------------------------ directory writing
-    def _entries_bytes(self, flags_for) -> bytes:
+    def _entries_bytes(self, flags_for: Callable[[DirtyBitmap, int], int]) -> bytes:
         out = bytearray()
         for bm in self.bitmaps.values():
             if not bm.persistent or bm.disk_entry is None:
@@ -219,7 +264,7 @@ class BitmapStore:
         h.autoclear_features |= fmt.AUTOCLEAR_BITMAPS
         img.write_header()
 
-    def _write_directory(self, *, clear_in_use_for=()) -> list:
+    def _write_directory(self, *, clear_in_use_for: Collection[DirtyBitmap] = ()) -> list:
         """Write a new directory for the on-disk bitmaps to new clusters and switch the header to it.
 
         Returns the host clusters of the old directory, for the caller to free after the switch."""
@@ -233,7 +278,7 @@ class BitmapStore:
         if len(entries) > fmt.MAX_BITMAPS:
             raise BitmapError(f"an image holds at most {fmt.MAX_BITMAPS} bitmaps", img.path, errno.ENOSPC)
 
-        def flags_for(bm, f):
+        def flags_for(bm: DirtyBitmap, f: int) -> int:
             if bm in clear_in_use_for:
                 f &= ~fmt.BME_FLAG_IN_USE
             return f
@@ -257,7 +302,7 @@ class BitmapStore:
         img.write_header()
         return old
 
-    def _free_clusters(self, clusters) -> None:
+    def _free_clusters(self, clusters: Iterable[int]) -> None:
         img = self.image
         for c in clusters:
             img.refcounts.update(c, -1)
@@ -384,7 +429,7 @@ class BitmapStore:
         self._set_auto_flag(bm)
         self._refresh_recording()
 
-    def resize(self, new_size: int, grow) -> None:
+    def resize(self, new_size: int, grow: Callable[[], None]) -> None:
         """The disk grows to new_size through grow() (resize.py). Intent-mode bitmaps cannot stay
         valid on disk while their tables change size, so for the duration they follow QEMU's
         protocol (in_use), and are stored for the new size, valid again, right after."""

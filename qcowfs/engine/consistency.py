@@ -40,12 +40,34 @@ import collections
 import dataclasses
 import logging
 import struct
-from typing import Callable, Optional
+from array import array
+from typing import TYPE_CHECKING, Callable, MutableMapping, Optional, Protocol, Union
 
 from ..errors import QcowError
 from ..format import header as fmt
 from ..format.entries import be_array, compressed_descriptor
 from ..format.header import div_round_up
+
+if TYPE_CHECKING:
+    from .bitmaps import BitmapImage
+    from .refcounts import RefcountBlock
+
+    # for type checking only: bitmaps.py is imported where the bitmaps are checked
+    class CheckedImage(BitmapImage, Protocol):
+        """What the checker uses of an open image: a Qcow2Image, which cannot be named here
+        (image.py imports repair.py, which imports this module); it walks the bitmap directory too."""
+
+        @property
+        def cluster_bits(self) -> int: ...
+
+        @property
+        def extended(self) -> bool: ...
+
+        @property
+        def l1(self) -> array: ...
+
+        @property
+        def l2_cache(self) -> MutableMapping[int, array]: ...
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +128,7 @@ class CheckResult:
 class Checker:
     """One pass over an open Qcow2Image (read-only or writable for repair)."""
 
-    def __init__(self, img, progress: Optional[Callable[[float], None]] = None, repair: Optional[str] = None):
+    def __init__(self, img: CheckedImage, progress: Optional[Callable[[float], None]] = None, repair: Optional[str] = None):
         self.img = img
         #: 'all': fix what QEMU fixes during the walk itself (an unaligned zero-allocated entry
         #: becomes a plain zero entry), counted in res.corruptions_fixed
@@ -165,7 +187,10 @@ class Checker:
         total = sum(n for _, n, _ in l1s) or 1
         done = 0
         for l1_off, l1_size, active in l1s:
-            self._check_l1(l1_off, l1_size, active, lambda k, base=done: self._tick((base + k) / total))
+            def tick(k: int, base: int = done) -> None:
+                self._tick((base + k) / total)
+
+            self._check_l1(l1_off, l1_size, active, tick)
             done += l1_size
         if h.nb_snapshots:
             self.ref(h.snapshots_offset, self.snapshots_size, "snapshot table")
@@ -214,7 +239,7 @@ class Checker:
         self.snapshots_size = pos - h.snapshots_offset
         return out
 
-    def _check_l1(self, l1_off: int, l1_size: int, active: bool, tick) -> None:
+    def _check_l1(self, l1_off: int, l1_size: int, active: bool, tick: Callable[[int], None]) -> None:
         """QEMU's check_refcounts_l1(): a damaged L1 entry is reported and still followed."""
         img = self.img
 
@@ -245,7 +270,7 @@ class Checker:
             raw = img.file.pread(self.cs, off).ljust(self.cs, b"\0")
             self._check_l2(be_array(raw), off, active, copied)
 
-    def _check_l2(self, t, l2_off: int, active: bool, copied: bool) -> None:
+    def _check_l2(self, t: array, l2_off: int, active: bool, copied: bool) -> None:
         """QEMU's check_refcounts_l2(); active: count allocated/compressed/fragmented clusters
         (QEMU's CHECK_FRAG_INFO, given for the active L1 only)."""
         img = self.img
@@ -405,7 +430,7 @@ class Checker:
                 self.ref(doff, self.cs, f"bitmap {name!r} data cluster")
 
     # ------------------------------------------------------------------ stored refcounts
-    def _block(self, bi: int):
+    def _block(self, bi: int) -> Union[RefcountBlock, str, None]:
         """Refcount block bi as QEMU's qcow2_get_refcount() sees it: None if absent; a string saying
         why if QEMU cannot read it (an offset that is not cluster aligned or past QEMU's largest
         request: a check error for every cluster it covers); reserved bits in the table entry are

@@ -11,7 +11,10 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 #: larger than any file Linux allows (MAX_LFS_FILESIZE is 2**63 - 1)
 _MAX_OFFSET = (1 << 62)
@@ -63,7 +66,7 @@ class HostFile:
             return 0
         return os.preadv(self.fd, buffers, offset)
 
-    def pwrite(self, data, offset: int) -> None:
+    def pwrite(self, data: Buffer, offset: int) -> None:
         """Write all of data at offset (loops over short writes)."""
         view = memoryview(data)
         total = len(view)

@@ -14,7 +14,7 @@ import contextlib
 import errno
 import json
 import os
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from ..errors import BitmapError, QcowError
 from . import bitmap_commands
@@ -68,7 +68,8 @@ def open_locked(path: str, write: bool) -> Iterator:
             disk.close()
 
 
-def check_image(path: str, repair: Optional[str] = None, progress=None) -> CheckResult:
+def check_image(path: str, repair: Optional[str] = None,
+                progress: Optional[Callable[[float], None]] = None) -> CheckResult:
     """`qcowfs check`: check (and with repair='leaks'|'all', repair) the image at path.
 
     Like qemu-img check -r: after a repair the image is checked again and that result is
@@ -111,7 +112,7 @@ def bitmap_extents(path: str, name: str) -> list:
         return [{"start": s, "length": n, "dirty": d} for s, n, d in bm.extents()]
 
 
-def offline_command(path: str, op: str, name: str, **kw) -> None:
+def offline_command(path: str, op: str, name: str, **kw: Any) -> None:
     """A bitmap command on an unmounted image (locked, opened and closed as a mount would)."""
     cmd = bitmap_commands.decode(bitmap_commands.encode(op, name, **kw))
     with open_locked(path, write=True) as disk:
@@ -142,7 +143,7 @@ def live_checkpoint(mountpoint: str, name: str, disable: list, snapshot: bool) -
     return json.loads(os.getxattr(os.path.join(mountpoint, ".bitmaps"), bitmap_commands.RESULT_XATTR))
 
 
-def live_command(mountpoint: str, op: str, name: str, **kw) -> None:
+def live_command(mountpoint: str, op: str, name: str, **kw: Any) -> None:
     """Send a command to a running qcowfs daemon (an xattr write on MOUNTPOINT/.bitmaps)."""
     value = bitmap_commands.encode(op, name, **kw)
     try:

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import sys
 from array import array
-from typing import Any
+from typing import Any, Callable, Optional
 
 from ..errors import CorruptImage, RefcountOverflow, TableLimit
 from ..format.entries import be_array, to_be
-from ..format.header import HEADER_FIELD_OFFSETS, REFT_RESERVED_MASK, div_round_up
+from ..format.header import HEADER_FIELD_OFFSETS, REFT_RESERVED_MASK, Header, div_round_up
 from .hostfile import HostFile
 
 _LITTLE = sys.byteorder == "little"
@@ -124,7 +124,7 @@ class RefcountBlock:
 class Refcounts:
     """The refcount structures of one image, with a write-back cache of blocks."""
 
-    def __init__(self, file: HostFile, header, write_header_field):
+    def __init__(self, file: HostFile, header: Header, write_header_field: Callable[[int, bytes], None]):
         self.file = file
         self.header = header
         self.cluster_size = header.cluster_size
@@ -247,7 +247,7 @@ class Refcounts:
         self.free_hint = c + n
         return c << self.cluster_bits
 
-    def _first_used(self, start: int, end: int):
+    def _first_used(self, start: int, end: int) -> Optional[int]:
         """The first cluster in [start, end) with a non-zero refcount, or None."""
         epb = self.entries_per_block
         c = start

@@ -12,7 +12,7 @@ bitmap marking, commits of new L2 entries, flush ordering). A job handed to a th
 the data copy, on host ranges the trio thread has reserved for it (write_path.WritePlan).
 
 Completions reach trio without its own cross-thread machinery: a worker appends
-(task, outcome) to a deque and bumps an eventfd that fuseloop.FastLoop polls together with
+(task, outcome) to a deque and bumps an eventfd that request_loop.FastLoop polls together with
 /dev/fuse; FastLoop then calls deliver(), which reschedules the waiting tasks. (trio's
 to_thread wakes the loop through trio's own wakeup socket, which FastLoop's poll() does not
 watch, and costs two scheduler passes per job.)

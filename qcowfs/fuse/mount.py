@@ -1,13 +1,15 @@
 """Mounting: lock, open, serve, and shut down in order.
 
 Order on the way up: open and validate the image (no writes), take QEMU's locks
-on the image (read-write or read-only user) and on every backing file (read-only
-user), load the bitmaps and mark them in_use, then pyfuse3.init. Only then is the
-mount announced ready.
+on the image and its external data file (read-write or read-only user) and on
+every backing file (read-only user), load the bitmaps and mark them in_use (with
+bitmap_sync=intent: store them valid instead), then pyfuse3.init, then the host
+I/O threads (io_threads=N). Only then is the mount announced ready.
 
-Order on the way down (fusermount3 -u, qcowfs umount, SIGTERM, SIGINT): leave
-pyfuse3.main, detach the mount, store the bitmaps (in_use cleared), flush and
-close the image, release the locks. Exit code 0 for a clean shutdown.
+Order on the way down (fusermount3 -u, qcowfs umount, SIGTERM, SIGINT, SIGHUP):
+leave the request loop, stop the I/O threads, detach the mount, store the bitmaps
+(in_use cleared), flush and close the image, release the locks. Exit code 0 for a
+clean shutdown.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import contextlib
 import logging
 import os
 import signal
-from typing import Optional
+from types import FrameType
+from typing import Callable, Optional
 
 import pyfuse3
 import trio
@@ -54,8 +57,8 @@ class Mounted:
 
     Every resource is pushed on one exit stack the moment it is acquired, so shutdown
     (and the unwinding of a set-up that failed half-way) is the reverse of set-up by
-    construction: FUSE session, then bitmaps + image (Disk.close), then locks, then the
-    image's files."""
+    construction: I/O threads, then FUSE session, then bitmaps + image (Disk.close), then
+    locks, then the image's files."""
 
     def __init__(self, image_path: str, mountpoint: str, options: MountOptions):
         self.image_path = image_path
@@ -143,7 +146,7 @@ class Mounted:
                 await self.loop.run()
             nursery.cancel_scope.cancel()
 
-    async def _watch_signals(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def _watch_signals(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
             task_status.started()
             if self._early_signal is not None:
@@ -161,7 +164,7 @@ class Mounted:
     def hold_signals(self) -> None:
         """From the moment the mount is announced until trio's receiver takes over, a stop
         signal is remembered instead of killing the daemon with the mount still attached."""
-        def remember(signum, frame):
+        def remember(signum: int, frame: Optional[FrameType]) -> None:
             self._early_signal = signum
         for s in _STOP_SIGNALS:
             signal.signal(s, remember)
@@ -176,7 +179,8 @@ class Mounted:
         return self.clean
 
 
-def mount(image_path: str, mountpoint: str, options: MountOptions, ready=None) -> int:
+def mount(image_path: str, mountpoint: str, options: MountOptions,
+          ready: Optional[Callable[[Optional[str]], None]] = None) -> int:
     """Prepare and serve until unmounted. `ready(error_line or None)` is called once set-up ends."""
     read_only = options.read_only
     m = Mounted(image_path, mountpoint, options)

@@ -1,14 +1,29 @@
 """The FUSE layer: translate requests into Disk and BitmapStore calls, and errors into errnos.
 
 The tree is fixed:
-    /            the mount root
-    /disk.raw    the guest disk (size = virtual size; st_blocks = host space used)
-    /.bitmaps/   one regular file per dirty bitmap: read -> JSON status,
-                 write "clear" | "enable" | "disable" -> command, create -> new bitmap,
-                 unlink -> remove
-Handlers contain no awaits, so each request runs to completion before the next
-one starts (trio's rule: code between awaits is atomic): metadata updates never
-interleave. Errors are mapped in exactly one place, _guard().
+    /              the mount root (xattr user.qcowfs.pid: the daemon's pid)
+    /disk.raw      the guest disk (size = virtual size; st_blocks = host space used)
+    /.bitmaps/     one regular file per dirty bitmap: read -> JSON status,
+                   write "clear" | "enable" | "disable" -> command, create -> new bitmap,
+                   unlink -> remove; xattrs user.qcowfs.command (set: one JSON command,
+                   bitmap_commands.py) and user.qcowfs.result (the last checkpoint) on the
+                   directory, user.qcowfs.extents@START on a bitmap file
+    /.snapshots/   one read-only file per internal snapshot (snapshot_files.py):
+                   create -> take a snapshot, unlink -> delete it
+
+The atomicity rule: no await inside a metadata mutation. Trio switches tasks only at an
+await, so every mutation (mapping, allocation, refcounts, bitmap marks and commands,
+snapshots, resize) runs to its end before another request's code runs. Handlers do await,
+outside mutations, when host data I/O runs on threads (ConcurrentIo, fuse/concurrent_io.py;
+without it, io_threads=0 or a pyfuse3 without qcowfs' hook, no handler ever waits): a guest
+write may wait for a cluster another request is allocating; a guest read or write may wait
+for its own data copy on an I/O thread, mapped and allocated before that await and
+committed after it; a handler that changes metadata beyond guest writes (the @_quiesced
+ones, and a command written to a bitmap file) first waits until no copy is in flight
+(ConcurrentIo.quiesce, QEMU's drain), then mutates without awaiting.
+
+Errors become errnos in exactly one place, _errno_for(): through _guard() (and _quiesced)
+for most handlers, called directly by read() and write(), the hot path.
 """
 
 from __future__ import annotations
@@ -19,7 +34,7 @@ import json
 import logging
 import os
 import stat
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Coroutine, NoReturn, Optional, Sequence, TypeVar, Union
 
 import pyfuse3
 
@@ -29,6 +44,13 @@ from ..errors import BitmapError, CorruptImage, QcowError, SnapshotError
 from .concurrent_io import ConcurrentIo
 from .options import MountOptions
 from .snapshot_files import SnapshotDir
+
+if TYPE_CHECKING:  # the handler decorators' types (ParamSpec: Python 3.10)
+    from typing import Concatenate, ParamSpec
+
+    _P = ParamSpec("_P")  # a handler's parameters after self
+    _R = TypeVar("_R")  # what it returns
+    _Ops = TypeVar("_Ops", bound="QcowOperations")
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +91,13 @@ def _errno_for(ops: "QcowOperations", where: str, e: Exception) -> int:
     return errno.EIO
 
 
-def _guard(fn):
+def _guard(fn: Callable[Concatenate[_Ops, _P], Awaitable[_R]]) -> Callable[Concatenate[_Ops, _P], Coroutine[Any, Any, _R]]:
     """Map every error of a handler to an errno, through _errno_for()."""
 
     @functools.wraps(fn)
-    async def wrapper(self, *args):
+    async def wrapper(self: _Ops, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         try:
-            return await fn(self, *args)
+            return await fn(self, *args, **kwargs)
         except pyfuse3.FUSEError:
             raise
         except Exception as e:
@@ -84,15 +106,15 @@ def _guard(fn):
     return wrapper
 
 
-def _quiesced(fn):
+def _quiesced(fn: Callable[Concatenate[_Ops, _P], Awaitable[_R]]) -> Callable[Concatenate[_Ops, _P], Coroutine[Any, Any, _R]]:
     """_guard, for a handler that changes metadata beyond guest writes (or needs them settled):
-    it runs once no host data copy is in flight (fs_io.ConcurrentIo.quiesce, QEMU's drain)."""
+    it runs once no host data copy is in flight (concurrent_io.ConcurrentIo.quiesce, QEMU's drain)."""
 
     @functools.wraps(fn)
-    async def after_quiesce(self, *args):
+    async def after_quiesce(self: _Ops, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
         if self.cio is not None:
             await self.cio.quiesce()
-        return await fn(self, *args)
+        return await fn(self, *args, **kwargs)
 
     return _guard(after_quiesce)
 
@@ -192,7 +214,8 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
 
     # ------------------------------------------------------------------ lookup
     @_guard
-    async def lookup(self, parent_inode, name, ctx=None):
+    async def lookup(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
+                     ctx: Optional[pyfuse3.RequestContext] = None) -> pyfuse3.EntryAttributes:
         if parent_inode == ROOT:
             if name == DISK_NAME:
                 return self._attr(DISK)
@@ -211,11 +234,12 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.ENOENT)
 
     @_guard
-    async def getattr(self, inode, ctx=None):
+    async def getattr(self, inode: pyfuse3.InodeT, ctx: Optional[pyfuse3.RequestContext] = None) -> pyfuse3.EntryAttributes:
         return self._attr(inode)
 
     @_quiesced
-    async def setattr(self, inode, attr, fields, fh, ctx):
+    async def setattr(self, inode: pyfuse3.InodeT, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                      fh: Optional[pyfuse3.FileHandleT], ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         if fields.update_size:
             if inode == DISK:
                 if attr.st_size != self.disk.size:
@@ -230,18 +254,18 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
         # timestamps (touch) are accepted and ignored: they are not stored
         return self._attr(inode)
 
-    async def forget(self, inode_list):
+    async def forget(self, inode_list: Sequence[tuple[pyfuse3.InodeT, int]]) -> None:
         pass  # inodes are derived from names; nothing to release
 
     # ------------------------------------------------------------------ directories
     @_guard
-    async def opendir(self, inode, ctx):
+    async def opendir(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> pyfuse3.FileHandleT:
         if inode not in DIRS:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
     @_guard
-    async def readdir(self, fh, start_id, token):
+    async def readdir(self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         # "." and ".." first, as every file system lists them (a low-level FUSE server must
         # add them itself; `ls -a` and some tools expect them). The root is its own parent here:
         # the kernel resolves the mount point's ".." itself.
@@ -259,12 +283,12 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, name, self._attr(ino), i + 1):
                 break
 
-    async def releasedir(self, fh):
+    async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
         pass
 
     # ------------------------------------------------------------------ files
     @_guard
-    async def open(self, inode, flags, ctx):
+    async def open(self, inode: pyfuse3.InodeT, flags: pyfuse3.FlagT, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         writing = flags & os.O_ACCMODE != os.O_RDONLY
         if inode == DISK:
             if writing and self.disk.read_only:
@@ -295,7 +319,8 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, direct_io=True)
 
     @_quiesced
-    async def create(self, parent_inode, name, mode, flags, ctx):
+    async def create(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, mode: pyfuse3.ModeT, flags: pyfuse3.FlagT,
+                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         if parent_inode not in (BITMAPS_DIR, SNAPSHOTS_DIR):
             raise pyfuse3.FUSEError(errno.EPERM)
         if self.disk.read_only:
@@ -311,7 +336,8 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
 
     # read() and write() are the hot path: they catch errors themselves rather than pay for
     # _guard's extra coroutine on every request.
-    async def read(self, fh, off, size):
+    # pyfuse3 replies from any contiguous buffer (PyObject_GetBuffer); its stub says bytes
+    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> Union[bytes, memoryview]:  # type: ignore[override]
         if fh == DISK:
             try:
                 cio = self.cio
@@ -330,7 +356,7 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
         except Exception as e:
             raise pyfuse3.FUSEError(_errno_for(self, "read", e)) from None
 
-    def _read_bitmap(self, fh, off, size):
+    def _read_bitmap(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> Union[bytes, memoryview]:
         h = self.handles.get(fh)
         if h is None:
             view = self.snap_handles.get(fh)
@@ -345,7 +371,7 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
                 pass
         return h.content[off : off + size]
 
-    async def write(self, fh, off, buf):
+    async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: Union[bytes, memoryview]) -> int:
         if fh == DISK:
             try:
                 cio = self.cio
@@ -365,7 +391,7 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
         except Exception as e:
             raise pyfuse3.FUSEError(_errno_for(self, "write", e)) from None
 
-    def _write_bitmap(self, fh, off, buf):
+    def _write_bitmap(self, fh: pyfuse3.FileHandleT, off: int, buf: Union[bytes, memoryview]) -> int:
         h = self.handles.get(fh)
         if h is None:
             raise pyfuse3.FUSEError(errno.EBADF)
@@ -384,7 +410,7 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
     # fallocate and lseek reach us only through a pyfuse3 with qcowfs' patch (patches/); stock
     # pyfuse3 has no handler for them and the kernel answers EOPNOTSUPP / seeks generically
     @_quiesced
-    async def fallocate(self, fh, mode, offset, length):
+    async def fallocate(self, fh: pyfuse3.FileHandleT, mode: int, offset: int, length: int) -> None:
         log.debug("fallocate fh=%s mode=%#x offset=%d length=%d", fh, mode, offset, length)
         if fh != DISK:
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
@@ -401,7 +427,7 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
 
     @_guard
-    async def lseek(self, fh, offset, whence):
+    async def lseek(self, fh: pyfuse3.FileHandleT, offset: int, whence: int) -> int:
         if fh != DISK or whence not in (allocation.SEEK_DATA, allocation.SEEK_HOLE):
             raise pyfuse3.FUSEError(errno.EINVAL)
         pos = self.disk.seek(offset, whence)
@@ -410,19 +436,19 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
         return pos
 
     @_quiesced
-    async def fsync(self, fh, datasync):
+    async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
         if fh == DISK:
             self.disk.flush()
 
-    async def flush(self, fh):
+    async def flush(self, fh: pyfuse3.FileHandleT) -> None:
         pass
 
-    async def release(self, fh):
+    async def release(self, fh: pyfuse3.FileHandleT) -> None:
         self.handles.pop(fh, None)
         self.snap_handles.pop(fh, None)
 
     @_quiesced
-    async def unlink(self, parent_inode, name, ctx):
+    async def unlink(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext) -> None:
         if parent_inode not in (BITMAPS_DIR, SNAPSHOTS_DIR):
             raise pyfuse3.FUSEError(errno.EPERM)
         if self.disk.read_only:
@@ -436,27 +462,32 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
         log.info("%s: removed bitmap %r", self.disk.image.path, n)
 
     # ------------------------------------------------------------------ refused
-    async def mkdir(self, parent_inode, name, mode, ctx):
+    async def mkdir(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, mode: pyfuse3.ModeT,
+                    ctx: pyfuse3.RequestContext) -> NoReturn:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+    async def mknod(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, mode: pyfuse3.ModeT, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> NoReturn:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def symlink(self, parent_inode, name, target, ctx):
+    async def symlink(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, target: pyfuse3.FileNameT,
+                      ctx: pyfuse3.RequestContext) -> NoReturn:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def link(self, inode, new_parent_inode, new_name, ctx):
+    async def link(self, inode: pyfuse3.InodeT, new_parent_inode: pyfuse3.InodeT, new_name: pyfuse3.FileNameT,
+                   ctx: pyfuse3.RequestContext) -> NoReturn:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+    async def rename(self, parent_inode_old: pyfuse3.InodeT, name_old: pyfuse3.FileNameT, parent_inode_new: pyfuse3.InodeT,
+                     name_new: pyfuse3.FileNameT, flags: pyfuse3.FlagT, ctx: pyfuse3.RequestContext) -> NoReturn:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def rmdir(self, parent_inode, name, ctx):
+    async def rmdir(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext) -> NoReturn:
         raise pyfuse3.FUSEError(errno.EPERM)
 
     # ------------------------------------------------------------------ control
     @_quiesced
-    async def setxattr(self, inode, name, value, ctx):
+    async def setxattr(self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         """`qcowfs bitmap OP MOUNTPOINT ...` sends one JSON command as the value of
         user.qcowfs.command on .bitmaps/ (bitmap_commands.py: strictly parsed, EINVAL otherwise)."""
         if inode != BITMAPS_DIR or name != COMMAND_XATTR:
@@ -476,7 +507,7 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
 
     # ------------------------------------------------------------------ misc
     @_guard
-    async def getxattr(self, inode, name, ctx):
+    async def getxattr(self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext) -> bytes:
         if inode == ROOT and name == PID_XATTR:
             return str(os.getpid()).encode()
         if inode == BITMAPS_DIR and name == RESULT_XATTR and self.last_result is not None:
@@ -491,7 +522,7 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.ENODATA)
 
     @_guard
-    async def statfs(self, ctx):
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         s = os.statvfs(os.path.dirname(os.path.abspath(self.disk.image.path)))
         d = pyfuse3.StatvfsData()
         d.f_bsize = s.f_bsize

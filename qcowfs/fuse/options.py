@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import grp
 import pwd
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 from ..errors import OptionError
 
@@ -85,7 +85,7 @@ class MountOptions:
         return m & ~0o222 if read_only else m
 
 
-def _id(value: str, what: str, lookup) -> int:
+def _id(value: str, what: str, lookup: Callable[[str], int]) -> int:
     if value.isdigit():
         n = int(value)
         if n >= (1 << 32) - 1:  # (uid_t)-1 means 'unchanged' to the kernel

@@ -5,13 +5,15 @@ read one request, run its handler, repeat. Its waiter (pyfuse3 3.x,
 internal.pxi `_wait_fuse_readable`) takes a trio.Lock and then calls
 trio.lowlevel.wait_readable(): two trips through trio's scheduler, each with an
 epoll_ctl/epoll_wait and a few dozen microseconds of Python, for every request.
-qcowfs' handlers never await, so requests are served one at a time anyway and
-that machinery buys nothing. Measured on this project's machine (scripts/bench,
-target "stock"): with 4 parallel 4 KiB readers it holds a pass-through file to
-28k IOPS, where this loop serves 95k.
+A request qcowfs serves inline never needs trio's scheduler (a handler waits only
+for host I/O threads or a drain, fuse/operations.py), so for it that machinery buys
+nothing. Measured on this project's machine (scripts/bench, target "stock"): with
+4 parallel 4 KiB readers it holds a pass-through file to 28k IOPS, where this
+loop serves 95k.
 
-install() replaces that waiter (the Cython loop looks the name up in the module
-globals on every iteration) with one that
+install() replaces that waiter (through pyfuse3.main's wait_readable hook, or by
+swapping the module global the Cython loop looks up on every iteration: see below)
+with one that
 
 1. asks the kernel with poll(0), and keeps asking for up to `spin_us` (50 us;
    environment QCOWFS_SPIN_US, 0 turns it off): under load the next request is
@@ -28,13 +30,23 @@ globals on every iteration) with one that
    lets trio deliver it before serving another request: with requests a few
    ms apart the loop never parks, and a SIGTERM used to wait for step 4.
 
-It needs one worker task: call run() instead of pyfuse3.main(), and exit() (not
-pyfuse3.terminate() alone) to stop it.
+Call run() instead of pyfuse3.main(), and exit() (not pyfuse3.terminate() alone)
+to stop it. It serves with one worker task, or, once attach_io() has attached host
+I/O threads (io_threads.py; public hook only), with a fixed number of workers (the
+mount asks for 2 * threads + 1), so requests go on being read while others wait
+for their threads. The workers take turns in place of pyfuse3's lock: one waits
+at the device, the others park until it returns or until a handler about to await
+calls hand_over(). While threads are attached the waiting worker also polls their
+eventfd and delivers their completions (a task does it when every worker waits for
+a thread), does not spin while a thread is at work (the spin would hold the GIL the
+thread needs), and never blocks in poll() while another task could run.
 
-With qcowfs' pyfuse3 patch (patches/pyfuse3-3.5.0-wait-readable-hook.patch, built by
-scripts/setup) the waiter is handed to pyfuse3.main(wait_readable=...), a public hook that
-also passes the /dev/fuse descriptor: no module globals are swapped and no descriptor is
-searched for. On a stock pyfuse3 the private hook below is used instead.
+With qcowfs' pyfuse3 patches (patches/pyfuse3-3.5.0-wait-readable-hook.patch, and
+-workers-write-view.patch for several workers; scripts/build-pyfuse3 builds them,
+scripts/setup runs it) the waiter is handed to pyfuse3.main(wait_readable=...), a public
+hook that also passes the /dev/fuse descriptor: no module globals are swapped and no
+descriptor is searched for. On a stock pyfuse3 the private hook below is used instead,
+with one worker.
 
 The private hook is watched: install() refuses a pyfuse3 outside the
 releases it was checked against (_VERIFIED) or without the waiter, logs why

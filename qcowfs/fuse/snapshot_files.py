@@ -11,20 +11,24 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 import pyfuse3
 
 from ..engine.snapshots import SnapshotView
 from ..format.snapshot_table import Snapshot
 
+if TYPE_CHECKING:
+    from ..engine.disk import Disk
+    from .options import MountOptions
+
 
 class SnapshotDir:
     """The snapshot half of QcowOperations (a mixin: it uses the operations' disk, inodes and
     options)."""
 
-    disk: Any  # Disk
-    options: Any  # MountOptions
+    disk: Disk
+    options: MountOptions
     next_inode: int
     next_fh: int
 
@@ -32,14 +36,14 @@ class SnapshotDir:
         self.snap_inodes: dict[str, int] = {}  # snapshot id -> inode
         self.inode_snaps: dict[int, str] = {}
         self.snap_handles: dict[int, SnapshotView] = {}
-        self._snaps: Optional[list] = None  # cached table, reread after a change
+        self._snaps: Optional[list[Snapshot]] = None  # cached table, reread after a change
         self._views: dict[str, SnapshotView] = {}
 
-    def snapshot_files(self) -> dict:
+    def snapshot_files(self) -> dict[bytes, Snapshot]:
         """file name (bytes) -> Snapshot."""
         if self._snaps is None:
             self._snaps = self.disk.snapshots()
-        names: dict = {}
+        names: dict[str, list[Snapshot]] = {}
         for s in self._snaps:
             names.setdefault(s.name, []).append(s)
         out = {}
