@@ -12,19 +12,23 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from ..format.entries import OFFSET_MASK
+from .backing import RawImage
 from .cluster_map import COMPRESSED, DATA, UNALLOCATED
+
+if TYPE_CHECKING:
+    from .image import Qcow2Image
 
 SEEK_DATA = getattr(os, "SEEK_DATA", 3)
 SEEK_HOLE = getattr(os, "SEEK_HOLE", 4)
 
 
-def status(img, pos: int, end: int) -> tuple:
+def status(img: Qcow2Image | RawImage, pos: int, end: int) -> tuple:
     """(is_data, n): the guest bytes [pos, pos + n) of img, n > 0, pos + n <= end, are all data
     or all hole."""
-    if not hasattr(img, "header"):  # a raw backing file
+    if isinstance(img, RawImage):  # a raw backing file
         return _raw_status(img, pos, end)
     if pos >= img.size:
         return False, end - pos
@@ -49,7 +53,7 @@ def status(img, pos: int, end: int) -> tuple:
     return is_data, n
 
 
-def _unallocated(img, pos: int, n: int) -> tuple:
+def _unallocated(img: Qcow2Image, pos: int, n: int) -> tuple:
     """Unallocated in img: the backing file decides (a hole without one, or past its end)."""
     b = img.backing
     if b is None or pos >= img.backing_size:
@@ -57,7 +61,7 @@ def _unallocated(img, pos: int, n: int) -> tuple:
     return status(b, pos, min(pos + n, img.backing_size))
 
 
-def _raw_status(raw, pos: int, end: int) -> tuple:
+def _raw_status(raw: RawImage, pos: int, end: int) -> tuple:
     end = min(end, raw.size) if pos < raw.size else end
     if pos >= raw.size:
         return False, end - pos
@@ -74,7 +78,7 @@ def _raw_status(raw, pos: int, end: int) -> tuple:
     return True, min(hole, end) - pos
 
 
-def seek(img, offset: int, whence: int) -> Optional[int]:
+def seek(img: Qcow2Image, offset: int, whence: int) -> Optional[int]:
     """lseek(SEEK_DATA / SEEK_HOLE) on the guest disk; None means ENXIO (past the end, or no
     data after offset). The end of the disk counts as a hole, as for any file."""
     size = img.size

@@ -40,6 +40,7 @@ from .dirty_bitmap import DirtyBitmap, default_granularity, table_size_for, vali
 if TYPE_CHECKING:
     from construct import Container
 
+    from .geometry import Geometry
     from .hostfile import HostFile
     from .refcounts import Refcounts
 
@@ -68,10 +69,7 @@ class BitmapImage(Protocol):
     def size(self) -> int: ...
 
     @property
-    def cluster_size(self) -> int: ...
-
-    @property
-    def v3(self) -> bool: ...
+    def geo(self) -> Geometry: ...
 
     @property
     def refcounts(self) -> Refcounts: ...

@@ -41,7 +41,7 @@ import dataclasses
 import logging
 import struct
 from array import array
-from typing import TYPE_CHECKING, Callable, MutableMapping, Optional, Protocol, Union
+from typing import TYPE_CHECKING, Callable, Optional, Protocol, Union
 
 from ..errors import QcowError
 from ..format import header as fmt
@@ -50,6 +50,8 @@ from ..format.header import div_round_up
 
 if TYPE_CHECKING:
     from .bitmaps import BitmapImage
+    from .cluster_map import ActiveMap
+    from .l2_cache import L2Cache
     from .refcounts import RefcountBlock
 
     # for type checking only: bitmaps.py is imported where the bitmaps are checked
@@ -58,16 +60,10 @@ if TYPE_CHECKING:
         (image.py imports repair.py, which imports this module); it walks the bitmap directory too."""
 
         @property
-        def cluster_bits(self) -> int: ...
+        def active(self) -> ActiveMap: ...
 
         @property
-        def extended(self) -> bool: ...
-
-        @property
-        def l1(self) -> array: ...
-
-        @property
-        def l2_cache(self) -> MutableMapping[int, array]: ...
+        def l2(self) -> L2Cache: ...
 
 log = logging.getLogger(__name__)
 

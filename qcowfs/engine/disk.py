@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import errno
 import logging
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 from ..errors import BitmapError, ReadOnlyImage
+from ..format.snapshot_table import Snapshot
 from . import allocation, resize
 from . import snapshots as snapshot_ops
 from .bitmaps import BitmapStore
@@ -39,10 +40,10 @@ class Disk:
     def read_only(self) -> bool:
         return self.image.read_only
 
-    def read(self, offset: int, length: int):
+    def read(self, offset: int, length: int) -> bytes | bytearray:
         return self.image.read(offset, length)
 
-    def write(self, offset: int, data) -> int:
+    def write(self, offset: int, data: Any) -> int:
         if self.image.read_only:
             raise ReadOnlyImage("disk is read-only", self.image.path)
         length = len(data)
@@ -94,7 +95,7 @@ class Disk:
         self.bitmaps.resize(new_size, lambda: resize.grow(self.image, new_size))
         self.size = new_size
 
-    def seek(self, offset: int, whence: int):
+    def seek(self, offset: int, whence: int) -> Optional[int]:
         """SEEK_DATA / SEEK_HOLE over the guest disk (allocation.py); None: ENXIO."""
         return allocation.seek(self.image, offset, whence)
 
@@ -102,16 +103,16 @@ class Disk:
     def snapshots(self) -> list:
         return snapshot_ops.read_all(self.image)
 
-    def snapshot_view(self, snap) -> snapshot_ops.SnapshotView:
+    def snapshot_view(self, snap: Snapshot) -> snapshot_ops.SnapshotView:
         return snapshot_ops.SnapshotView(self.image, snap)
 
-    def take_snapshot(self, name: str):
+    def take_snapshot(self, name: str) -> Snapshot:
         return snapshot_ops.create(self.image, name)
 
     def delete_snapshot(self, snap_id: str) -> None:
         snapshot_ops.delete(self.image, snap_id)
 
-    def checkpoint(self, name: str, disable=(), snapshot: bool = True) -> dict:
+    def checkpoint(self, name: str, disable: Iterable[str] = (), snapshot: bool = True) -> dict:
         """As one step between two guest requests: internal snapshot NAME, persistent recording
         bitmap NAME, each bitmap in `disable` stopped. All of it or none of it (a failure undoes
         what was done); durable when this returns."""

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ..errors import CorruptImage, FormatError, QcowError, ReadOnlyImage, UnsupportedFeature, WriteBeyondEnd, with_path
 from ..format import header as fmt
@@ -51,7 +51,8 @@ log = logging.getLogger(__name__)
 MAX_BACKING_DEPTH = 64
 HEADER_INCOMPATIBLE_FEATURES = fmt.HEADER_FIELD_OFFSETS["incompatible_features"]
 
-def open_backing(name: str, fmt_name: Optional[str], chain: tuple, depth: int, policy: str = "follow"):
+def open_backing(name: str, fmt_name: Optional[str], chain: tuple, depth: int,
+                 policy: str = "follow") -> Qcow2Image | RawImage:
     real = os.path.realpath(name)
     if real in chain:
         raise FormatError(f"backing chain loops back to {name}")
@@ -71,7 +72,8 @@ class Qcow2Image:
     """One qcow2 image (and, below it, its backing chain)."""
 
     def __init__(self, path: str, read_only: bool = True, *, _chain: tuple = (), _depth: int = 0,
-                 cache_bytes: int = 32 << 20, file_factory=HostFile, backing_policy: str = "follow"):
+                 cache_bytes: int = 32 << 20, file_factory: Callable[..., HostFile] = HostFile,
+                 backing_policy: str = "follow"):
         self.path = path
         self.read_only = read_only
         #: which backing and external data files this image may open (backing.py)
@@ -80,7 +82,7 @@ class Qcow2Image:
         #: variant lets the power-loss tests log every write and flush
         self.file_factory = file_factory
         self.file = file_factory(path, writable=not read_only)
-        self.backing = None
+        self.backing: Qcow2Image | RawImage | None = None
         self.data_file = self.file
         self._closed = False
         self._corrupt_logged: set = set()
@@ -94,7 +96,7 @@ class Qcow2Image:
 
     # ------------------------------------------------------------------ open
     @classmethod
-    def open(cls, path: str, read_only: bool = True, **kw) -> "Qcow2Image":
+    def open(cls, path: str, read_only: bool = True, **kw: Any) -> Qcow2Image:
         return cls(path, read_only=read_only, **kw)
 
     def _open(self, chain: tuple, depth: int, cache_bytes: int) -> None:
@@ -350,5 +352,5 @@ class Qcow2Image:
     def __enter__(self) -> "Qcow2Image":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close(flush=exc[0] is None)

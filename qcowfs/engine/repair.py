@@ -4,15 +4,24 @@ refcount rebuild a lazy-refcounts image needs after an unclean close."""
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING, Protocol
 
 from ..errors import QcowError, RepairImpossible
 from ..format import header as fmt
 from .consistency import Checker
 
+if TYPE_CHECKING:
+    from .consistency import CheckedImage
+
+    class RepairedImage(CheckedImage, Protocol):
+        """A Qcow2Image (image.py imports this module, so it cannot be named here)."""
+
+        def set_dirty_bit(self, on: bool) -> None: ...
+
 log = logging.getLogger(__name__)
 
 
-def apply_repair(img, ck: Checker, mode: str) -> tuple:
+def apply_repair(img: RepairedImage, ck: Checker, mode: str) -> tuple:
     """Fix leaks (and with mode 'all', refcounts that are too low), then COPIED flags.
 
     As in QEMU's qcow2_check_refcounts(): the COPIED flags are judged against the repaired
@@ -62,7 +71,7 @@ def apply_repair(img, ck: Checker, mode: str) -> tuple:
     return fixed_leaks, fixed_corr
 
 
-def rebuild_refcounts(img) -> int:
+def rebuild_refcounts(img: RepairedImage) -> int:
     """Used on open when a lazy-refcounts image has the dirty bit set: make refcounts exact."""
     ck = Checker(img)
     ck.run()

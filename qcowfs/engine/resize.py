@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import errno
 from array import array
+from typing import TYPE_CHECKING
 
 from ..errors import QcowError, TableLimit
 from ..format import header as fmt
 from ..format.entries import to_be
 from ..format.header import div_round_up
+
+if TYPE_CHECKING:
+    from .image import Qcow2Image
 
 
 class ShrinkRefused(QcowError):
@@ -25,7 +29,7 @@ class ShrinkRefused(QcowError):
     errno = errno.EPERM
 
 
-def grow(img, new_size: int) -> None:
+def grow(img: Qcow2Image, new_size: int) -> None:
     """Make the image's virtual size new_size (>= the current one), durably."""
     old_size = img.size
     if new_size < old_size:

@@ -34,7 +34,7 @@ from __future__ import annotations
 import errno
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterable
 
 from ..errors import CorruptImage, SnapshotError
 from ..format import snapshot_table
@@ -44,9 +44,12 @@ from ..format.snapshot_table import Snapshot
 from .cluster_map import ClusterMap
 from .read_path import Reader
 
+if TYPE_CHECKING:
+    from .image import Qcow2Image
+
 log = logging.getLogger(__name__)
 
-def read_all(img) -> list:
+def read_all(img: Qcow2Image) -> list:
     """The image's snapshots, from its snapshot table."""
     h = img.header
     if not h.nb_snapshots:
@@ -69,7 +72,7 @@ def read_all(img) -> list:
 class SnapshotView(Reader):
     """A read-only guest disk as it was when the snapshot was taken."""
 
-    def __init__(self, image: Any, snap: Snapshot):
+    def __init__(self, image: Qcow2Image, snap: Snapshot):
         cs = image.geo.cluster_size
         n = snap.l1_size
         if snap.l1_table_offset % cs or (n and snap.l1_table_offset + 8 * n > image.file.size):
@@ -87,7 +90,7 @@ class SnapshotView(Reader):
         return self.mapping.l1
 
 
-def _check_can_snapshot(img) -> None:
+def _check_can_snapshot(img: Qcow2Image) -> None:
     if img.read_only:
         raise SnapshotError("image is mounted read-only: snapshots cannot be taken or deleted", img.path, errno.EROFS)
     if img.geo.has_data_file:
@@ -97,7 +100,7 @@ def _check_can_snapshot(img) -> None:
                             errno.EOPNOTSUPP)
 
 
-def _data_clusters(entry: int, cluster_bits: int):
+def _data_clusters(entry: int, cluster_bits: int) -> Iterable[int]:
     """Host clusters one L2 entry holds a reference to (none for unallocated/plain zero)."""
     if entry & COMPRESSED:
         return compressed_host_clusters(entry, cluster_bits)
@@ -105,7 +108,7 @@ def _data_clusters(entry: int, cluster_bits: int):
     return (off >> cluster_bits,) if off else ()
 
 
-def _write_table(img, snaps: list) -> tuple:
+def _write_table(img: Qcow2Image, snaps: list) -> tuple:
     """Write a snapshot table for snaps to new clusters, durable with its refcounts; (offset, size)."""
     data = snapshot_table.build(snaps)
     if not data:
@@ -119,7 +122,7 @@ def _write_table(img, snaps: list) -> tuple:
     return off, len(data)
 
 
-def _switch_table(img, snaps: list, new: tuple, old: tuple) -> None:
+def _switch_table(img: Qcow2Image, snaps: list, new: tuple, old: tuple) -> None:
     """One header write points at the new table; then the old table's clusters are freed."""
     h = img.header
     h.nb_snapshots = len(snaps)
@@ -134,11 +137,11 @@ def _switch_table(img, snaps: list, new: tuple, old: tuple) -> None:
         img.file.flush()
 
 
-def _table_extent(img, snaps: list) -> tuple:
+def _table_extent(img: Qcow2Image, snaps: list) -> tuple:
     return img.header.snapshots_offset, len(snapshot_table.build(snaps)) if snaps else 0
 
 
-def check_can_create(img, name: str) -> list:
+def check_can_create(img: Qcow2Image, name: str) -> list:
     """Refuse (SnapshotError) a snapshot NAME that create() could not take; the table otherwise."""
     _check_can_snapshot(img)
     if not name or "\0" in name:
@@ -154,7 +157,7 @@ def check_can_create(img, name: str) -> list:
     return snaps
 
 
-def create(img, name: str, *, now: Any = None) -> Snapshot:
+def create(img: Qcow2Image, name: str, *, now: Any = None) -> Snapshot:
     """Take an internal snapshot NAME of the active disk, durable when this returns."""
     snaps = check_can_create(img, name)
     img.flush()  # every acknowledged write is in the metadata the copy is taken from
@@ -204,7 +207,7 @@ def create(img, name: str, *, now: Any = None) -> Snapshot:
     return snap
 
 
-def _check_headroom(img) -> None:
+def _check_headroom(img: Qcow2Image) -> None:
     """Narrow refcounts: refuse before writing anything if one more reference would overflow."""
     rc, cb = img.refcounts, img.geo.cluster_bits
     step = 2 if img.geo.extended else 1
@@ -222,7 +225,7 @@ def _check_headroom(img) -> None:
                                     f"{rc.bits}-bit refcounts can count: no more snapshots", img.path, errno.ERANGE)
 
 
-def delete(img, snap_id: str) -> None:
+def delete(img: Qcow2Image, snap_id: str) -> None:
     """Delete the snapshot with this id and free what only it held; durable when this returns."""
     _check_can_snapshot(img)
     snaps = read_all(img)
@@ -263,7 +266,7 @@ def delete(img, snap_id: str) -> None:
     log.info("%s: deleted internal snapshot %r (id %s)", img.path, target.name, target.id)
 
 
-def _restore_copied(img) -> None:
+def _restore_copied(img: Qcow2Image) -> None:
     cb = img.geo.cluster_bits
     rc = img.refcounts
     active = img.active
