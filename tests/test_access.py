@@ -386,6 +386,8 @@ def _init_command(tmp_path: Path, name: str | None) -> list:
     return [link, "--"]
 
 
+# nsenter into the namespace's mounts, with pid 1's root and working directory: inside a chroot the
+# namespace's mount table is the host's, and only the root tells where the chroot's files are
 def _pid1_of(unshare: subprocess.Popen) -> int:
     """The namespace's pid 1, seen from here: unshare's one child."""
     return int(Path(f"/proc/{unshare.pid}/task/{unshare.pid}/children").read_text().split()[0])
@@ -411,7 +413,7 @@ def test_umount_in_a_container_whose_init_is_the_daemon(tmp_path, init):
         inner = _pid1_of(ns)
         if init is not None:
             assert Path(f"/proc/{inner}/comm").read_text().strip() == init[:15]
-        u = run(["nsenter", "-t", inner, "--pid", "--mount", "--", *QCOWFS, "umount", mnt], check=False)
+        u = run(["nsenter", "-t", inner, "--pid", "--mount", "--root", "--wd", "--", *QCOWFS, "umount", mnt], check=False)
         assert u.returncode == 0, u
         assert "not waiting" in u.stderr
         ns.wait(timeout=60)
@@ -448,7 +450,7 @@ def test_umount_in_a_container_waits_when_the_init_outlives_the_daemon(tmp_path)
         # `qcowfs mount` returns once mounted; then sh becomes sleep beside the re-parented daemon
         wait_for(lambda: len(Path(f"/proc/{inner}/task/{inner}/children").read_text().split()) == 2,
                  what="pid 1 with two children, sleep and the daemon")
-        u = run(["nsenter", "-t", inner, "--pid", "--mount", "--", *QCOWFS, "umount", mnt], check=False)
+        u = run(["nsenter", "-t", inner, "--pid", "--mount", "--root", "--wd", "--", *QCOWFS, "umount", mnt], check=False)
         assert u.returncode == 0, u
         assert "not waiting" not in u.stderr
         # it waited: the daemon had finished (the image is unlocked) when umount returned
