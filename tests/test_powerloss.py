@@ -21,8 +21,8 @@ import os
 
 import pytest
 
-import powerloss as pl
-from support.probes import read_header_field
+from qcowfs_dev import powerloss as pl
+from qcowfs_dev.probes import read_header_field
 
 WORKLOADS = pl.workloads()
 SCALE = float(os.environ.get("QCOWFS_POWERLOSS_SCALE", "1.0"))

@@ -12,8 +12,8 @@ import shutil
 import zlib
 from typing import Callable, Optional
 
-from support.oracles import qemu_img, qemu_io, qemu_raw, run
-from support.probes import read_header_field
+from qcowfs_dev.oracles import qemu_img, qemu_io, qemu_raw, run
+from qcowfs_dev.probes import read_header_field
 
 from .driver import BitmapSpec, BmState, Driver, Model, state_bits
 from .iolog import IOLog, replay_all

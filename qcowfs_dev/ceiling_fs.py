@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The performance ceiling for qcowfs: the thinnest pyfuse3 + trio filesystem.
 
-    python scripts/ceiling_fs.py RAWFILE MOUNTPOINT
+    python qcowfs_dev/ceiling_fs.py RAWFILE MOUNTPOINT
 
 Serves one file, MOUNTPOINT/disk.raw, whose reads and writes go straight to
 RAWFILE with os.pread/os.pwrite: no mapping, no metadata, no bitmaps. Whatever

@@ -17,8 +17,8 @@ import shutil
 from typing import Optional
 
 from bitarray import bitarray
-from support.oracles import qemu_bitmaps, qemu_check_rc, qemu_raw, run
-from support.probes import header_dirty, read_header_field
+from qcowfs_dev.oracles import qemu_bitmaps, qemu_check_rc, qemu_raw, run
+from qcowfs_dev.probes import header_dirty, read_header_field
 
 from qcowfs.engine.bitmap_intent import INTENT_REGION
 from qcowfs.engine.bitmaps import BitmapStore

@@ -10,7 +10,7 @@
   table (/proc/self/mountinfo), and detach() lazily unmounts whatever is left;
 - on any failure the message carries diagnostics(): exit status, stderr, the daemon log's tail.
 
-No pytest here: scripts/soak and scripts/bench use it too. Failures raise MountFailed, an
+No pytest here: scripts/soak, scripts/bench and scripts/fuzz use it too. Failures raise MountFailed, an
 AssertionError (pytest reports it as a test failure; scripts catch it).
 """
 
