@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """The performance ceiling for qcowfs: the thinnest pyfuse3 + trio filesystem.
 
-    python qcowfs_dev/ceiling_fs.py RAWFILE MOUNTPOINT
+    python -m qcowfs_dev.ceiling_fs [--stock-loop] [--latency-us=N] RAWFILE MOUNTPOINT
 
 Serves one file, MOUNTPOINT/disk.raw, whose reads and writes go straight to
 RAWFILE with os.pread/os.pwrite: no mapping, no metadata, no bitmaps. Whatever
@@ -183,7 +182,7 @@ def main(argv: list[str]) -> int:
         latency_us = int(argv.pop(0).split("=", 1)[1])
         stock = True
     if len(argv) != 2 or argv[0] in ("-h", "--help"):
-        print("usage: ceiling_fs.py [--stock-loop] [--latency-us=N] RAWFILE MOUNTPOINT  "
+        print("usage: python -m qcowfs_dev.ceiling_fs [--stock-loop] [--latency-us=N] RAWFILE MOUNTPOINT  "
               "(serves RAWFILE as MOUNTPOINT/disk.raw)", file=sys.stderr)
         return 2
     raw, mnt = argv
@@ -204,7 +203,6 @@ def main(argv: list[str]) -> int:
         loop = _StockLoop()
     else:
         # the request loop qcowfs runs (qcowfs/fuse/request_loop.py), so the ceiling stays a ceiling
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         from qcowfs.fuse.request_loop import FastLoop
 
         loop = FastLoop()

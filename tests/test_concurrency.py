@@ -331,7 +331,7 @@ def test_kill_during_storm_keeps_fsynced_data(mount, tmp_path):
     qemu_io(img, "write -P 0x5a 0 512", "read -P 0x5a 0 512")
 
 
-CEILING = Path(__file__).resolve().parents[1] / "qcowfs_dev" / "ceiling_fs.py"
+ROOT = Path(__file__).resolve().parents[1]
 HOST_LATENCY_US = 2000
 
 
@@ -347,9 +347,9 @@ def test_slow_host_goes_to_threads(mount, tmp_path):
     qemu_io(img, f"write -P 0x11 0 {16 * MiB}")
     host = tmp_path / "host"
     host.mkdir()
-    slow = subprocess.Popen([sys.executable, str(CEILING),
+    slow = subprocess.Popen([sys.executable, "-m", "qcowfs_dev.ceiling_fs",
                              f"--latency-us={HOST_LATENCY_US}", str(img), str(host)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         wait_for(lambda: os.path.ismount(host) or slow.poll() is not None, what="slow host file system")
         assert os.path.ismount(host), f"ceiling_fs did not mount: {slow.stderr.read() if slow.stderr else ''}"
