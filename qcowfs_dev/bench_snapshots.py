@@ -27,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from qcowfs_dev.mounts import Mount
 
@@ -46,7 +46,7 @@ class Stalls(threading.Thread):
         super().__init__(daemon=True)
         self.path, self.span = path, span
         self.stop = threading.Event()
-        self.samples: list = []  # (start, duration)
+        self.samples: list[tuple[float, float]] = []  # (start, duration)
 
     def run(self) -> None:
         fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
@@ -81,7 +81,7 @@ def random_writes(path: str, span: int, seconds: float, seed: int) -> float:
     return n / (time.monotonic() - t0)
 
 
-def timed(stalls: Stalls, fn) -> dict:
+def timed(stalls: Stalls, fn: Callable[[], object]) -> dict[str, float]:
     t0 = time.monotonic()
     fn()
     t1 = time.monotonic()
@@ -115,7 +115,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         disk = os.path.join(mnt, "disk.raw")
         stalls = Stalls(disk, span)
         stalls.start()
-        res: dict = {"size": a.size, "allocated": span, "cluster_size": 65536}
+        res: dict[str, Any] = {"size": a.size, "allocated": span, "cluster_size": 65536}
         try:
             res["write_iops_before"] = round(random_writes(disk, span, a.seconds, 1))
             res["create"] = timed(stalls, lambda: open(os.path.join(mnt, ".snapshots", "s1"), "w").close())

@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
+
+#: a path as the helpers take it: str or pathlib.Path
+StrPath = Union[str, "os.PathLike[str]"]
 
 #: the checkout this package belongs to (qcowfs_dev/ sits beside qcowfs/)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

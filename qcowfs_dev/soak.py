@@ -31,7 +31,6 @@ Mounts and daemons started here are always torn down.
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib.util
 import json
 import os
@@ -44,6 +43,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from types import FrameType
+from typing import Any, Iterable, NoReturn, Optional, Sequence
 
 from qcowfs_dev.mounts import Mount, MountFailed, detach, holders
 from qcowfs_dev.oracles import dirty_extents
@@ -79,14 +80,15 @@ PYTHON = qcowfs_python()
 ENV = checkout_env()
 
 
-def run(cmd, check=True, timeout=300, **kw) -> subprocess.CompletedProcess:
+def run(cmd: Iterable[object], check: bool = True, timeout: float = 300, **kw: Any) -> subprocess.CompletedProcess[str]:
+    cmd = list(cmd)
     p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=ENV, **kw)
     if check and p.returncode != 0:
         raise SoakFailure(f"{' '.join(map(str, cmd))} exited {p.returncode}\nstdout: {p.stdout}\nstderr: {p.stderr}")
     return p
 
 
-def qcowfs(*args, **kw) -> subprocess.CompletedProcess:
+def qcowfs(*args: object, **kw: Any) -> subprocess.CompletedProcess[str]:
     return run([PYTHON, "-m", "qcowfs", *args], cwd=str(ROOT), **kw)
 
 
@@ -95,8 +97,8 @@ def qcowfs(*args, **kw) -> subprocess.CompletedProcess:
 class Intervals:
     """A set of byte ranges [start, end), kept merged and sorted."""
 
-    def __init__(self):
-        self.iv: list = []
+    def __init__(self) -> None:
+        self.iv: list[list[int]] = []
 
     def add(self, start: int, end: int) -> None:
         if end <= start:
@@ -121,8 +123,9 @@ class Intervals:
     def clear(self) -> None:
         self.iv = []
 
-    def complement(self, size: int) -> list:
-        out, pos = [], 0
+    def complement(self, size: int) -> list[tuple[int, int]]:
+        out: list[tuple[int, int]] = []
+        pos = 0
         for s, e in self.iv:
             if s > pos:
                 out.append((pos, s))
@@ -142,7 +145,7 @@ class BitmapModel:
         self.name = name
         self.granularity = granularity
         self.recording = True
-        self.dirty: set = set()
+        self.dirty: set[int] = set()
 
     def mark(self, offset: int, length: int) -> None:
         if self.recording and length > 0:
@@ -168,21 +171,22 @@ class BitmapModel:
 # ----------------------------------------------------------------------------- the soak
 
 class Soak:
-    def __init__(self, args, workdir: Path):
+    def __init__(self, args: argparse.Namespace, workdir: Path):
         self.seed = args.seed
         self.rnd = random.Random(args.seed)
         self.workdir = workdir
         self.verbose = args.verbose
         self.stats = {
             "writes": 0, "zero writes": 0, "bytes written": 0, "reads": 0, "fsyncs": 0, "bitmap ops": 0,
-            "kills": 0, "kills mid-write": 0, "writes cut by a kill": 0, "clean restarts": 0, "leak repairs": 0, "verified bytes": 0,
+            "kills": 0, "kills mid-write": 0, "writes cut by a kill": 0, "clean restarts": 0, "leak repairs": 0,
+            "verified bytes": 0,
             "bitmap maps checked": 0,
         }
         # per variant
-        self.m = None  # the current Mount (support.mounts)
-        self.proc = None
-        self.fd = None
-        self.mnt = None
+        self.m: Optional[Mount] = None  # the current Mount (qcowfs_dev.mounts)
+        self.proc: Optional[subprocess.Popen[Any]] = None
+        self.fd: Optional[int] = None  # disk.raw, open
+        self.mnt: Optional[Path] = None
         self.dir = workdir
         self.variant = "-"
         self.mount_no = 0
@@ -191,7 +195,7 @@ class Soak:
         if self.verbose:
             print(f"soak: {msg}", flush=True)
 
-    def fail(self, msg: str):
+    def fail(self, msg: str) -> NoReturn:
         raise SoakFailure(msg)
 
     # ------------------------------------------------------------------ set-up
@@ -201,8 +205,8 @@ class Soak:
         self.dir = d
         self.image = d / "image.qcow2"
         self.ref = d / "reference.raw"
-        self.mnt = d / "mnt"
-        self.mnt.mkdir(exist_ok=True)
+        self.mnt = mnt = d / "mnt"
+        mnt.mkdir(exist_ok=True)
         self.variant = variant
         if variant == "backing":
             base = d / "base.qcow2"
@@ -229,15 +233,28 @@ class Soak:
         self.mount_no += 1
         self.log = self.dir / f"daemon{self.mount_no}.log"
         try:
-            self.m = Mount(self.image, self.mnt, self.log, timeout=60, python=PYTHON, env=ENV, cwd=ROOT,
+            self.m = Mount(self.image, self._mnt(), self.log, timeout=60, python=PYTHON, env=ENV, cwd=ROOT,
                            stderr_file=self.dir / f"daemon{self.mount_no}.stderr")
         except MountFailed as e:
             self.fail(f"mount #{self.mount_no}: {e}")
         self.proc = self.m.proc
-        self.fd = os.open(self.mnt / "disk.raw", os.O_RDWR)
-        st = os.fstat(self.fd)
+        self.fd = fd = os.open(self._mnt() / "disk.raw", os.O_RDWR)
+        st = os.fstat(fd)
         if st.st_size != SIZE:
             self.fail(f"disk.raw has size {st.st_size}, expected {SIZE}")
+
+    # what exists while a variant runs: its mount point, the daemon, disk.raw open
+    def _mnt(self) -> Path:
+        assert self.mnt is not None, "no variant set up"
+        return self.mnt
+
+    def _daemon(self) -> subprocess.Popen[Any]:
+        assert self.proc is not None, "no daemon started"
+        return self.proc
+
+    def _disk(self) -> int:
+        assert self.fd is not None, "disk.raw is not open"
+        return self.fd
 
     def stderr_text(self) -> str:
         return self.m.stderr.strip() if self.m is not None else ""
@@ -271,8 +288,9 @@ class Soak:
             detach(self.mnt, lazy_only=True)
 
     def alive(self) -> None:
-        if self.proc.poll() is not None:
-            self.fail(f"daemon #{self.mount_no} died (exit {self.proc.returncode}): {self.stderr_text()}\n{self.log_text()[-4000:]}")
+        if self._daemon().poll() is not None:
+            self.fail(f"daemon #{self.mount_no} died (exit {self._daemon().returncode}): {self.stderr_text()}\n"
+                      f"{self.log_text()[-4000:]}")
 
     # ------------------------------------------------------------------ operations
     def _mark(self, off: int, length: int) -> None:
@@ -291,7 +309,7 @@ class Soak:
             off = r.randrange(0, (SIZE - n) // align + 1) * align
             data = r.randbytes(n)
         try:
-            got = os.pwrite(self.fd, data, off)
+            got = os.pwrite(self._disk(), data, off)
         except OSError as e:
             self.fail(f"write of {n} bytes at {off}: {e}")
         if got != n:
@@ -310,7 +328,7 @@ class Soak:
 
     def verify_range(self, off: int, n: int, what: str) -> None:
         try:
-            got = os.pread(self.fd, n, off)
+            got = os.pread(self._disk(), n, off)
         except OSError as e:
             self.fail(f"{what} of {n} bytes at {off}: {e}")
         want = os.pread(self.ref_fd, n, off)
@@ -321,14 +339,14 @@ class Soak:
 
     def op_fsync(self) -> None:
         try:
-            os.fsync(self.fd)
+            os.fsync(self._disk())
         except OSError as e:
             self.fail(f"fsync: {e}")
         self.unsynced.clear()
         self.stats["fsyncs"] += 1
 
     def bitmap_path(self, name: str) -> Path:
-        return self.mnt / ".bitmaps" / name
+        return self._mnt() / ".bitmaps" / name
 
     def status(self, name: str) -> dict:
         try:
@@ -347,7 +365,7 @@ class Soak:
             self.fail(f"status of bitmap {name}: {got}, model says {want}")
 
     def check_listing(self) -> None:
-        names = sorted(os.listdir(self.mnt / ".bitmaps"))
+        names = sorted(os.listdir(self._mnt() / ".bitmaps"))
         if names != sorted(self.bitmaps):
             self.fail(f".bitmaps lists {names}, model has {sorted(self.bitmaps)}")
 
@@ -399,26 +417,27 @@ class Soak:
         self.say("clean restart")
         self.alive()
         self.close_fd()
-        p = qcowfs("umount", self.mnt, check=False)
+        p = qcowfs("umount", self._mnt(), check=False)
         if p.returncode != 0 and "busy" in p.stderr:
             # a program outside the soak looking into the mount? try for a while
-            using = holders(self.mnt)
+            using = holders(self._mnt())
             deadline = time.monotonic() + 20
             while p.returncode != 0 and "busy" in p.stderr and time.monotonic() < deadline:
                 time.sleep(0.2)
-                p = qcowfs("umount", self.mnt, check=False)
+                p = qcowfs("umount", self._mnt(), check=False)
             if p.returncode != 0:
                 self.fail(f"qcowfs umount exited {p.returncode}: {p.stderr.strip()}; processes using the mount: {using}")
         if p.returncode != 0:
             self.fail(f"qcowfs umount exited {p.returncode}: {p.stderr.strip()}")
         try:
-            rc = self.proc.wait(timeout=60)
+            rc = self._daemon().wait(timeout=60)
         except subprocess.TimeoutExpired:
             self.fail("the daemon did not exit after qcowfs umount returned")
         if rc != 0:
-            self.fail(f"daemon #{self.mount_no} exited {rc} after a clean unmount: {self.stderr_text()}\n{self.log_text()[-4000:]}")
+            self.fail(f"daemon #{self.mount_no} exited {rc} after a clean unmount: {self.stderr_text()}\n"
+                      f"{self.log_text()[-4000:]}")
         self.check_log()
-        if os.path.ismount(self.mnt):
+        if os.path.ismount(self._mnt()):
             self.fail("still mounted after qcowfs umount")
         c = run(["qemu-img", "check", self.image], check=False)
         if c.returncode != 0:
@@ -466,18 +485,18 @@ class Soak:
             delay = r.uniform(0, 0.004)  # a 2 MiB write takes a few ms: mostly lands inside it
             os.pwrite(self.ref_fd, data, off)  # maybe written, maybe not: the range is unknown after the kill
             self.unsynced.add(off, off + n)
-            result = {}
+            result: dict[str, Any] = {}
 
-            def writer():
+            def writer() -> None:
                 try:
-                    result["n"] = os.pwrite(self.fd, data, off)
+                    result["n"] = os.pwrite(self._disk(), data, off)
                 except OSError as e:
                     result["error"] = e
 
             t = threading.Thread(target=writer, daemon=True)
             t.start()
             time.sleep(delay)
-            self.proc.send_signal(signal.SIGKILL)
+            self._daemon().send_signal(signal.SIGKILL)
             t.join(30)
             if t.is_alive():
                 self.fail("a write in flight did not return after the daemon was killed")
@@ -485,10 +504,10 @@ class Soak:
             if "error" in result:
                 self.stats["writes cut by a kill"] += 1
         else:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
+            self._daemon().send_signal(signal.SIGKILL)
+        self._daemon().wait()
         self.close_fd()
-        detach(self.mnt, lazy_only=True)
+        detach(self._mnt(), lazy_only=True)
         self.check_log()
         self.stats["kills"] += 1
 
@@ -533,8 +552,8 @@ class Soak:
             if r.random() < 0.5:
                 cmd = r.choice(["clear", "enable", "disable"])
                 try:
-                    with open(self.bitmap_path(name), "w") as f:
-                        f.write(cmd + "\n")
+                    with open(self.bitmap_path(name), "w") as cmdf:
+                        cmdf.write(cmd + "\n")
                 except OSError:
                     pass
                 else:
@@ -592,13 +611,13 @@ def _first_diff(got: bytes, want: bytes, base: int) -> str:
     return "(no difference?)"
 
 
-def _short(seq, limit=12) -> str:
+def _short(seq: Iterable[Sequence[int]], limit: int = 12) -> str:
     seq = list(seq)
     s = ", ".join(str(tuple(x)) for x in seq[:limit])
     return f"[{s}{', ...' if len(seq) > limit else ''}] ({len(seq)} ranges)"
 
 
-def qemu_dirty_extents(image: Path, name: str) -> list:
+def qemu_dirty_extents(image: Path, name: str) -> list[tuple[int, int]]:
     """Dirty ranges of bitmap NAME as QEMU serves them: qemu-nbd -B NAME, read with nbdinfo --map."""
     try:
         return dirty_extents(image, name)
@@ -606,8 +625,8 @@ def qemu_dirty_extents(image: Path, name: str) -> list:
         raise SoakFailure(str(e)) from None
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="soak", description=__doc__.split("\n\n")[0])
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="soak", description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--seconds", type=float, required=True, help="how long to run (split between the variants)")
     ap.add_argument("--seed", type=int, help="random seed (default: random, printed)")
     ap.add_argument("--workdir", help="directory for images and logs (default: a temporary one, removed on success)")
@@ -631,7 +650,7 @@ def main(argv=None) -> int:
     variants = ["plain", "backing"] if args.variant == "both" else [args.variant]
     soak = Soak(args, workdir)
 
-    def on_term(signum, frame):
+    def on_term(signum: int, frame: Optional[FrameType]) -> None:
         raise KeyboardInterrupt
 
     # tear down mounts and daemons on Ctrl-C and kill (also when started with SIGINT ignored, as by `&`)
