@@ -289,7 +289,7 @@ def _qemu_info(img_path: str) -> dict:
 
 
 def _info_bitmaps(info: dict) -> dict:
-    """name -> {"name", "granularity", "flags"} (support.oracles.qemu_bitmaps from one qemu-img info)."""
+    """name -> {"name", "granularity", "flags"} (qcowfs_dev.oracles.qemu_bitmaps from one qemu-img info)."""
     data = info.get("format-specific", {}).get("data", {})
     return {b["name"]: b for b in data.get("bitmaps", [])}
 
@@ -653,7 +653,7 @@ def _check_intent_bitmaps(m: Model, task: Task, img_path: str, bms: dict, stale:
 
 
 def nbd_dirty_map(img_path: str, name: str) -> list:
-    """support.oracles.dirty_map (qemu-nbd -r -B NAME served to nbdinfo --map), run in the image's
+    """qcowfs_dev.oracles.dirty_map (qemu-nbd -r -B NAME served to nbdinfo --map), run in the image's
     directory: QEMU opens an external data file named relatively from its working directory."""
     img_path = os.path.abspath(img_path)
     server = ["qemu-nbd", "-r", "-f", "qcow2", "-B", name, img_path]
