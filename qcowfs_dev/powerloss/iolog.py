@@ -12,14 +12,14 @@ from __future__ import annotations
 import os
 import sys
 from types import FrameType
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from qcowfs.engine.hostfile import HostFile
 
-SECTOR = 512
+if TYPE_CHECKING:
+    from typing_extensions import Buffer  # what HostFile.pwrite takes: bytes or any buffer of them
 
-#: what HostFile.pwrite takes: bytes or a buffer of them
-Buffer = Union[bytes, bytearray, memoryview]
+SECTOR = 512
 
 W, F, T, M = "w", "f", "t", "m"  # log entry kinds: write, flush, truncate, marker
 #: a log entry: (W, file, offset, bytes, caller) | (F, file, caller) | (T, file, length, caller) | (M, kind, value)
