@@ -1,6 +1,6 @@
 """Shared fixtures: real mounts in a subprocess, QEMU tools as the oracle.
 
-The helpers live in tests/support/ (oracles, mounts, probes); what tests imported from here before
+The helpers live in qcowfs_dev/ (oracles, mounts, probes, proc); what tests imported from here before
 is re-exported. Mounts are waited for by polling os.path.ismount (never fixed sleeps) and are
 always unmounted in teardown; a daemon that logged a traceback fails the test.
 """
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from support.mounts import FUSE_AVAILABLE, QCOWFS, Mount, detach, is_mounted
-from support.oracles import assert_clean, qemu_check, qemu_img, qemu_info, qemu_io
-from support.proc import run, wait_for
+from qcowfs_dev.mounts import FUSE_AVAILABLE, QCOWFS, Mount, detach, is_mounted
+from qcowfs_dev.oracles import assert_clean, qemu_check, qemu_img, qemu_info, qemu_io
+from qcowfs_dev.proc import run, wait_for
 
 __all__ = ["QCOWFS", "FUSE_AVAILABLE", "needs_fuse", "Mount", "run", "wait_for", "qemu_img", "qemu_io",
            "qemu_check", "assert_clean", "qemu_info", "sha256"]

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 
 from conftest import needs_fuse
-from support.mounts import QCOWFS, detach, is_mounted
-from support.oracles import assert_clean, qemu_img, qemu_info, qemu_io, run
-from support.proc import wait_for
+from qcowfs_dev.mounts import QCOWFS, detach, is_mounted
+from qcowfs_dev.oracles import assert_clean, qemu_img, qemu_info, qemu_io, run
+from qcowfs_dev.proc import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 NOBODY = 65534

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import needs_fuse, sha256
-from support.oracles import assert_clean, dirty_extents, qemu_bitmaps, qemu_check, qemu_img, qemu_info, qemu_io, run
+from qcowfs_dev.oracles import assert_clean, dirty_extents, qemu_bitmaps, qemu_check, qemu_img, qemu_info, qemu_io, run
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -176,7 +176,7 @@ def errno_of(fn) -> int:
 @pytest.fixture
 def qemu_dirty():
     """qemu_dirty(image, name) -> [(offset, length)] of dirty extents as QEMU serves them over NBD
-    (qemu-nbd -B NAME read with nbdinfo --map: support.oracles.dirty_extents)."""
+    (qemu-nbd -B NAME read with nbdinfo --map: qcowfs_dev.oracles.dirty_extents)."""
     return dirty_extents
 
 

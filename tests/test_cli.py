@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from conftest import needs_fuse
-from support.mounts import QCOWFS, Mount, is_mounted
-from support.oracles import assert_clean, qemu_img, qemu_info, qemu_io, run
-from support.probes import COPIED, header, l2_entry_offset, write_u64
-from support.proc import wait_for
+from qcowfs_dev.mounts import QCOWFS, Mount, is_mounted
+from qcowfs_dev.oracles import assert_clean, qemu_img, qemu_info, qemu_io, run
+from qcowfs_dev.probes import COPIED, header, l2_entry_offset, write_u64
+from qcowfs_dev.proc import wait_for
 
 MiB = 1 << 20
 

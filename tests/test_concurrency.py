@@ -47,9 +47,9 @@ from pathlib import Path
 
 import pytest
 from conftest import needs_fuse
-from support.fio import fio_header_ok, job_file, run_fio, write_iolog
-from support.oracles import assert_clean, assert_compare, dirty_extents, qemu_check, qemu_img, qemu_io
-from support.proc import wait_for
+from qcowfs_dev.fio import fio_header_ok, job_file, run_fio, write_iolog
+from qcowfs_dev.oracles import assert_clean, assert_compare, dirty_extents, qemu_check, qemu_img, qemu_io
+from qcowfs_dev.proc import wait_for
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -331,14 +331,14 @@ def test_kill_during_storm_keeps_fsynced_data(mount, tmp_path):
     qemu_io(img, "write -P 0x5a 0 512", "read -P 0x5a 0 512")
 
 
-CEILING = Path(__file__).resolve().parents[1] / "scripts" / "ceiling_fs.py"
+ROOT = Path(__file__).resolve().parents[1]
 HOST_LATENCY_US = 2000
 
 
 @needs_fuse
 def test_slow_host_goes_to_threads(mount, tmp_path):
     """By default (offload=auto) requests go to the host I/O threads only once the host keeps
-    them waiting: here every read of the image file waits 2 ms (scripts/ceiling_fs.py
+    them waiting: here every read of the image file waits 2 ms (qcowfs_dev/ceiling_fs.py
     --latency-us, many at once, like a disk or network storage). One request at a time that is
     at most 500 reads a second; at queue depth 16 the threads must do clearly better, the daemon
     must say the host turned slow, and the image stays clean."""
@@ -347,9 +347,9 @@ def test_slow_host_goes_to_threads(mount, tmp_path):
     qemu_io(img, f"write -P 0x11 0 {16 * MiB}")
     host = tmp_path / "host"
     host.mkdir()
-    slow = subprocess.Popen([sys.executable, str(CEILING),
+    slow = subprocess.Popen([sys.executable, "-m", "qcowfs_dev.ceiling_fs",
                              f"--latency-us={HOST_LATENCY_US}", str(img), str(host)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         wait_for(lambda: os.path.ismount(host) or slow.poll() is not None, what="slow host file system")
         assert os.path.ismount(host), f"ceiling_fs did not mount: {slow.stderr.read() if slow.stderr else ''}"

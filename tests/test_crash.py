@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from conftest import needs_fuse
-from support.oracles import qemu_check, qemu_img, qemu_info, qemu_io
+from qcowfs_dev.oracles import qemu_check, qemu_img, qemu_info, qemu_io
 
 KiB = 1 << 10
 MiB = 1 << 20

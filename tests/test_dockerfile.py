@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 from support.dockerfile import DockerIgnore, Stage, copy_sources, load, sources_in_context
-from support.mounts import FUSE_AVAILABLE, detach, is_mounted
-from support.oracles import assert_clean, qemu_img
-from support.proc import run
+from qcowfs_dev.mounts import FUSE_AVAILABLE, detach, is_mounted
+from qcowfs_dev.oracles import assert_clean, qemu_img
+from qcowfs_dev.proc import run
 
 ROOT = Path(__file__).resolve().parent.parent
 

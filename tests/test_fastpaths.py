@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 
 from conftest import needs_fuse
-from support.mounts import Mount
-from support.oracles import assert_clean, qemu_img, qemu_io
-from support.proc import wait_for
+from qcowfs_dev.mounts import Mount
+from qcowfs_dev.oracles import assert_clean, qemu_img, qemu_io
+from qcowfs_dev.proc import wait_for
 from qcowfs.engine.hostfile import HostFile
 from qcowfs.engine.image import Qcow2Image
 

@@ -18,9 +18,6 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from support.oracles import qemu_img, qemu_io
-from support.probes import BITMAPS_MAGIC, OFFSET_MASK, u32, u64
-
 try:
     import qcowfs  # noqa: F401
 except ImportError:  # run from a venv without the project installed: use the work tree
@@ -29,6 +26,8 @@ except ImportError:  # run from a venv without the project installed: use the wo
 from qcowfs.errors import QcowError
 from qcowfs.format.header import Header, parse_header
 from qcowfs.engine.image import Qcow2Image
+from qcowfs_dev.oracles import qemu_img, qemu_io
+from qcowfs_dev.probes import BITMAPS_MAGIC, OFFSET_MASK, u32, u64
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

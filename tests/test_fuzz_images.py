@@ -45,9 +45,9 @@ from hypothesis import HealthCheck, Phase, event, given, note, settings
 from hypothesis import strategies as st
 
 from conftest import needs_fuse
-from support.mounts import Mount, detach
-from support.oracles import qemu_img, qemu_io
-from support.probes import OFFSET_MASK, all_metadata_offsets, metadata_regions, refcounts_past_eof, u32, u64
+from qcowfs_dev.mounts import Mount, detach
+from qcowfs_dev.oracles import qemu_img, qemu_io
+from qcowfs_dev.probes import OFFSET_MASK, all_metadata_offsets, metadata_regions, refcounts_past_eof, u32, u64
 
 ROOT = Path(__file__).resolve().parents[1]
 QCOWFS = [sys.executable, "-m", "qcowfs"]
@@ -135,7 +135,7 @@ def bases(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- metadata map
-# support.probes.metadata_regions(data) locates every kind of metadata from the header alone;
+# qcowfs_dev.probes.metadata_regions(data) locates every kind of metadata from the header alone;
 # refcounts_past_eof(data) tells whether a refcount block counts clusters past the end of the file.
 
 
@@ -241,7 +241,7 @@ def _sha(path: Path) -> str:
 
 
 def start_daemon(image: Path, mnt: Path, log: Path, read_only: bool) -> Mount:
-    """`qcowfs mount --foreground` in a subprocess (support.mounts.Mount, refusals allowed: .mounted
+    """`qcowfs mount --foreground` in a subprocess (qcowfs_dev.mounts.Mount, refusals allowed: .mounted
     says); always torn down by stop() (unmount retried while busy, then kill, then lazy detach)."""
     return Mount(image, mnt, log, read_only=read_only, must_mount=False, timeout=MOUNT_TIMEOUT, env=ENV, cwd=ROOT)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import QCOWFS, assert_clean, needs_fuse, qemu_img, qemu_io, run, wait_for
-from support.oracles import dirty_extents, qemu_bitmaps, qemu_check, qemu_raw
+from qcowfs_dev.oracles import dirty_extents, qemu_bitmaps, qemu_check, qemu_raw
 
 pytestmark = needs_fuse
 

@@ -21,9 +21,9 @@ except ImportError:  # run from a venv without the project installed: use the wo
 
 from qcowfs.errors import LockError
 from qcowfs.engine.locks import _FLOCK, ImageLock, lock_bytes, probe_conflict
-from support import oracles
-from support.oracles import qemu_img
-from support.proc import wait_for
+from qcowfs_dev import oracles
+from qcowfs_dev.oracles import qemu_img
+from qcowfs_dev.proc import wait_for
 
 RW_BYTES = {100, 101, 103, 201, 203}
 RO_BYTES = {100, 201, 203}

@@ -9,10 +9,10 @@ import subprocess
 from pathlib import Path
 
 from conftest import needs_fuse
-from support.mounts import QCOWFS
-from support.oracles import assert_clean, dirty_map, qemu_bitmaps, qemu_img, qemu_io, run
-from support.probes import OFF_AUTOCLEAR, OFF_HEADER_LENGTH, extensions, header
-from support.proc import wait_for
+from qcowfs_dev.mounts import QCOWFS
+from qcowfs_dev.oracles import assert_clean, dirty_map, qemu_bitmaps, qemu_img, qemu_io, run
+from qcowfs_dev.probes import OFF_AUTOCLEAR, OFF_HEADER_LENGTH, extensions, header
+from qcowfs_dev.proc import wait_for
 
 KiB = 1 << 10
 MiB = 1 << 20

@@ -29,8 +29,8 @@ from qcowfs.engine.disk import Disk
 from qcowfs.fuse.operations import BITMAPS_DIR, COMMAND_XATTR, DISK, PID_XATTR, ROOT, SNAPSHOTS_DIR, QcowOperations
 from qcowfs.engine.image import Qcow2Image
 from qcowfs.fuse.options import MountOptions
-from support.oracles import assert_clean, dirty_extents, qemu_bitmaps, qemu_img, qemu_io
-from support.probes import COPIED, l2_entry_offset, write_u64
+from qcowfs_dev.oracles import assert_clean, dirty_extents, qemu_bitmaps, qemu_img, qemu_io
+from qcowfs_dev.probes import COPIED, l2_entry_offset, write_u64
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -218,7 +218,7 @@ def test_read_and_write_disk_raw(tmp_path, operations):
 def test_eio_for_metadata_past_the_end(tmp_path, operations):
     img = make(tmp_path, "4M", "cluster_size=65536")
     qemu_io(img, "write -P 0x77 0 128k")
-    # guest cluster 1 points far past the end of the file (support.probes, not qcowfs, finds the entry)
+    # guest cluster 1 points far past the end of the file (qcowfs_dev.probes, not qcowfs, finds the entry)
     write_u64(img, l2_entry_offset(img.read_bytes(), 1), COPIED | (1 << 40))
     ops = operations(img, read_only=True)
     fi = call(ops.open, DISK, os.O_RDONLY, CTX)

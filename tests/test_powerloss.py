@@ -1,10 +1,10 @@
 """Crash consistency under power loss (issue: "Prove crash consistency under power loss").
 
-Every workload runs through Qcow2Image + Disk with a recording HostFile factory; the tests/powerloss/
+Every workload runs through Qcow2Image + Disk with a recording HostFile factory; the qcowfs_dev/powerloss/
 package then replays the crash states the log allows (the log cut at every flush, subsets of every flush
 epoch's writes, torn multi-sector writes) and checks each distinct one with qemu-img check, a
 read-only qcowfs open with the durable guest data compared, bitmap states, and (lazy refcounts)
-both repairs. See tests/powerloss/ for the model.
+both repairs. See qcowfs_dev/powerloss/ for the model.
 
 The number of distinct crash states checked is printed per workload (visible with -s), recorded
 as a test property, written to powerloss-summary.txt in the test's tmp dir, and summed up in the
@@ -21,8 +21,8 @@ import os
 
 import pytest
 
-import powerloss as pl
-from support.probes import read_header_field
+from qcowfs_dev import powerloss as pl
+from qcowfs_dev.probes import read_header_field
 
 WORKLOADS = pl.workloads()
 SCALE = float(os.environ.get("QCOWFS_POWERLOSS_SCALE", "1.0"))

@@ -35,8 +35,8 @@ from pathlib import Path
 import pyfuse3
 import pytest
 from support import patched_pyfuse3_fs as fs
-from support.mounts import detach, is_mounted, unmount
-from support.proc import wait_for
+from qcowfs_dev.mounts import detach, is_mounted, unmount
+from qcowfs_dev.proc import wait_for
 
 KiB = 1024
 HELPER = Path(fs.__file__)

@@ -40,7 +40,7 @@ from pathlib import Path
 import pytest
 
 from conftest import needs_fuse, sha256
-from support.oracles import assert_clean, qemu_img, qemu_info, qemu_io, qemu_map, run
+from qcowfs_dev.oracles import assert_clean, qemu_img, qemu_info, qemu_io, qemu_map, run
 
 KiB = 1 << 10
 MiB = 1 << 20

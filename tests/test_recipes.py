@@ -38,9 +38,9 @@ from pathlib import Path
 import pytest
 
 from conftest import needs_fuse, sha256
-from support.mounts import detach, is_mounted, mount_table
-from support.oracles import assert_clean, assert_compare, qemu_img, qemu_io, run
-from support.proc import wait_for
+from qcowfs_dev.mounts import detach, is_mounted, mount_table
+from qcowfs_dev.oracles import assert_clean, assert_compare, qemu_img, qemu_io, run
+from qcowfs_dev.proc import wait_for
 
 KiB = 1 << 10
 MiB = 1 << 20

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import QCOWFS, assert_clean, needs_fuse, qemu_img, qemu_info, qemu_io, run, wait_for
-from support.oracles import qemu_bitmaps, qemu_check, qemu_raw
+from qcowfs_dev.oracles import qemu_bitmaps, qemu_check, qemu_raw
 
 pytestmark = needs_fuse
 

@@ -182,7 +182,7 @@ def _tool(name: str) -> str:
     return found
 
 
-@pytest.mark.parametrize("cmd", [["ruff", "check", "qcowfs"], ["mypy"]], ids=["ruff", "mypy"])
+@pytest.mark.parametrize("cmd", [["ruff", "check", "qcowfs", "qcowfs_dev"], ["mypy"]], ids=["ruff", "mypy"])
 def test_linters_are_clean(cmd):
     p = subprocess.run([_tool(cmd[0]), *cmd[1:]], cwd=PKG.parent, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_clean, needs_fuse, qemu_img, qemu_info, qemu_io, run
-from support.oracles import qemu_bitmaps
+from qcowfs_dev.oracles import qemu_bitmaps
 
 pytestmark = needs_fuse
 

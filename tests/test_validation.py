@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 
 from conftest import needs_fuse, sha256
-from support.mounts import QCOWFS, detach
-from support.oracles import qemu_img, qemu_io, run
-from support.probes import (BACKING_FORMAT_MAGIC, BITMAPS_MAGIC, FEATURE_TABLE_MAGIC, OFF_AUTOCLEAR, OFF_BACKING_OFFSET,
+from qcowfs_dev.mounts import QCOWFS, detach
+from qcowfs_dev.oracles import qemu_img, qemu_io, run
+from qcowfs_dev.probes import (BACKING_FORMAT_MAGIC, BITMAPS_MAGIC, FEATURE_TABLE_MAGIC, OFF_AUTOCLEAR, OFF_BACKING_OFFSET,
                             OFF_CLUSTER_BITS, OFF_COMPRESSION_TYPE, OFF_CRYPT, OFF_HEADER_LENGTH, OFF_L1_OFFSET,
                             OFF_L1_SIZE, OFF_NB_SNAPSHOTS, OFF_REFCOUNT_ORDER, OFF_REFTABLE_CLUSTERS,
                             OFF_REFTABLE_OFFSET, OFF_SIZE, OFF_VERSION, header_length, patch, set_incompat)

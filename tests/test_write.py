@@ -36,8 +36,8 @@ from pathlib import Path
 import pytest
 
 from conftest import needs_fuse, sha256
-from support.oracles import assert_clean, assert_compare, qemu_check, qemu_img, qemu_info, qemu_io, qemu_map, run
-from support.probes import COPIED, OFFSET_MASK, header, l1_entries
+from qcowfs_dev.oracles import assert_clean, assert_compare, qemu_check, qemu_img, qemu_info, qemu_io, qemu_map, run
+from qcowfs_dev.probes import COPIED, OFFSET_MASK, header, l1_entries
 
 KiB = 1 << 10
 MiB = 1 << 20

@@ -1,13 +1,11 @@
-"""Shared support for qcowfs's tests and scripts, independent of pytest.
+"""Support for qcowfs's tests that only the tests use, independent of pytest.
 
-- support.proc: run a command (output captured, failures shown), wait for a condition by polling;
-- support.oracles: QEMU's tools as the oracle: qemu-img, qemu-io, qemu-img check/info/convert,
-  dirty bitmaps and allocation maps as QEMU serves them (qemu-nbd read with nbdinfo);
-- support.mounts: the one lifecycle of a qcowfs daemon and its mount (start, wait until mounted,
-  unmount with retries, kill, lazy detach of dead mounts, diagnostics);
-- support.probes: raw qcow2 readers (header fields, extensions, L1/L2 entries, refcounts, the
-  bitmap directory) written with struct from the specification, independent of qcowfs.
+- support.dockerfile: the Dockerfile as data (its stages, the context .dockerignore leaves);
+- support.patched_pyfuse3_fs: a one-file pyfuse3 file system for checking patches/ on a real mount.
 
-tests/ is on sys.path when pytest runs (rootdir conftest, no __init__.py in tests/); scripts put it
-there themselves: `from support.oracles import qemu_img`.
+What the tests share with the scripts (running commands, QEMU as the oracle, the mount lifecycle,
+fio, raw qcow2 probes, the power-loss harness) is the package qcowfs_dev/ at the top of the
+checkout: `from qcowfs_dev.oracles import qemu_img`.
+
+tests/ is on sys.path when pytest runs (rootdir conftest, no __init__.py in tests/).
 """

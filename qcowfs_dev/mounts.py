@@ -10,7 +10,7 @@
   table (/proc/self/mountinfo), and detach() lazily unmounts whatever is left;
 - on any failure the message carries diagnostics(): exit status, stderr, the daemon log's tail.
 
-No pytest here: scripts/soak and scripts/bench use it too. Failures raise MountFailed, an
+No pytest here: scripts/soak, scripts/bench and scripts/fuzz use it too. Failures raise MountFailed, an
 AssertionError (pytest reports it as a test failure; scripts catch it).
 """
 
@@ -25,9 +25,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Iterable, Optional
 
-from .proc import wait_for
+from .proc import StrPath, wait_for
 
 QCOWFS = [sys.executable, "-m", "qcowfs"]
 FUSE_AVAILABLE = os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None
@@ -46,7 +46,7 @@ def _unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
-def mount_table() -> list:
+def mount_table() -> list[tuple[str, str, str]]:
     """[(source, mount point, fstype)] of every mount this process sees, escapes decoded."""
     out = []
     with open("/proc/self/mountinfo") as f:
@@ -58,13 +58,13 @@ def mount_table() -> list:
     return out
 
 
-def _canonical(path) -> str:
+def _canonical(path: StrPath) -> str:
     # the parent is resolved (it is alive); a dead mount point itself cannot be stat'ed
     p = os.path.abspath(path)
     return os.path.join(os.path.realpath(os.path.dirname(p)), os.path.basename(p))
 
 
-def is_mounted(path) -> bool:
+def is_mounted(path: StrPath) -> bool:
     """Something is mounted on PATH, alive or dead (a dead FUSE mount fails stat: only the table tells)."""
     p = _canonical(path)
     try:
@@ -73,7 +73,7 @@ def is_mounted(path) -> bool:
         return os.path.ismount(p)
 
 
-def is_dead_mount(path) -> bool:
+def is_dead_mount(path: StrPath) -> bool:
     """stat() of PATH fails: a FUSE mount whose daemon is gone (ENOTCONN), or no such path."""
     try:
         os.stat(path)
@@ -82,7 +82,7 @@ def is_dead_mount(path) -> bool:
         return True
 
 
-def detach(path, lazy_only: bool = False) -> bool:
+def detach(path: StrPath, lazy_only: bool = False) -> bool:
     """Unmount whatever is left on PATH: fusermount3 -u, then lazily (-u -z). True if nothing is left."""
     if not lazy_only and is_mounted(path):
         subprocess.run(["fusermount3", "-u", str(path)], capture_output=True)
@@ -91,7 +91,8 @@ def detach(path, lazy_only: bool = False) -> bool:
     return not is_mounted(path)
 
 
-def unmount(path, busy_retry: float = 10.0, on_busy=None) -> Optional[subprocess.CompletedProcess]:
+def unmount(path: StrPath, busy_retry: float = 10.0,
+            on_busy: Optional[Callable[[str], object]] = None) -> Optional[subprocess.CompletedProcess[str]]:
     """fusermount3 -u PATH, retried every 0.1 s while it fails (busy) for up to busy_retry seconds,
     then lazily (-u -z), after on_busy(stderr) if given. Returns the last fusermount3 -u result
     (None if nothing was mounted)."""
@@ -111,7 +112,7 @@ def unmount(path, busy_retry: float = 10.0, on_busy=None) -> Optional[subprocess
 
 
 # ----------------------------------------------------------------------------- diagnostics
-def holders(mnt) -> str:
+def holders(mnt: StrPath) -> str:
     """Processes with a file, cwd or root inside mnt (what makes an unmount fail with EBUSY)."""
     prefix = str(mnt) + "/"
     found = []
@@ -161,9 +162,12 @@ class Mount:
     file (readable while it runs) instead of pipes. python/env/cwd: how to run `-m qcowfs`.
     """
 
-    def __init__(self, image, mnt, log, read_only: bool = False, extra=(), *, timeout: float = 20.0,
-                 must_mount: bool = True, python: Optional[str] = None, env: Optional[dict] = None,
-                 cwd=None, stderr_file=None):
+    proc: subprocess.Popen[Any]  # text pipes, or bytes into stderr_file
+
+    def __init__(self, image: StrPath, mnt: StrPath, log: StrPath, read_only: bool = False, extra: Iterable[object] = (),
+                 *, timeout: float = 20.0, must_mount: bool = True, python: Optional[str] = None,
+                 env: Optional[dict[str, str]] = None, cwd: Optional[StrPath] = None,
+                 stderr_file: Optional[StrPath] = None):
         self.image = Path(image)
         self.mnt = Path(mnt)
         self.log = Path(log)
@@ -171,7 +175,7 @@ class Mount:
         self.bitmaps = self.mnt / ".bitmaps"
         self.stderr_file = Path(stderr_file) if stderr_file else None
         self.problem = ""  # what stop() saw when the daemon did not go down by itself
-        self._out: Optional[tuple] = None
+        self._out: Optional[tuple[str, str]] = None
         py = [python, "-m", "qcowfs"] if python else QCOWFS
         self.cmd = [*py, "mount", "--foreground", "--log", str(log)]
         if read_only:
@@ -199,7 +203,7 @@ class Mount:
                                   f"{self.stdout.strip()}")
 
     # ------------------------------------------------------------------ output
-    def _collect(self, timeout=None) -> None:
+    def _collect(self, timeout: Optional[float] = None) -> None:
         """Read what an exited daemon printed (once); the pipes are then replaced by StringIO copies,
         so that proc.stderr.read() still gives it."""
         if self._out is not None:
@@ -299,7 +303,7 @@ class Mount:
         detach(self.mnt)
         return self.proc.returncode
 
-    def unmount(self, timeout: float = 60.0) -> int:
+    def unmount(self, timeout: float = 60.0) -> Optional[int]:
         """Unmount cleanly (fusermount3 -u, retried while busy) and wait for the daemon's shutdown
         work; returns its exit code. A daemon that does not exit is killed: MountFailed."""
         rc = self.stop(timeout=timeout)

@@ -7,20 +7,20 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from typing import Optional
+from typing import Any, Optional
 
-from .proc import run
+from .proc import StrPath, run
 
 __all__ = ["run", "qemu_img", "qemu_io", "qemu_check", "qemu_check_rc", "assert_clean", "assert_compare",
            "qemu_info", "qemu_bitmaps", "qemu_map", "qemu_raw", "nbd_map", "dirty_map", "dirty_extents"]
 
 
-def qemu_img(*args, check=True, timeout: Optional[float] = None) -> subprocess.CompletedProcess:
+def qemu_img(*args: object, check: bool = True, timeout: Optional[float] = None) -> subprocess.CompletedProcess[str]:
     return run(["qemu-img", *args], check=check, timeout=timeout)
 
 
-def qemu_io(image, *commands, fmt="qcow2", check=True, read_only=False,
-            timeout: Optional[float] = None) -> subprocess.CompletedProcess:
+def qemu_io(image: StrPath, *commands: str, fmt: str = "qcow2", check: bool = True, read_only: bool = False,
+            timeout: Optional[float] = None) -> subprocess.CompletedProcess[str]:
     """qemu-io -f FMT [-r] -c CMD ... IMAGE."""
     cmd = ["qemu-io", "-f", fmt] + (["-r"] if read_only else [])
     for c in commands:
@@ -29,7 +29,7 @@ def qemu_io(image, *commands, fmt="qcow2", check=True, read_only=False,
     return run(cmd, check=check, timeout=timeout)
 
 
-def qemu_check(image) -> dict:
+def qemu_check(image: StrPath) -> dict[str, Any]:
     """qemu-img check as JSON plus its exit code under key 'rc' (0 clean, 2 corrupt, 3 leaks)."""
     p = run(["qemu-img", "check", "--output=json", image], check=False)
     try:
@@ -41,7 +41,7 @@ def qemu_check(image) -> dict:
     return data
 
 
-def qemu_check_rc(path: str, repair: Optional[str] = None) -> tuple:
+def qemu_check_rc(path: str, repair: Optional[str] = None) -> tuple[int, dict[str, Any]]:
     """(exit code, parsed JSON or raw text) of qemu-img check [-r REPAIR], run in the image's
     directory; its stderr kept briefly (the often numerous 'Leaked cluster' lines counted)."""
     cmd = ["qemu-img", "check", "--output=json"]
@@ -62,24 +62,24 @@ def qemu_check_rc(path: str, repair: Optional[str] = None) -> tuple:
     return p.returncode, out
 
 
-def assert_clean(image) -> None:
+def assert_clean(image: StrPath) -> None:
     """The image passes qemu-img check with no errors and no leaks."""
     res = qemu_check(image)
     assert res["rc"] == 0, f"qemu-img check {image}: {res}"
 
 
-def assert_compare(img, ref, what: str = "") -> None:
+def assert_compare(img: StrPath, ref: StrPath, what: str = "") -> None:
     """qemu-img compare -f qcow2 -F raw IMG REF says identical."""
     p = qemu_img("compare", "-f", "qcow2", "-F", "raw", img, ref, check=False)
     assert p.returncode == 0, f"{what}qemu-img compare {img} {ref}: exit {p.returncode}: {p.stdout.strip()} {p.stderr.strip()}"
 
 
-def qemu_info(image) -> dict:
+def qemu_info(image: StrPath) -> dict[str, Any]:
     """qemu-img info -U --output=json (-U: also while a mount holds the image)."""
     return json.loads(run(["qemu-img", "info", "-U", "--output=json", image]).stdout)
 
 
-def qemu_bitmaps(image) -> dict:
+def qemu_bitmaps(image: StrPath) -> dict[str, dict[str, Any]]:
     """name -> {"name", "granularity", "flags"} as `qemu-img info -U` reports them."""
     image = os.path.abspath(image)
     p = run(["qemu-img", "info", "-U", "--output=json", image], cwd=os.path.dirname(image))
@@ -87,12 +87,12 @@ def qemu_bitmaps(image) -> dict:
     return {b["name"]: b for b in data.get("bitmaps", [])}
 
 
-def qemu_map(image, fmt: Optional[str] = None) -> list:
+def qemu_map(image: StrPath, fmt: Optional[str] = None) -> list[dict[str, Any]]:
     """qemu-img map --output=json [-f FMT] IMAGE: [{start, length, depth, present, zero, data, offset?}]."""
     return json.loads(qemu_img("map", "--output=json", *(["-f", fmt] if fmt else []), image).stdout)
 
 
-def qemu_raw(path, dest, snapshot: Optional[str] = None) -> bytes:
+def qemu_raw(path: StrPath, dest: StrPath, snapshot: Optional[str] = None) -> bytes:
     """The guest content as QEMU reads it (qemu-img convert -U -O raw [-l snapshot.name=S]); dest is
     a scratch file, removed again."""
     cmd = ["qemu-img", "convert", "-U", "-O", "raw"]
@@ -107,8 +107,8 @@ def qemu_raw(path, dest, snapshot: Optional[str] = None) -> bytes:
 
 
 # ----------------------------------------------------------------------------- NBD: qemu-nbd + nbdinfo
-def nbd_map(image, context: str = "base:allocation", *, bitmap: Optional[str] = None, fmt: str = "qcow2",
-            timeout: float = 120) -> list:
+def nbd_map(image: StrPath, context: str = "base:allocation", *, bitmap: Optional[str] = None, fmt: str = "qcow2",
+            timeout: float = 120) -> list[dict[str, Any]]:
     """nbdinfo --json --map=CONTEXT of IMAGE served by a private `qemu-nbd -r -f FMT [-B BITMAP]`
     (nbdinfo starts qemu-nbd itself on a socket of its own and stops it): [{offset, length, type}]."""
     server = ["qemu-nbd", "-r", "-f", fmt] + (["-B", bitmap] if bitmap else []) + [str(image)]
@@ -118,15 +118,15 @@ def nbd_map(image, context: str = "base:allocation", *, bitmap: Optional[str] = 
     return json.loads(p.stdout)
 
 
-def dirty_map(image, name: str) -> list:
+def dirty_map(image: StrPath, name: str) -> list[tuple[int, int, bool]]:
     """Every extent of dirty bitmap NAME as QEMU serves it: [(offset, length, dirty)]."""
     return [(e["offset"], e["length"], e["type"] == 1)
             for e in nbd_map(image, f"qemu:dirty-bitmap:{name}", bitmap=name)]
 
 
-def dirty_extents(image, name: str) -> list:
+def dirty_extents(image: StrPath, name: str) -> list[tuple[int, int]]:
     """The dirty ranges of bitmap NAME as QEMU serves them, adjacent ones merged: [(offset, length)]."""
-    out: list = []
+    out: list[tuple[int, int]] = []
     for e in nbd_map(image, f"qemu:dirty-bitmap:{name}", bitmap=name):
         if e["type"] & 1:
             if out and out[-1][0] + out[-1][1] == e["offset"]:

@@ -10,10 +10,10 @@ import os
 import random
 import shutil
 import zlib
-from typing import Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
-from support.oracles import qemu_img, qemu_io, qemu_raw, run
-from support.probes import read_header_field
+from qcowfs_dev.oracles import qemu_img, qemu_io, qemu_raw, run
+from qcowfs_dev.probes import read_header_field
 
 from .driver import BitmapSpec, BmState, Driver, Model, state_bits
 from .iolog import IOLog, replay_all
@@ -44,17 +44,18 @@ class Bounds:
 @dataclasses.dataclass
 class Workload:
     name: str
-    create: Callable  # create(dir) -> dict(image=..., files=[...], snapshots={...}, pristine_bitmaps=[BitmapSpec])
-    run: Callable  # run(driver, rng)
+    #: create(dir) -> dict(image=..., files=[...], snapshots={...}, pristine_bitmaps=[BitmapSpec])
+    create: Callable[[str], dict[str, Any]]
+    run: Callable[[Driver, random.Random], None]  # run(driver, rng)
     lazy: bool = False
     bounds: Bounds = dataclasses.field(default_factory=Bounds)
-    verify: Optional[Callable] = None  # verify(dir, image_path_after_run, model) -> None (e.g. table growth)
+    verify: Optional[Callable[[str, str, Model], None]] = None  # verify(dir, image_path_after_run, model) (e.g. table growth)
     oracle_every: int = 10
     bitmap_sync: str = "close"  # the Driver's Disk(bitmap_sync=...) (reopen may switch it)
     nbd_every: int = 4  # intent mode: QEMU's NBD view of the bitmaps on every Nth new state
 
 
-def _create(path: str, size: int, **opts) -> None:
+def _create(path: str, size: int, **opts: object) -> None:
     o = ",".join(f"{k}={v}" for k, v in opts.items())
     args = ["qemu-img", "create", "-q", "-f", "qcow2"]
     if o:
@@ -62,7 +63,8 @@ def _create(path: str, size: int, **opts) -> None:
     run(args + [path, str(size)], cwd=os.path.dirname(os.path.abspath(path)))
 
 
-def random_writes(d: Driver, rng: random.Random, count: int, flush_every=(1, 4), zero_share: float = 0.1) -> None:
+def random_writes(d: Driver, rng: random.Random, count: int, flush_every: tuple[int, int] = (1, 4),
+                  zero_share: float = 0.1) -> None:
     """Allocation-heavy random writes: aligned runs of clusters, odd sizes at odd offsets, some zeros."""
     size = d.model.size
     cs = d.cluster_size
@@ -92,12 +94,12 @@ def random_writes(d: Driver, rng: random.Random, count: int, flush_every=(1, 4),
 
 
 def wl_alloc(cluster: int, refbits: int, size: int, count: int) -> Workload:
-    def create(dirname):
+    def create(dirname: str) -> dict[str, Any]:
         img = os.path.join(dirname, "disk.qcow2")
         _create(img, size, cluster_size=cluster, refcount_bits=refbits)
         return dict(image="disk.qcow2")
 
-    def body(d, rng):
+    def body(d: Driver, rng: random.Random) -> None:
         random_writes(d, rng, count)
         d.close()
 
@@ -110,13 +112,13 @@ def wl_reftable_growth() -> Workload:
     it (twice: 1 -> 2 -> 4 clusters, at least)."""
     size = 6 * MiB
 
-    def create(dirname):
+    def create(dirname: str) -> dict[str, Any]:
         img = os.path.join(dirname, "disk.qcow2")
         _create(img, size, cluster_size=512, refcount_bits=64)
         assert read_header_field(img, 56, 4) == 1
         return dict(image="disk.qcow2")
 
-    def body(d, rng):
+    def body(d: Driver, rng: random.Random) -> None:
         # 4.5 MiB in 96 KiB..192 KiB pieces at shuffled offsets, a flush after each pair
         chunk = 192 * KiB
         offs = list(range(0, 4 * MiB + 512 * KiB, chunk))
@@ -128,7 +130,7 @@ def wl_reftable_growth() -> Workload:
         d.flush()
         d.close()
 
-    def verify(dirname, image_path, model):
+    def verify(dirname: str, image_path: str, model: Model) -> None:
         n = read_header_field(image_path, 56, 4)
         assert n >= 3, f"refcount table did not grow (refcount_table_clusters={n})"
 
@@ -140,7 +142,7 @@ def wl_cow_backing(extended: bool = False) -> Workload:
     size = 4 * MiB
     cluster = 64 * KiB if extended else 4 * KiB
 
-    def create(dirname):
+    def create(dirname: str) -> dict[str, Any]:
         base = os.path.join(dirname, "base.qcow2")
         _create(base, size, cluster_size=cluster)
         qemu_io(base, f"write -P 0x5a 0 {size}", f"write -P 0x33 {1 * MiB} {64 * KiB}", f"write -z {2 * MiB} {256 * KiB}")
@@ -151,10 +153,10 @@ def wl_cow_backing(extended: bool = False) -> Workload:
         _create(img, size, **opts)
         return dict(image="disk.qcow2")
 
-    def body(d, rng):
+    def body(d: Driver, rng: random.Random) -> None:
         # partial writes (sub-cluster, unaligned, straddling clusters) over the backing file
         cs = d.cluster_size
-        for i in range(36):
+        for _ in range(36):
             ci = rng.randrange(0, size // cs - 2)
             off = ci * cs + rng.randrange(0, cs)
             length = rng.choice([1, 100, 512, 3000, cs // 2, cs + 777])
@@ -175,14 +177,14 @@ def wl_zero_free(compat: str = "1.1") -> Workload:
     size = 4 * MiB
     cluster = 4 * KiB
 
-    def create(dirname):
+    def create(dirname: str) -> dict[str, Any]:
         img = os.path.join(dirname, "disk.qcow2")
         _create(img, size, cluster_size=cluster, compat=compat)
         return dict(image="disk.qcow2")
 
-    def body(d, rng):
+    def body(d: Driver, rng: random.Random) -> None:
         cs = d.cluster_size
-        for rnd in range(4):
+        for _ in range(4):
             base = rng.randrange(0, size // cs - 64) * cs
             d.write(base, rng.randbytes(48 * cs))
             d.write(base + 3 * cs + 17, rng.randbytes(cs))
@@ -208,7 +210,7 @@ def wl_snapshot() -> Workload:
     size = 4 * MiB
     cluster = 4 * KiB
 
-    def create(dirname):
+    def create(dirname: str) -> dict[str, Any]:
         img = os.path.join(dirname, "disk.qcow2")
         _create(img, size, cluster_size=cluster)
         qemu_io(img, f"write -P 0x11 0 {3 * MiB}", f"write -c -P 0x22 {3 * MiB} {256 * KiB}")
@@ -217,9 +219,9 @@ def wl_snapshot() -> Workload:
         snap = qemu_raw(img, os.path.join(dirname, "s1.raw"), snapshot="s1")
         return dict(image="disk.qcow2", snapshots={"s1": snap})
 
-    def body(d, rng):
+    def body(d: Driver, rng: random.Random) -> None:
         cs = d.cluster_size
-        for i in range(40):
+        for _ in range(40):
             r = rng.random()
             off = rng.randrange(0, (size - 8 * cs) // 512) * 512
             if r < 0.2:
@@ -244,7 +246,7 @@ def wl_bitmaps() -> Workload:
     size = 8 * MiB
     cluster = 64 * KiB
 
-    def create(dirname):
+    def create(dirname: str) -> dict[str, Any]:
         img = os.path.join(dirname, "disk.qcow2")
         _create(img, size, cluster_size=cluster)
         qemu_io(img, f"write -P 0x77 0 {1 * MiB}")
@@ -253,7 +255,7 @@ def wl_bitmaps() -> Workload:
         return dict(image="disk.qcow2", pristine_bitmaps=[BitmapSpec("q0", 65536, 0, True),
                                                           BitmapSpec("gone", 16384, 0, True)])
 
-    def writes(d, rng, n):
+    def writes(d: Driver, rng: random.Random, n: int) -> None:
         cs = d.cluster_size
         for i in range(n):
             off = rng.randrange(0, size - 3 * cs)
@@ -261,7 +263,7 @@ def wl_bitmaps() -> Workload:
             if i % 3 == 2:
                 d.flush()
 
-    def body(d, rng):
+    def body(d: Driver, rng: random.Random) -> None:
         d.create_bitmap("b0", 4096)
         writes(d, rng, 8)
         d.flush()
@@ -283,13 +285,13 @@ def wl_bitmaps() -> Workload:
 def wl_lazy() -> Workload:
     size = 4 * MiB
 
-    def create(dirname):
+    def create(dirname: str) -> dict[str, Any]:
         img = os.path.join(dirname, "disk.qcow2")
         _create(img, size, cluster_size=4096, lazy_refcounts="on")
         qemu_io(img, f"write -P 0x66 0 {1 * MiB}")
         return dict(image="disk.qcow2")
 
-    def body(d, rng):
+    def body(d: Driver, rng: random.Random) -> None:
         random_writes(d, rng, 50, zero_share=0.25)
         d.close()
 
@@ -299,12 +301,12 @@ def wl_lazy() -> Workload:
 def wl_data_file() -> Workload:
     size = 4 * MiB
 
-    def create(dirname):
+    def create(dirname: str) -> dict[str, Any]:
         img = os.path.join(dirname, "disk.qcow2")
         _create(img, size, cluster_size=4096, data_file="disk.data")
         return dict(image="disk.qcow2", files=["disk.qcow2", "disk.data"])
 
-    def body(d, rng):
+    def body(d: Driver, rng: random.Random) -> None:
         random_writes(d, rng, 30, zero_share=0.0)
         d.close()
 
@@ -317,11 +319,11 @@ def wl_refblock_siblings() -> Workload:
     block covers 64 clusters). 58 clusters at 0 leave the first free cluster at 63; the 64 KiB write
     then needs blocks 1-3, placed at clusters 63-65: blocks 2 and 3 are refcounted by block 1."""
 
-    def create(dirname):
+    def create(dirname: str) -> dict[str, Any]:
         _create(os.path.join(dirname, "disk.qcow2"), 1 * MiB, cluster_size=512, refcount_bits=64)
         return dict(image="disk.qcow2")
 
-    def body(d, rng):
+    def body(d: Driver, rng: random.Random) -> None:
         d.write(0, rng.randbytes(58 * 512))
         d.flush()
         d.write(512 * KiB, rng.randbytes(64 * KiB))
@@ -371,7 +373,7 @@ def wl_intent_bitmaps() -> Workload:
     into it, enable b1, writes, clear b2, writes, remove q0, writes, close."""
     size = 24 * MiB
 
-    def create(dirname):
+    def create(dirname: str) -> dict[str, Any]:
         img = os.path.join(dirname, "disk.qcow2")
         _create(img, size, cluster_size=65536)
         qemu_img("bitmap", "--add", "-g", "65536", img, "q0")
@@ -383,7 +385,7 @@ def wl_intent_bitmaps() -> Workload:
                                                           _pristine_bitmap(img, "gone", 16384),
                                                           _pristine_bitmap(img, "qd", 4096, enabled=False)])
 
-    def body(d, rng):
+    def body(d: Driver, rng: random.Random) -> None:
         R = 8 * MiB
         d.create_bitmap("b0", 4096)
         # first writes into clean granules of every region (one intent each), one straddling regions 0|1
@@ -438,7 +440,7 @@ def wl_intent_data_file() -> Workload:
     stored exactly), session 3 back to intent mode (writes, clear c, writes); each closes."""
     size = 9 * MiB + 3584
 
-    def create(dirname):
+    def create(dirname: str) -> dict[str, Any]:
         img = os.path.join(dirname, "disk.qcow2")
         _create(img, size, cluster_size=1024, data_file="disk.data")
         run(["qemu-img", "bitmap", "--add", "-g", "512", img, "p"], cwd=dirname)
@@ -447,7 +449,7 @@ def wl_intent_data_file() -> Workload:
         return dict(image="disk.qcow2", files=["disk.qcow2", "disk.data"],
                     pristine_bitmaps=[_pristine_bitmap(img, "p", 512)])
 
-    def body(d, rng):
+    def body(d: Driver, rng: random.Random) -> None:
         R = 8 * MiB
         spots = [0, 3 * MiB, R - 40 * KiB, R + 512 * KiB, size - 5000]
         d.create_bitmap("c", 65536)
@@ -481,14 +483,14 @@ def wl_intent_lazy() -> Workload:
     writes, remove n, enable l, writes, close."""
     size = 16 * MiB
 
-    def create(dirname):
+    def create(dirname: str) -> dict[str, Any]:
         img = os.path.join(dirname, "disk.qcow2")
         _create(img, size, cluster_size=4096, lazy_refcounts="on")
         qemu_img("bitmap", "--add", "-g", "65536", img, "l")
         qemu_io(img, f"write -P 0x66 0 {1 * MiB}")
         return dict(image="disk.qcow2", pristine_bitmaps=[_pristine_bitmap(img, "l", 65536)])
 
-    def body(d, rng):
+    def body(d: Driver, rng: random.Random) -> None:
         spots = [512 * KiB, 5 * MiB, 8 * MiB - 30 * KiB, 13 * MiB]
         d.create_bitmap("n", 4096)
         _intent_writes(d, rng, 8, spots, flush_every=2)
@@ -513,14 +515,14 @@ def wl_intent_minimal() -> Workload:
     of each flush epoch is enumerated. Not in workloads(): the negative controls of test_powerloss run
     it against a qcowfs broken on purpose (and once unbroken)."""
 
-    def create(dirname):
+    def create(dirname: str) -> dict[str, Any]:
         img = os.path.join(dirname, "disk.qcow2")
         _create(img, 16 * MiB, cluster_size=65536)
         qemu_io(img, f"write -P 0x77 0 {1 * MiB}", f"write -P 0x78 {9 * MiB} {1 * MiB}")
         qemu_img("bitmap", "--add", "-g", "65536", img, "q")
         return dict(image="disk.qcow2", pristine_bitmaps=[_pristine_bitmap(img, "q", 65536)])
 
-    def body(d, rng):
+    def body(d: Driver, rng: random.Random) -> None:
         d.write(64 * KiB + 512, rng.randbytes(4096))
         d.write(9 * MiB + 3000, rng.randbytes(700))
         d.flush()
@@ -541,7 +543,8 @@ def _savevm(img: str, name: str) -> None:
     assert vm and vm[0]["vm-state-size"] > 0, f"savevm made no snapshot with VM state: {p.stdout} {p.stderr}"
 
 
-def _snapshot_image(dirname: str, size: int, cluster: int, bitmaps=()) -> tuple:
+def _snapshot_image(dirname: str, size: int, cluster: int,
+                    bitmaps: Iterable[tuple[str, int]] = ()) -> tuple[str, dict[str, bytes]]:
     """QEMU-made pristine image for the snapshot workloads: bitmaps (name, granularity) that record what
     follows, data, compressed clusters (some sharing a host cluster: a cluster of one byte compresses to
     a few dozen bytes), snapshot q1 (qemu-img), more data, snapshot vm1 with VM state (savevm), more data.
@@ -594,12 +597,12 @@ def wl_snapshot_ops() -> Workload:
     size = 4 * MiB
     cluster = 4 * KiB
 
-    def create(dirname):
+    def create(dirname: str) -> dict[str, Any]:
         img, snaps = _snapshot_image(dirname, size, cluster)
         qemu_img("bitmap", "--add", "-g", "65536", img, "q0")
         return dict(image="disk.qcow2", snapshots=snaps, pristine_bitmaps=[BitmapSpec("q0", 65536, 0, True)])
 
-    def body(d, rng):
+    def body(d: Driver, rng: random.Random) -> None:
         shared = [0, 512 * KiB, 1 * MiB, 1 * MiB + 448 * KiB]  # data shared with q1 and vm1
         compressed = [3 * MiB, 3 * MiB + 128 * KiB, 3 * MiB + 512 * KiB, 2 * MiB]
         fresh = [2 * MiB + 256 * KiB, 3 * MiB + 768 * KiB]  # unallocated: allocations into (shared) L2 tables
@@ -638,13 +641,13 @@ def wl_intent_checkpoint() -> Workload:
     size = 4 * MiB
     cluster = 4 * KiB
 
-    def create(dirname):
+    def create(dirname: str) -> dict[str, Any]:
         img, snaps = _snapshot_image(dirname, size, cluster, bitmaps=[("qi", 16384)])
         qemu_img("bitmap", "--add", "-g", "4096", img, "qd")
         return dict(image="disk.qcow2", snapshots=snaps,
                     pristine_bitmaps=[_pristine_bitmap(img, "qi", 16384), _pristine_bitmap(img, "qd", 4096)])
 
-    def body(d, rng):
+    def body(d: Driver, rng: random.Random) -> None:
         shared = [0, 512 * KiB, 1 * MiB + 448 * KiB]
         compressed = [3 * MiB, 3 * MiB + 512 * KiB, 2 * MiB]
         fresh = [2 * MiB + 256 * KiB]
@@ -669,14 +672,14 @@ def wl_snapshot_minimal() -> Workload:
     shared with s1 and the active disk), close. Not in workloads(): test_powerloss runs it unchanged
     (positive control) and with the snapshot steps' flushes deferred to their end (negative control)."""
 
-    def create(dirname):
+    def create(dirname: str) -> dict[str, Any]:
         img = os.path.join(dirname, "disk.qcow2")
         _create(img, 1 * MiB, cluster_size=4096)
         qemu_io(img, f"write -P 0x11 0 {64 * KiB}", f"write -c -P 0x22 {256 * KiB} {16 * KiB}")
         qemu_img("snapshot", "-c", "q1", img)
         return dict(image="disk.qcow2", snapshots={"q1": qemu_raw(img, os.path.join(dirname, "q1.raw"), snapshot="q1")})
 
-    def body(d, rng):
+    def body(d: Driver, rng: random.Random) -> None:
         d.write(4096 + 100, rng.randbytes(3000))
         d.take_snapshot("s1")
         d.write(8192, rng.randbytes(4096))
@@ -699,7 +702,7 @@ def wl_zero_grow(bitmap_sync: str = "close") -> Workload:
     size = 4 * MiB
     cluster = 4 * KiB
 
-    def create(dirname):
+    def create(dirname: str) -> dict[str, Any]:
         img = os.path.join(dirname, "disk.qcow2")
         _create(img, size, cluster_size=cluster)
         if bitmap_sync == "intent":
@@ -717,7 +720,7 @@ def wl_zero_grow(bitmap_sync: str = "close") -> Workload:
             specs = [BitmapSpec("q0", 65536, 0, True)]
         return dict(image="disk.qcow2", snapshots=snaps, pristine_bitmaps=specs)
 
-    def body(d, rng):
+    def body(d: Driver, rng: random.Random) -> None:
         cs = d.cluster_size
         d.write(64 * KiB + 100, rng.randbytes(3 * cs))  # COW of clusters shared with q1
         d.write(2 * MiB + 8 * cs, rng.randbytes(4 * cs))
@@ -746,7 +749,7 @@ def wl_zero_grow(bitmap_sync: str = "close") -> Workload:
         d.write(3 * cs, rng.randbytes(2 * cs))
         d.close()
 
-    def verify(dirname, image_path, model):
+    def verify(dirname: str, image_path: str, model: Model) -> None:
         info = json.loads(qemu_img("info", "--output=json", image_path).stdout)
         assert info["virtual-size"] == 10 * MiB, info["virtual-size"]
         assert read_header_field(image_path, 36, 4) == 5, "the grow did not make a 5-entry L1 table"
@@ -773,7 +776,7 @@ class Recorded:
     workload: Workload
     model: Model
     log: IOLog
-    pristine: dict  # file name -> bytes
+    pristine: dict[str, bytes]  # file name -> bytes
     workdir: str
 
 

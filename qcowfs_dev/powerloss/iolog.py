@@ -11,13 +11,19 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable, Optional
+from types import FrameType
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from qcowfs.engine.hostfile import HostFile
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer  # what HostFile.pwrite takes: bytes or any buffer of them
 
 SECTOR = 512
 
 W, F, T, M = "w", "f", "t", "m"  # log entry kinds: write, flush, truncate, marker
+#: a log entry: (W, file, offset, bytes, caller) | (F, file, caller) | (T, file, length, caller) | (M, kind, value)
+Entry = tuple[Any, ...]
 
 # frames in this package are the harness, not the qcowfs code that asked for the I/O
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -28,7 +34,7 @@ class IOLog:
 
     def __init__(self, record_flushes: bool = True, record_callers: bool = True):
         #: (W, file, offset, bytes, caller) | (F, file, caller) | (T, file, length, caller) | (M, kind, value)
-        self.entries: list = []
+        self.entries: list[Entry] = []
         self.record_flushes = record_flushes
         self.record_callers = record_callers
 
@@ -36,7 +42,7 @@ class IOLog:
         if not self.record_callers:
             return ""
         # the qcowfs function that asked for the I/O (skip the HostFile layers and this package)
-        f = sys._getframe(2)
+        f: Optional[FrameType] = sys._getframe(2)
         while f is not None and (f.f_code.co_filename.startswith(_PACKAGE_DIR)
                                  or f.f_code.co_filename.endswith("hostfile.py")):
             f = f.f_back
@@ -54,10 +60,10 @@ class IOLog:
     def truncate(self, name: str, length: int) -> None:
         self.entries.append((T, name, length, self._caller()))
 
-    def marker(self, kind: str, value=None) -> None:
+    def marker(self, kind: str, value: Any = None) -> None:
         self.entries.append((M, kind, value))
 
-    def counts(self) -> dict:
+    def counts(self) -> dict[str, int]:
         c = {"writes": 0, "flushes": 0, "truncates": 0, "bytes": 0}
         for e in self.entries:
             if e[0] == W:
@@ -79,7 +85,7 @@ class RecordingHostFile(HostFile):
         self.log = log
         self.name = name or os.path.basename(path)
 
-    def pwrite(self, data, offset: int) -> None:
+    def pwrite(self, data: Buffer, offset: int) -> None:
         data = bytes(data)
         super().pwrite(data, offset)
         self.log.write(self.name, offset, data)
@@ -89,7 +95,7 @@ class RecordingHostFile(HostFile):
         super().punch_hole(offset, length)
         self.log.write(self.name, offset, bytes(length))
 
-    def pwritev(self, buffers, offset: int) -> None:
+    def pwritev(self, buffers: Sequence[Buffer], offset: int) -> None:
         self.pwrite(b"".join(bytes(b) for b in buffers), offset)
 
     def flush(self) -> None:
@@ -100,11 +106,11 @@ class RecordingHostFile(HostFile):
         self.log.truncate(self.name, length)
 
 
-def recording_factory(log: IOLog) -> Callable:
+def recording_factory(log: IOLog) -> Callable[[str, bool], HostFile]:
     """file_factory for Qcow2Image: writable files (the image, its external data file) are recorded
     under their base name; read-only ones are plain HostFiles."""
 
-    def factory(path: str, writable: bool):
+    def factory(path: str, writable: bool) -> HostFile:
         if not writable:
             return HostFile(path, writable=False)
         return RecordingHostFile(path, True, log)
@@ -112,7 +118,7 @@ def recording_factory(log: IOLog) -> Callable:
     return factory
 
 
-def replay_all(pristine: dict, log: IOLog) -> dict:
+def replay_all(pristine: Mapping[str, bytes], log: IOLog) -> dict[str, bytearray]:
     files = {n: bytearray(b) for n, b in pristine.items()}
     for e in log.entries:
         if e[0] == W:
@@ -136,8 +142,8 @@ def _truncate(buf: bytearray, length: int) -> None:
         buf.extend(bytes(length - len(buf)))
 
 
-def _merge(intervals) -> list:
-    out = []
+def _merge(intervals: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[list[int]] = []
     for a, b in sorted(intervals):
         if out and a <= out[-1][1]:
             out[-1][1] = max(out[-1][1], b)

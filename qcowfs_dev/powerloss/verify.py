@@ -14,19 +14,22 @@ import json
 import logging
 import os
 import shutil
-from typing import Optional
+from typing import Any, Optional, Union
 
 from bitarray import bitarray
-from support.oracles import qemu_bitmaps, qemu_check_rc, qemu_raw, run
-from support.probes import header_dirty, read_header_field
 
 from qcowfs.engine.bitmap_intent import INTENT_REGION
 from qcowfs.engine.bitmaps import BitmapStore
 from qcowfs.engine.image import Qcow2Image
 from qcowfs.engine.snapshots import SnapshotView, read_all
+from qcowfs_dev.oracles import qemu_bitmaps, qemu_check_rc, qemu_raw, run
+from qcowfs_dev.probes import header_dirty, read_header_field
 
-from .driver import BmState, Model, state_bits
+from .driver import BmPhase, BmState, Model, state_bits
 from .iolog import SECTOR, _merge
+
+#: the guest disk as qcowfs reads it
+GuestBytes = Union[bytes, bytearray]
 
 
 @dataclasses.dataclass
@@ -84,7 +87,7 @@ def _guest_at(m: Model, n: int) -> bytearray:
     return c_buf
 
 
-def compare_guest(actual: bytes, m: Model, ex: Expect) -> Optional[str]:
+def compare_guest(actual: GuestBytes, m: Model, ex: Expect) -> Optional[str]:
     """None if every byte is the flushed guest content or a value written there since."""
     expected = _guest_at(m, ex.durable)
     if actual == expected:
@@ -149,11 +152,11 @@ def _copy_state(src: str, dst: str, files: list) -> None:
 class _ErrorLog(logging.Handler):
     """Collects what qcowfs logs at ERROR level while it reads a crash state: it found damage."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__(logging.ERROR)
-        self.messages: list = []
+        self.messages: list[str] = []
 
-    def emit(self, record) -> None:
+    def emit(self, record: logging.LogRecord) -> None:
         self.messages.append(record.getMessage())
 
 
@@ -173,12 +176,13 @@ def _worker_logging() -> _ErrorLog:
     return _ERRORS
 
 
-def check_state(task: Task) -> dict:
+def check_state(task: Task) -> dict[str, Any]:
     m = _MODEL
+    assert m is not None, "the worker has no model (Explorer's pool initializer sets it)"
     errors = _worker_logging()
     img_path = os.path.join(task.dir, m.image)
-    res = {"sid": task.sid, "dir": task.dir, "where": task.where, "failures": []}
-    fails = res["failures"]
+    fails: list[str] = []
+    res: dict[str, Any] = {"sid": task.sid, "dir": task.dir, "where": task.where, "failures": fails}
     try:
         _check_state(m, task, img_path, res, fails)
     except Exception as e:  # a checker crash is a failure too, with its traceback
@@ -199,7 +203,7 @@ def check_state(task: Task) -> dict:
     return res
 
 
-def _check_state(m: Model, task: Task, img_path: str, res: dict, fails: list) -> None:
+def _check_state(m: Model, task: Task, img_path: str, res: dict[str, Any], fails: list[str]) -> None:
     ex = task.expect
     dirty = header_dirty(img_path)
     full = m
@@ -254,20 +258,22 @@ def _check_state(m: Model, task: Task, img_path: str, res: dict, fails: list) ->
                 fails.append(f"qcowfs cannot read the internal snapshots: {e!r}")
     finally:
         img.close(flush=False)
-    why = compare_guest(actual + bytes(len(full.initial) - len(actual)) if len(actual) < len(full.initial) else actual,
-                        full, ex)
-    if why:
-        fails.append("durable data lost: " + why)
+    lost = compare_guest(actual + bytes(len(full.initial) - len(actual)) if len(actual) < len(full.initial) else actual,
+                         full, ex)
+    if lost:
+        fails.append("durable data lost: " + lost)
     if task.oracle:
         res["oracle_reads"] = 1
         ref = qemu_raw(img_path, os.path.join(task.dir, "ref.raw"))
         if ref != actual:
             k = next((k for k in range(min(len(ref), len(actual))) if ref[k] != actual[k]), min(len(ref), len(actual)))
             fails.append(f"qemu-img convert and qcowfs read the state differently (first at guest byte {k:#x})")
-    qinfo = _qemu_info(img_path) if with_snaps or ex.intent or m.granularities or bms or ex.sizes else None
+    qinfo: dict[str, Any] = {}  # asked for only when something below reads it
+    if with_snaps or ex.intent or m.granularities or bms or ex.sizes:
+        qinfo = _qemu_info(img_path)
     if ex.sizes and qinfo.get("virtual-size") not in ex.sizes:
         fails.append(f"qemu-img info: virtual size {qinfo.get('virtual-size')}, expected one of {list(ex.sizes)}")
-    if snaps is not None:
+    if snaps is not None and views is not None:
         _check_snapshots(m, task, img_path, snaps, views, qinfo, res, fails)
     if ex.intent:
         _check_intent_bitmaps(m, task, img_path, bms, stale, actual, res, fails, q=_info_bitmaps(qinfo))
@@ -283,7 +289,7 @@ def _qemu_info(img_path: str) -> dict:
 
 
 def _info_bitmaps(info: dict) -> dict:
-    """name -> {"name", "granularity", "flags"} (support.oracles.qemu_bitmaps from one qemu-img info)."""
+    """name -> {"name", "granularity", "flags"} (qcowfs_dev.oracles.qemu_bitmaps from one qemu-img info)."""
     data = info.get("format-specific", {}).get("data", {})
     return {b["name"]: b for b in data.get("bitmaps", [])}
 
@@ -358,7 +364,7 @@ def _check_snapshots(m: Model, task: Task, img_path: str, snaps: list, views: di
         if s.disk_size != len(want):
             fails.append(f"snapshot {s.name}{how}: disk size {s.disk_size}, expected {len(want)}")
             continue
-        got = views.get(s.id)
+        got = views[s.id]
         res["snap_views"] = res.get("snap_views", 0) + 1
         if got != want:
             k = _first_diff(got, want)
@@ -391,6 +397,7 @@ def _copied_mismatch_problem(task: Task, img_path: str) -> str:
       - COPIED clear on an entry whose cluster has refcount 1: a write copies it needlessly;
     and nothing else but leaks, and qemu-img check -r all (on a copy) leaves the image clean."""
     m = _MODEL
+    assert m is not None, "the worker has no model (Explorer's pool initializer sets it)"
     p = run(["qemu-img", "check", os.path.abspath(img_path)], check=False, cwd=task.dir)
     cb = read_header_field(img_path, 20, 4)
     leaked: dict = {}  # cluster -> references
@@ -548,7 +555,7 @@ def _check_bitmaps(m: Model, ex: Expect, img_path: str, bms: dict, stale: bool, 
 
 
 # ----------------------------------------------------------------------------- intent mode
-def _check_intent_bitmaps(m: Model, task: Task, img_path: str, bms: dict, stale: bool, actual: bytes, res: dict,
+def _check_intent_bitmaps(m: Model, task: Task, img_path: str, bms: dict, stale: bool, actual: GuestBytes, res: dict,
                           fails: list, q: Optional[dict] = None) -> None:
     """Intent mode (bitmap_intent.py): at every crash point every bitmap is valid on disk, never in_use
     (not even while it is being created: the new entry is written consistent), and a superset of
@@ -646,7 +653,7 @@ def _check_intent_bitmaps(m: Model, task: Task, img_path: str, bms: dict, stale:
 
 
 def nbd_dirty_map(img_path: str, name: str) -> list:
-    """support.oracles.dirty_map (qemu-nbd -r -B NAME served to nbdinfo --map), run in the image's
+    """qcowfs_dev.oracles.dirty_map (qemu-nbd -r -B NAME served to nbdinfo --map), run in the image's
     directory: QEMU opens an external data file named relatively from its working directory."""
     img_path = os.path.abspath(img_path)
     server = ["qemu-nbd", "-r", "-f", "qcow2", "-B", name, img_path]
@@ -685,10 +692,13 @@ def _region_bits(m: Model, st: BmState) -> bitarray:
     return bits
 
 
-def _intent_bits_problems(m: Model, ex: Expect, ph, bits: bitarray, actual: bytes, res: dict) -> list:
+def _intent_bits_problems(m: Model, ex: Expect, ph: BmPhase, bits: bitarray, actual: GuestBytes,
+                          res: dict[str, Any]) -> list[str]:
     """What is wrong with the on-disk bits of one intent-mode bitmap in this crash state (see
     _check_intent_bitmaps): one line per rule broken (lower bound, changed data, upper bound)."""
-    g = (ph.before or ph.after).granularity
+    known = ph.before or ph.after
+    assert known is not None, f"bitmap {ph.name}: no state before or after the step under way"
+    g = known.granularity
     nbits = -(-m.size // g)
     if len(bits) != nbits:
         return [f"{len(bits)} bits, expected {nbits}"]
@@ -706,11 +716,14 @@ def _intent_bits_problems(m: Model, ex: Expect, ph, bits: bitarray, actual: byte
                           "it was dirty (pristine or merged bits) and no clear completed")
                        + f" ({missing.count()} such bits; {under_way})")
     # changed data: the recorded writes, including the one under way, not those of a clear under way
+    rec: tuple[int, ...]
     if ph.op == "write":
+        assert ph.after is not None, f"bitmap {ph.name}: a guest write under way leads to a state"
         rec = ph.after.rec
     elif ph.op in ("clear", "create"):
         rec = ()
     else:
+        assert before is not None, f"bitmap {ph.name}: no state before a {ph.op or 'step'} of an existing bitmap"
         rec = before.rec
     bad = _unexplained(m, ex, rec, g, bits, actual, res)
     if bad:
@@ -737,7 +750,8 @@ def _touches(w: tuple, a: int, b: int) -> bool:
     return off < b and a < off + len(data)
 
 
-def _unexplained(m: Model, ex: Expect, rec: tuple, g: int, bits: bitarray, act: bytes, res: dict):
+def _unexplained(m: Model, ex: Expect, rec: tuple[int, ...], g: int, bits: bitarray, act: GuestBytes,
+                 res: dict[str, Any]) -> Optional[tuple[int, int, list[int]]]:
     """(granule, guest byte, recorded writes there) of the first byte, in a granule whose bit is clear, that
     holds a value no write outside `rec` explains: neither the content of the durable writes not in rec
     (over the pristine content), nor a value an unflushed write not in rec wrote there. None if none.

@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """The performance ceiling for qcowfs: the thinnest pyfuse3 + trio filesystem.
 
-    python scripts/ceiling_fs.py RAWFILE MOUNTPOINT
+    python -m qcowfs_dev.ceiling_fs [--stock-loop] [--latency-us=N] RAWFILE MOUNTPOINT
 
 Serves one file, MOUNTPOINT/disk.raw, whose reads and writes go straight to
 RAWFILE with os.pread/os.pwrite: no mapping, no metadata, no bitmaps. Whatever
@@ -22,6 +21,7 @@ import os
 import signal
 import stat
 import sys
+from typing import Optional, Protocol, Sequence
 
 import pyfuse3
 import trio
@@ -68,49 +68,51 @@ class CeilingOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return a
 
-    async def lookup(self, parent_inode, name, ctx=None):
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Optional[pyfuse3.RequestContext] = None
+                     ) -> pyfuse3.EntryAttributes:
         if parent_inode == ROOT and name == DISK_NAME:
             return self._attr(DISK)
         raise pyfuse3.FUSEError(errno.ENOENT)
 
-    async def getattr(self, inode, ctx=None):
+    async def getattr(self, inode: int, ctx: Optional[pyfuse3.RequestContext] = None) -> pyfuse3.EntryAttributes:
         return self._attr(inode)
 
-    async def setattr(self, inode, attr, fields, fh, ctx):
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                      fh: Optional[int], ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         if fields.update_size and (inode != DISK or attr.st_size != self.size):
             raise pyfuse3.FUSEError(errno.EPERM)
         if fields.update_mode or fields.update_uid or fields.update_gid:
             raise pyfuse3.FUSEError(errno.EPERM)
         return self._attr(inode)
 
-    async def forget(self, inode_list):
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         pass
 
-    async def opendir(self, inode, ctx):
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         if inode != ROOT:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
-    async def readdir(self, fh, start_id, token):
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         if start_id == 0:
             pyfuse3.readdir_reply(token, DISK_NAME, self._attr(DISK), 1)
 
-    async def releasedir(self, fh):
+    async def releasedir(self, fh: int) -> None:
         pass
 
-    async def open(self, inode, flags, ctx):
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if inode != DISK:
             raise pyfuse3.FUSEError(errno.EISDIR if inode == ROOT else errno.ENOENT)
         return pyfuse3.FileInfo(fh=DISK, direct_io=True)
 
-    async def read(self, fh, off, size):
+    async def read(self, fh: int, off: int, size: int) -> bytes:
         if self.latency:
             await trio.sleep(self.latency)
         if off >= self.size:
             return b""
         return os.pread(self.fd, min(size, self.size - off), off)
 
-    async def write(self, fh, off, buf):
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
         if self.latency:
             # a slow host file system under a qcow2 image: the image may grow
             await trio.sleep(self.latency)
@@ -119,18 +121,18 @@ class CeilingOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOSPC)
         return os.pwrite(self.fd, buf, off)
 
-    async def fsync(self, fh, datasync):
+    async def fsync(self, fh: int, datasync: bool) -> None:
         if self.latency:
             await trio.sleep(self.latency)
         os.fdatasync(self.fd) if datasync else os.fsync(self.fd)
 
-    async def flush(self, fh):
+    async def flush(self, fh: int) -> None:
         pass
 
-    async def release(self, fh):
+    async def release(self, fh: int) -> None:
         pass
 
-    async def statfs(self, ctx):
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         s = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
         d = pyfuse3.StatvfsData()
         d.f_bsize = s.f_bsize
@@ -146,6 +148,14 @@ class CeilingOperations(pyfuse3.Operations):
 _signalled = False
 
 
+class _Loop(Protocol):
+    """A request loop: pyfuse3's own, or qcowfs's FastLoop."""
+
+    async def run(self) -> None: ...
+
+    def exit(self) -> None: ...
+
+
 class _StockLoop:
     """pyfuse3's own request loop."""
 
@@ -156,7 +166,7 @@ class _StockLoop:
         pyfuse3.terminate()
 
 
-async def _watch_signals(loop) -> None:
+async def _watch_signals(loop: _Loop) -> None:
     global _signalled
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for _ in signals:
@@ -165,7 +175,7 @@ async def _watch_signals(loop) -> None:
             return
 
 
-async def _serve(loop) -> None:
+async def _serve(loop: _Loop) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_signals, loop)
         await loop.run()
@@ -183,7 +193,7 @@ def main(argv: list[str]) -> int:
         latency_us = int(argv.pop(0).split("=", 1)[1])
         stock = True
     if len(argv) != 2 or argv[0] in ("-h", "--help"):
-        print("usage: ceiling_fs.py [--stock-loop] [--latency-us=N] RAWFILE MOUNTPOINT  "
+        print("usage: python -m qcowfs_dev.ceiling_fs [--stock-loop] [--latency-us=N] RAWFILE MOUNTPOINT  "
               "(serves RAWFILE as MOUNTPOINT/disk.raw)", file=sys.stderr)
         return 2
     raw, mnt = argv
@@ -200,11 +210,11 @@ def main(argv: list[str]) -> int:
     if os.getuid() == 0:
         options.add("allow_other")
     pyfuse3.init(ops, mnt, options)
+    loop: _Loop
     if stock:
         loop = _StockLoop()
     else:
         # the request loop qcowfs runs (qcowfs/fuse/request_loop.py), so the ceiling stays a ceiling
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         from qcowfs.fuse.request_loop import FastLoop
 
         loop = FastLoop()

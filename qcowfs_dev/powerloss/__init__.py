@@ -101,14 +101,6 @@ How it works
 
 from __future__ import annotations
 
-import os
-import sys
-
-try:
-    import qcowfs  # noqa: F401
-except ImportError:  # run from a checkout without an installed qcowfs
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
 from .driver import BitmapSpec, BmPhase, BmState, Driver, Model, Tracker, expected_bits, state_bits
 from .explore import Explorer, Stats, explore_workload, failure_report, total_line
 from .iolog import SECTOR, F, IOLog, M, RecordingHostFile, T, W, recording_factory, replay_all

@@ -22,13 +22,16 @@ import random
 import shutil
 import time
 import zlib
-from typing import Optional
+from typing import Iterable, Mapping, Optional, Sequence
 
 from . import verify
 from .driver import Tracker
-from .iolog import SECTOR, F, M, T, W, _apply, _merge, _truncate
+from .iolog import SECTOR, Entry, F, M, T, W, _apply, _merge, _truncate
 from .verify import Expect, Task, check_state
 from .workloads import Bounds, Recorded, Workload, record
+
+#: the optional writes a crash state applies: (log index, the sectors kept of a torn write or None: all)
+Choice = list[tuple[int, Optional[frozenset[int]]]]
 
 
 @dataclasses.dataclass
@@ -95,10 +98,10 @@ class Stats:
                 f"in {self.seconds:.1f}s" + (f", {len(self.failures)} FAILING" if self.failures else ""))
 
 
-def _choices(rng: random.Random, opt: list, entries: list, bounds: Bounds, want_full: bool) -> list:
+def _choices(rng: random.Random, opt: list[int], entries: list[Entry], bounds: Bounds, want_full: bool) -> list[Choice]:
     """Subsets of the optional writes `opt` (log indices) to apply: lists of (index, sector set or None)."""
     n = len(opt)
-    out = []
+    out: list[Choice] = []
     if n == 0:
         return [[]] if want_full else []
     if (1 << n) <= bounds.exhaustive:
@@ -110,7 +113,8 @@ def _choices(rng: random.Random, opt: list, entries: list, bounds: Bounds, want_
         if want_full:
             out.append([(i, None) for i in opt])
         # in-order prefixes (the disk wrote in issue order and stopped)
-        ks = range(n) if n <= bounds.prefixes else sorted({round(j * (n - 1) / (bounds.prefixes - 1)) for j in range(bounds.prefixes)}) if bounds.prefixes > 1 else [0]
+        ks = range(n) if n <= bounds.prefixes else sorted(
+            {round(j * (n - 1) / (bounds.prefixes - 1)) for j in range(bounds.prefixes)}) if bounds.prefixes > 1 else [0]
         for k in ks:
             out.append([(i, None) for i in opt[:k]])
         for j in rng.sample(range(n), min(n, bounds.drop_one)):
@@ -124,7 +128,7 @@ def _choices(rng: random.Random, opt: list, entries: list, bounds: Bounds, want_
     tearable = [i for i in opt if _nsectors(entries[i]) > 1]
     for _ in range(bounds.torn if tearable else 0):
         torn = set(rng.sample(tearable, rng.randint(1, min(3, len(tearable)))))
-        pick = []
+        pick: Choice = []
         for i in opt:
             if i in torn:
                 secs = _sectors(entries[i])
@@ -138,12 +142,12 @@ def _choices(rng: random.Random, opt: list, entries: list, bounds: Bounds, want_
     return out
 
 
-def _sectors(e) -> range:
+def _sectors(e: Entry) -> range:
     off, data = e[2], e[3]
     return range(off // SECTOR, (off + len(data) - 1) // SECTOR + 1)
 
 
-def _nsectors(e) -> int:
+def _nsectors(e: Entry) -> int:
     return len(_sectors(e)) if e[0] == W and e[3] else 0
 
 
@@ -340,6 +344,7 @@ class Explorer:
             ex.bms = tracker.phases()
             ex.snaps, ex.snaps_maybe, ex.disabled = frozenset(snaps), frozenset(snaps_maybe), frozenset(disabled)
             opt = sorted(j for lst in unflushed.values() for j in lst)
+            choices: list[Choice]
             if not want_sub:
                 choices = [[(j, None) for j in opt]] if want_full else []
             else:
@@ -349,7 +354,8 @@ class Explorer:
                 if self.bounds.max_states and self.stats.distinct >= self.bounds.max_states:
                     return
 
-    def _emit(self, p, base, base_hash, unflushed, choice, ex: Expect) -> None:
+    def _emit(self, p: int, base: Mapping[str, bytearray], base_hash: Mapping[str, bytes],
+              unflushed: Mapping[str, list[int]], choice: Choice, ex: Expect) -> None:
         ents = self.rec.log.entries
         self.stats.generated += 1
         # per file: the regions the optional writes touch, rebuilt with the chosen pieces
@@ -434,7 +440,7 @@ class Explorer:
             s.failures.append(res)
 
     # ------------------------------------------------------------------ reporting
-    def describe_entries(self, indices) -> str:
+    def describe_entries(self, indices: Iterable[int]) -> str:
         ents = self.rec.log.entries
         out = []
         for j in indices:
@@ -450,7 +456,8 @@ class Explorer:
         return "\n".join(out)
 
 
-def total_line(total: int, workloads: int, seconds: float, intent_total: int = 0, intent_workloads=()) -> str:
+def total_line(total: int, workloads: int, seconds: float, intent_total: int = 0,
+               intent_workloads: Sequence[str] = ()) -> str:
     """The summary line of a run (pytest's terminal summary, scripts/crash-states)."""
     line = f"power-loss total: {total} distinct crash states checked across {workloads} workloads"
     if intent_workloads:

@@ -16,7 +16,7 @@ the snapshot was taken (Model.snap_at)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, Iterable, Optional
 
 from bitarray import bitarray
 
@@ -106,7 +106,7 @@ class Tracker:
         self.ops: dict = {}  # name -> its own op when a step does several (a checkpoint: create + disable)
         self.after: dict = {}  # name -> BmState (None: removed) once the command under way completes
 
-    def feed(self, kind: str, val) -> None:
+    def feed(self, kind: str, val: Any) -> None:
         m = self.model
         self.ops = {} if kind in ("gw", "bm+", "bm-", "bmc") else self.ops
         if kind == "gw":
@@ -166,7 +166,7 @@ class Driver:
         self.mode = model.bitmap_sync
         self._open()
 
-    def _marker(self, kind: str, val=None) -> None:
+    def _marker(self, kind: str, val: Any = None) -> None:
         self.log.marker(kind, val)
         self.tracker.feed(kind, val)
 
@@ -254,11 +254,12 @@ class Driver:
         self._marker("bm-done", name)
         self._check_memory()
 
-    def _command(self, op: str, name: str, arg=None) -> None:
+    def _command(self, op: str, name: str, arg: Optional[str] = None) -> None:
         self.model.ops.append(f"bitmap {op} {name}" + (f" from {arg}" if arg else ""))
         self._marker("bmc", (op, name, arg))
         bs = self.disk.bitmaps
         if op == "merge":
+            assert arg is not None, "merge needs a source bitmap"
             bs.merge(arg, name)
         else:
             getattr(bs, op)(name)
@@ -324,7 +325,7 @@ class Driver:
         self._marker("gf", len(self.writes))
         self._check_snapshots([s.name for s in snaps if s is not snap])
 
-    def checkpoint(self, name: str, disable=()) -> None:
+    def checkpoint(self, name: str, disable: Iterable[str] = ()) -> None:
         """Disk.checkpoint(name, disable): snapshot NAME + recording bitmap NAME (QEMU's default
         granularity: the cluster size clamped to [4 KiB, 64 KiB]) + the bitmaps of `disable` stopped,
         one step, durable when it returns."""

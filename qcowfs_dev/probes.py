@@ -10,6 +10,12 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
+from typing import Any, Optional, Union
+
+from .proc import StrPath
+
+#: what the readers take: the image's bytes, or its path
+Source = Union[bytes, bytearray, memoryview, StrPath]
 
 # ----------------------------------------------------------------------------- the format
 MAGIC = b"QFI\xfb"
@@ -78,20 +84,20 @@ def u64(b: bytes, o: int) -> int:
     return struct.unpack_from(">Q", b, o)[0] if 0 <= o and o + 8 <= len(b) else 0
 
 
-def _bytes(src, limit: int | None = None) -> bytes:
+def _bytes(src: Source, limit: int | None = None) -> bytes:
     if isinstance(src, (bytes, bytearray, memoryview)):
         return bytes(src) if limit is None else bytes(src[:limit])
     with open(src, "rb") as f:
         return f.read() if limit is None else f.read(limit)
 
 
-def read_u64(path, off: int) -> int:
+def read_u64(path: StrPath, off: int) -> int:
     with open(path, "rb") as f:
         f.seek(off)
         return struct.unpack(">Q", f.read(8))[0]
 
 
-def read_header_field(path, offset: int, size: int) -> int:
+def read_header_field(path: StrPath, offset: int, size: int) -> int:
     """A big-endian header field of `size` bytes at `offset`."""
     with open(path, "rb") as f:
         f.seek(offset)
@@ -99,7 +105,7 @@ def read_header_field(path, offset: int, size: int) -> int:
 
 
 # ----------------------------------------------------------------------------- header
-def header(src) -> dict:
+def header(src: Source) -> dict[str, Any]:
     """The header fields by their specification names (version 2: no incompat/compat/autoclear
     bits, refcount_order 4, header_length 72)."""
     h = _bytes(src, 112)
@@ -131,11 +137,11 @@ def header(src) -> dict:
     }
 
 
-def header_length(src) -> int:
+def header_length(src: Source) -> int:
     return header(src)["header_length"]
 
 
-def header_dirty(path) -> bool:
+def header_dirty(path: StrPath) -> bool:
     """The dirty bit (lazy refcounts: refcounts may be stale) is set."""
     return bool(read_header_field(path, OFF_INCOMPAT, 8) & INCOMPAT_DIRTY)
 
@@ -166,7 +172,7 @@ def extensions_end(data: bytes) -> int:
     return off + 8 + (length + 7) // 8 * 8
 
 
-def find_extension(data: bytes, magic: int):
+def find_extension(data: bytes, magic: int) -> Optional[tuple[int, int]]:
     """(offset, length) of the first extension with this magic, or None."""
     return next(((off, length) for m, off, length in extensions(data) if m == magic), None)
 
@@ -188,7 +194,7 @@ def l2_entry_offset(data: bytes, guest_cluster: int) -> int:
     return l2 + entry * (guest_cluster % per_table)
 
 
-def first_l2_entry(path) -> tuple:
+def first_l2_entry(path: Source) -> tuple[int, int]:
     """(file offset of L2 entry 0 of L1 entry 0, its value)."""
     data = _bytes(path)
     off = l2_entry_offset(data, 0)
@@ -196,7 +202,7 @@ def first_l2_entry(path) -> tuple:
 
 
 # ----------------------------------------------------------------------------- refcounts
-def refcount_entry_offset(path, cluster: int) -> int:
+def refcount_entry_offset(path: Source, cluster: int) -> int:
     """File offset of a host cluster's refcount entry (byte-wide refcounts: 8 to 64 bits)."""
     data = _bytes(path)
     h = header(data)
@@ -208,14 +214,14 @@ def refcount_entry_offset(path, cluster: int) -> int:
     return block + width * (cluster % per_block)
 
 
-def refcount(path, cluster: int) -> int:
+def refcount(path: StrPath, cluster: int) -> int:
     data = _bytes(path)
     order = header(data)["refcount_order"]
     off = refcount_entry_offset(data, cluster)
     return int.from_bytes(data[off:off + (1 << (order - 3))], "big")
 
 
-def set_refcount(path, cluster: int, value: int) -> None:
+def set_refcount(path: StrPath, cluster: int, value: int) -> None:
     data = _bytes(path)
     order = header(data)["refcount_order"]
     with open(path, "r+b") as f:
@@ -224,7 +230,7 @@ def set_refcount(path, cluster: int, value: int) -> None:
 
 
 # ----------------------------------------------------------------------------- bitmaps
-def bitmaps_extension(data: bytes):
+def bitmaps_extension(data: bytes) -> Optional[dict[str, int]]:
     """{"nb_bitmaps", "directory_size", "directory_offset"} of the bitmaps extension, or None."""
     found = find_extension(data, BITMAPS_MAGIC)
     if found is None or found[1] < 24:
@@ -257,13 +263,13 @@ def bitmap_directory(data: bytes) -> list:
 
 
 # ----------------------------------------------------------------------------- writing (damage on purpose)
-def write_u64(path, off: int, value: int) -> None:
+def write_u64(path: StrPath, off: int, value: int) -> None:
     with open(path, "r+b") as f:
         f.seek(off)
         f.write(struct.pack(">Q", value))
 
 
-def patch(path, fmt: str, offset: int, *values) -> None:
+def patch(path: StrPath, fmt: str, offset: int, *values: Any) -> None:
     """struct.pack_into on the image bytes, written back in place."""
     p = Path(path)
     data = bytearray(p.read_bytes())
@@ -271,7 +277,7 @@ def patch(path, fmt: str, offset: int, *values) -> None:
     p.write_bytes(bytes(data))
 
 
-def set_incompat(path, bits: int) -> None:
+def set_incompat(path: StrPath, bits: int) -> None:
     """OR bits into the incompatible features."""
     p = Path(path)
     data = bytearray(p.read_bytes())
@@ -308,7 +314,7 @@ def metadata_regions(data: bytes) -> dict:
         off += 8 + (length + 7) // 8 * 8
     regs["extensions"].append((hl, off))
 
-    def l1_and_l2(l1_off, l1_size, l1_name):
+    def l1_and_l2(l1_off: int, l1_size: int, l1_name: str) -> None:
         regs[l1_name].append((l1_off, l1_off + 8 * l1_size))
         for i in range(l1_size):
             e = u64(data, l1_off + 8 * i) & OFFSET_MASK
