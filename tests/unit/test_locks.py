@@ -17,7 +17,7 @@ import pytest
 try:
     import qcowfs  # noqa: F401
 except ImportError:  # run from a venv without the project installed: use the work tree
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from qcowfs.errors import LockError
 from qcowfs.engine.locks import _FLOCK, ImageLock, lock_bytes, probe_conflict

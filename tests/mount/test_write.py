@@ -515,7 +515,7 @@ def fallocate(fd: int, mode: int, off: int, length: int) -> int:
 
 @needs_fuse
 def test_fallocate_modes_qcowfs_does_not_support(mount, tmp_path):
-    """Punching and zeroing work (tests/test_thin.py); collapsing, inserting and unsharing
+    """Punching and zeroing work (tests/mount/test_thin.py); collapsing, inserting and unsharing
     ranges do not: EOPNOTSUPP, nothing changed, the mount goes on."""
     img = create(tmp_path / "img.qcow2", 16 * MiB, "cluster_size=65536")
     qemu_io(img, "write -P 0x66 0 4M")

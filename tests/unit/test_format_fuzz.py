@@ -24,7 +24,7 @@ from support.probes import BITMAPS_MAGIC, OFFSET_MASK, u32, u64
 try:
     import qcowfs  # noqa: F401
 except ImportError:  # run from a venv without the project installed: use the work tree
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from qcowfs.errors import QcowError
 from qcowfs.format.header import Header, parse_header

@@ -49,7 +49,7 @@ from support.mounts import Mount, detach
 from support.oracles import qemu_img, qemu_io
 from support.probes import OFFSET_MASK, all_metadata_offsets, metadata_regions, refcounts_past_eof, u32, u64
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 QCOWFS = [sys.executable, "-m", "qcowfs"]
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
 

@@ -19,7 +19,7 @@ from support.oracles import qemu_bitmaps, qemu_check, qemu_raw
 
 pytestmark = needs_fuse
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 KiB, MiB = 1 << 10, 1 << 20
 BLOCK = 4 * KiB
 

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import needs_fuse
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SECONDS = float(os.environ.get("QCOWFS_SOAK_SECONDS", "30"))
 
 

@@ -26,7 +26,7 @@ from support.mounts import QCOWFS, detach, is_mounted
 from support.oracles import assert_clean, qemu_img, qemu_info, qemu_io, run
 from support.proc import wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NOBODY = 65534
 STRANGER = 4321  # a uid no option names
 

@@ -25,7 +25,7 @@ from support.mounts import FUSE_AVAILABLE, detach, is_mounted
 from support.oracles import assert_clean, qemu_img
 from support.proc import run
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tracked_files() -> list[str]:

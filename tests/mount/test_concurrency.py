@@ -331,7 +331,7 @@ def test_kill_during_storm_keeps_fsynced_data(mount, tmp_path):
     qemu_io(img, "write -P 0x5a 0 512", "read -P 0x5a 0 512")
 
 
-CEILING = Path(__file__).resolve().parents[1] / "scripts" / "ceiling_fs.py"
+CEILING = Path(__file__).resolve().parents[2] / "scripts" / "ceiling_fs.py"
 HOST_LATENCY_US = 2000
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-PKG = Path(__file__).resolve().parent.parent / "qcowfs"
+PKG = Path(__file__).resolve().parents[2] / "qcowfs"
 
 #: what each layer may import of qcowfs (by first path component; "" is the package root)
 ALLOWED = {
