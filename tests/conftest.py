@@ -1,7 +1,9 @@
 """Shared fixtures: real mounts in a subprocess, QEMU tools as the oracle.
 
-The helpers live in tests/support/ (oracles, mounts, probes); what tests imported from here before
-is re-exported. Mounts are waited for by polling os.path.ismount (never fixed sleeps) and are
+The tests are in folders by layer: unit/ (no mount, no FUSE Operations), ops/ (QcowOperations
+called directly), mount/ (real mounts), harness/ (power-loss crash states, fuzzing, soak, kill -9).
+The helpers live in tests/support/ (oracles, mounts, probes, images, syscalls, seeds, ...); what
+tests imported from here before is re-exported. Mounts are waited for by polling os.path.ismount (never fixed sleeps) and are
 always unmounted in teardown; a daemon that logged a traceback fails the test.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,12 @@ import pytest
 from support.mounts import FUSE_AVAILABLE, QCOWFS, Mount, detach, is_mounted
 from support.oracles import assert_clean, qemu_check, qemu_img, qemu_info, qemu_io
 from support.proc import run, wait_for
+from support.repo import ROOT
+
+try:
+    import qcowfs  # noqa: F401
+except ImportError:  # run from a venv without the project installed: use the work tree
+    sys.path.insert(0, str(ROOT))
 
 __all__ = ["QCOWFS", "FUSE_AVAILABLE", "needs_fuse", "Mount", "run", "wait_for", "qemu_img", "qemu_io",
            "qemu_check", "assert_clean", "qemu_info", "sha256"]

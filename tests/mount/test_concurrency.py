@@ -47,9 +47,12 @@ from pathlib import Path
 
 import pytest
 from conftest import needs_fuse
+from support.images import create
 from support.fio import fio_header_ok, job_file, run_fio, write_iolog
 from support.oracles import assert_clean, assert_compare, dirty_extents, qemu_check, qemu_img, qemu_io
 from support.proc import wait_for
+from support.repo import ROOT
+from support.seeds import base_seed
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -59,7 +62,7 @@ VSIZE = 64 * MiB
 A = (0, 8 * MiB)
 B = (8 * MiB, 16 * MiB)
 C = (16 * MiB, 24 * MiB)
-SEED = int(os.environ.get("QCOWFS_SEED", "20251207"))
+SEED = base_seed(20251207)
 BASE = {A: 0x11, B: 0x22, C: 0x33}  # base content of each area (all zero for a fresh image)
 CRC_JOBS = {"crc8k": (4, 8 * KiB), "crc4k": (5, 4 * KiB)}  # name -> (slot, block size)
 
@@ -150,19 +153,17 @@ def build(kind: str, tmp: Path) -> tuple:
     """(image, raw file of its content before the storm, base byte of area A)."""
     img = tmp / "img.qcow2"
     if kind == "fresh":
-        qemu_img("create", "-q", "-f", "qcow2", img, str(VSIZE))
+        create(img, VSIZE)
     elif kind == "backing":
-        base = tmp / "base.qcow2"
-        qemu_img("create", "-q", "-f", "qcow2", base, str(VSIZE))
+        base = create(tmp / "base.qcow2", VSIZE)
         fill_base(base, "qcow2")
-        qemu_img("create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", img)
+        create(img, backing=base, backing_fmt="qcow2")
     elif kind == "snapshot":
-        qemu_img("create", "-q", "-f", "qcow2", img, str(VSIZE))
+        create(img, VSIZE)
         fill_base(img, "qcow2")
         qemu_img("snapshot", "-c", "s1", img)
     elif kind == "compressed":
-        src = tmp / "src.qcow2"
-        qemu_img("create", "-q", "-f", "qcow2", src, str(VSIZE))
+        src = create(tmp / "src.qcow2", VSIZE)
         fill_base(src, "qcow2")
         qemu_img("convert", "-c", "-O", "qcow2", src, img)
         src.unlink()
@@ -331,7 +332,7 @@ def test_kill_during_storm_keeps_fsynced_data(mount, tmp_path):
     qemu_io(img, "write -P 0x5a 0 512", "read -P 0x5a 0 512")
 
 
-CEILING = Path(__file__).resolve().parents[2] / "scripts" / "ceiling_fs.py"
+CEILING = ROOT / "scripts" / "ceiling_fs.py"
 HOST_LATENCY_US = 2000
 
 

@@ -16,11 +16,11 @@ import re
 import signal
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import assert_clean, needs_fuse, qemu_img, qemu_io, wait_for
+from conftest import assert_clean, needs_fuse, qemu_io, wait_for
+from support.images import create
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -29,11 +29,8 @@ SERVED = re.compile(r"request loop: (\d+) requests through the fast waiter")
 UNAVAILABLE = "fast FUSE request loop unavailable"
 
 
-def image(tmp_path: Path, size: str = "8M") -> Path:
-    img = tmp_path / "f.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", img, size)
-    qemu_io(img, "write -P 0x3c 0 4M")
-    return img
+#: the guest data of every image here
+FILL = ["write -P 0x3c 0 4M"]
 
 
 @pytest.mark.parametrize("version, ok", [("3.2.0", True), ("3.5.0", True), ("3.5.1rc1", True),
@@ -52,7 +49,7 @@ def test_only_verified_pyfuse3_releases_get_the_hook(monkeypatch, version, ok):
 
 @needs_fuse
 def test_fast_waiter_serves_the_requests(tmp_path, mount):
-    img = image(tmp_path)
+    img = create(tmp_path / "f.qcow2", "8M", writes=FILL)
     m = mount(img, read_only=True)
     fd = os.open(m.disk, os.O_RDONLY)  # disk.raw is direct_io: every pread is one FUSE read
     try:
@@ -82,7 +79,7 @@ def test_stop_signal_while_blocked_in_poll_is_seen_when_poll_returns(tmp_path, m
     (20 ms), so it never parks in trio, where a signal is seen at once. A SIGTERM that lands
     while it is blocked in poll() must stop it when poll() returns: without the re-check the
     next checkpoint came up to 64 requests (here 0.3 s) later."""
-    img = image(tmp_path)
+    img = create(tmp_path / "f.qcow2", "8M", writes=FILL)
     m = mount(img)
     sent = threading.Event()
     before, after = [0], [0]
@@ -150,7 +147,7 @@ def test_unknown_pyfuse3_falls_back_to_its_own_loop(tmp_path, mount, monkeypatch
     (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
     monkeypatch.setenv("PYTHONPATH", str(site))
     monkeypatch.setenv("QCOWFS_TEST_PYFUSE3", how)
-    img = image(tmp_path, "16M")
+    img = create(tmp_path / "f.qcow2", "16M", writes=FILL)
     m = mount(img)
     fd = os.open(m.disk, os.O_RDWR)
     try:

@@ -24,14 +24,7 @@ from support.dockerfile import DockerIgnore, Stage, copy_sources, load, sources_
 from support.mounts import FUSE_AVAILABLE, detach, is_mounted
 from support.oracles import assert_clean, qemu_img
 from support.proc import run
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _tracked_files() -> list[str]:
-    """What a fresh clone holds: the files git tracks."""
-    out = run(["git", "-C", ROOT, "ls-files", "-z"]).stdout
-    return [f for f in out.split("\0") if f]
+from support.repo import ROOT, tracked_files
 
 
 def _missing_copy_sources(stages: list[Stage], ignore: DockerIgnore, files: list[str]) -> list[str]:
@@ -76,7 +69,7 @@ def test_dockerignore_matches_as_docker_does(patterns, path, excluded):
 
 def test_every_copy_source_survives_dockerignore():
     stages, ignore = load(ROOT)
-    files = _tracked_files()
+    files = tracked_files()
     assert _missing_copy_sources(stages, ignore, files) == []
     # the check can fail: the .dockerignore that broke `podman build` (it excluded scripts/ whole)
     broken = DockerIgnore((ROOT / ".dockerignore").read_text().replace("!scripts/build-pyfuse3", ""))
@@ -194,7 +187,7 @@ def _replay_stage(stage: Stage, replay: Replay, context: Path) -> None:
 def test_dockerfile_steps_build_a_working_qcowfs(tmp_path):
     stages, ignore = load(ROOT)
     context = tmp_path / "context"
-    for f in ignore.context(_tracked_files()):
+    for f in ignore.context(tracked_files()):
         (context / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / f, context / f)
     python = getattr(sys, "_base_executable", sys.executable)

@@ -16,13 +16,13 @@ import random
 import signal
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from conftest import needs_fuse
 from support.mounts import Mount
-from support.oracles import assert_clean, qemu_img, qemu_io
+from support.images import mixed_image
+from support.oracles import assert_clean, qemu_img, qemu_io, qemu_raw
 from support.proc import wait_for
 from qcowfs.engine.hostfile import HostFile
 from qcowfs.engine.image import Qcow2Image
@@ -31,26 +31,9 @@ KiB = 1024
 MiB = 1024 * KiB
 
 
-def reference(img: Path, tmp: Path) -> bytes:
-    out = tmp / "ref.raw"
-    qemu_img("convert", "-O", "raw", img, out)
-    return out.read_bytes()
-
-
-def mixed_image(tmp: Path) -> Path:
-    """Data, zero clusters, unallocated clusters over a backing file, a compressed cluster."""
-    base = tmp / "base.raw"
-    base.write_bytes(random.Random(1).randbytes(8 * MiB))
-    img = tmp / "mixed.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", "-b", base, "-F", "raw", img, "16M")
-    qemu_io(img, "write -P 0x5a 0 1M", "write -z 1M 256k", "write -P 0x11 3M 64k",
-            "write -c -P 0x22 4M 64k", "write -z 9M 1M", "write -P 0x33 15M 1M")
-    return img
-
-
 def test_read_view_never_shows_stale_bytes(tmp_path):
     img = mixed_image(tmp_path)
-    ref = reference(img, tmp_path)
+    ref = qemu_raw(img, tmp_path / "ref.raw")
     rng = random.Random(2)
     with Qcow2Image(str(img)) as im:
         for _ in range(400):
@@ -82,7 +65,7 @@ def test_write_fast_paths_match_qemu(tmp_path):
     img = tmp_path / "w.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", img, "8M")
     qemu_io(img, "write -P 0x44 1536k 4k")  # one allocated cluster inside a later fresh run
-    ref = bytearray(reference(img, tmp_path))
+    ref = bytearray(qemu_raw(img, tmp_path / "ref.raw"))
     rng = random.Random(3)
 
     def data(n):
@@ -123,7 +106,7 @@ def test_write_fast_paths_match_qemu(tmp_path):
 @needs_fuse
 def test_parallel_readers_get_their_own_data(tmp_path, mount):
     img = mixed_image(tmp_path)
-    ref = reference(img, tmp_path)
+    ref = qemu_raw(img, tmp_path / "ref.raw")
     m = mount(img, read_only=True)
     errors = []
 

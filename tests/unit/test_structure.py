@@ -23,7 +23,9 @@ from pathlib import Path
 
 import pytest
 
-PKG = Path(__file__).resolve().parents[2] / "qcowfs"
+from support.repo import ROOT
+
+PKG = ROOT / "qcowfs"
 
 #: what each layer may import of qcowfs (by first path component; "" is the package root)
 ALLOWED = {
