@@ -1,4 +1,5 @@
-"""The command line as a user meets it: daemon mode, umount, signals, locks, help, run-time corruption."""
+"""The command line as a user meets it with a mount: daemon mode, umount, signals, locks, run-time
+corruption, ls -a. Without a mount (help, info, umount of something else): tests/unit/test_cli_offline.py."""
 
 from __future__ import annotations
 
@@ -18,33 +19,6 @@ from support.probes import COPIED, header, l2_entry_offset, write_u64
 from support.proc import wait_for
 
 MiB = 1 << 20
-
-
-def test_help_texts():
-    for args in ([], ["mount"], ["umount"], ["info"], ["check"], ["bitmap"], ["bitmap", "add"]):
-        p = run([*QCOWFS, *args, "--help"])
-        assert "usage: qcowfs" in p.stdout and p.stdout.count("\n") > 3, args
-    # what the mount point holds, all of it
-    top = " ".join(run([*QCOWFS, "--help"]).stdout.split())
-    assert all(name in top for name in ("disk.raw", ".bitmaps/", ".snapshots/")), top
-
-
-def test_info_text_is_qemu_img_info_then_qcowfs_lines(tmp_path):
-    """qemu-img info's lines, in its order (the snapshot list before the format-specific section,
-    bitmaps nested after lazy refcounts), then what qcowfs adds."""
-    base = create(tmp_path / "base.qcow2", "16M")
-    img = tmp_path / "top.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", img)
-    qemu_img("bitmap", "--add", img, "b0")
-    qemu_img("bitmap", "--add", "--disable", "-g", "4096", img, "b1")
-    qemu_img("snapshot", "-c", "s1", img)
-    qemu_io(img, "write -P 1 0 64k")
-    qemu_img("snapshot", "-c", "second", img)
-    assert base.exists()
-    theirs = run(["qemu-img", "info", img]).stdout.splitlines()
-    ours = run([*QCOWFS, "info", img]).stdout.splitlines()
-    assert ours[: len(theirs)] == theirs
-    assert ours[len(theirs)].startswith("    incompatible features:")
 
 
 @needs_fuse
@@ -76,11 +50,6 @@ def test_daemon_mode_and_umount_waits_for_shutdown(tmp_path):
     assert bms == [{"name": "b0", "granularity": 65536, "flags": ["auto"]}]
     assert_clean(img)
     assert "Traceback" not in log.read_text()
-
-
-def test_umount_of_something_else_is_one_line(tmp_path):
-    p = run([*QCOWFS, "umount", tmp_path], check=False)
-    assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1
 
 
 @needs_fuse
