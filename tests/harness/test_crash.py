@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from conftest import needs_fuse
+from support.extents import merged
 from support.images import create
 from support.oracles import qemu_check, qemu_img, qemu_info, qemu_io
 from support.seeds import base_seed, seed_for
@@ -106,16 +107,6 @@ class Writer(threading.Thread):
                 os.close(fd)
             except OSError:
                 pass
-
-
-def merged(intervals: list) -> list:
-    out: list = []
-    for a, b in sorted(intervals):
-        if out and a <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], b)
-        else:
-            out.append([a, b])
-    return out
 
 
 def assert_durable(got: bytes, expected: bytearray, uncertain: list, ops: list, durable: int, what: str) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from conftest import needs_fuse, sha256
+from support.extents import merged
 from support.images import create
 from support.oracles import assert_clean, dirty_extents, qemu_bitmaps, qemu_check, qemu_img, qemu_info, qemu_io, run
 from support.syscalls import errno_of
@@ -44,15 +45,9 @@ def add_qemu_bitmap(image: Path, name: str, granularity: int | None = None, disa
 
 def expected_extents(ranges, granularity: int, size: int) -> list:
     """Written ranges rounded out to the granularity, clipped to the disk, merged: [(offset, length)]."""
-    iv = sorted((off // granularity * granularity, min(-(-(off + ln) // granularity) * granularity, size))
-                for off, ln in ranges if ln > 0)
-    out: list = []
-    for s, e in iv:
-        if out and s <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], e)
-        else:
-            out.append([s, e])
-    return [(s, e - s) for s, e in out]
+    iv = [(off // granularity * granularity, min(-(-(off + ln) // granularity) * granularity, size))
+          for off, ln in ranges if ln > 0]
+    return [(s, e - s) for s, e in merged(iv)]
 
 
 def expected_count(ranges, granularity: int, size: int) -> int:

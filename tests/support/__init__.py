@@ -10,6 +10,7 @@
 - support.images: the one qemu-img create test images are made with (create), the images more
   than one test file starts from, image bytes as a fuzzer's input (Blobs);
 - support.syscalls: fallocate(2) through ctypes, and errno_of (the errno a call fails with);
+- support.extents: byte ranges (merged);
 - support.seeds: the seeds of randomized tests (fixed, shifted by QCOWFS_SEED);
 - support.repo: the repository's root, the files a clone holds, the README's code blocks.
 
