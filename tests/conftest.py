@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from support.mounts import FUSE_AVAILABLE, QCOWFS, Mount, detach, is_mounted
 from support.oracles import assert_clean, qemu_check, qemu_img, qemu_info, qemu_io
 from support.proc import run, wait_for

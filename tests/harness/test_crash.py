@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import needs_fuse
 from support.extents import merged
 from support.images import create
@@ -126,7 +125,7 @@ def assert_durable(got: bytes, expected: bytearray, uncertain: list, ops: list, 
 
 @needs_fuse
 @pytest.mark.slow
-@pytest.mark.parametrize("layout,k", CASES, ids=[f"{l}-{k}" for l, k in CASES])
+@pytest.mark.parametrize("layout,k", CASES, ids=[f"{layout}-{k}" for layout, k in CASES])
 def test_kill_during_write_storm(layout, k, mount, tmp_path):
     vsize, opts, snapshot = LAYOUTS[layout]
     seed = seed_for(f"crash-{layout}-{k}", BASE_SEED)

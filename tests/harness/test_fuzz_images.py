@@ -36,15 +36,14 @@ import subprocess
 import sys
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import needs_fuse, sha256
 from hypothesis import HealthCheck, Phase, event, given, note, settings
 from hypothesis import strategies as st
-
-from conftest import needs_fuse, sha256
 from support.images import Blobs, create
 from support.mounts import Mount, detach
 from support.oracles import qemu_img, qemu_io
@@ -289,7 +288,8 @@ def read_everything(mnt: Path) -> dict:
             try:
                 got = os.pread(fd, CHUNK, off)
             except OSError as e:
-                assert e.errno == errno.EIO, f"read of disk.raw at {off}: {errno.errorcode.get(e.errno, e.errno)} ({e}), expected data or EIO"
+                assert e.errno == errno.EIO, \
+                    f"read of disk.raw at {off}: {errno.errorcode.get(e.errno, e.errno)} ({e}), expected data or EIO"
                 stats["eio"] += 1
                 continue
             assert len(got) == want, f"short read of disk.raw at {off}: {len(got)} bytes instead of {want}"
@@ -476,7 +476,7 @@ def test_damaged_image(bases, base, data):
             with ThreadPoolExecutor(len(jobs)) as pool:
                 futures = {name: pool.submit(fn, work / f"{name}.qcow2", work) for name, fn in jobs.items()}
             errors = []
-            for name, fut in futures.items():
+            for fut in futures.values():
                 if fut.exception() is not None:
                     errors.append(fut.exception())
                 else:

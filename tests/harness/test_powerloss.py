@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import os
 
-import pytest
-
 import powerloss as pl
+import pytest
 from support.probes import read_header_field
 
 WORKLOADS = pl.workloads()

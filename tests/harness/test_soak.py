@@ -14,7 +14,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import needs_fuse
 from support.repo import ROOT
 

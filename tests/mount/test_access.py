@@ -19,7 +19,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from conftest import needs_fuse
 from support.images import create
 from support.mounts import QCOWFS, detach, is_mounted

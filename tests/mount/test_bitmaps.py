@@ -18,7 +18,6 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from conftest import needs_fuse, sha256
 from support.extents import merged
 from support.images import create

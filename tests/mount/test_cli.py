@@ -10,7 +10,6 @@ import struct
 import subprocess
 
 import pytest
-
 from conftest import needs_fuse
 from support.images import create
 from support.mounts import QCOWFS, Mount, is_mounted

@@ -47,8 +47,8 @@ from pathlib import Path
 
 import pytest
 from conftest import needs_fuse
-from support.images import create
 from support.fio import fio_header_ok, job_file, run_fio, write_iolog
+from support.images import create
 from support.oracles import assert_clean, assert_compare, dirty_extents, qemu_check, qemu_img, qemu_io
 from support.proc import wait_for
 from support.repo import ROOT

@@ -27,7 +27,6 @@ from support.oracles import assert_clean, qemu_img
 from support.proc import run
 from support.repo import ROOT, tracked_files
 
-
 _APT_INSTALL = re.compile(r"apt-get install ((?:\S+\s*)+?)(?:&&|$)")
 
 

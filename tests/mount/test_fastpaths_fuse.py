@@ -13,7 +13,6 @@ import threading
 import time
 
 import pytest
-
 from conftest import needs_fuse
 from support.images import mixed_image
 from support.mounts import Mount

@@ -20,7 +20,6 @@ import threading
 import time
 
 import pytest
-
 from conftest import assert_clean, needs_fuse, qemu_io, wait_for
 from support.images import create
 

@@ -15,7 +15,6 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from conftest import QCOWFS, assert_clean, needs_fuse, qemu_img, qemu_io, run, wait_for
 from support.images import create
 from support.oracles import dirty_extents, qemu_bitmaps, qemu_check, qemu_raw

@@ -36,8 +36,16 @@ import pytest
 from support import patched_pyfuse3_fs as fs
 from support.mounts import detach, is_mounted, unmount
 from support.proc import wait_for
-from support.syscalls import (FALLOC_FL_COLLAPSE_RANGE, FALLOC_FL_INSERT_RANGE, FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE,
-                              FALLOC_FL_UNSHARE_RANGE, FALLOC_FL_ZERO_RANGE, errno_of, fallocate)
+from support.syscalls import (
+    FALLOC_FL_COLLAPSE_RANGE,
+    FALLOC_FL_INSERT_RANGE,
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_UNSHARE_RANGE,
+    FALLOC_FL_ZERO_RANGE,
+    errno_of,
+    fallocate,
+)
 
 KiB = 1024
 HELPER = Path(fs.__file__)

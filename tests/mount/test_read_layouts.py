@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
 from conftest import needs_fuse, sha256
 from support.images import create
 from support.oracles import assert_clean, qemu_img, qemu_info, qemu_io, qemu_map, run

@@ -35,7 +35,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from conftest import needs_fuse, sha256
 from support.images import create
 from support.mounts import detach, is_mounted, mount_table
@@ -274,7 +273,7 @@ def test_qemu_io_aio_direct(aio, backing, qmount, tmp_path):
     out = p.stdout + p.stderr
     assert p.returncode == 0, f"{what}qemu-io exited {p.returncode}: {out[-3000:]}"
     assert "Pattern verification failed" not in out, \
-        f"{what}qemu-io read back wrong data:\n" + "\n".join(l for l in out.splitlines() if "Pattern" in l)[:3000]
+        f"{what}qemu-io read back wrong data:\n" + "\n".join(line for line in out.splitlines() if "Pattern" in line)[:3000]
     assert "failed" not in out.lower(), f"{what}qemu-io reported a failure:\n{out[-3000:]}"
     wrote = len(re.findall(r"^wrote \d+/\d+ bytes", p.stdout, re.M))
     read = len(re.findall(r"^read \d+/\d+ bytes", p.stdout, re.M))
@@ -357,7 +356,8 @@ def test_dd_direct_matches_convert(qmount, tmp_path):
     out = tmp_path / "dd.raw"
     run(["dd", f"if={m.disk}", f"of={out}", "iflag=direct", "bs=1M", "status=none"])
     assert out.stat().st_size == size
-    assert sha256(out) == sha256(ref), f"dd of disk.raw != qemu-img convert: {first_difference(out.read_bytes(), ref.read_bytes())}"
+    assert sha256(out) == sha256(ref), \
+        f"dd of disk.raw != qemu-img convert: {first_difference(out.read_bytes(), ref.read_bytes())}"
     unmount_clean(m)
     assert_compare(img, ref)
     assert_clean(img)
@@ -419,7 +419,8 @@ def test_nbdkit_file_serves_disk(qmount, tmp_path):
         assert export["is_read_only"] is True, f"nbdinfo: {info}"
         run(["nbdcopy", uri, out])
     assert out.stat().st_size == size
-    assert sha256(out) == sha256(ref), f"nbdcopy of nbdkit file != qemu-img convert: {first_difference(out.read_bytes(), ref.read_bytes())}"
+    assert sha256(out) == sha256(ref), \
+        f"nbdcopy of nbdkit file != qemu-img convert: {first_difference(out.read_bytes(), ref.read_bytes())}"
     unmount_clean(m)
     assert_compare(img, ref)
     assert_clean(img)

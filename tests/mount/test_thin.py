@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import assert_clean, needs_fuse, qemu_img, qemu_info, qemu_io, run
 from support.oracles import qemu_bitmaps
 from support.syscalls import FALLOC_FL_KEEP_SIZE as KEEP_SIZE

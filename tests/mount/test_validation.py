@@ -17,15 +17,32 @@ import struct
 from pathlib import Path
 
 import pytest
-
 from conftest import needs_fuse, sha256
 from support.images import create
 from support.mounts import QCOWFS, detach
 from support.oracles import qemu_img, run
-from support.probes import (BACKING_FORMAT_MAGIC, BITMAPS_MAGIC, FEATURE_TABLE_MAGIC, OFF_AUTOCLEAR, OFF_BACKING_OFFSET,
-                            OFF_CLUSTER_BITS, OFF_COMPRESSION_TYPE, OFF_CRYPT, OFF_HEADER_LENGTH, OFF_L1_OFFSET,
-                            OFF_L1_SIZE, OFF_NB_SNAPSHOTS, OFF_REFCOUNT_ORDER, OFF_REFTABLE_CLUSTERS,
-                            OFF_REFTABLE_OFFSET, OFF_SIZE, OFF_VERSION, header_length, patch, set_incompat)
+from support.probes import (
+    BACKING_FORMAT_MAGIC,
+    BITMAPS_MAGIC,
+    FEATURE_TABLE_MAGIC,
+    OFF_AUTOCLEAR,
+    OFF_BACKING_OFFSET,
+    OFF_CLUSTER_BITS,
+    OFF_COMPRESSION_TYPE,
+    OFF_CRYPT,
+    OFF_HEADER_LENGTH,
+    OFF_L1_OFFSET,
+    OFF_L1_SIZE,
+    OFF_NB_SNAPSHOTS,
+    OFF_REFCOUNT_ORDER,
+    OFF_REFTABLE_CLUSTERS,
+    OFF_REFTABLE_OFFSET,
+    OFF_SIZE,
+    OFF_VERSION,
+    header_length,
+    patch,
+    set_incompat,
+)
 
 # Header field offsets and extension magics (docs/interop/qcow2.txt "Header"): support/probes.py.
 UNKNOWN_FEATURE_NAME = "frobnicated clusters"

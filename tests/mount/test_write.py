@@ -31,7 +31,6 @@ import struct
 from pathlib import Path
 
 import pytest
-
 from conftest import needs_fuse, sha256
 from support.images import create
 from support.oracles import assert_clean, assert_compare, qemu_check, qemu_img, qemu_info, qemu_io, qemu_map, run

@@ -23,16 +23,16 @@ from types import SimpleNamespace
 import pyfuse3
 import pytest
 import trio
-
 from conftest import sha256
-from qcowfs.engine.disk import Disk
-from qcowfs.fuse.operations import BITMAPS_DIR, COMMAND_XATTR, DISK, PID_XATTR, ROOT, SNAPSHOTS_DIR, QcowOperations
-from qcowfs.engine.image import Qcow2Image
-from qcowfs.fuse.options import MountOptions
+from support import syscalls
 from support.images import create
 from support.oracles import assert_clean, dirty_extents, qemu_bitmaps, qemu_img, qemu_io
 from support.probes import COPIED, l2_entry_offset, write_u64
-from support import syscalls
+
+from qcowfs.engine.disk import Disk
+from qcowfs.engine.image import Qcow2Image
+from qcowfs.fuse.operations import BITMAPS_DIR, COMMAND_XATTR, DISK, PID_XATTR, ROOT, SNAPSHOTS_DIR, QcowOperations
+from qcowfs.fuse.options import MountOptions
 
 KiB = 1 << 10
 MiB = 1 << 20

@@ -13,7 +13,6 @@ import struct
 from pathlib import Path
 
 import pytest
-
 from conftest import QCOWFS, qemu_check, qemu_img, qemu_io, run
 from support.images import create
 from support.probes import first_l2_entry, header, read_u64, set_refcount, write_u64

@@ -7,7 +7,6 @@ mounting with the qcowfs it built): tests/mount/test_dockerfile_build.py.
 
 from __future__ import annotations
 
-
 import pytest
 from support.dockerfile import DockerIgnore, Stage, copy_sources, load, sources_in_context
 from support.repo import ROOT, tracked_files

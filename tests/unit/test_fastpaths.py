@@ -14,6 +14,7 @@ import random
 
 from support.images import mixed_image
 from support.oracles import assert_clean, qemu_img, qemu_io, qemu_raw
+
 from qcowfs.engine.hostfile import HostFile
 from qcowfs.engine.image import Qcow2Image
 

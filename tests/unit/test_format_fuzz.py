@@ -15,14 +15,13 @@ import struct
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-
 from support.images import Blobs, create
 from support.oracles import qemu_img, qemu_io
 from support.probes import BITMAPS_MAGIC, OFFSET_MASK, u32, u64
 
+from qcowfs.engine.image import Qcow2Image
 from qcowfs.errors import QcowError
 from qcowfs.format.header import Header, parse_header
-from qcowfs.engine.image import Qcow2Image
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -275,7 +274,7 @@ def headers(images):
     for name, path in images.items():
         with open(path, "rb") as f:
             out[name] = f.read(HEADER_BYTES)
-    for name, data in out.items():
+    for data in out.values():
         parse_header(data)  # the unmutated headers parse (else the property below proves nothing)
     return out
 

@@ -12,13 +12,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-from qcowfs.errors import LockError
-from qcowfs.engine.locks import _FLOCK, ImageLock, lock_bytes, probe_conflict
 from support import oracles
 from support.images import create
 from support.oracles import qemu_img
 from support.proc import wait_for
+
+from qcowfs.engine.locks import _FLOCK, ImageLock, lock_bytes, probe_conflict
+from qcowfs.errors import LockError
 
 RW_BYTES = {100, 101, 103, 201, 203}
 RO_BYTES = {100, 201, 203}

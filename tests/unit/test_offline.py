@@ -44,7 +44,8 @@ def test_offline_bitmap_commands_match_qemu(tmp_path):
     # merge into the disabled one, then clear, enable, remove
     qcowfs("bitmap", "merge", img, "g4k", "off")
     assert qemu_dirty_extents(img, "off", tmp_path) == [(0, 64 * KiB, True), (64 * KiB, MiB - 64 * KiB, False),
-                                                         (MiB, 128 * KiB, True), (MiB + 128 * KiB, 32 * MiB - MiB - 128 * KiB, False)]
+                                                         (MiB, 128 * KiB, True),
+                                                         (MiB + 128 * KiB, 32 * MiB - MiB - 128 * KiB, False)]
     qcowfs("bitmap", "clear", img, "g4k")
     assert all(not d for _, _, d in qemu_dirty_extents(img, "g4k", tmp_path))
     qcowfs("bitmap", "enable", img, "off")
