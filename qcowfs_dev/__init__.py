@@ -9,7 +9,7 @@ Shared with tests/:
 - probes: raw qcow2 readers (header fields, extensions, L1/L2 entries, refcounts, the bitmap
   directory) written with struct from the specification, independent of qcowfs;
 - fio: fio job files, replayed I/O logs and checked JSON results;
-- powerloss: the power-loss crash-state harness (tests/test_powerloss.py, scripts/crash-states).
+- powerloss: the power-loss crash-state harness (tests/harness/test_powerloss.py, scripts/crash-states).
 
 The tools behind scripts/ (each script is a thin entry point):
 - bench: scripts/bench, fio against qcowfs, QEMU's FUSE export and a pass-through ceiling;

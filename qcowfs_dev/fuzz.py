@@ -1,4 +1,4 @@
-"""Fuzz qcowfs with damaged QEMU-made images for a while: tests/test_fuzz_images.py without its CI
+"""Fuzz qcowfs with damaged QEMU-made images for a while: tests/harness/test_fuzz_images.py without its CI
 bound (QCOWFS_FUZZ_EXAMPLES=100000), a random Hypothesis seed, the time split between the base
 images (each one's run ends, reported as skipped, when its share is used up).
 
@@ -26,7 +26,7 @@ from qcowfs_dev.proc import REPO
 
 __all__ = ["Args", "parse_args", "minutes_value", "seconds_per_image", "count_items", "main"]
 
-FUZZ_TESTS = ["tests/test_fuzz_images.py", "-k", "test_damaged_image"]
+FUZZ_TESTS = ["tests/harness/test_fuzz_images.py", "-k", "test_damaged_image"]
 ITEM = "::test_damaged_image["
 
 

@@ -1,7 +1,9 @@
 """Shared fixtures: real mounts in a subprocess, QEMU tools as the oracle.
 
-The helpers live in qcowfs_dev/ (oracles, mounts, probes, proc); what tests imported from here before
-is re-exported. Mounts are waited for by polling os.path.ismount (never fixed sleeps) and are
+The tests are in folders by layer: unit/ (no mount, no FUSE Operations), ops/ (QcowOperations
+called directly), mount/ (real mounts), harness/ (power-loss crash states, fuzzing, soak, kill -9).
+The helpers live in tests/support/ (oracles, mounts, probes, images, syscalls, seeds, ...); what
+tests imported from here before is re-exported. Mounts are waited for by polling os.path.ismount (never fixed sleeps) and are
 always unmounted in teardown; a daemon that logged a traceback fails the test.
 """
 
@@ -9,13 +11,20 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import sys
 from pathlib import Path
 
 import pytest
+from support.repo import ROOT
 
 from qcowfs_dev.mounts import FUSE_AVAILABLE, QCOWFS, Mount, detach, is_mounted
 from qcowfs_dev.oracles import assert_clean, qemu_check, qemu_img, qemu_info, qemu_io
 from qcowfs_dev.proc import run, wait_for
+
+try:
+    import qcowfs  # noqa: F401
+except ImportError:  # run from a venv without the project installed: use the work tree
+    sys.path.insert(0, str(ROOT))
 
 __all__ = ["QCOWFS", "FUSE_AVAILABLE", "needs_fuse", "Mount", "run", "wait_for", "qemu_img", "qemu_io",
            "qemu_check", "assert_clean", "qemu_info", "sha256"]

@@ -22,7 +22,7 @@ it never shares write or resize, whatever the image's own users allow. So:
     read-write  locks 100 101 103 201 203   tests 200 201 203 (held perms), 101 103 (unshared)
     read-only   locks 100 201 203           tests 200 (held perm), 101 103 (unshared)
 
-(checked against qemu-storage-daemon 7.2 in /proc/locks; tests/test_locks.py
+(checked against qemu-storage-daemon 7.2 in /proc/locks; tests/unit/test_locks.py
 compares the bytes byte for byte). Consequences, exactly as between QEMU users:
 readers coexist with readers; a writer conflicts with any other writer *and* with
 any reader (each reader refuses to share write), so a read-only open is refused

@@ -137,6 +137,6 @@ class IoThreads:
         os.close(self.efd)
         self.efd = -1
         sys.setswitchinterval(self._interval)
-        # tests/test_concurrency.py reads this line: the storms must have overlapped
+        # tests/mount/test_concurrency.py reads this line: the storms must have overlapped
         log.info("host I/O threads: %d jobs, up to %d at once", self.jobs, self.peak)
 

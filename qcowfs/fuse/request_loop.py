@@ -52,7 +52,7 @@ The private hook is watched: install() refuses a pyfuse3 outside the
 releases it was checked against (_VERIFIED) or without the waiter, logs why
 once, and run() falls back to stock pyfuse3.main(). The loop counts its
 wake-ups at no cost to the hot path and logs them at shutdown ("request loop:
-N requests through the fast waiter"); tests/test_fuseloop.py reads that line,
+N requests through the fast waiter"); tests/mount/test_fuseloop.py reads that line,
 so a pyfuse3 upgrade that quietly costs the fast path fails a test.
 """
 
@@ -78,7 +78,7 @@ _WAITER = "_wait_fuse_readable"
 # _session_loop ends when the waiter returns False and terminate() exists (3.1 ignored the
 # waiter's result), to 3.5.0; the waiter and its contract are the same in all of them. A newer
 # release gets pyfuse3's own loop until someone reads its _wait_fuse_readable/_session_loop and
-# extends this (tests/test_fuseloop.py fails meanwhile, so that does not go unnoticed).
+# extends this (tests/mount/test_fuseloop.py fails meanwhile, so that does not go unnoticed).
 _VERIFIED = ((3, 2), (3, 5))
 
 # A signal's delivery, queued in trio by its handler, takes a few scheduler passes to reach the

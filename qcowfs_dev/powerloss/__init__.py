@@ -2,7 +2,7 @@
 
 Modules: iolog (the recording HostFile and the I/O log), driver (the guest model and the Driver),
 workloads (the workloads, their sampling bounds, record()), explore (crash-state enumeration, the
-worker pool, reports), verify (the checks of one crash state). tests/test_powerloss.py and
+worker pool, reports), verify (the checks of one crash state). tests/harness/test_powerloss.py and
 scripts/crash-states use what this package exports.
 
 How it works

@@ -1,7 +1,8 @@
 """The Dockerfile as data: its instructions by stage, and the build context `.dockerignore` leaves.
 
 No Docker daemon (nor a base image registry) is reachable where the suite runs, so
-tests/test_dockerfile.py replays the Dockerfile's steps itself; this module does the parsing.
+tests/mount/test_dockerfile_build.py replays the Dockerfile's steps itself; this module does the parsing
+(tests/unit/test_dockerfile.py checks the build context).
 
 `.dockerignore` follows Docker's rules (moby's patternmatcher, which buildah/podman share):
 each line is a pattern, cleaned like Go's filepath.Clean with a leading "/" dropped; `!` before

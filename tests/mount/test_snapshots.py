@@ -7,27 +7,21 @@ import errno
 import json
 import os
 import random
-import re
 import subprocess
 import threading
 from pathlib import Path
 
 import pytest
-
 from conftest import QCOWFS, assert_clean, needs_fuse, qemu_img, qemu_info, qemu_io, run, wait_for
+from support.images import create
+from support.repo import readme_block
+
 from qcowfs_dev.oracles import qemu_bitmaps, qemu_check, qemu_raw
 
 pytestmark = needs_fuse
 
-ROOT = Path(__file__).resolve().parent.parent
 KiB, MiB = 1 << 10, 1 << 20
 BLOCK = 4 * KiB
-
-
-def make(tmp_path: Path, size: int = 32 * MiB, name: str = "a.qcow2", opts: str = "") -> Path:
-    img = tmp_path / name
-    qemu_img("create", "-q", "-f", "qcow2", *(["-o", opts] if opts else []), img, str(size))
-    return img
 
 
 def qemu_snapshot_raw(img: Path, snap: str, dest: Path) -> bytes:
@@ -39,7 +33,7 @@ def snapshot_names(img: Path) -> list:
 
 
 def test_qemu_snapshot_reads_like_qemu_and_never_changes(tmp_path, mount):
-    img = make(tmp_path)
+    img = create(tmp_path / "a.qcow2", 32 * MiB)
     qemu_io(img, "write -P 0x11 0 3M", "write -c -P 0x33 8M 1M", "write -z 12M 1M")
     qemu_img("snapshot", "-c", "q1", img)
     qemu_io(img, "write -P 0x22 1M 4M")
@@ -91,7 +85,7 @@ class Stream(threading.Thread):
 
 def test_snapshot_taken_during_a_write_stream_is_one_instant(tmp_path, mount):
     nblocks = 2048
-    img = make(tmp_path, size=nblocks * BLOCK)
+    img = create(tmp_path / "a.qcow2", nblocks * BLOCK)
     m = mount(img)
     s = Stream(m.disk, nblocks, 7)
     s.start()
@@ -118,7 +112,7 @@ def test_snapshot_taken_during_a_write_stream_is_one_instant(tmp_path, mount):
 
 
 def test_snapshot_names_info_and_refusals(tmp_path, mount):
-    img = make(tmp_path)
+    img = create(tmp_path / "a.qcow2", 32 * MiB)
     qemu_img("snapshot", "-c", "with/slash", img)
     qemu_img("snapshot", "-c", "twin", img)
     m = mount(img)
@@ -140,7 +134,7 @@ def test_snapshot_names_info_and_refusals(tmp_path, mount):
 
 
 def test_no_internal_snapshots_with_an_external_data_file(tmp_path, mount):
-    img = make(tmp_path, opts=f"data_file={tmp_path / 'a.data'}")
+    img = create(tmp_path / "a.qcow2", 32 * MiB, f"data_file={tmp_path / 'a.data'}")
     m = mount(img)
     with pytest.raises(OSError) as e:
         (m.mnt / ".snapshots" / "s").touch()
@@ -152,7 +146,7 @@ def test_no_internal_snapshots_with_an_external_data_file(tmp_path, mount):
 
 
 def test_checkpoint_is_atomic_and_durable(tmp_path, mount):
-    img = make(tmp_path)
+    img = create(tmp_path / "a.qcow2", 32 * MiB)
     qemu_img("bitmap", "--add", img, "b0")
     m = mount(img)
     with open(m.disk, "r+b") as f:
@@ -172,7 +166,7 @@ def test_checkpoint_is_atomic_and_durable(tmp_path, mount):
 
 
 def test_live_extents_equal_the_offline_ones(tmp_path, mount):
-    img = make(tmp_path, size=64 * MiB)
+    img = create(tmp_path / "a.qcow2", 64 * MiB)
     qemu_img("bitmap", "--add", "-g", "4096", img, "fine")
     m = mount(img)
     rng = random.Random(3)
@@ -188,23 +182,16 @@ def test_live_extents_equal_the_offline_ones(tmp_path, mount):
     assert json.loads(run([*QCOWFS, "bitmap", "extents", img, "fine", "--json"]).stdout) == live
 
 
-def _recipe() -> str:
-    text = (ROOT / "README.md").read_text()
-    m = re.search(r"```sh\n# backup recipe\n(.*?)```", text, re.S)
-    assert m, "README has the backup recipe block"
-    return m.group(1)
-
-
 def test_backup_recipe_from_the_readme(tmp_path, mount):
     """Three checkpoints with random writes between them; after each step the backup equals
     that checkpoint's snapshot; the disabled bitmaps hold exactly the writes between their
     checkpoints, the newest one the writes after it."""
     size = 32 * MiB
-    img = make(tmp_path, size=size)
+    img = create(tmp_path / "a.qcow2", size)
     qemu_io(img, "write -P 0x5a 0 8M")
     m = mount(img, extra=["--bitmap-sync=intent"])
     backup = tmp_path / "backup.raw"
-    recipe = _recipe().replace("MNT=/mnt/vm BACKUP=/backup/vm.raw", f"MNT={m.mnt} BACKUP={backup}")
+    recipe = readme_block("sh", "backup recipe").replace("MNT=/mnt/vm BACKUP=/backup/vm.raw", f"MNT={m.mnt} BACKUP={backup}")
     full, incremental = recipe.split("# each incremental backup", 1)
     setting = f"MNT={m.mnt} BACKUP={backup}\n"
     incremental = setting + "# each incremental backup" + incremental.rsplit("incremental c1 c2", 1)[0]
@@ -256,7 +243,7 @@ def test_backup_recipe_from_the_readme(tmp_path, mount):
 def test_snapshot_with_vm_state_from_savevm(tmp_path, mount):
     """A snapshot QEMU's savevm made (VM state stored past the disk's end in its L1) is listed,
     reads like qemu-img convert -l, and deleting it frees the VM state too."""
-    img = make(tmp_path)
+    img = create(tmp_path / "a.qcow2", 32 * MiB)
     qemu_io(img, "write -P 0x44 0 2M")
     p = subprocess.run(["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
                         "-monitor", "stdio", "-drive", f"if=none,id=d0,file={img},format=qcow2"],

@@ -14,7 +14,7 @@ collector in its place.
 from __future__ import annotations
 
 import errno
-import inspect
+import functools
 import json
 import os
 import stat
@@ -23,11 +23,13 @@ from types import SimpleNamespace
 import pyfuse3
 import pytest
 import trio
-
 from conftest import sha256
+from support import syscalls
+from support.images import create
+
 from qcowfs.engine.disk import Disk
-from qcowfs.fuse.operations import BITMAPS_DIR, COMMAND_XATTR, DISK, PID_XATTR, ROOT, SNAPSHOTS_DIR, QcowOperations
 from qcowfs.engine.image import Qcow2Image
+from qcowfs.fuse.operations import BITMAPS_DIR, COMMAND_XATTR, DISK, PID_XATTR, ROOT, SNAPSHOTS_DIR, QcowOperations
 from qcowfs.fuse.options import MountOptions
 from qcowfs_dev.oracles import assert_clean, dirty_extents, qemu_bitmaps, qemu_img, qemu_io
 from qcowfs_dev.probes import COPIED, l2_entry_offset, write_u64
@@ -60,25 +62,14 @@ def call(fn, *args):
     return trio.run(fn, *args)
 
 
-def errno_of(fn, *args, **kw) -> int:
-    """The errno a request (a handler coroutine, or a helper that makes requests) is refused with."""
-    with pytest.raises(pyfuse3.FUSEError) as ei:
-        if inspect.iscoroutinefunction(fn):
-            trio.run(fn, *args)
-        else:
-            fn(*args, **kw)
-    return ei.value.errno
+#: the errno a request (a handler coroutine, or a helper that makes requests) is refused with: always
+#: as the pyfuse3.FUSEError the kernel would pass on, never as another exception
+errno_of = functools.partial(syscalls.errno_of, error=pyfuse3.FUSEError)
 
 
 def close(ops: QcowOperations) -> None:
     """What the unmount does after the last request: store the bitmaps, flush, close."""
     ops.disk.close()
-
-
-def make(tmp_path, size="16M", *opts: str, name="a.qcow2"):
-    img = tmp_path / name
-    qemu_img("create", "-q", "-f", "qcow2", *sum((["-o", o] for o in opts), []), img, size)
-    return img
 
 
 @pytest.fixture
@@ -122,7 +113,7 @@ def xattr_command(ops: QcowOperations, **cmd) -> None:
 
 # ----------------------------------------------------------------------------- lookup, getattr
 def test_lookup_and_getattr_of_disk_raw(tmp_path, operations):
-    img = make(tmp_path, "16M")
+    img = create(tmp_path / "a.qcow2", "16M")
     ops = operations(img)
     a = call(ops.lookup, ROOT, b"disk.raw", CTX)
     assert a.st_ino == DISK and stat.S_ISREG(a.st_mode)
@@ -142,7 +133,7 @@ def test_lookup_and_getattr_of_disk_raw(tmp_path, operations):
 
 
 def test_modes_and_owners_follow_the_options(tmp_path, operations):
-    img = make(tmp_path, "1M")
+    img = create(tmp_path / "a.qcow2", "1M")
     qemu_img("bitmap", "--add", img, "b0")
     ops = operations(img, uid=1234, gid=4321, umask=0o022)
     a = call(ops.lookup, ROOT, b"disk.raw", CTX)
@@ -162,7 +153,7 @@ def test_modes_and_owners_follow_the_options(tmp_path, operations):
 
 # ----------------------------------------------------------------------------- readdir
 def test_readdir_of_root_and_bitmaps(tmp_path, operations, listing):
-    img = make(tmp_path, "4M")
+    img = create(tmp_path / "a.qcow2", "4M")
     for name in ("zeta", "alpha"):
         qemu_img("bitmap", "--add", img, name)
     ops = operations(img)
@@ -189,7 +180,7 @@ def test_readdir_of_root_and_bitmaps(tmp_path, operations, listing):
 # ----------------------------------------------------------------------------- disk.raw
 def test_read_and_write_disk_raw(tmp_path, operations):
     size = 8 * MiB
-    img = make(tmp_path, str(size), "cluster_size=65536")
+    img = create(tmp_path / "a.qcow2", str(size), "cluster_size=65536")
     qemu_io(img, "write -P 0x5a 0 64k", "write -P 0x33 3M 4k")
     ops = operations(img)
     fi = call(ops.open, DISK, os.O_RDWR, CTX)
@@ -216,7 +207,7 @@ def test_read_and_write_disk_raw(tmp_path, operations):
 
 
 def test_eio_for_metadata_past_the_end(tmp_path, operations):
-    img = make(tmp_path, "4M", "cluster_size=65536")
+    img = create(tmp_path / "a.qcow2", "4M", "cluster_size=65536")
     qemu_io(img, "write -P 0x77 0 128k")
     # guest cluster 1 points far past the end of the file (qcowfs_dev.probes, not qcowfs, finds the entry)
     write_u64(img, l2_entry_offset(img.read_bytes(), 1), COPIED | (1 << 40))
@@ -228,7 +219,7 @@ def test_eio_for_metadata_past_the_end(tmp_path, operations):
 
 # ----------------------------------------------------------------------------- .bitmaps entries
 def test_bitmap_files_create_command_status_unlink(tmp_path, operations):
-    img = make(tmp_path, "16M", "cluster_size=65536")
+    img = create(tmp_path / "a.qcow2", "16M", "cluster_size=65536")
     qemu_img("bitmap", "--add", img, "keep")
     ops = operations(img)
     fi, attr = call(ops.create, BITMAPS_DIR, b"b0", 0o644, os.O_WRONLY | os.O_CREAT, CTX)
@@ -277,7 +268,7 @@ def test_bitmap_files_create_command_status_unlink(tmp_path, operations):
 
 # ----------------------------------------------------------------------------- the command channel
 def test_setxattr_command_channel(tmp_path, operations):
-    img = make(tmp_path, "8M", "cluster_size=65536")
+    img = create(tmp_path / "a.qcow2", "8M", "cluster_size=65536")
     ops = operations(img)
     xattr_command(ops, op="add", name="x", granularity=4096)
     xattr_command(ops, op="add", name="y", enabled=False)
@@ -317,7 +308,7 @@ def test_setxattr_command_channel(tmp_path, operations):
 
 # ----------------------------------------------------------------------------- read-only, refusals
 def test_read_only_image_is_erofs(tmp_path, operations):
-    img = make(tmp_path, "8M")
+    img = create(tmp_path / "a.qcow2", "8M")
     qemu_io(img, "write -P 0x42 0 64k")
     qemu_img("bitmap", "--add", img, "qb")
     before = sha256(img)
@@ -340,7 +331,7 @@ def test_read_only_image_is_erofs(tmp_path, operations):
 
 
 def test_refused_operations(tmp_path, operations):
-    img = make(tmp_path, "4M")
+    img = create(tmp_path / "a.qcow2", "4M")
     qemu_img("bitmap", "--add", img, "b0")
     ops = operations(img)
     b0 = call(ops.lookup, BITMAPS_DIR, b"b0", CTX).st_ino

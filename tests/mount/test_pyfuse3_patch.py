@@ -22,7 +22,6 @@ then `scripts/build-pyfuse3 VENV/bin/python` installs the patched one.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import inspect
 import json
@@ -35,6 +34,17 @@ from pathlib import Path
 import pyfuse3
 import pytest
 from support import patched_pyfuse3_fs as fs
+from support.syscalls import (
+    FALLOC_FL_COLLAPSE_RANGE,
+    FALLOC_FL_INSERT_RANGE,
+    FALLOC_FL_KEEP_SIZE,
+    FALLOC_FL_PUNCH_HOLE,
+    FALLOC_FL_UNSHARE_RANGE,
+    FALLOC_FL_ZERO_RANGE,
+    errno_of,
+    fallocate,
+)
+
 from qcowfs_dev.mounts import detach, is_mounted, unmount
 from qcowfs_dev.proc import wait_for
 
@@ -47,33 +57,6 @@ BUILD = "scripts/build-pyfuse3 VENV/bin/python installs the patched one"
 
 pytestmark = pytest.mark.skipif(
     not HAS_HANDLERS, reason=f"the installed pyfuse3 has no Operations.fallocate/lseek: {BUILD}")
-
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_COLLAPSE_RANGE = 0x08
-FALLOC_FL_ZERO_RANGE = 0x10
-FALLOC_FL_INSERT_RANGE = 0x20
-FALLOC_FL_UNSHARE_RANGE = 0x40
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_fallocate = getattr(_libc, "fallocate64", _libc.fallocate)
-_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_fallocate.restype = ctypes.c_int
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """fallocate(2) itself (os has only posix_fallocate, which falls back to writing)."""
-    if _fallocate(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-def errno_of(call, *args) -> int:
-    with pytest.raises(OSError) as info:
-        call(*args)
-    assert info.value.errno is not None
-    return info.value.errno
-
 
 class OneFileMount:
     """A running patched_pyfuse3_fs.py: its mount, its one file and the calls it recorded."""

@@ -13,8 +13,10 @@ import struct
 from pathlib import Path
 
 import pytest
-
 from conftest import QCOWFS, qemu_check, qemu_img, qemu_io, run
+from support.images import create
+
+from qcowfs_dev.probes import first_l2_entry, header, read_u64, set_refcount, write_u64
 
 MiB = 1 << 20
 
@@ -64,54 +66,10 @@ def assert_check_agrees(image, what="", may_differ=()) -> dict:
     return res
 
 
-def header(image) -> dict:
-    raw = Path(image).read_bytes()[:112]
-    return {
-        "l1_offset": struct.unpack_from(">Q", raw, 40)[0],
-        "rt_offset": struct.unpack_from(">Q", raw, 48)[0],
-        "cluster_bits": struct.unpack_from(">I", raw, 20)[0],
-    }
-
-
-def read_u64(image, off) -> int:
-    with open(image, "rb") as f:
-        f.seek(off)
-        return struct.unpack(">Q", f.read(8))[0]
-
-
-def write_u64(image, off, value) -> None:
-    with open(image, "r+b") as f:
-        f.seek(off)
-        f.write(struct.pack(">Q", value))
-
-
-def refcount_entry_offset(image, cluster) -> int:
-    """File offset of a cluster's 16-bit refcount (default refcount width)."""
-    h = header(image)
-    cs = 1 << h["cluster_bits"]
-    epb = cs // 2
-    block = read_u64(image, h["rt_offset"] + 8 * (cluster // epb))
-    return block + 2 * (cluster % epb)
-
-
-def first_l2_entry(image) -> tuple:
-    """(file offset of L2 entry 0 of L1 entry 0, its value)."""
-    h = header(image)
-    l2 = read_u64(image, h["l1_offset"]) & 0x00FFFFFFFFFFFE00
-    return l2, read_u64(image, l2)
-
-
-def set_refcount(image, cluster, value) -> None:
-    with open(image, "r+b") as f:
-        f.seek(refcount_entry_offset(image, cluster))
-        f.write(struct.pack(">H", value))
-
-
-def make(tmp_path: Path, name="img.qcow2") -> Path:
-    img = tmp_path / name
-    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", img, "16M")
-    qemu_io(img, "write -P 0x11 0 1M", "write -P 0x22 4M 64k")
-    return img
+def base_image(tmp_path: Path) -> Path:
+    """What each damage starts from: 64 KiB clusters (16-bit refcounts), 1 MiB + 64 KiB of data."""
+    return create(tmp_path / "img.qcow2", "16M", "cluster_size=65536",
+                  writes=["write -P 0x11 0 1M", "write -P 0x22 4M 64k"])
 
 
 def damage_leak(img):
@@ -166,7 +124,7 @@ def damage_unaligned_data(img):
 def damage_refblock_shared(img):
     """A data entry pointing at refcount block 0: the block is referenced twice."""
     off, _ = first_l2_entry(img)
-    write_u64(img, off + 8, (1 << 63) | read_u64(img, header(img)["rt_offset"]))
+    write_u64(img, off + 8, (1 << 63) | read_u64(img, header(img)["refcount_table_offset"]))
 
 
 def damage_zero_alloc_unaligned(img):
@@ -216,7 +174,7 @@ QUICK_DAMAGE = ("leak", "reserved-bits", "copied-flag")
                                   for c in sorted(DAMAGE)])
 def test_check_agrees_with_qemu_and_repairs(tmp_path, case):
     damage, repairable = DAMAGE[case]
-    img = make(tmp_path)
+    img = base_image(tmp_path)
     damage(img)
     q = qemu_check(img)
     assert q["rc"] in (2, 3), f"{case}: qemu-img check did not see the damage: {q}"
@@ -251,7 +209,7 @@ def test_check_agrees_with_qemu_and_repairs(tmp_path, case):
 def test_reserved_bits_are_a_corruption_and_still_a_reference(tmp_path):
     """Issue 11 item 11: an L2 entry with reserved bits set is one corruption, no leak (its cluster
     is still referenced), and no repair clears the bits (qemu-img -r all does not either)."""
-    img = make(tmp_path)
+    img = base_image(tmp_path)
     damage_reserved(img)
     res = assert_check_agrees(img)
     assert (res["corruptions"], res["leaks"]) == (1, 0), res
@@ -267,9 +225,7 @@ def test_reserved_bits_are_a_corruption_and_still_a_reference(tmp_path):
 def test_allocated_clusters_counts_guest_clusters(tmp_path):
     """Issue 11 item 11: 256 KiB written in 64 KiB clusters is 4 allocated clusters (qemu-img counts
     guest clusters with a host cluster, not metadata)."""
-    img = tmp_path / "img.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", img, "16M")
-    qemu_io(img, "write -P 0x11 0 256k")
+    img = create(tmp_path / "img.qcow2", "16M", "cluster_size=65536", writes=["write -P 0x11 0 256k"])
     res = assert_check_agrees(img)
     assert res["allocated-clusters"] == 4, res
     p = run([*QCOWFS, "check", img], check=False)
@@ -279,8 +235,8 @@ def test_allocated_clusters_counts_guest_clusters(tmp_path):
 def test_unreadable_refcount_block_is_a_check_error(tmp_path):
     """A refcount block at an unaligned offset cannot be read: qemu-img counts a check error for every
     cluster it covers and exits 1 (its JSON still printed); qcowfs the same, plus one stderr line."""
-    img = make(tmp_path)
-    rt = header(img)["rt_offset"]
+    img = base_image(tmp_path)
+    rt = header(img)["refcount_table_offset"]
     write_u64(img, rt, read_u64(img, rt) + 4096)
     res = assert_check_agrees(img)
     assert res["check-errors"] > 0 and res["corruptions"] == 1, res
@@ -289,69 +245,62 @@ def test_unreadable_refcount_block_is_a_check_error(tmp_path):
 
 
 def _layout_simple(img):
-    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", img, "16M")
+    create(img, "16M", "cluster_size=65536")
 
 
 def _layout_fragmented(img):
-    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", img, "16M")
-    qemu_io(img, "write -P 1 1M 64k", "write -P 2 0 64k", "write -P 3 3M 128k", "write -P 4 2M 64k",
-            "write -z 5M 64k", "write -z -u 1M 64k")
+    create(img, "16M", "cluster_size=65536", writes=["write -P 1 1M 64k", "write -P 2 0 64k", "write -P 3 3M 128k",
+                                                     "write -P 4 2M 64k", "write -z 5M 64k", "write -z -u 1M 64k"])
 
 
 def _layout_compressed(img):
-    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", img, "16M")
-    qemu_io(img, "write -c -P 1 0 64k", "write -c -P 2 64k 64k", "write -P 3 128k 64k", "write -c -P 4 1M 64k")
+    create(img, "16M", "cluster_size=65536",
+           writes=["write -c -P 1 0 64k", "write -c -P 2 64k 64k", "write -P 3 128k 64k", "write -c -P 4 1M 64k"])
 
 
 def _layout_snapshot(img):
-    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", img, "16M")
-    qemu_io(img, "write -P 1 0 1M", "write -P 2 4M 64k")
+    create(img, "16M", "cluster_size=65536", writes=["write -P 1 0 1M", "write -P 2 4M 64k"])
     qemu_img("snapshot", "-c", "s1", img)
     qemu_io(img, "write -P 3 0 128k")
 
 
 def _layout_v2(img):
-    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=65536,compat=0.10", img, "16M")
-    qemu_io(img, "write -P 1 0 1M", "write -P 2 4M 64k")
+    create(img, "16M", "cluster_size=65536,compat=0.10", writes=["write -P 1 0 1M", "write -P 2 4M 64k"])
 
 
 def _layout_small_clusters(img):
-    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", img, "8M")
-    qemu_io(img, "write -P 1 0 100k", "write -P 2 1M 3k", "write -c -P 3 2M 4k", "write -P 4 300k 1k")
+    create(img, "8M", "cluster_size=512",
+           writes=["write -P 1 0 100k", "write -P 2 1M 3k", "write -c -P 3 2M 4k", "write -P 4 300k 1k"])
 
 
 def _layout_extended_l2(img):
-    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=65536,extended_l2=on", img, "16M")
-    qemu_io(img, "write -P 1 0 4k", "write -P 2 1M 64k", "write -z 2M 64k")
+    create(img, "16M", "cluster_size=65536,extended_l2=on", writes=["write -P 1 0 4k", "write -P 2 1M 64k", "write -z 2M 64k"])
 
 
 def _layout_refcount_bits_1(img):
-    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=65536,refcount_bits=1", img, "16M")
-    qemu_io(img, "write -P 1 0 1M")
+    create(img, "16M", "cluster_size=65536,refcount_bits=1", writes=["write -P 1 0 1M"])
 
 
 def _layout_bitmap(img):
-    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", img, "16M")
+    create(img, "16M", "cluster_size=65536")
     qemu_img("bitmap", "--add", img, "b0")
     qemu_io(img, "write 0 64k", "write 8M 1M")
 
 
 def _layout_data_file(img):
-    qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size=65536,data_file={img}.data", img, "16M")
-    qemu_io(img, "write -P 1 0 1M", "write -P 2 8M 64k")
+    create(img, "16M", f"cluster_size=65536,data_file={img}.data", writes=["write -P 1 0 1M", "write -P 2 8M 64k"])
 
 
 def _layout_file_tail(img):
     """Unreferenced, unrefcounted space after the last cluster: not a leak, not in image-end-offset."""
-    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", img, "16M")
-    qemu_io(img, "write -P 1 0 1M")
+    create(img, "16M", "cluster_size=65536", writes=["write -P 1 0 1M"])
     with open(img, "r+b") as f:
         f.truncate(img.stat().st_size + 3 * 65536)
 
 
 def _layout_lazy_dirty(img):
     """Lazy refcounts, crashed: refcounts not written (qemu-img: corruptions, without -r)."""
-    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=65536,lazy_refcounts=on", img, "16M")
+    create(img, "16M", "cluster_size=65536,lazy_refcounts=on")
     qemu_io(img, "write -P 1 0 1M", "abort", check=False)
 
 
@@ -369,7 +318,7 @@ def test_check_agrees_with_qemu_on_layouts(tmp_path, layout):
 
 
 def test_repair_leaks_only(tmp_path):
-    img = make(tmp_path)
+    img = base_image(tmp_path)
     damage_leak(img)
     rc, res = qcowfs_check(img, "--repair=leaks")
     assert rc == 0 and res["leaks-fixed"] >= 1, res
@@ -377,7 +326,7 @@ def test_repair_leaks_only(tmp_path):
 
 
 def test_clean_image_and_exit_codes(tmp_path):
-    img = make(tmp_path)
+    img = base_image(tmp_path)
     res = assert_check_agrees(img)
     assert res["corruptions"] == 0 and res["leaks"] == 0
     p = run([*QCOWFS, "check", tmp_path / "missing.qcow2"], check=False)
@@ -385,7 +334,7 @@ def test_clean_image_and_exit_codes(tmp_path):
 
 
 def test_in_use_bitmap_is_reported_with_the_fix(tmp_path):
-    img = make(tmp_path)
+    img = base_image(tmp_path)
     qemu_img("bitmap", "--add", img, "b0")
     qemu_io(img, "write 0 64k", "abort", check=False)  # leaves b0 in_use, like a crash
     res = assert_check_agrees(img)
@@ -393,7 +342,7 @@ def test_in_use_bitmap_is_reported_with_the_fix(tmp_path):
 
 
 def test_invalid_bitmap_table_entry_is_a_corruption(tmp_path):
-    img = make(tmp_path)
+    img = base_image(tmp_path)
     qemu_img("bitmap", "--add", img, "b0")
     qemu_io(img, "write 0 64k")
     raw = img.read_bytes()

@@ -23,43 +23,28 @@ full host filesystem, and EIO for metadata pointing past the end of the image.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import os
 import random
 import shutil
 import struct
-import zlib
 from pathlib import Path
 
 import pytest
-
 from conftest import needs_fuse, sha256
+from support.images import create
+from support.seeds import base_seed, seed_for
+from support.syscalls import FALLOC_FL_PUNCH_HOLE, errno_of, fallocate
+
 from qcowfs_dev.oracles import assert_clean, assert_compare, qemu_check, qemu_img, qemu_info, qemu_io, qemu_map, run
 from qcowfs_dev.probes import COPIED, OFFSET_MASK, header, l1_entries
 
 KiB = 1 << 10
 MiB = 1 << 20
-BASE_SEED = int(os.environ.get("QCOWFS_SEED", "20251123"))
+BASE_SEED = base_seed(20251123)
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def seed_for(name: str) -> int:
-    """A per-test seed derived from BASE_SEED (stable across runs and Python versions)."""
-    return (BASE_SEED * 1000003 + zlib.crc32(name.encode())) & 0xFFFFFFFF
-
-
-def create(path: Path, size, *opts: str, backing=None, backing_fmt=None) -> Path:
-    args = ["create", "-q", "-f", "qcow2"]
-    for o in opts:
-        args += ["-o", o]
-    if backing is not None:
-        args += ["-b", str(backing), "-F", backing_fmt]
-    qemu_img(*args, path, str(size))
-    return path
 
 
 def to_raw(img: Path, out: Path) -> Path:
@@ -196,7 +181,7 @@ def workload_roundtrip(mount, img: Path, tmp: Path, name: str, *, n: int = 250, 
                        ref: Path | None = None, **gen) -> Path:
     """Reference from QEMU, random writes through a mount and to the reference, unmount,
     then disk content, qemu-img compare and qemu-img check. Returns the reference."""
-    seed = seed_for(name)
+    seed = seed_for(name, BASE_SEED)
     print(f"{name}: seed {seed} (QCOWFS_SEED={BASE_SEED})")
     what = f"[{name} seed {seed}] "
     if ref is None:
@@ -270,7 +255,7 @@ def test_refcount_table_growth(mount, tmp_path):
     initial one-cluster refcount table 128 MiB; > 140 MiB of data must create refcount blocks
     and grow the table."""
     name = "refcount-growth"
-    seed = seed_for(name)
+    seed = seed_for(name, BASE_SEED)
     print(f"{name}: seed {seed}")
     what = f"[{name} seed {seed}] "
     vsize = 256 * MiB
@@ -297,7 +282,7 @@ def test_refcount_table_growth(mount, tmp_path):
 @needs_fuse
 def test_backing_chain(mount, tmp_path):
     """qcow2 (64 KiB) over qcow2 (4 KiB) over raw: partial-cluster writes copy the rest from below."""
-    seed = seed_for("chain-base")
+    seed = seed_for("chain-base", BASE_SEED)
     base = tmp_path / "base.raw"
     base.write_bytes(random.Random(seed).randbytes(40 * MiB + 1000))  # smaller than the overlays
     mid = create(tmp_path / "mid.qcow2", 48 * MiB, "cluster_size=4096", backing=base, backing_fmt="raw")
@@ -336,7 +321,7 @@ def compressible(rng: random.Random, size: int) -> bytes:
 def test_compressed(ctype, mount, tmp_path):
     vsize = 24 * MiB
     src = tmp_path / "src.raw"
-    src.write_bytes(compressible(random.Random(seed_for(f"compressed-src-{ctype}")), vsize))
+    src.write_bytes(compressible(random.Random(seed_for(f"compressed-src-{ctype}", BASE_SEED)), vsize))
     img = tmp_path / "img.qcow2"
     qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", "-o", f"compression_type={ctype},cluster_size=65536",
              src, img)
@@ -369,7 +354,7 @@ def test_zero_clusters_overwritten(mount, tmp_path):
 def test_extended_l2(cluster, mount, tmp_path):
     sc = cluster // 32
     base = tmp_path / "base.raw"
-    base.write_bytes(random.Random(seed_for(f"extl2-base-{cluster}")).randbytes(20 * MiB))
+    base.write_bytes(random.Random(seed_for(f"extl2-base-{cluster}", BASE_SEED)).randbytes(20 * MiB))
     img = create(tmp_path / "img.qcow2", 24 * MiB, "extended_l2=on", f"cluster_size={cluster}",
                  backing=base, backing_fmt="raw")
     qemu_io(img, f"write -P 0x10 {sc} {sc}", f"write -P 0x11 {cluster + 5 * sc} {3 * sc}",
@@ -457,7 +442,7 @@ def test_zero_detection_frees_clusters(mount, tmp_path):
     # The freed host clusters are reused: new data elsewhere does not grow the file.
     size1 = os.path.getsize(img)
     m = mount(img)
-    data = random.Random(seed_for("zero-detect-new")).randbytes(4 * MiB)
+    data = random.Random(seed_for("zero-detect-new", BASE_SEED)).randbytes(4 * MiB)
     fd = os.open(m.disk, os.O_RDWR)
     try:
         assert os.pwrite(fd, data, 40 * MiB) == len(data)
@@ -498,24 +483,9 @@ def test_zero_detection_v2_unallocates(mount, tmp_path):
 # ----------------------------------------------------------------------------- fallocate
 
 
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
-
-
-def fallocate(fd: int, mode: int, off: int, length: int) -> int:
-    """fallocate(2); returns 0 or the errno."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    libc.fallocate.restype = ctypes.c_int
-    if libc.fallocate(fd, mode, off, length) == 0:
-        return 0
-    return ctypes.get_errno()
-
-
 @needs_fuse
 def test_fallocate_modes_qcowfs_does_not_support(mount, tmp_path):
-    """Punching and zeroing work (tests/test_thin.py); collapsing, inserting and unsharing
+    """Punching and zeroing work (tests/mount/test_thin.py); collapsing, inserting and unsharing
     ranges do not: EOPNOTSUPP, nothing changed, the mount goes on."""
     img = create(tmp_path / "img.qcow2", 16 * MiB, "cluster_size=65536")
     qemu_io(img, "write -P 0x66 0 4M")
@@ -524,7 +494,7 @@ def test_fallocate_modes_qcowfs_does_not_support(mount, tmp_path):
     fd = os.open(m.disk, os.O_RDWR)
     try:
         for mode in (0x08, 0x20, 0x40, FALLOC_FL_PUNCH_HOLE):  # collapse, insert, unshare; punch without keep-size
-            err = fallocate(fd, mode, 0, MiB)
+            err = errno_of(fallocate, fd, mode, 0, MiB)
             assert err == errno.EOPNOTSUPP, f"fallocate mode 0x{mode:x}: {errno.errorcode.get(err, err)}"
         assert os.pread(fd, MiB, 0) == b"\x66" * MiB, "fallocate changed the data"
         # the mount keeps working
@@ -549,7 +519,7 @@ def test_fallocate_modes_qcowfs_does_not_support(mount, tmp_path):
                                   ("cluster_size=65536", "lazy_refcounts=on")],
                          ids=["64k", "c512-rc1", "lazy"])
 def test_fsync_survives_kill(opts, mount, tmp_path):
-    seed = seed_for("fsync-" + "-".join(opts))
+    seed = seed_for("fsync-" + "-".join(opts), BASE_SEED)
     print(f"seed {seed}")
     rng = random.Random(seed)
     vsize = 32 * MiB
@@ -656,7 +626,7 @@ ENOSPC_CASES = {
 @pytest.mark.parametrize("case", list(ENOSPC_CASES))
 def test_enospc(case, small_fs, mount, tmp_path):
     cluster, vsize, wsize, sequential = ENOSPC_CASES[case]
-    seed = seed_for("enospc-" + case)
+    seed = seed_for("enospc-" + case, BASE_SEED)
     print(f"seed {seed}")
     rng = random.Random(seed)
     img = create(small_fs / "img.qcow2", vsize, f"cluster_size={cluster}")

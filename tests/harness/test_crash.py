@@ -24,17 +24,19 @@ import random
 import shutil
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import pytest
-
 from conftest import needs_fuse
+from support.extents import merged
+from support.images import create
+from support.seeds import base_seed, seed_for
+
 from qcowfs_dev.oracles import qemu_check, qemu_img, qemu_info, qemu_io
 
 KiB = 1 << 10
 MiB = 1 << 20
-BASE_SEED = int(os.environ.get("QCOWFS_SEED", "20251123"))
+BASE_SEED = base_seed(20251123)
 
 LAYOUTS = {
     # name: (virtual size, create options, take an internal snapshot first)
@@ -43,10 +45,6 @@ LAYOUTS = {
     "4k-snapshot": (32 * MiB, ["cluster_size=4096"], True),
 }
 CASES = [("64k", s) for s in range(4)] + [("c512-rc1", s) for s in range(4)] + [("4k-snapshot", s) for s in range(2)]
-
-
-def seed_for(name: str) -> int:
-    return (BASE_SEED * 1000003 + zlib.crc32(name.encode())) & 0xFFFFFFFF
 
 
 class Writer(threading.Thread):
@@ -111,16 +109,6 @@ class Writer(threading.Thread):
                 pass
 
 
-def merged(intervals: list) -> list:
-    out: list = []
-    for a, b in sorted(intervals):
-        if out and a <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], b)
-        else:
-            out.append([a, b])
-    return out
-
-
 def assert_durable(got: bytes, expected: bytearray, uncertain: list, ops: list, durable: int, what: str) -> None:
     """got == expected outside the uncertain intervals; on a mismatch name the write that put it there."""
     mv_g, mv_e = memoryview(got), memoryview(expected)
@@ -138,16 +126,15 @@ def assert_durable(got: bytes, expected: bytearray, uncertain: list, ops: list, 
 
 @needs_fuse
 @pytest.mark.slow
-@pytest.mark.parametrize("layout,k", CASES, ids=[f"{l}-{k}" for l, k in CASES])
+@pytest.mark.parametrize("layout,k", CASES, ids=[f"{layout}-{k}" for layout, k in CASES])
 def test_kill_during_write_storm(layout, k, mount, tmp_path):
     vsize, opts, snapshot = LAYOUTS[layout]
-    seed = seed_for(f"crash-{layout}-{k}")
+    seed = seed_for(f"crash-{layout}-{k}", BASE_SEED)
     rng = random.Random(seed)
     kill_after = rng.uniform(0.2, 1.5)
     what = f"[{layout} seed {seed} kill after {kill_after:.3f}s] "
     print(what)
-    img = tmp_path / "img.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", *sum((["-o", o] for o in opts), []), img, str(vsize))
+    img = create(tmp_path / "img.qcow2", vsize, *opts)
     cluster = qemu_info(img)["cluster-size"]
     qemu_io(img, f"write -P 0x11 0 {vsize // 4}", f"write -P 0x22 {vsize // 2} {vsize // 8}",
             f"write -z {vsize // 8} {vsize // 16}")

@@ -1,4 +1,5 @@
-"""The command line as a user meets it: daemon mode, umount, signals, locks, help, run-time corruption."""
+"""The command line as a user meets it with a mount: daemon mode, umount, signals, locks, run-time
+corruption, ls -a. Without a mount (help, info, umount of something else): tests/unit/test_cli_offline.py."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ import os
 import signal
 import struct
 import subprocess
-from pathlib import Path
 
 import pytest
-
 from conftest import needs_fuse
+from support.images import create
+
 from qcowfs_dev.mounts import QCOWFS, Mount, is_mounted
 from qcowfs_dev.oracles import assert_clean, qemu_img, qemu_info, qemu_io, run
 from qcowfs_dev.probes import COPIED, header, l2_entry_offset, write_u64
@@ -20,42 +21,9 @@ from qcowfs_dev.proc import wait_for
 MiB = 1 << 20
 
 
-def make(tmp_path: Path, size="16M", name="a.qcow2") -> Path:
-    img = tmp_path / name
-    qemu_img("create", "-q", "-f", "qcow2", img, size)
-    return img
-
-
-def test_help_texts():
-    for args in ([], ["mount"], ["umount"], ["info"], ["check"], ["bitmap"], ["bitmap", "add"]):
-        p = run([*QCOWFS, *args, "--help"])
-        assert "usage: qcowfs" in p.stdout and p.stdout.count("\n") > 3, args
-    # what the mount point holds, all of it
-    top = " ".join(run([*QCOWFS, "--help"]).stdout.split())
-    assert all(name in top for name in ("disk.raw", ".bitmaps/", ".snapshots/")), top
-
-
-def test_info_text_is_qemu_img_info_then_qcowfs_lines(tmp_path):
-    """qemu-img info's lines, in its order (the snapshot list before the format-specific section,
-    bitmaps nested after lazy refcounts), then what qcowfs adds."""
-    base = make(tmp_path, name="base.qcow2")
-    img = tmp_path / "top.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", img)
-    qemu_img("bitmap", "--add", img, "b0")
-    qemu_img("bitmap", "--add", "--disable", "-g", "4096", img, "b1")
-    qemu_img("snapshot", "-c", "s1", img)
-    qemu_io(img, "write -P 1 0 64k")
-    qemu_img("snapshot", "-c", "second", img)
-    assert base.exists()
-    theirs = run(["qemu-img", "info", img]).stdout.splitlines()
-    ours = run([*QCOWFS, "info", img]).stdout.splitlines()
-    assert ours[: len(theirs)] == theirs
-    assert ours[len(theirs)].startswith("    incompatible features:")
-
-
 @needs_fuse
 def test_daemon_mode_and_umount_waits_for_shutdown(tmp_path):
-    img = make(tmp_path)
+    img = create(tmp_path / "a.qcow2", "16M")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     log = tmp_path / "d.log"
@@ -84,15 +52,10 @@ def test_daemon_mode_and_umount_waits_for_shutdown(tmp_path):
     assert "Traceback" not in log.read_text()
 
 
-def test_umount_of_something_else_is_one_line(tmp_path):
-    p = run([*QCOWFS, "umount", tmp_path], check=False)
-    assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1
-
-
 @needs_fuse
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_unmounts_cleanly(tmp_path, sig):
-    img = make(tmp_path)
+    img = create(tmp_path / "a.qcow2", "16M")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     m = Mount(img, mnt, tmp_path / "d.log")
@@ -118,7 +81,7 @@ def test_signal_during_the_last_requests_always_ends_the_daemon(tmp_path):
     already woken every waiter: the daemon never exited (about 1 run in 16 of the test above).
     Many short mounts, each signalled at once after closing a written file, so the window is
     met; each must exit within 10 s (it takes well under one)."""
-    img = make(tmp_path)
+    img = create(tmp_path / "a.qcow2", "16M")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     for i in range(16):
@@ -142,7 +105,7 @@ def test_signal_during_the_last_requests_always_ends_the_daemon(tmp_path):
 
 @needs_fuse
 def test_corruption_met_while_writing_turns_the_mount_read_only(tmp_path, mount):
-    img = make(tmp_path)
+    img = create(tmp_path / "a.qcow2", "16M")
     qemu_io(img, "write -P 7 0 64k")
     # point the L2 table's entry for guest cluster 1 at an unaligned offset: corrupt metadata
     write_u64(img, l2_entry_offset(img.read_bytes(), 1), COPIED | 0x30200)
@@ -170,7 +133,7 @@ def test_corruption_met_during_fsync_is_handled_like_one_met_while_writing(tmp_p
     """The refcount of a data cluster is 0 on disk: overwriting that cluster with zeros frees
     it at the next fsync, where its refcount would drop below zero. That fsync fails with EIO,
     sets the corrupt bit, logs it and turns the mount read-only, exactly like a write does."""
-    img = make(tmp_path)
+    img = create(tmp_path / "a.qcow2", "16M")
     qemu_io(img, "write -P 7 0 64k")
     raw = img.read_bytes()
     l1 = struct.unpack_from(">Q", raw, 40)[0]
@@ -201,7 +164,7 @@ def test_corruption_met_during_fsync_is_handled_like_one_met_while_writing(tmp_p
 
 @needs_fuse
 def test_ls_a_lists_dot_and_dot_dot(tmp_path, mount):
-    img = make(tmp_path)
+    img = create(tmp_path / "a.qcow2", "16M")
     qemu_img("bitmap", "--add", img, "b0")
     qemu_img("snapshot", "-c", "s1", img)
     m = mount(img)

@@ -7,6 +7,8 @@
   not up to `checkpoint_every` requests later;
 - a pyfuse3 without the hook, or of a version the hook was not checked against, gets
   pyfuse3's own loop, says so in one log line, and still serves reads and writes correctly.
+
+Which pyfuse3 releases get the hook at all: tests/unit/test_fuseloop_hook.py.
 """
 
 from __future__ import annotations
@@ -16,11 +18,10 @@ import re
 import signal
 import threading
 import time
-from pathlib import Path
 
 import pytest
-
-from conftest import assert_clean, needs_fuse, qemu_img, qemu_io, wait_for
+from conftest import assert_clean, needs_fuse, qemu_io, wait_for
+from support.images import create
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -29,30 +30,13 @@ SERVED = re.compile(r"request loop: (\d+) requests through the fast waiter")
 UNAVAILABLE = "fast FUSE request loop unavailable"
 
 
-def image(tmp_path: Path, size: str = "8M") -> Path:
-    img = tmp_path / "f.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", img, size)
-    qemu_io(img, "write -P 0x3c 0 4M")
-    return img
-
-
-@pytest.mark.parametrize("version, ok", [("3.2.0", True), ("3.5.0", True), ("3.5.1rc1", True),
-                                         ("3.1.1", False), ("3.6.0", False), ("4.0.0", False), ("?", False)])
-def test_only_verified_pyfuse3_releases_get_the_hook(monkeypatch, version, ok):
-    import pyfuse3
-
-    from qcowfs.fuse import request_loop as fuseloop
-
-    monkeypatch.setattr(pyfuse3, "__version__", version)
-    reason = fuseloop.hook_refusal()
-    assert (reason is None) == ok, reason
-    if not ok:
-        assert version in reason
+#: the guest data of every image here
+FILL = ["write -P 0x3c 0 4M"]
 
 
 @needs_fuse
 def test_fast_waiter_serves_the_requests(tmp_path, mount):
-    img = image(tmp_path)
+    img = create(tmp_path / "f.qcow2", "8M", writes=FILL)
     m = mount(img, read_only=True)
     fd = os.open(m.disk, os.O_RDONLY)  # disk.raw is direct_io: every pread is one FUSE read
     try:
@@ -82,7 +66,7 @@ def test_stop_signal_while_blocked_in_poll_is_seen_when_poll_returns(tmp_path, m
     (20 ms), so it never parks in trio, where a signal is seen at once. A SIGTERM that lands
     while it is blocked in poll() must stop it when poll() returns: without the re-check the
     next checkpoint came up to 64 requests (here 0.3 s) later."""
-    img = image(tmp_path)
+    img = create(tmp_path / "f.qcow2", "8M", writes=FILL)
     m = mount(img)
     sent = threading.Event()
     before, after = [0], [0]
@@ -150,7 +134,7 @@ def test_unknown_pyfuse3_falls_back_to_its_own_loop(tmp_path, mount, monkeypatch
     (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
     monkeypatch.setenv("PYTHONPATH", str(site))
     monkeypatch.setenv("QCOWFS_TEST_PYFUSE3", how)
-    img = image(tmp_path, "16M")
+    img = create(tmp_path / "f.qcow2", "16M", writes=FILL)
     m = mount(img)
     fd = os.open(m.disk, os.O_RDWR)
     try:

@@ -47,6 +47,10 @@ from pathlib import Path
 
 import pytest
 from conftest import needs_fuse
+from support.images import create
+from support.repo import ROOT
+from support.seeds import base_seed
+
 from qcowfs_dev.fio import fio_header_ok, job_file, run_fio, write_iolog
 from qcowfs_dev.oracles import assert_clean, assert_compare, dirty_extents, qemu_check, qemu_img, qemu_io
 from qcowfs_dev.proc import wait_for
@@ -59,7 +63,7 @@ VSIZE = 64 * MiB
 A = (0, 8 * MiB)
 B = (8 * MiB, 16 * MiB)
 C = (16 * MiB, 24 * MiB)
-SEED = int(os.environ.get("QCOWFS_SEED", "20251207"))
+SEED = base_seed(20251207)
 BASE = {A: 0x11, B: 0x22, C: 0x33}  # base content of each area (all zero for a fresh image)
 CRC_JOBS = {"crc8k": (4, 8 * KiB), "crc4k": (5, 4 * KiB)}  # name -> (slot, block size)
 
@@ -150,19 +154,17 @@ def build(kind: str, tmp: Path) -> tuple:
     """(image, raw file of its content before the storm, base byte of area A)."""
     img = tmp / "img.qcow2"
     if kind == "fresh":
-        qemu_img("create", "-q", "-f", "qcow2", img, str(VSIZE))
+        create(img, VSIZE)
     elif kind == "backing":
-        base = tmp / "base.qcow2"
-        qemu_img("create", "-q", "-f", "qcow2", base, str(VSIZE))
+        base = create(tmp / "base.qcow2", VSIZE)
         fill_base(base, "qcow2")
-        qemu_img("create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", img)
+        create(img, backing=base, backing_fmt="qcow2")
     elif kind == "snapshot":
-        qemu_img("create", "-q", "-f", "qcow2", img, str(VSIZE))
+        create(img, VSIZE)
         fill_base(img, "qcow2")
         qemu_img("snapshot", "-c", "s1", img)
     elif kind == "compressed":
-        src = tmp / "src.qcow2"
-        qemu_img("create", "-q", "-f", "qcow2", src, str(VSIZE))
+        src = create(tmp / "src.qcow2", VSIZE)
         fill_base(src, "qcow2")
         qemu_img("convert", "-c", "-O", "qcow2", src, img)
         src.unlink()
@@ -331,14 +333,14 @@ def test_kill_during_storm_keeps_fsynced_data(mount, tmp_path):
     qemu_io(img, "write -P 0x5a 0 512", "read -P 0x5a 0 512")
 
 
-ROOT = Path(__file__).resolve().parents[1]
+CEILING = ROOT / "scripts" / "ceiling_fs.py"
 HOST_LATENCY_US = 2000
 
 
 @needs_fuse
 def test_slow_host_goes_to_threads(mount, tmp_path):
     """By default (offload=auto) requests go to the host I/O threads only once the host keeps
-    them waiting: here every read of the image file waits 2 ms (qcowfs_dev/ceiling_fs.py
+    them waiting: here every read of the image file waits 2 ms (scripts/ceiling_fs.py
     --latency-us, many at once, like a disk or network storage). One request at a time that is
     at most 500 reads a second; at queue depth 16 the threads must do clearly better, the daemon
     must say the host turned slow, and the image stays clean."""
@@ -347,9 +349,9 @@ def test_slow_host_goes_to_threads(mount, tmp_path):
     qemu_io(img, f"write -P 0x11 0 {16 * MiB}")
     host = tmp_path / "host"
     host.mkdir()
-    slow = subprocess.Popen([sys.executable, "-m", "qcowfs_dev.ceiling_fs",
+    slow = subprocess.Popen([sys.executable, str(CEILING),
                              f"--latency-us={HOST_LATENCY_US}", str(img), str(host)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: os.path.ismount(host) or slow.poll() is not None, what="slow host file system")
         assert os.path.ismount(host), f"ceiling_fs did not mount: {slow.stderr.read() if slow.stderr else ''}"

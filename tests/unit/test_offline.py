@@ -1,17 +1,13 @@
-"""Offline `qcowfs bitmap` commands on unmounted images, and header rewrites that keep what
-qcowfs does not know (unknown extensions and header fields) while clearing unknown autoclear bits."""
+"""Offline `qcowfs bitmap` commands on unmounted images (and `qcowfs check` refusing an image in use).
+Header rewrites through a mount: tests/mount/test_header_rewrite.py."""
 
 from __future__ import annotations
 
 import json
-import struct
 import subprocess
-from pathlib import Path
 
-from conftest import needs_fuse
 from qcowfs_dev.mounts import QCOWFS
 from qcowfs_dev.oracles import assert_clean, dirty_map, qemu_bitmaps, qemu_img, qemu_io, run
-from qcowfs_dev.probes import OFF_AUTOCLEAR, OFF_HEADER_LENGTH, extensions, header
 from qcowfs_dev.proc import wait_for
 
 KiB = 1 << 10
@@ -48,7 +44,8 @@ def test_offline_bitmap_commands_match_qemu(tmp_path):
     # merge into the disabled one, then clear, enable, remove
     qcowfs("bitmap", "merge", img, "g4k", "off")
     assert qemu_dirty_extents(img, "off", tmp_path) == [(0, 64 * KiB, True), (64 * KiB, MiB - 64 * KiB, False),
-                                                         (MiB, 128 * KiB, True), (MiB + 128 * KiB, 32 * MiB - MiB - 128 * KiB, False)]
+                                                         (MiB, 128 * KiB, True),
+                                                         (MiB + 128 * KiB, 32 * MiB - MiB - 128 * KiB, False)]
     qcowfs("bitmap", "clear", img, "g4k")
     assert all(not d for _, _, d in qemu_dirty_extents(img, "g4k", tmp_path))
     qcowfs("bitmap", "enable", img, "off")
@@ -90,44 +87,3 @@ def test_offline_commands_refuse_an_image_in_use(tmp_path):
     finally:
         qsd.terminate()
         qsd.wait()
-
-
-def _add_unknowns(img: Path) -> bytes:
-    """Give a v3 image an unknown autoclear bit, an unknown header field (header_length 120)
-    and an unknown header extension; returns the unknown extension's payload."""
-    raw = bytearray(img.read_bytes()[:65536])
-    hl = header(raw)["header_length"]
-    assert hl == 112
-    # the extensions up to their end marker
-    exts = [bytes(raw[pos: pos + 8 + (length + 7) // 8 * 8]) for _, pos, length in extensions(raw)]
-    payload = b"qcowfs-unknown-extension"
-    unknown = struct.pack(">II", 0x7A7A7A7A, len(payload)) + payload
-    new = bytearray(raw[:112]) + b"\xAB" * 8  # 8 unknown header bytes
-    struct.pack_into(">I", new, OFF_HEADER_LENGTH, 120)
-    autoclear = header(new)["autoclear"] | (1 << 5)
-    struct.pack_into(">Q", new, OFF_AUTOCLEAR, autoclear)
-    for e in exts:
-        new += e
-    new += unknown + b"\0" * 8
-    with open(img, "r+b") as f:
-        f.write(new)
-    return payload
-
-
-@needs_fuse
-def test_header_rewrite_keeps_unknowns_and_clears_unknown_autoclear(tmp_path, mount):
-    img = tmp_path / "a.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", img, "8M")
-    payload = _add_unknowns(img)
-    assert run(["qemu-img", "check", img], check=False).returncode == 0
-    m = mount(img)
-    (m.bitmaps / "b0").touch()  # rewrites the header (bitmaps extension)
-    with open(m.disk, "r+b") as f:
-        f.write(b"x" * 4096)
-    assert m.unmount() == 0
-    raw = img.read_bytes()[:65536]
-    assert header(raw)["header_length"] == 120 and raw[112:120] == b"\xAB" * 8
-    assert not header(raw)["autoclear"] & (1 << 5), "unknown autoclear bit not cleared"
-    assert payload in raw, "unknown header extension lost"
-    assert qemu_bitmaps(img)["b0"]["flags"] == ["auto"]
-    assert_clean(img)

@@ -36,20 +36,21 @@ import subprocess
 import sys
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import needs_fuse, sha256
 from hypothesis import HealthCheck, Phase, event, given, note, settings
 from hypothesis import strategies as st
+from support.images import Blobs, create
+from support.repo import ROOT
 
-from conftest import needs_fuse
 from qcowfs_dev.mounts import Mount, detach
 from qcowfs_dev.oracles import qemu_img, qemu_io
 from qcowfs_dev.probes import OFFSET_MASK, all_metadata_offsets, metadata_regions, refcounts_past_eof, u32, u64
 
-ROOT = Path(__file__).resolve().parents[1]
 QCOWFS = [sys.executable, "-m", "qcowfs"]
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
 
@@ -77,13 +78,8 @@ SETTINGS = settings(
 
 # ----------------------------------------------------------------------------- base images
 
-def _create(path: Path, size: str, opts: str) -> Path:
-    qemu_img("create", "-q", "-f", "qcow2", "-o", opts, path, size)
-    return path
-
-
 def _build_v3(d: Path) -> Path:
-    img = _create(d / "v3.qcow2", "4M", "cluster_size=4096")
+    img = create(d / "v3.qcow2", "4M", "cluster_size=4096")
     qemu_io(img, "write -P 0x5a 0 64k", "write -c -P 0x77 1M 4k", "write -c -P 0x78 1028k 8k",
             "write -z 2M 16k", "write -P 0x11 3M 4k", "write -P 0x12 4092k 4k")
     qemu_img("snapshot", "-c", "snap1", img)
@@ -95,7 +91,7 @@ def _build_v3(d: Path) -> Path:
 
 
 def _build_v2(d: Path) -> Path:
-    img = _create(d / "v2.qcow2", "4M", "compat=0.10,cluster_size=4096")
+    img = create(d / "v2.qcow2", "4M", "compat=0.10,cluster_size=4096")
     qemu_io(img, "write -P 0x5a 0 64k", "write -c -P 0x77 1M 8k", "write -P 0x11 3M 4k")
     qemu_img("snapshot", "-c", "snap1", img)
     qemu_io(img, "write -P 0x33 8k 8k", "write -z 16k 8k")
@@ -104,7 +100,7 @@ def _build_v2(d: Path) -> Path:
 
 def _build_extl2(d: Path) -> Path:
     # extended L2 entries need clusters of at least 16 KiB
-    img = _create(d / "extl2.qcow2", "4M", "cluster_size=16384,extended_l2=on")
+    img = create(d / "extl2.qcow2", "4M", "cluster_size=16384,extended_l2=on")
     qemu_io(img, "write -P 0x01 0 4k", "write -P 0x02 20k 1k", "write -z 64k 16k", "write -z 96k 2k",
             "write -c -P 0x03 1M 16k", "write -P 0x04 3M 48k")
     qemu_img("bitmap", "--add", img, "bm0")
@@ -113,13 +109,6 @@ def _build_extl2(d: Path) -> Path:
 
 
 BUILDERS = {"v3": _build_v3, "v2": _build_v2, "extl2": _build_extl2}
-
-
-class Blobs(dict):
-    """name -> image bytes, with a short repr (Hypothesis prints the test's arguments)."""
-
-    def __repr__(self) -> str:
-        return f"<{', '.join(f'{k}: {len(v)} bytes' for k, v in self.items())}>"
 
 
 @pytest.fixture(scope="module")
@@ -236,10 +225,6 @@ def describe(muts) -> str:
 
 # ----------------------------------------------------------------------------- processes
 
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def start_daemon(image: Path, mnt: Path, log: Path, read_only: bool) -> Mount:
     """`qcowfs mount --foreground` in a subprocess (qcowfs_dev.mounts.Mount, refusals allowed: .mounted
     says); always torn down by stop() (unmount retried while busy, then kill, then lazy detach)."""
@@ -304,7 +289,8 @@ def read_everything(mnt: Path) -> dict:
             try:
                 got = os.pread(fd, CHUNK, off)
             except OSError as e:
-                assert e.errno == errno.EIO, f"read of disk.raw at {off}: {errno.errorcode.get(e.errno, e.errno)} ({e}), expected data or EIO"
+                assert e.errno == errno.EIO, \
+                    f"read of disk.raw at {off}: {errno.errorcode.get(e.errno, e.errno)} ({e}), expected data or EIO"
                 stats["eio"] += 1
                 continue
             assert len(got) == want, f"short read of disk.raw at {off}: {len(got)} bytes instead of {want}"
@@ -331,7 +317,7 @@ def read_everything(mnt: Path) -> dict:
 def check_read_only_mount(image: Path, work: Path) -> list:
     """(a); returns Hypothesis event labels (event() works only in the test's own thread)."""
     events = []
-    before = _sha(image)
+    before = sha256(image)
     mnt = work / "mnt-ro"
     mnt.mkdir()
     d = start_daemon(image, mnt, work / "ro.log", read_only=True)
@@ -349,13 +335,13 @@ def check_read_only_mount(image: Path, work: Path) -> list:
         assert "Traceback" not in log and "Traceback" not in d.stderr, f"daemon traceback:\n{d.stderr}\n{log}"
     finally:
         d.stop()
-    assert _sha(image) == before, "a read-only mount changed the image"
+    assert sha256(image) == before, "a read-only mount changed the image"
     return events
 
 
 def check_check(image: Path) -> list:
     """(b); returns event labels."""
-    before = _sha(image)
+    before = sha256(image)
     p = run_qcowfs("check", "--json", image)
     assert "Traceback" not in p.stdout + p.stderr, f"qcowfs check traceback:\n{p.stdout}\n{p.stderr}"
     assert p.returncode in (0, 1, 2, 3), f"qcowfs check exited {p.returncode}:\n{p.stdout}\n{p.stderr}"
@@ -369,7 +355,7 @@ def check_check(image: Path) -> list:
         except ValueError:
             raise AssertionError(f"qcowfs check --json exited {p.returncode} without JSON:\n{p.stdout}\n{p.stderr}") from None
         label = f"check: exit {p.returncode}"
-    assert _sha(image) == before, "qcowfs check without --repair changed the image"
+    assert sha256(image) == before, "qcowfs check without --repair changed the image"
     return [label]
 
 
@@ -491,7 +477,7 @@ def test_damaged_image(bases, base, data):
             with ThreadPoolExecutor(len(jobs)) as pool:
                 futures = {name: pool.submit(fn, work / f"{name}.qcow2", work) for name, fn in jobs.items()}
             errors = []
-            for name, fut in futures.items():
+            for fut in futures.values():
                 if fut.exception() is not None:
                     errors.append(fut.exception())
                 else:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import configparser
 import json
 import os
-import re
 import shlex
 import shutil
 import stat
@@ -20,13 +19,14 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from conftest import needs_fuse
+from support.images import create
+from support.repo import readme_block
+
 from qcowfs_dev.mounts import QCOWFS, detach, is_mounted
 from qcowfs_dev.oracles import assert_clean, qemu_img, qemu_info, qemu_io, run
 from qcowfs_dev.proc import wait_for
 
-ROOT = Path(__file__).resolve().parent.parent
 NOBODY = 65534
 STRANGER = 4321  # a uid no option names
 
@@ -53,9 +53,7 @@ def public_dir():
 
 def private_image(tmp_path: Path, size: str = "16M") -> Path:
     """A 0600 image whose first cluster holds a pattern (the guest's data)."""
-    img = tmp_path / "p.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", img, size)
-    qemu_io(img, "write -P 0x61 0 64k")
+    img = create(tmp_path / "p.qcow2", size, writes=["write -P 0x61 0 64k"])
     img.chmod(0o600)
     return img
 
@@ -253,15 +251,8 @@ def test_fstab_entry_mounts_with_mount_T(tmp_path, public_dir):
     assert_clean(img)
 
 
-def _readme_block(marker: str) -> str:
-    text = (ROOT / "README.md").read_text()
-    m = re.search(r"```ini\n# " + re.escape(marker) + r"\n(.*?)```", text, re.S)
-    assert m, f"README has an ```ini block starting '# {marker}'"
-    return m.group(1)
-
-
 def test_readme_systemd_mount_unit_parses_and_verifies(tmp_path):
-    unit_text = _readme_block("/etc/systemd/system/mnt-vm.mount")
+    unit_text = readme_block("ini", "/etc/systemd/system/mnt-vm.mount")
     cp = configparser.ConfigParser(strict=True, interpolation=None)
     cp.optionxform = str
     cp.read_string(unit_text)

@@ -32,12 +32,13 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import zlib
 from pathlib import Path
 
 import pytest
-
 from conftest import needs_fuse, sha256
+from support.images import create
+from support.seeds import base_seed, seed_for
+
 from qcowfs_dev.mounts import detach, is_mounted, mount_table
 from qcowfs_dev.oracles import assert_clean, assert_compare, qemu_img, qemu_io, run
 from qcowfs_dev.proc import wait_for
@@ -45,11 +46,7 @@ from qcowfs_dev.proc import wait_for
 KiB = 1 << 10
 MiB = 1 << 20
 CLUSTER = 64 * KiB
-BASE_SEED = int(os.environ.get("QCOWFS_SEED", "20251202"))
-
-
-def seed_for(name: str) -> int:
-    return (BASE_SEED * 1000003 + zlib.crc32(name.encode())) & 0xFFFFFFFF
+BASE_SEED = base_seed(20251202)
 
 
 # ----------------------------------------------------------------------------- mounts, loops
@@ -143,16 +140,14 @@ def build_image(tmp: Path, size: int, backing: bool) -> tuple[Path, list[Path]]:
     img = tmp / "img.qcow2"
     backing_files = []
     if backing:
-        base = tmp / "base.qcow2"
-        qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={CLUSTER}", base, str(size))
-        qemu_io(base, "write -P 0x5a 0 4M", "write -P 0x3c 20M 3M", "write -P 0x77 36868k 1M",
-                f"write -c -P 0x44 {size - 2 * MiB} 512k")
-        qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={CLUSTER}", "-b", base, "-F", "qcow2",
-                 img, str(size))
+        base = create(tmp / "base.qcow2", size, f"cluster_size={CLUSTER}",
+                      writes=["write -P 0x5a 0 4M", "write -P 0x3c 20M 3M", "write -P 0x77 36868k 1M",
+                              f"write -c -P 0x44 {size - 2 * MiB} 512k"])
+        create(img, size, f"cluster_size={CLUSTER}", backing=base, backing_fmt="qcow2")
         backing_files.append(base)
     else:
-        qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={CLUSTER}", img, str(size))
-        qemu_io(img, "write -P 0x5a 0 4M", "write -P 0x3c 20M 3M", f"write -c -P 0x44 {size - 2 * MiB} 512k")
+        create(img, size, f"cluster_size={CLUSTER}",
+               writes=["write -P 0x5a 0 4M", "write -P 0x3c 20M 3M", f"write -c -P 0x44 {size - 2 * MiB} 512k"])
     # The top image's own data: plain, a zero range (over backing data when there is one),
     # a cluster-unaligned range, the last 96 KiB.
     qemu_io(img, "write -P 0xa1 1M 2M", "write -z 21M 512k", "write -P 0xa2 30M 1056k",
@@ -256,7 +251,7 @@ def gen_aio_script(rng: random.Random, model: bytearray, size: int, rounds: list
 def test_qemu_io_aio_direct(aio, backing, qmount, tmp_path):
     """qemu-io -f raw -t none -i io_uring|native: mixed aio reads and writes at depth, patterns
     verified by qemu-io, content by qemu-img compare, image clean."""
-    seed = seed_for(f"aio-{aio}-{backing}")
+    seed = seed_for(f"aio-{aio}-{backing}", BASE_SEED)
     what = f"[seed {seed}, aio={aio}, backing={backing}] "
     size = 48 * MiB
     img, backing_files = build_image(tmp_path, size, backing)
@@ -279,7 +274,7 @@ def test_qemu_io_aio_direct(aio, backing, qmount, tmp_path):
     out = p.stdout + p.stderr
     assert p.returncode == 0, f"{what}qemu-io exited {p.returncode}: {out[-3000:]}"
     assert "Pattern verification failed" not in out, \
-        f"{what}qemu-io read back wrong data:\n" + "\n".join(l for l in out.splitlines() if "Pattern" in l)[:3000]
+        f"{what}qemu-io read back wrong data:\n" + "\n".join(line for line in out.splitlines() if "Pattern" in line)[:3000]
     assert "failed" not in out.lower(), f"{what}qemu-io reported a failure:\n{out[-3000:]}"
     wrote = len(re.findall(r"^wrote \d+/\d+ bytes", p.stdout, re.M))
     read = len(re.findall(r"^read \d+/\d+ bytes", p.stdout, re.M))
@@ -312,7 +307,7 @@ def test_loop_direct_io_ext4(qmount, tmp_path):
     through a fresh read-only mount and loop device."""
     if not shutil.which("mkfs.ext4") or not shutil.which("losetup"):
         pytest.fail("mkfs.ext4 / losetup missing (e2fsprogs, util-linux)")
-    seed = seed_for("loop-ext4")
+    seed = seed_for("loop-ext4", BASE_SEED)
     what = f"[seed {seed}] "
     img = tmp_path / "img.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={CLUSTER}", img, str(128 * MiB))
@@ -362,7 +357,8 @@ def test_dd_direct_matches_convert(qmount, tmp_path):
     out = tmp_path / "dd.raw"
     run(["dd", f"if={m.disk}", f"of={out}", "iflag=direct", "bs=1M", "status=none"])
     assert out.stat().st_size == size
-    assert sha256(out) == sha256(ref), f"dd of disk.raw != qemu-img convert: {first_difference(out.read_bytes(), ref.read_bytes())}"
+    assert sha256(out) == sha256(ref), \
+        f"dd of disk.raw != qemu-img convert: {first_difference(out.read_bytes(), ref.read_bytes())}"
     unmount_clean(m)
     assert_compare(img, ref)
     assert_clean(img)
@@ -424,7 +420,8 @@ def test_nbdkit_file_serves_disk(qmount, tmp_path):
         assert export["is_read_only"] is True, f"nbdinfo: {info}"
         run(["nbdcopy", uri, out])
     assert out.stat().st_size == size
-    assert sha256(out) == sha256(ref), f"nbdcopy of nbdkit file != qemu-img convert: {first_difference(out.read_bytes(), ref.read_bytes())}"
+    assert sha256(out) == sha256(ref), \
+        f"nbdcopy of nbdkit file != qemu-img convert: {first_difference(out.read_bytes(), ref.read_bytes())}"
     unmount_clean(m)
     assert_compare(img, ref)
     assert_clean(img)

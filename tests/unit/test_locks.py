@@ -9,19 +9,14 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from support import oracles
+from support.images import create
 
-try:
-    import qcowfs  # noqa: F401
-except ImportError:  # run from a venv without the project installed: use the work tree
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from qcowfs.errors import LockError
 from qcowfs.engine.locks import _FLOCK, ImageLock, lock_bytes, probe_conflict
-from qcowfs_dev import oracles
+from qcowfs.errors import LockError
 from qcowfs_dev.oracles import qemu_img
 from qcowfs_dev.proc import wait_for
 
@@ -54,9 +49,7 @@ def byte_set(path) -> set:
 
 @pytest.fixture
 def image(tmp_path) -> Path:
-    img = tmp_path / "a.qcow2"
-    qemu_img("create", "-f", "qcow2", img, "1M", timeout=TIMEOUT)
-    return img
+    return create(tmp_path / "a.qcow2", "1M", timeout=TIMEOUT)
 
 
 @pytest.fixture

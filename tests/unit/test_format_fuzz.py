@@ -11,21 +11,15 @@ import logging
 import os
 import shutil
 import struct
-import sys
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from support.images import Blobs, create
 
-try:
-    import qcowfs  # noqa: F401
-except ImportError:  # run from a venv without the project installed: use the work tree
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+from qcowfs.engine.image import Qcow2Image
 from qcowfs.errors import QcowError
 from qcowfs.format.header import Header, parse_header
-from qcowfs.engine.image import Qcow2Image
 from qcowfs_dev.oracles import qemu_img, qemu_io
 from qcowfs_dev.probes import BITMAPS_MAGIC, OFFSET_MASK, u32, u64
 
@@ -36,19 +30,6 @@ HEADER_BYTES = 64 * 1024
 
 
 # ----------------------------------------------------------------------------- real images
-
-
-def _make(d: Path, name: str, size: str, opts: str, *io_cmds: str, backing: Path | None = None) -> Path:
-    img = d / name
-    args = ["create", "-q", "-f", "qcow2"]
-    if opts:
-        args += ["-o", opts]
-    if backing is not None:
-        args += ["-b", backing.name, "-F", "qcow2"]
-    qemu_img(*args, img, size)
-    if io_cmds:
-        qemu_io(img, *io_cmds)
-    return img
 
 
 DATA_WRITES = (
@@ -65,27 +46,20 @@ def images(tmp_path_factory):
     """name -> path of QEMU-made images with data in several kinds of clusters."""
     d = tmp_path_factory.mktemp("fuzz-src")
     out = {
-        "v3-4k": _make(d, "v3-4k.qcow2", "8M", "cluster_size=4096", *DATA_WRITES),
-        "v3-16k-extl2-zstd": _make(
-            d, "v3-extl2.qcow2", "8M", "cluster_size=16384,extended_l2=on,compression_type=zstd", *DATA_WRITES
-        ),
-        "v2-512": _make(d, "v2-512.qcow2", "8M", "compat=0.10,cluster_size=512", *DATA_WRITES),
-        "v3-refcount1": _make(d, "v3-rc1.qcow2", "8M", "cluster_size=4096,refcount_bits=1", *DATA_WRITES),
-        "v3-64k": _make(d, "v3-64k.qcow2", "8M", "", *DATA_WRITES),
+        "v3-4k": create(d / "v3-4k.qcow2", "8M", "cluster_size=4096", writes=DATA_WRITES),
+        "v3-16k-extl2-zstd": create(d / "v3-extl2.qcow2", "8M", "cluster_size=16384,extended_l2=on,compression_type=zstd",
+                                    writes=DATA_WRITES),
+        "v2-512": create(d / "v2-512.qcow2", "8M", "compat=0.10,cluster_size=512", writes=DATA_WRITES),
+        "v3-refcount1": create(d / "v3-rc1.qcow2", "8M", "cluster_size=4096,refcount_bits=1", writes=DATA_WRITES),
+        "v3-64k": create(d / "v3-64k.qcow2", "8M", writes=DATA_WRITES),
     }
-    base = _make(d, "base.qcow2", "8M", "cluster_size=4096", "write -P 0x42 0 1M")
-    overlay = _make(d, "overlay.qcow2", "8M", "cluster_size=4096", "write -P 0x24 512k 8k", backing=base)
+    base = create(d / "base.qcow2", "8M", "cluster_size=4096", writes=["write -P 0x42 0 1M"])
+    overlay = create(d / "overlay.qcow2", "8M", "cluster_size=4096", backing=base.name, backing_fmt="qcow2",
+                     writes=["write -P 0x24 512k 8k"])
     qemu_img("bitmap", "--add", overlay, "bm0")
     qemu_io(overlay, "write -P 0x99 2M 4k")  # dirties bm0: bitmap tables and data on disk after close
     out["v3-4k-backing-bitmap"] = overlay
     return out
-
-
-class Blobs(dict):
-    """name -> bytes, with a short repr (Hypothesis prints fixture values on failure)."""
-
-    def __repr__(self) -> str:
-        return f"<{', '.join(f'{k}: {len(v)} bytes' for k, v in self.items())}>"
 
 
 def regions(data: bytes) -> list:
@@ -300,7 +274,7 @@ def headers(images):
     for name, path in images.items():
         with open(path, "rb") as f:
             out[name] = f.read(HEADER_BYTES)
-    for name, data in out.items():
+    for data in out.values():
         parse_header(data)  # the unmutated headers parse (else the property below proves nothing)
     return out
 

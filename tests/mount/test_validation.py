@@ -17,14 +17,33 @@ import struct
 from pathlib import Path
 
 import pytest
-
 from conftest import needs_fuse, sha256
+from support.images import create
+
 from qcowfs_dev.mounts import QCOWFS, detach
-from qcowfs_dev.oracles import qemu_img, qemu_io, run
-from qcowfs_dev.probes import (BACKING_FORMAT_MAGIC, BITMAPS_MAGIC, FEATURE_TABLE_MAGIC, OFF_AUTOCLEAR, OFF_BACKING_OFFSET,
-                            OFF_CLUSTER_BITS, OFF_COMPRESSION_TYPE, OFF_CRYPT, OFF_HEADER_LENGTH, OFF_L1_OFFSET,
-                            OFF_L1_SIZE, OFF_NB_SNAPSHOTS, OFF_REFCOUNT_ORDER, OFF_REFTABLE_CLUSTERS,
-                            OFF_REFTABLE_OFFSET, OFF_SIZE, OFF_VERSION, header_length, patch, set_incompat)
+from qcowfs_dev.oracles import qemu_img, run
+from qcowfs_dev.probes import (
+    BACKING_FORMAT_MAGIC,
+    BITMAPS_MAGIC,
+    FEATURE_TABLE_MAGIC,
+    OFF_AUTOCLEAR,
+    OFF_BACKING_OFFSET,
+    OFF_CLUSTER_BITS,
+    OFF_COMPRESSION_TYPE,
+    OFF_CRYPT,
+    OFF_HEADER_LENGTH,
+    OFF_L1_OFFSET,
+    OFF_L1_SIZE,
+    OFF_NB_SNAPSHOTS,
+    OFF_REFCOUNT_ORDER,
+    OFF_REFTABLE_CLUSTERS,
+    OFF_REFTABLE_OFFSET,
+    OFF_SIZE,
+    OFF_VERSION,
+    header_length,
+    patch,
+    set_incompat,
+)
 
 # Header field offsets and extension magics (docs/interop/qcow2.txt "Header"): support/probes.py.
 UNKNOWN_FEATURE_NAME = "frobnicated clusters"
@@ -35,19 +54,9 @@ CMD_TIMEOUT = 60
 # ----------------------------------------------------------------------------- helpers
 
 
-def make_image(path: Path, size: str = "64M", *opts: str) -> Path:
-    args = ["create", "-q", "-f", "qcow2"]
-    for o in opts:
-        args += ["-o", o]
-    qemu_img(*args, path, size)
-    return path
-
-
 def make_image_with_data(path: Path, size: str = "64M", *opts: str) -> Path:
     """A qemu-img image with some allocated clusters, so that reads exercise L1/L2."""
-    make_image(path, size, *opts)
-    qemu_io(path, "write -P 0x5a 0 128k", "write -P 0xa5 1M 64k", "write -P 0x33 3M 4k")
-    return path
+    return create(path, size, *opts, writes=["write -P 0x5a 0 128k", "write -P 0xa5 1M 64k", "write -P 0x33 3M 4k"])
 
 
 def write_feature_table(path: Path, entries) -> None:

@@ -28,7 +28,6 @@ host cluster still holds the old data, so a reader that ignores the zero flag is
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -38,8 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-
 from conftest import needs_fuse, sha256
+from support.images import create
+
 from qcowfs_dev.oracles import assert_clean, qemu_img, qemu_info, qemu_io, qemu_map, run
 
 KiB = 1 << 10
@@ -74,16 +74,6 @@ def rnd_file(d: Path, name: str, n: int) -> Path:
     p = d / name
     p.write_bytes(rnd_bytes(f"{d.name}/{name}", n))
     return p
-
-
-def create(path: Path, size, *opts: str, backing: str | None = None, backing_fmt: str | None = None) -> Path:
-    args = ["create", "-q", "-f", "qcow2"]
-    for o in opts:
-        args += ["-o", o]
-    if backing is not None:
-        args += ["-b", backing, "-F", backing_fmt]
-    qemu_img(*args, path, str(size))
-    return path
 
 
 def std_writes(d: Path, c: int, v: int) -> list:

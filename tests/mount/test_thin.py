@@ -3,38 +3,26 @@ on real mounts with QEMU as the oracle. Needs the patched pyfuse3 scripts/setup 
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
-
 from conftest import assert_clean, needs_fuse, qemu_img, qemu_info, qemu_io, run
+from support.syscalls import FALLOC_FL_KEEP_SIZE as KEEP_SIZE
+from support.syscalls import FALLOC_FL_PUNCH_HOLE as PUNCH_HOLE
+from support.syscalls import FALLOC_FL_ZERO_RANGE as ZERO_RANGE
+from support.syscalls import fallocate
+
 from qcowfs_dev.oracles import qemu_bitmaps
 
 pytestmark = needs_fuse
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
-KEEP_SIZE, PUNCH_HOLE, ZERO_RANGE = 0x01, 0x02, 0x10
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong)
-
-
-def fallocate(path: Path, mode: int, offset: int, length: int) -> None:
-    fd = os.open(path, os.O_RDWR)
-    try:
-        if _libc.fallocate(fd, mode, offset, length) != 0:
-            e = ctypes.get_errno()
-            raise OSError(e, os.strerror(e))
-    finally:
-        os.close(fd)
 
 
 @pytest.fixture(autouse=True)

@@ -18,8 +18,11 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from conftest import needs_fuse, sha256
+from support.extents import merged
+from support.images import create
+from support.syscalls import errno_of
+
 from qcowfs_dev.oracles import assert_clean, dirty_extents, qemu_bitmaps, qemu_check, qemu_img, qemu_info, qemu_io, run
 
 KiB = 1024
@@ -31,11 +34,6 @@ STATUS_KEYS = {"name", "granularity", "count", "persistent", "recording", "incon
 
 
 # ---------------------------------------------------------------------------- helpers
-def make_image(path: Path, size: int, cluster_size: int = 64 * KiB, compat: str = "1.1") -> Path:
-    qemu_img("create", "-q", "-f", "qcow2", "-o", f"cluster_size={cluster_size},compat={compat}", path, str(size))
-    return path
-
-
 def add_qemu_bitmap(image: Path, name: str, granularity: int | None = None, disabled: bool = False) -> None:
     args = ["bitmap", "--add"]
     if granularity is not None:
@@ -47,15 +45,9 @@ def add_qemu_bitmap(image: Path, name: str, granularity: int | None = None, disa
 
 def expected_extents(ranges, granularity: int, size: int) -> list:
     """Written ranges rounded out to the granularity, clipped to the disk, merged: [(offset, length)]."""
-    iv = sorted((off // granularity * granularity, min(-(-(off + ln) // granularity) * granularity, size))
-                for off, ln in ranges if ln > 0)
-    out: list = []
-    for s, e in iv:
-        if out and s <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], e)
-        else:
-            out.append([s, e])
-    return [(s, e - s) for s, e in out]
+    iv = [(off // granularity * granularity, min(-(-(off + ln) // granularity) * granularity, size))
+          for off, ln in ranges if ln > 0]
+    return [(s, e - s) for s, e in merged(iv)]
 
 
 def expected_count(ranges, granularity: int, size: int) -> int:
@@ -167,12 +159,6 @@ def assert_not_corrupt(image: Path) -> dict:
     return res
 
 
-def errno_of(fn) -> int:
-    with pytest.raises(OSError) as ei:
-        fn()
-    return ei.value.errno
-
-
 @pytest.fixture
 def qemu_dirty():
     """qemu_dirty(image, name) -> [(offset, length)] of dirty extents as QEMU serves them over NBD
@@ -207,7 +193,7 @@ def ranges_for(size: int) -> tuple:
 @pytest.mark.parametrize("granularity", [512, 4 * KiB, 64 * KiB, MiB])
 def test_bitmaps_written_by_qcowfs_are_read_by_qemu(tmp_path, mount, qemu_dirty, granularity):
     size = 64 * MiB + 1536  # not a multiple of any granularity: a partial last granule
-    img = make_image(tmp_path / "a.qcow2", size)
+    img = create(tmp_path / "a.qcow2", size)
     add_qemu_bitmap(img, "g", granularity)
     ref = make_ref(tmp_path / "ref.raw", size)
     data, zero = ranges_for(size)
@@ -248,7 +234,7 @@ def test_bitmaps_written_by_qcowfs_are_read_by_qemu(tmp_path, mount, qemu_dirty,
                                                        (2 * MiB, 64 * KiB)])
 def test_touch_makes_default_granularity_bitmap(tmp_path, mount, qemu_dirty, cluster_size, default_gran):
     size = 40 * MiB
-    img = make_image(tmp_path / "a.qcow2", size, cluster_size=cluster_size)
+    img = create(tmp_path / "a.qcow2", size, f"cluster_size={cluster_size}")
     data, zero = ranges_for(size)
     m = mount(img)
     fd = os.open(m.bitmaps / "b0", os.O_WRONLY | os.O_CREAT, 0o644)  # what touch does
@@ -269,7 +255,7 @@ def test_touch_makes_default_granularity_bitmap(tmp_path, mount, qemu_dirty, clu
 def test_bitmaps_written_by_qemu_keep_recording(tmp_path, mount, qemu_dirty):
     size = 32 * MiB
     g = 64 * KiB
-    img = make_image(tmp_path / "a.qcow2", size)
+    img = create(tmp_path / "a.qcow2", size)
     for name in ("qb", "qd", "qd2", "qe", "qc"):
         add_qemu_bitmap(img, name, g)
     qemu_io(img, "write -P 1 0 64k", "write 1M 4k")
@@ -340,7 +326,7 @@ def test_bitmaps_written_by_qemu_keep_recording(tmp_path, mount, qemu_dirty):
 @needs_fuse
 def test_echo_through_a_shell(tmp_path, mount):
     """The literal `echo CMD > .bitmaps/NAME` of the documentation works (O_CREAT|O_TRUNC on an existing file)."""
-    img = make_image(tmp_path / "a.qcow2", 8 * MiB)
+    img = create(tmp_path / "a.qcow2", 8 * MiB)
     m = mount(img)
     touch(m.bitmaps / "b0")
     write_ranges(m, [(0, 10)])
@@ -373,7 +359,7 @@ def _check_inconsistent_then_replace(img: Path, name: str, mount, qemu_dirty, si
     assert st["inconsistent"] is True and st["recording"] is False, st
     assert st.get("hint"), f"an inconsistent bitmap's status should carry a hint: {st}"
     for cmd in ("clear", "enable", "disable"):
-        e = errno_of(lambda: command(m.bitmaps / name, cmd))
+        e = errno_of(command, m.bitmaps / name, cmd)
         assert e in (errno.EBUSY, errno.EPERM), f"echo {cmd} > inconsistent bitmap: {errno.errorcode.get(e, e)}"
     e = errno_of(lambda: os.open(m.bitmaps / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
     assert e == errno.EEXIST, errno.errorcode.get(e, e)
@@ -410,7 +396,7 @@ def _check_inconsistent_then_replace(img: Path, name: str, mount, qemu_dirty, si
 @needs_fuse
 def test_crash_leaves_bitmap_in_use_and_it_is_replaceable(tmp_path, mount, qemu_dirty):
     size = 16 * MiB
-    img = make_image(tmp_path / "a.qcow2", size)
+    img = create(tmp_path / "a.qcow2", size)
     m = mount(img)
     touch(m.bitmaps / "b0")
     w0 = [(0, 4096), (3 * MiB + 1, 100)]
@@ -427,7 +413,7 @@ def test_crash_leaves_bitmap_in_use_and_it_is_replaceable(tmp_path, mount, qemu_
 @needs_fuse
 def test_crash_without_fsync_is_not_corrupt(tmp_path, mount):
     size = 16 * MiB
-    img = make_image(tmp_path / "a.qcow2", size)
+    img = create(tmp_path / "a.qcow2", size)
     m = mount(img)
     touch(m.bitmaps / "b0")
     write_ranges(m, [(0, 4096), (3 * MiB + 1, 100), (9 * MiB, 2 * MiB)], fsync=False)
@@ -440,7 +426,7 @@ def test_crash_without_fsync_is_not_corrupt(tmp_path, mount):
 @needs_fuse
 def test_bitmap_left_in_use_by_qemu(tmp_path, mount, qemu_dirty):
     size = 16 * MiB
-    img = make_image(tmp_path / "a.qcow2", size)
+    img = create(tmp_path / "a.qcow2", size)
     add_qemu_bitmap(img, "qb", 4 * KiB)
     qemu_io(img, "write 0 64k", "abort", check=False)  # abort: QEMU dies with qb in_use
     bms = qemu_bitmaps(img)
@@ -452,7 +438,7 @@ def test_bitmap_left_in_use_by_qemu(tmp_path, mount, qemu_dirty):
 # ---------------------------------------------------------------------------- 4. lifecycle and read-only
 @needs_fuse
 def test_in_use_while_mounted_and_clear_after(tmp_path, mount):
-    img = make_image(tmp_path / "a.qcow2", 16 * MiB)
+    img = create(tmp_path / "a.qcow2", 16 * MiB)
     add_qemu_bitmap(img, "qb")
     add_qemu_bitmap(img, "qd", disabled=True)
     assert {n: b["flags"] for n, b in qemu_bitmaps(img).items()} == {"qb": ["auto"], "qd": []}
@@ -469,7 +455,7 @@ def test_in_use_while_mounted_and_clear_after(tmp_path, mount):
 
 @needs_fuse
 def test_read_only_mount(tmp_path, mount):
-    img = make_image(tmp_path / "a.qcow2", 16 * MiB)
+    img = create(tmp_path / "a.qcow2", 16 * MiB)
     add_qemu_bitmap(img, "qi")
     qemu_io(img, "write 2M 4k", "abort", check=False)  # leaves qi in use
     add_qemu_bitmap(img, "qb", 64 * KiB)
@@ -494,7 +480,7 @@ def test_read_only_mount(tmp_path, mount):
     assert errno_of(lambda: touch_os(m.bitmaps / "new")) == errno.EROFS
     assert errno_of(lambda: os.unlink(m.bitmaps / "qb")) == errno.EROFS
     for cmd in ("clear", "enable", "disable"):
-        assert errno_of(lambda: command(m.bitmaps / "qb", cmd)) == errno.EROFS
+        assert errno_of(command, m.bitmaps / "qb", cmd) == errno.EROFS
     assert errno_of(lambda: os.open(m.disk, os.O_WRONLY)) == errno.EROFS
     assert sorted(os.listdir(m.bitmaps)) == ["qb", "qd", "qi"]
     assert m.unmount() == 0
@@ -508,7 +494,7 @@ def touch_os(path: Path) -> None:
 # ---------------------------------------------------------------------------- 5. control semantics
 @needs_fuse
 def test_control_semantics(tmp_path, mount, qemu_dirty):
-    img = make_image(tmp_path / "a.qcow2", 16 * MiB)
+    img = create(tmp_path / "a.qcow2", 16 * MiB)
     add_qemu_bitmap(img, "keep")
     m = mount(img)
     touch(m.bitmaps / "b0")
@@ -516,14 +502,14 @@ def test_control_semantics(tmp_path, mount, qemu_dirty):
     write_ranges(m, [(0, 1), (MiB, 65 * KiB)])
 
     for bad in ("foo", "", "clear enable", "CLEAR", "merge"):
-        e = errno_of(lambda: command(m.bitmaps / "b0", bad))
+        e = errno_of(command, m.bitmaps / "b0", bad)
         assert e == errno.EINVAL, f"echo {bad!r}: {errno.errorcode.get(e, e)}"
     assert status(m.bitmaps / "b0")["count"] == 3 * 64 * KiB  # nothing happened
 
     e = errno_of(lambda: touch_os(m.bitmaps / ("n" * 1024)))
     assert e == errno.ENAMETOOLONG, errno.errorcode.get(e, e)
     for p in (m.mnt / "newdir", m.bitmaps / "newdir"):
-        e = errno_of(lambda: os.mkdir(p))
+        e = errno_of(os.mkdir, p)
         assert e in (errno.EPERM, errno.EACCES), f"mkdir {p}: {errno.errorcode.get(e, e)}"
     e = errno_of(lambda: touch_os(m.mnt / "file"))
     assert e in (errno.EPERM, errno.EACCES), f"create at the root: {errno.errorcode.get(e, e)}"
@@ -554,7 +540,7 @@ def test_control_semantics(tmp_path, mount, qemu_dirty):
 
 @needs_fuse
 def test_v2_image_cannot_hold_bitmaps(tmp_path, mount):
-    img = make_image(tmp_path / "v2.qcow2", 8 * MiB, compat="0.10")
+    img = create(tmp_path / "v2.qcow2", 8 * MiB, "compat=0.10")
     m = mount(img)
     with pytest.raises(OSError):
         touch_os(m.bitmaps / "b0")
@@ -572,7 +558,7 @@ def test_v2_image_cannot_hold_bitmaps(tmp_path, mount):
 def test_many_bitmaps_with_long_names(tmp_path, mount, qemu_dirty):
     """40 bitmaps with 200-byte names (plus a 255-byte one): the directory spans several 4 KiB clusters."""
     size = 16 * MiB
-    img = make_image(tmp_path / "a.qcow2", size, cluster_size=4096)
+    img = create(tmp_path / "a.qcow2", size, "cluster_size=4096")
     names = [f"{i:02d}-" + chr(ord("a") + i % 26) * 197 for i in range(40)]
     names.append("z" * 255)
     names.append("with space and ü")
@@ -602,7 +588,7 @@ def test_many_bitmaps_with_long_names(tmp_path, mount, qemu_dirty):
 # ---------------------------------------------------------------------------- 6. no stale kernel cache
 @needs_fuse
 def test_listing_and_status_are_always_current(tmp_path, mount):
-    img = make_image(tmp_path / "a.qcow2", 16 * MiB)
+    img = create(tmp_path / "a.qcow2", 16 * MiB)
     m = mount(img)
 
     def ls() -> list:
@@ -662,7 +648,7 @@ def test_listing_and_status_are_always_current(tmp_path, mount):
 def test_listing_current_after_cli_commands(tmp_path, mount):
     """Changes made through `qcowfs bitmap OP MOUNTPOINT` (not through the VFS) show at once: no cached
     positive or negative dentries, no cached attributes."""
-    img = make_image(tmp_path / "a.qcow2", 16 * MiB)
+    img = create(tmp_path / "a.qcow2", 16 * MiB)
     m = mount(img)
     cli = [sys.executable, "-m", "qcowfs", "bitmap"]
     assert errno_of(lambda: os.stat(m.bitmaps / "c0")) == errno.ENOENT

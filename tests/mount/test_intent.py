@@ -15,8 +15,9 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from conftest import QCOWFS, assert_clean, needs_fuse, qemu_img, qemu_io, run, wait_for
+from support.images import create
+
 from qcowfs_dev.oracles import dirty_extents, qemu_bitmaps, qemu_check, qemu_raw
 
 pytestmark = needs_fuse
@@ -26,11 +27,10 @@ G = 64 * KiB  # bitmap granularity used here
 INTENT = ["--bitmap-sync=intent"]
 
 
-def make(tmp_path: Path, size: int = 48 * MiB, bitmaps=("b0",), data: bool = True) -> Path:
-    img = tmp_path / "a.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", img, str(size))
-    if data:  # some of the disk already holds data (overwrites as well as first writes)
-        qemu_io(img, "write -P 0x11 0 4M", "write -P 0x22 20M 3M")
+def bitmapped_image(tmp_path: Path, size: int = 48 * MiB, bitmaps=("b0",), data: bool = True) -> Path:
+    """a.qcow2 with persistent bitmaps of granularity G."""
+    # with data, some of the disk already holds data (overwrites as well as first writes)
+    img = create(tmp_path / "a.qcow2", size, writes=["write -P 0x11 0 4M", "write -P 0x22 20M 3M"] if data else ())
     for b in bitmaps:
         qemu_img("bitmap", "--add", "-g", str(G), img, b)
     return img
@@ -103,7 +103,7 @@ class Storm(threading.Thread):
 @pytest.mark.parametrize("k", [0] + [pytest.param(k, marks=pytest.mark.slow) for k in range(1, 4)])
 def test_kill9_during_a_write_storm_leaves_valid_bitmaps(tmp_path, mount, k):
     size = 96 * MiB
-    img = make(tmp_path, size)
+    img = bitmapped_image(tmp_path, size)
     before = qemu_raw(img, tmp_path / "before.raw")
     m = mount(img, extra=INTENT)
     assert status(m, "b0")["crash-safe"] is True
@@ -136,7 +136,7 @@ def test_kill9_during_a_write_storm_leaves_valid_bitmaps(tmp_path, mount, k):
 
 def test_clean_unmount_stores_the_exact_bits(tmp_path, mount):
     size = 48 * MiB
-    img = make(tmp_path, size)
+    img = bitmapped_image(tmp_path, size)
     m = mount(img, extra=INTENT)
     writes = [(5 * MiB + 123, 1000), (30 * MiB, 4 * KiB), (47 * MiB, 200 * KiB)]
     with open(m.disk, "r+b") as f:
@@ -153,7 +153,7 @@ def test_clean_unmount_stores_the_exact_bits(tmp_path, mount):
 
 def test_bitmap_created_during_the_mount_survives_a_crash(tmp_path, mount):
     size = 48 * MiB
-    img = make(tmp_path, size, bitmaps=())
+    img = bitmapped_image(tmp_path, size, bitmaps=())
     m = mount(img, extra=["-o", "bitmap_sync=intent"])
     (m.bitmaps / "new").touch()
     assert status(m, "new")["crash-safe"] is True
@@ -170,7 +170,7 @@ def test_bitmap_created_during_the_mount_survives_a_crash(tmp_path, mount):
 
 def test_commands_reach_the_disk_before_they_return(tmp_path, mount):
     size = 48 * MiB
-    img = make(tmp_path, size, bitmaps=("c", "d", "src", "dst", "gone"))
+    img = bitmapped_image(tmp_path, size, bitmaps=("c", "d", "src", "dst", "gone"))
     m = mount(img, extra=INTENT)
     with open(m.disk, "r+b") as f:
         f.seek(10 * MiB)
@@ -195,7 +195,7 @@ def test_commands_reach_the_disk_before_they_return(tmp_path, mount):
 
 def test_enable_is_durable_and_records_again(tmp_path, mount):
     size = 48 * MiB
-    img = make(tmp_path, size, bitmaps=("e",))
+    img = bitmapped_image(tmp_path, size, bitmaps=("e",))
     qemu_img("bitmap", "--disable", img, "e")
     m = mount(img, extra=INTENT)
     assert status(m, "e")["recording"] is False and status(m, "e")["crash-safe"] is True
@@ -209,7 +209,7 @@ def test_enable_is_durable_and_records_again(tmp_path, mount):
 
 
 def test_status_and_list_show_crash_safety(tmp_path, mount):
-    img = make(tmp_path, bitmaps=("b0",))
+    img = bitmapped_image(tmp_path, bitmaps=("b0",))
     m = mount(img)
     assert status(m, "b0")["crash-safe"] is False
     out = run([*QCOWFS, "bitmap", "list", m.mnt]).stdout
@@ -225,7 +225,7 @@ def test_status_and_list_show_crash_safety(tmp_path, mount):
 
 
 def test_bitmaps_qemu_left_in_use_stay_inconsistent(tmp_path, mount):
-    img = make(tmp_path, bitmaps=("old",))
+    img = bitmapped_image(tmp_path, bitmaps=("old",))
     m = mount(img)  # close mode: in_use while mounted
     crash(m)
     assert qemu_bitmaps(img)["old"]["flags"] == ["in-use", "auto"]
@@ -240,7 +240,7 @@ def test_bitmaps_qemu_left_in_use_stay_inconsistent(tmp_path, mount):
 
 
 def test_bad_bitmap_sync_value_is_refused(tmp_path):
-    img = make(tmp_path)
+    img = bitmapped_image(tmp_path)
     (tmp_path / "m").mkdir()
     p = run([*QCOWFS, "mount", "-o", "bitmap_sync=sometimes", img, tmp_path / "m"], check=False)
     assert p.returncode == 2 and "bitmap_sync=sometimes" in p.stderr and len(p.stderr.strip().splitlines()) == 1

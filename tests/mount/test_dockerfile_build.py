@@ -1,4 +1,4 @@
-"""The Dockerfile builds from a clean clone (issue 19).
+"""The Dockerfile builds from a clean clone (issue 19): its steps, replayed.
 
 No Docker daemon or base image can be had where the suite runs, so the Dockerfile's steps are
 replayed on this machine as far as it allows: the build context is what `.dockerignore` leaves
@@ -6,7 +6,8 @@ of the clone's files, every COPY source must be in it, every RUN runs for real (
 image mapped to a scratch directory, `python` being the base image's interpreter), except the
 apt-get steps, whose packages must be Debian 12 packages installed here (scripts/setup installs
 them). Then the image's ENTRYPOINT + CMD runs, and the qcowfs it built mounts, writes and
-unmounts an image that `qemu-img check` passes.
+unmounts an image that `qemu-img check` passes. The build context itself (`.dockerignore`, COPY
+sources): tests/unit/test_dockerfile.py.
 """
 
 from __future__ import annotations
@@ -20,74 +21,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from support.dockerfile import DockerIgnore, Stage, copy_sources, load, sources_in_context
+from support.dockerfile import Stage, copy_sources, load
+from support.repo import ROOT, tracked_files
+
 from qcowfs_dev.mounts import FUSE_AVAILABLE, detach, is_mounted
 from qcowfs_dev.oracles import assert_clean, qemu_img
 from qcowfs_dev.proc import run
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _tracked_files() -> list[str]:
-    """What a fresh clone holds: the files git tracks."""
-    out = run(["git", "-C", ROOT, "ls-files", "-z"]).stdout
-    return [f for f in out.split("\0") if f]
-
-
-def _missing_copy_sources(stages: list[Stage], ignore: DockerIgnore, files: list[str]) -> list[str]:
-    context = ignore.context(files)
-    missing = []
-    for stage in stages:
-        for ins in stage.steps:
-            if ins.keyword not in ("COPY", "ADD"):
-                continue
-            flags, sources, _ = copy_sources(ins)
-            if "from" in flags:
-                continue
-            for src in sources:
-                if not sources_in_context(src, context):
-                    missing.append(f"line {ins.line}: {src}")
-    return missing
-
-
-# ---------------------------------------------------------------------- .dockerignore rules
-@pytest.mark.parametrize(
-    ("patterns", "path", "excluded"),
-    [
-        ("scripts", "scripts/build-pyfuse3", True),
-        ("scripts\n!scripts/build-pyfuse3", "scripts/build-pyfuse3", False),
-        ("scripts\n!scripts/build-pyfuse3", "scripts/bench", True),
-        ("!scripts/build-pyfuse3\nscripts", "scripts/build-pyfuse3", True),  # the last match decides
-        ("*.qcow2", "a.qcow2", True),
-        ("*.qcow2", "d/a.qcow2", False),  # anchored at the context's root, as Docker does
-        ("**/*.pyc", "a/b/c.pyc", True),
-        ("**/*.pyc", "c.pyc", True),
-        ("**/__pycache__", "qcowfs/__pycache__/x.cpython-311.pyc", True),
-        ("/build", "build/lib/x", True),
-        ("build", "qcowfs/build.py", False),
-        ("qcowfs/*.p?", "qcowfs/fs.py", True),
-        ("qcowfs/[a-e]*", "qcowfs/fs.py", False),
-        ("qcowfs/[^a-e]*", "qcowfs/fs.py", True),
-    ],
-)
-def test_dockerignore_matches_as_docker_does(patterns, path, excluded):
-    assert DockerIgnore(patterns).excluded(path) is excluded
-
-
-def test_every_copy_source_survives_dockerignore():
-    stages, ignore = load(ROOT)
-    files = _tracked_files()
-    assert _missing_copy_sources(stages, ignore, files) == []
-    # the check can fail: the .dockerignore that broke `podman build` (it excluded scripts/ whole)
-    broken = DockerIgnore((ROOT / ".dockerignore").read_text().replace("!scripts/build-pyfuse3", ""))
-    assert _missing_copy_sources(stages, broken, files) == [
-        f"line {ins.line}: scripts/build-pyfuse3"
-        for ins in stages[0].steps
-        if ins.keyword == "COPY" and "scripts/build-pyfuse3" in ins.args
-    ]
-
-
-# ---------------------------------------------------------------------- replaying the build
 _APT_INSTALL = re.compile(r"apt-get install ((?:\S+\s*)+?)(?:&&|$)")
 
 
@@ -194,7 +134,7 @@ def _replay_stage(stage: Stage, replay: Replay, context: Path) -> None:
 def test_dockerfile_steps_build_a_working_qcowfs(tmp_path):
     stages, ignore = load(ROOT)
     context = tmp_path / "context"
-    for f in ignore.context(_tracked_files()):
+    for f in ignore.context(tracked_files()):
         (context / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / f, context / f)
     python = getattr(sys, "_base_executable", sys.executable)

@@ -12,13 +12,11 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
 from conftest import needs_fuse
+from support.repo import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 SECONDS = float(os.environ.get("QCOWFS_SOAK_SECONDS", "30"))
 
 

@@ -1,10 +1,10 @@
 """Crash consistency under power loss (issue: "Prove crash consistency under power loss").
 
-Every workload runs through Qcow2Image + Disk with a recording HostFile factory; the qcowfs_dev/powerloss/
+Every workload runs through Qcow2Image + Disk with a recording HostFile factory; the tests/powerloss/
 package then replays the crash states the log allows (the log cut at every flush, subsets of every flush
 epoch's writes, torn multi-sector writes) and checks each distinct one with qemu-img check, a
 read-only qcowfs open with the durable guest data compared, bitmap states, and (lazy refcounts)
-both repairs. See qcowfs_dev/powerloss/ for the model.
+both repairs. See tests/powerloss/ for the model.
 
 The number of distinct crash states checked is printed per workload (visible with -s), recorded
 as a test property, written to powerloss-summary.txt in the test's tmp dir, and summed up in the
