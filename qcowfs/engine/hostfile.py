@@ -25,7 +25,8 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong)
 
 
-def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with a mode (the tree's one binding of it; the tests use it too)."""
     if _libc.fallocate(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
@@ -103,7 +104,7 @@ class HostFile:
         system cannot (only ever used on clusters whose refcount is 0 on disk)."""
         if self._can_punch:
             try:
-                _fallocate(self.fd, _PUNCH_KEEP, offset, length)
+                fallocate(self.fd, _PUNCH_KEEP, offset, length)
             except OSError:
                 self._can_punch = False
 

@@ -49,7 +49,14 @@ from support.repo import ROOT
 
 from qcowfs_dev.mounts import Mount, detach
 from qcowfs_dev.oracles import qemu_img, qemu_io
-from qcowfs_dev.probes import OFFSET_MASK, all_metadata_offsets, metadata_regions, refcounts_past_eof, u32, u64
+from qcowfs_dev.probes import (
+    OFFSET_MASK,
+    all_metadata_offsets,
+    metadata_regions,
+    refcounts_past_eof,
+    u32,
+    u64,
+)
 
 QCOWFS = [sys.executable, "-m", "qcowfs"]
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))

@@ -23,7 +23,16 @@ from support.extents import merged
 from support.images import create
 from support.syscalls import errno_of
 
-from qcowfs_dev.oracles import assert_clean, dirty_extents, qemu_bitmaps, qemu_check, qemu_img, qemu_info, qemu_io, run
+from qcowfs_dev.oracles import (
+    assert_clean,
+    dirty_extents,
+    qemu_bitmaps,
+    qemu_check,
+    qemu_img,
+    qemu_info,
+    qemu_io,
+    run,
+)
 
 KiB = 1024
 MiB = 1024 * KiB

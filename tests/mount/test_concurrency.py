@@ -52,7 +52,14 @@ from support.repo import ROOT
 from support.seeds import base_seed
 
 from qcowfs_dev.fio import fio_header_ok, job_file, run_fio, write_iolog
-from qcowfs_dev.oracles import assert_clean, assert_compare, dirty_extents, qemu_check, qemu_img, qemu_io
+from qcowfs_dev.oracles import (
+    assert_clean,
+    assert_compare,
+    dirty_extents,
+    qemu_check,
+    qemu_img,
+    qemu_io,
+)
 from qcowfs_dev.proc import wait_for
 
 KiB = 1 << 10

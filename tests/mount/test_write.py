@@ -36,7 +36,16 @@ from support.images import create
 from support.seeds import base_seed, seed_for
 from support.syscalls import FALLOC_FL_PUNCH_HOLE, errno_of, fallocate
 
-from qcowfs_dev.oracles import assert_clean, assert_compare, qemu_check, qemu_img, qemu_info, qemu_io, qemu_map, run
+from qcowfs_dev.oracles import (
+    assert_clean,
+    assert_compare,
+    qemu_check,
+    qemu_img,
+    qemu_info,
+    qemu_io,
+    qemu_map,
+    run,
+)
 from qcowfs_dev.probes import COPIED, OFFSET_MASK, header, l1_entries
 
 KiB = 1 << 10

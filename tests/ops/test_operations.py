@@ -29,7 +29,15 @@ from support.images import create
 
 from qcowfs.engine.disk import Disk
 from qcowfs.engine.image import Qcow2Image
-from qcowfs.fuse.operations import BITMAPS_DIR, COMMAND_XATTR, DISK, PID_XATTR, ROOT, SNAPSHOTS_DIR, QcowOperations
+from qcowfs.fuse.operations import (
+    BITMAPS_DIR,
+    COMMAND_XATTR,
+    DISK,
+    PID_XATTR,
+    ROOT,
+    SNAPSHOTS_DIR,
+    QcowOperations,
+)
 from qcowfs.fuse.options import MountOptions
 from qcowfs_dev.oracles import assert_clean, dirty_extents, qemu_bitmaps, qemu_img, qemu_io
 from qcowfs_dev.probes import COPIED, l2_entry_offset, write_u64

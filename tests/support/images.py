@@ -7,7 +7,7 @@ import random
 from pathlib import Path
 from typing import Optional
 
-from .oracles import qemu_img, qemu_io
+from qcowfs_dev.oracles import qemu_img, qemu_io
 
 MiB = 1 << 20
 

@@ -1,14 +1,15 @@
 """System calls the tests make themselves, and the errno a call fails with.
 
-fallocate(2) through ctypes: the os module has only posix_fallocate, which takes no mode and
-falls back to writing zeros.
+fallocate(2) with a mode: the os module has only posix_fallocate, which takes no mode and falls
+back to writing zeros; the tree's one ctypes binding is qcowfs.engine.hostfile.fallocate.
 """
 
 from __future__ import annotations
 
-import ctypes
 import inspect
 import os
+
+from qcowfs.engine.hostfile import fallocate as _fallocate_fd
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -16,11 +17,6 @@ FALLOC_FL_COLLAPSE_RANGE = 0x08
 FALLOC_FL_ZERO_RANGE = 0x10
 FALLOC_FL_INSERT_RANGE = 0x20
 FALLOC_FL_UNSHARE_RANGE = 0x40
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_fallocate = getattr(_libc, "fallocate64", _libc.fallocate)
-_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_fallocate.restype = ctypes.c_int
 
 
 def fallocate(file, mode: int, offset: int, length: int) -> None:
@@ -33,9 +29,7 @@ def fallocate(file, mode: int, offset: int, length: int) -> None:
         finally:
             os.close(fd)
         return
-    if _fallocate(file, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+    _fallocate_fd(file, mode, offset, length)
 
 
 def errno_of(fn, *args, error: type = OSError, **kw) -> int:

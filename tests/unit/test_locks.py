@@ -12,11 +12,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from support import oracles
 from support.images import create
 
 from qcowfs.engine.locks import _FLOCK, ImageLock, lock_bytes, probe_conflict
 from qcowfs.errors import LockError
+from qcowfs_dev import oracles
 from qcowfs_dev.oracles import qemu_img
 from qcowfs_dev.proc import wait_for
 
