@@ -90,7 +90,9 @@ def timed(stalls: Stalls, fn: Callable[[], object]) -> dict[str, float]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="bench-snapshots", description=(__doc__ or "").split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="bench-snapshots", description=(__doc__ or "").split("\n\n")[0]
+    )
     p.add_argument("--size", type=parse_size, default=10 * GiB)
     p.add_argument("--allocated", type=float, default=0.5)
     p.add_argument("--seconds", type=float, default=5.0)
@@ -102,13 +104,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     img = os.path.join(work, "disk.qcow2")
     span = int(a.size * a.allocated) // GiB * GiB or a.size
     try:
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", img, str(a.size)],
-                       check=True)
-        print(f"writing {span / GiB:.1f} GiB of {a.size / GiB:.1f} GiB with qemu-io ...", flush=True)
+        subprocess.run(
+            [
+                "qemu-img",
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                "cluster_size=65536",
+                img,
+                str(a.size),
+            ],
+            check=True,
+        )
+        print(
+            f"writing {span / GiB:.1f} GiB of {a.size / GiB:.1f} GiB with qemu-io ...", flush=True
+        )
         cmds = []
         for off in range(0, span, GiB):  # qemu-io requests stop at 2 GiB
             cmds += ["-c", f"write -P 0x5a {off} {min(GiB, span - off)}"]
-        subprocess.run(["qemu-io", "-f", "qcow2", *cmds, img], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            ["qemu-io", "-f", "qcow2", *cmds, img], check=True, stdout=subprocess.DEVNULL
+        )
         mnt = os.path.join(work, "mnt")
         os.makedirs(mnt, exist_ok=True)
         m = Mount(img, mnt, os.path.join(work, "daemon.log"))
@@ -118,11 +136,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         res: dict[str, Any] = {"size": a.size, "allocated": span, "cluster_size": 65536}
         try:
             res["write_iops_before"] = round(random_writes(disk, span, a.seconds, 1))
-            res["create"] = timed(stalls, lambda: open(os.path.join(mnt, ".snapshots", "s1"), "w").close())
+            res["create"] = timed(
+                stalls, lambda: open(os.path.join(mnt, ".snapshots", "s1"), "w").close()
+            )
             res["write_iops_after"] = round(random_writes(disk, span, a.seconds, 2))
             res["delete"] = timed(stalls, lambda: os.unlink(os.path.join(mnt, ".snapshots", "s1")))
             res["write_iops_after_delete"] = round(random_writes(disk, span, a.seconds, 3))
-            res["idle_read_latency_median_s"] = round(sorted(d for _, d in stalls.samples)[len(stalls.samples) // 2], 6)
+            res["idle_read_latency_median_s"] = round(
+                sorted(d for _, d in stalls.samples)[len(stalls.samples) // 2], 6
+            )
         finally:
             stalls.stop.set()
             stalls.join()

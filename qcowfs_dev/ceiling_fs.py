@@ -68,17 +68,26 @@ class CeilingOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOENT)
         return a
 
-    async def lookup(self, parent_inode: int, name: bytes, ctx: Optional[pyfuse3.RequestContext] = None
-                     ) -> pyfuse3.EntryAttributes:
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: Optional[pyfuse3.RequestContext] = None
+    ) -> pyfuse3.EntryAttributes:
         if parent_inode == ROOT and name == DISK_NAME:
             return self._attr(DISK)
         raise pyfuse3.FUSEError(errno.ENOENT)
 
-    async def getattr(self, inode: int, ctx: Optional[pyfuse3.RequestContext] = None) -> pyfuse3.EntryAttributes:
+    async def getattr(
+        self, inode: int, ctx: Optional[pyfuse3.RequestContext] = None
+    ) -> pyfuse3.EntryAttributes:
         return self._attr(inode)
 
-    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
-                      fh: Optional[int], ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: Optional[int],
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
         if fields.update_size and (inode != DISK or attr.st_size != self.size):
             raise pyfuse3.FUSEError(errno.EPERM)
         if fields.update_mode or fields.update_uid or fields.update_gid:
@@ -193,8 +202,11 @@ def main(argv: list[str]) -> int:
         latency_us = int(argv.pop(0).split("=", 1)[1])
         stock = True
     if len(argv) != 2 or argv[0] in ("-h", "--help"):
-        print("usage: python -m qcowfs_dev.ceiling_fs [--stock-loop] [--latency-us=N] RAWFILE MOUNTPOINT  "
-              "(serves RAWFILE as MOUNTPOINT/disk.raw)", file=sys.stderr)
+        print(
+            "usage: python -m qcowfs_dev.ceiling_fs [--stock-loop] [--latency-us=N] RAWFILE MOUNTPOINT  "
+            "(serves RAWFILE as MOUNTPOINT/disk.raw)",
+            file=sys.stderr,
+        )
         return 2
     raw, mnt = argv
     if not os.path.isfile(raw):

@@ -30,16 +30,38 @@ from qcowfs_dev import powerloss as pl
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="crash-states", description=(__doc__ or "").splitlines()[0])
-    ap.add_argument("-w", "--workload", action="append", default=[],
-                    help="run workloads whose name contains this (repeatable; default: all)")
-    ap.add_argument("--scale", type=float, default=1.0, help="multiply the per-epoch sampling bounds (default 1)")
-    ap.add_argument("--seed", type=int, default=0,
-                    help="0: the CI workloads; other values: different random workloads and subsets")
-    ap.add_argument("-j", "--jobs", type=int, default=0, help="checker processes (default: CPU count)")
-    ap.add_argument("--workdir", help="keep pristine images, logs and failing states here (default: a temp dir, "
-                                      "removed when everything passed)")
-    ap.add_argument("--no-barriers", action="store_true",
-                    help="drop every flush from the log (negative control: must find corrupt states)")
+    ap.add_argument(
+        "-w",
+        "--workload",
+        action="append",
+        default=[],
+        help="run workloads whose name contains this (repeatable; default: all)",
+    )
+    ap.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="multiply the per-epoch sampling bounds (default 1)",
+    )
+    ap.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="0: the CI workloads; other values: different random workloads and subsets",
+    )
+    ap.add_argument(
+        "-j", "--jobs", type=int, default=0, help="checker processes (default: CPU count)"
+    )
+    ap.add_argument(
+        "--workdir",
+        help="keep pristine images, logs and failing states here (default: a temp dir, "
+        "removed when everything passed)",
+    )
+    ap.add_argument(
+        "--no-barriers",
+        action="store_true",
+        help="drop every flush from the log (negative control: must find corrupt states)",
+    )
     ap.add_argument("--list", action="store_true", help="list the workloads and exit")
     args = ap.parse_args(argv)
 
@@ -59,8 +81,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     failed = []
     t0 = time.monotonic()
     for w in wls:
-        ex = pl.explore_workload(w, os.path.join(workdir, w.name), jobs=args.jobs or None, scale=args.scale,
-                                 seed=args.seed, record_flushes=not args.no_barriers)
+        ex = pl.explore_workload(
+            w,
+            os.path.join(workdir, w.name),
+            jobs=args.jobs or None,
+            scale=args.scale,
+            seed=args.seed,
+            record_flushes=not args.no_barriers,
+        )
         print(ex.stats.line(), flush=True)
         total += ex.stats.distinct
         if ex.stats.bitmap_sync == "intent":
@@ -73,7 +101,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print()
         print(pl.failure_report(ex))
     if failed:
-        print(f"\ncrash-states: {len(failed)} workload(s) FAILED; states kept under {workdir}", file=sys.stderr)
+        print(
+            f"\ncrash-states: {len(failed)} workload(s) FAILED; states kept under {workdir}",
+            file=sys.stderr,
+        )
         return 1
     if not args.workdir:
         shutil.rmtree(workdir, ignore_errors=True)

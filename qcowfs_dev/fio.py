@@ -43,7 +43,12 @@ def job_file(path: Path, global_opts: dict, jobs: dict) -> Path:
 def run_fio(jobfile: Path, *args: str, timeout: Optional[float] = 300, check: bool = True) -> dict:
     """fio --output-format=json JOBFILE ARGS; with check, any job error (or exit status) fails with
     fio's stderr (verify failures are reported there)."""
-    p = run(["fio", "--output-format=json", *args, jobfile], check=False, timeout=timeout, cwd=jobfile.parent)
+    p = run(
+        ["fio", "--output-format=json", *args, jobfile],
+        check=False,
+        timeout=timeout,
+        cwd=jobfile.parent,
+    )
     out = p.stdout
     start = out.find("{")  # fio may print notes before the JSON document
     try:
@@ -56,7 +61,8 @@ def run_fio(jobfile: Path, *args: str, timeout: Optional[float] = 300, check: bo
         errs = [(j["jobname"], j["error"]) for j in res.get("jobs", []) if j.get("error")]
         assert p.returncode == 0 and not errs and res.get("jobs"), (
             f"fio {jobfile} exited {p.returncode}, job errors {errs}:\n{p.stderr.strip()[-3000:]}\n"
-            f"{jobfile.read_text()}")
+            f"{jobfile.read_text()}"
+        )
     return res
 
 
@@ -65,6 +71,8 @@ def fio_header_ok(block: bytes, offset: int, length: int) -> bool:
     offset: struct verify_header, little endian): the write landed where fio put it."""
     if len(block) < 24:
         return False
-    return (int.from_bytes(block[0:2], "little") == VERIFY_MAGIC
-            and int.from_bytes(block[4:8], "little") == length
-            and int.from_bytes(block[16:24], "little") == offset)
+    return (
+        int.from_bytes(block[0:2], "little") == VERIFY_MAGIC
+        and int.from_bytes(block[4:8], "little") == length
+        and int.from_bytes(block[16:24], "little") == offset
+    )

@@ -37,7 +37,13 @@ class UsageError(Exception):
 class Args:
     """The command line: --minutes and --seed as given (strings), the rest for pytest."""
 
-    def __init__(self, minutes: str = "10", seed: str = "", extra: Optional[list[str]] = None, help: bool = False):
+    def __init__(
+        self,
+        minutes: str = "10",
+        seed: str = "",
+        extra: Optional[list[str]] = None,
+        help: bool = False,
+    ):
         self.minutes = minutes
         self.seed = seed
         self.extra = extra if extra is not None else []
@@ -131,36 +137,77 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def on_signal(signum: int, frame: Optional[FrameType]) -> None:
         signalled.append(signum)
+
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
     # how many base images (test items) share the time
-    collect = subprocess.run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", *FUZZ_TESTS,
-                              *args.extra], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    collect = subprocess.run(
+        [
+            py,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--collect-only",
+            *FUZZ_TESTS,
+            *args.extra,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     if signalled:
         return 130
     n = count_items(collect.stdout)
     if n == 0:
-        print("fuzz: no test_damaged_image items collected (pytest or FUSE missing?)", file=sys.stderr)
+        print(
+            "fuzz: no test_damaged_image items collected (pytest or FUSE missing?)", file=sys.stderr
+        )
         return 1
     per = seconds_per_image(args.minutes, n)
     save = f"{_tmpdir()}/qcowfs-fuzz-failures.{seed}"
-    print(f"fuzz: seed {seed}, {args.minutes} min over {n} base images ({per}s each), failing images go to {save}",
-          flush=True)
+    print(
+        f"fuzz: seed {seed}, {args.minutes} min over {n} base images ({per}s each), failing images go to {save}",
+        flush=True,
+    )
 
     # All of pytest's temporary files (and so every mount point) live in WORK: whatever happens to
     # pytest, no mount is left behind.
     work = tempfile.mkdtemp(prefix="qcowfs-fuzz.", dir=_tmpdir())
     try:
-        env = dict(os.environ, TMPDIR=work, QCOWFS_FUZZ_EXAMPLES="100000", QCOWFS_FUZZ_SECONDS=str(per),
-                   QCOWFS_FUZZ_SAVE=save)
-        rc = subprocess.run([py, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", f"--hypothesis-seed={seed}",
-                             "--hypothesis-show-statistics", *FUZZ_TESTS, *args.extra],
-                            stdin=subprocess.DEVNULL, env=env).returncode
+        env = dict(
+            os.environ,
+            TMPDIR=work,
+            QCOWFS_FUZZ_EXAMPLES="100000",
+            QCOWFS_FUZZ_SECONDS=str(per),
+            QCOWFS_FUZZ_SAVE=save,
+        )
+        rc = subprocess.run(
+            [
+                py,
+                "-m",
+                "pytest",
+                "-q",
+                "-rfEs",
+                "-p",
+                "no:cacheprovider",
+                f"--hypothesis-seed={seed}",
+                "--hypothesis-show-statistics",
+                *FUZZ_TESTS,
+                *args.extra,
+            ],
+            stdin=subprocess.DEVNULL,
+            env=env,
+        ).returncode
         if signalled:
             return 130
         if rc != 0:
-            print(f"fuzz: FAILED (pytest exit {rc}); seed {seed}; damaged images in {save}", file=sys.stderr)
+            print(
+                f"fuzz: FAILED (pytest exit {rc}); seed {seed}; damaged images in {save}",
+                file=sys.stderr,
+            )
         else:
             print(f"fuzz: no failure in {args.minutes} min (seed {seed})")
         return rc

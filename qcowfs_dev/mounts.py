@@ -32,8 +32,20 @@ from .proc import StrPath, wait_for
 QCOWFS = [sys.executable, "-m", "qcowfs"]
 FUSE_AVAILABLE = os.path.exists("/dev/fuse") and shutil.which("fusermount3") is not None
 
-__all__ = ["QCOWFS", "FUSE_AVAILABLE", "Mount", "MountFailed", "mount_table", "is_mounted", "is_dead_mount",
-           "detach", "unmount", "holders", "wchans", "wait_for"]
+__all__ = [
+    "QCOWFS",
+    "FUSE_AVAILABLE",
+    "Mount",
+    "MountFailed",
+    "mount_table",
+    "is_mounted",
+    "is_dead_mount",
+    "detach",
+    "unmount",
+    "holders",
+    "wchans",
+    "wait_for",
+]
 
 
 class MountFailed(AssertionError):
@@ -91,8 +103,9 @@ def detach(path: StrPath, lazy_only: bool = False) -> bool:
     return not is_mounted(path)
 
 
-def unmount(path: StrPath, busy_retry: float = 10.0,
-            on_busy: Optional[Callable[[str], object]] = None) -> Optional[subprocess.CompletedProcess[str]]:
+def unmount(
+    path: StrPath, busy_retry: float = 10.0, on_busy: Optional[Callable[[str], object]] = None
+) -> Optional[subprocess.CompletedProcess[str]]:
     """fusermount3 -u PATH, retried every 0.1 s while it fails (busy) for up to busy_retry seconds,
     then lazily (-u -z), after on_busy(stderr) if given. Returns the last fusermount3 -u result
     (None if nothing was mounted)."""
@@ -164,10 +177,21 @@ class Mount:
 
     proc: subprocess.Popen[Any]  # text pipes, or bytes into stderr_file
 
-    def __init__(self, image: StrPath, mnt: StrPath, log: StrPath, read_only: bool = False, extra: Iterable[object] = (),
-                 *, timeout: float = 20.0, must_mount: bool = True, python: Optional[str] = None,
-                 env: Optional[dict[str, str]] = None, cwd: Optional[StrPath] = None,
-                 stderr_file: Optional[StrPath] = None):
+    def __init__(
+        self,
+        image: StrPath,
+        mnt: StrPath,
+        log: StrPath,
+        read_only: bool = False,
+        extra: Iterable[object] = (),
+        *,
+        timeout: float = 20.0,
+        must_mount: bool = True,
+        python: Optional[str] = None,
+        env: Optional[dict[str, str]] = None,
+        cwd: Optional[StrPath] = None,
+        stderr_file: Optional[StrPath] = None,
+    ):
         self.image = Path(image)
         self.mnt = Path(mnt)
         self.log = Path(log)
@@ -183,24 +207,39 @@ class Mount:
         self.cmd += [*map(str, extra), str(image), str(mnt)]
         if self.stderr_file:
             with open(self.stderr_file, "w") as errf:
-                self.proc = subprocess.Popen(self.cmd, stdout=errf, stderr=errf, env=env,
-                                             cwd=str(cwd) if cwd else None)
+                self.proc = subprocess.Popen(
+                    self.cmd, stdout=errf, stderr=errf, env=env, cwd=str(cwd) if cwd else None
+                )
         else:
-            self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                         env=env, cwd=str(cwd) if cwd else None)
+            self.proc = subprocess.Popen(
+                self.cmd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+                cwd=str(cwd) if cwd else None,
+            )
         try:
-            wait_for(lambda: os.path.ismount(self.mnt) or self.proc.poll() is not None, timeout=timeout,
-                     what=f"mount of {mnt}", max_delay=0.05)
+            wait_for(
+                lambda: os.path.ismount(self.mnt) or self.proc.poll() is not None,
+                timeout=timeout,
+                what=f"mount of {mnt}",
+                max_delay=0.05,
+            )
         except AssertionError:
             self.stop(force=True)
-            raise MountFailed(f"qcowfs mount of {image} neither mounted nor exited in {timeout:g}s\n"
-                              f"{self.diagnostics()}") from None
+            raise MountFailed(
+                f"qcowfs mount of {image} neither mounted nor exited in {timeout:g}s\n"
+                f"{self.diagnostics()}"
+            ) from None
         self.mounted = os.path.ismount(self.mnt)
         if not self.mounted:
             self._collect()
             if must_mount:
-                raise MountFailed(f"qcowfs mount exited {self.proc.returncode}: {self.stderr.strip()} "
-                                  f"{self.stdout.strip()}")
+                raise MountFailed(
+                    f"qcowfs mount exited {self.proc.returncode}: {self.stderr.strip()} "
+                    f"{self.stdout.strip()}"
+                )
 
     # ------------------------------------------------------------------ output
     def _collect(self, timeout: Optional[float] = None) -> None:
@@ -210,7 +249,10 @@ class Mount:
             return
         if self.stderr_file:
             self.proc.wait(timeout=timeout)
-            self._out = ("", self.stderr_file.read_text(errors="replace") if self.stderr_file.exists() else "")
+            self._out = (
+                "",
+                self.stderr_file.read_text(errors="replace") if self.stderr_file.exists() else "",
+            )
             return
         out, err = self.proc.communicate(timeout=timeout)
         self._out = (out or "", err or "")
@@ -235,17 +277,24 @@ class Mount:
     def diagnostics(self, log_lines: int = 60) -> str:
         """Exit status, stderr and the daemon log's tail (and who holds the mount, if it still is one)."""
         rc = self.proc.poll()
-        lines = [f"daemon: {' '.join(self.cmd)} (pid {self.proc.pid}, "
-                 + ("running" if rc is None else f"exit {rc}") + ")"]
+        lines = [
+            f"daemon: {' '.join(self.cmd)} (pid {self.proc.pid}, "
+            + ("running" if rc is None else f"exit {rc}")
+            + ")"
+        ]
         if self.problem:
             lines.append(f"problem: {self.problem}")
         if is_mounted(self.mnt):
-            lines.append(f"{self.mnt} is mounted{' (dead)' if is_dead_mount(self.mnt) else ''}; "
-                         f"processes using it: {holders(self.mnt)}")
+            lines.append(
+                f"{self.mnt} is mounted{' (dead)' if is_dead_mount(self.mnt) else ''}; "
+                f"processes using it: {holders(self.mnt)}"
+            )
         if rc is None:
             lines.append(f"daemon threads wait in: {wchans(self.proc.pid)}")
         lines.append(f"stderr: {self.stderr.strip() or '(none)'}")
-        lines.append(f"log {self.log} (last {log_lines} lines):\n{_tail(self.log_text(), log_lines) or '(empty)'}")
+        lines.append(
+            f"log {self.log} (last {log_lines} lines):\n{_tail(self.log_text(), log_lines) or '(empty)'}"
+        )
         return "\n".join(lines)
 
     def assert_no_traceback(self) -> None:
@@ -253,8 +302,13 @@ class Mount:
         assert "Traceback" not in text, f"daemon logged a traceback:\n{text}"
 
     # ------------------------------------------------------------------ going down
-    def stop(self, force: bool = False, timeout: float = 60.0, busy_retry: float = 20.0,
-             sigterm_grace: float = 0.0) -> Optional[int]:
+    def stop(
+        self,
+        force: bool = False,
+        timeout: float = 60.0,
+        busy_retry: float = 20.0,
+        sigterm_grace: float = 0.0,
+    ) -> Optional[int]:
         """Unmount and wait for the daemon; returns its exit code. Never raises.
 
         fusermount3 -u, retried for busy_retry seconds while the mount is busy; then up to `timeout`
@@ -266,16 +320,26 @@ class Mount:
         seen_holders = ""
         if not force and self.proc.poll() is None and os.path.ismount(self.mnt):
             deadline = time.monotonic() + busy_retry
-            umount = subprocess.run(["fusermount3", "-u", str(self.mnt)], capture_output=True, text=True)
+            umount = subprocess.run(
+                ["fusermount3", "-u", str(self.mnt)], capture_output=True, text=True
+            )
             if umount.returncode != 0 and os.path.ismount(self.mnt):
                 seen_holders = holders(self.mnt)
                 # busy: perhaps a program outside the test looking into the mount; try for a while
-                while umount.returncode != 0 and os.path.ismount(self.mnt) and time.monotonic() < deadline:
+                while (
+                    umount.returncode != 0
+                    and os.path.ismount(self.mnt)
+                    and time.monotonic() < deadline
+                ):
                     time.sleep(0.2)
-                    umount = subprocess.run(["fusermount3", "-u", str(self.mnt)], capture_output=True, text=True)
+                    umount = subprocess.run(
+                        ["fusermount3", "-u", str(self.mnt)], capture_output=True, text=True
+                    )
         if self.proc.poll() is None:
             # the shutdown work only runs after an unmount; a daemon not asked to go down gets 5 s
-            going_down = umount is not None and (umount.returncode == 0 or not os.path.ismount(self.mnt))
+            going_down = umount is not None and (
+                umount.returncode == 0 or not os.path.ismount(self.mnt)
+            )
             wait = 0.1 if force else (timeout if going_down else min(timeout, 5.0))
             try:
                 self.proc.wait(timeout=wait)
@@ -288,13 +352,19 @@ class Mount:
                         pass
                 if self.proc.poll() is None:
                     if not force:
-                        self.problem = (f"daemon still running {wait:g}s after fusermount3 -u "
-                                        f"(exit {umount.returncode if umount else '-'}: "
-                                        f"{umount.stderr.strip() if umount else 'not run'})"
-                                        + (f" and {sigterm_grace:g}s after SIGTERM" if sigterm_grace > 0 else "")
-                                        + f"; still mounted: {os.path.ismount(self.mnt)}; daemon threads waiting "
-                                        f"in: {wchans(self.proc.pid)}; processes using the mount: "
-                                        f"{seen_holders or holders(self.mnt)}")
+                        self.problem = (
+                            f"daemon still running {wait:g}s after fusermount3 -u "
+                            f"(exit {umount.returncode if umount else '-'}: "
+                            f"{umount.stderr.strip() if umount else 'not run'})"
+                            + (
+                                f" and {sigterm_grace:g}s after SIGTERM"
+                                if sigterm_grace > 0
+                                else ""
+                            )
+                            + f"; still mounted: {os.path.ismount(self.mnt)}; daemon threads waiting "
+                            f"in: {wchans(self.proc.pid)}; processes using the mount: "
+                            f"{seen_holders or holders(self.mnt)}"
+                        )
                     self.proc.kill()
         try:
             self._collect(timeout=30)

@@ -11,16 +11,38 @@ from typing import Any, Optional
 
 from .proc import StrPath, run
 
-__all__ = ["run", "qemu_img", "qemu_io", "qemu_check", "qemu_check_rc", "assert_clean", "assert_compare",
-           "qemu_info", "qemu_bitmaps", "qemu_map", "qemu_raw", "nbd_map", "dirty_map", "dirty_extents"]
+__all__ = [
+    "run",
+    "qemu_img",
+    "qemu_io",
+    "qemu_check",
+    "qemu_check_rc",
+    "assert_clean",
+    "assert_compare",
+    "qemu_info",
+    "qemu_bitmaps",
+    "qemu_map",
+    "qemu_raw",
+    "nbd_map",
+    "dirty_map",
+    "dirty_extents",
+]
 
 
-def qemu_img(*args: object, check: bool = True, timeout: Optional[float] = None) -> subprocess.CompletedProcess[str]:
+def qemu_img(
+    *args: object, check: bool = True, timeout: Optional[float] = None
+) -> subprocess.CompletedProcess[str]:
     return run(["qemu-img", *args], check=check, timeout=timeout)
 
 
-def qemu_io(image: StrPath, *commands: str, fmt: str = "qcow2", check: bool = True, read_only: bool = False,
-            timeout: Optional[float] = None) -> subprocess.CompletedProcess[str]:
+def qemu_io(
+    image: StrPath,
+    *commands: str,
+    fmt: str = "qcow2",
+    check: bool = True,
+    read_only: bool = False,
+    timeout: Optional[float] = None,
+) -> subprocess.CompletedProcess[str]:
     """qemu-io -f FMT [-r] -c CMD ... IMAGE."""
     cmd = ["qemu-io", "-f", fmt] + (["-r"] if read_only else [])
     for c in commands:
@@ -57,8 +79,11 @@ def qemu_check_rc(path: str, repair: Optional[str] = None) -> tuple[int, dict[st
         lines = p.stderr.strip().splitlines()
         leaks = [x for x in lines if x.startswith("Leaked cluster")]
         other = [x for x in lines if not x.startswith("Leaked cluster")]
-        out["stderr"] = other[:12] + ([f"... {len(other) - 12} more"] if len(other) > 12 else []) + (
-            [f"({len(leaks)} 'Leaked cluster' lines)"] if leaks else [])
+        out["stderr"] = (
+            other[:12]
+            + ([f"... {len(other) - 12} more"] if len(other) > 12 else [])
+            + ([f"({len(leaks)} 'Leaked cluster' lines)"] if leaks else [])
+        )
     return p.returncode, out
 
 
@@ -71,7 +96,9 @@ def assert_clean(image: StrPath) -> None:
 def assert_compare(img: StrPath, ref: StrPath, what: str = "") -> None:
     """qemu-img compare -f qcow2 -F raw IMG REF says identical."""
     p = qemu_img("compare", "-f", "qcow2", "-F", "raw", img, ref, check=False)
-    assert p.returncode == 0, f"{what}qemu-img compare {img} {ref}: exit {p.returncode}: {p.stdout.strip()} {p.stderr.strip()}"
+    assert p.returncode == 0, (
+        f"{what}qemu-img compare {img} {ref}: exit {p.returncode}: {p.stdout.strip()} {p.stderr.strip()}"
+    )
 
 
 def qemu_info(image: StrPath) -> dict[str, Any]:
@@ -107,21 +134,35 @@ def qemu_raw(path: StrPath, dest: StrPath, snapshot: Optional[str] = None) -> by
 
 
 # ----------------------------------------------------------------------------- NBD: qemu-nbd + nbdinfo
-def nbd_map(image: StrPath, context: str = "base:allocation", *, bitmap: Optional[str] = None, fmt: str = "qcow2",
-            timeout: float = 120) -> list[dict[str, Any]]:
+def nbd_map(
+    image: StrPath,
+    context: str = "base:allocation",
+    *,
+    bitmap: Optional[str] = None,
+    fmt: str = "qcow2",
+    timeout: float = 120,
+) -> list[dict[str, Any]]:
     """nbdinfo --json --map=CONTEXT of IMAGE served by a private `qemu-nbd -r -f FMT [-B BITMAP]`
     (nbdinfo starts qemu-nbd itself on a socket of its own and stops it): [{offset, length, type}]."""
     server = ["qemu-nbd", "-r", "-f", fmt] + (["-B", bitmap] if bitmap else []) + [str(image)]
-    p = run(["nbdinfo", "--json", f"--map={context}", "--", "[", *server, "]"], check=False, timeout=timeout)
+    p = run(
+        ["nbdinfo", "--json", f"--map={context}", "--", "[", *server, "]"],
+        check=False,
+        timeout=timeout,
+    )
     if p.returncode != 0:
-        raise AssertionError(f"nbdinfo --map={context} of {' '.join(server)} exited {p.returncode}: {p.stderr.strip()}")
+        raise AssertionError(
+            f"nbdinfo --map={context} of {' '.join(server)} exited {p.returncode}: {p.stderr.strip()}"
+        )
     return json.loads(p.stdout)
 
 
 def dirty_map(image: StrPath, name: str) -> list[tuple[int, int, bool]]:
     """Every extent of dirty bitmap NAME as QEMU serves it: [(offset, length, dirty)]."""
-    return [(e["offset"], e["length"], e["type"] == 1)
-            for e in nbd_map(image, f"qemu:dirty-bitmap:{name}", bitmap=name)]
+    return [
+        (e["offset"], e["length"], e["type"] == 1)
+        for e in nbd_map(image, f"qemu:dirty-bitmap:{name}", bitmap=name)
+    ]
 
 
 def dirty_extents(image: StrPath, name: str) -> list[tuple[int, int]]:

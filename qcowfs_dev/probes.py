@@ -132,8 +132,9 @@ def header(src: Source) -> dict[str, Any]:
         "autoclear": u64(h, OFF_AUTOCLEAR) if v3 else 0,
         "refcount_order": u32(h, OFF_REFCOUNT_ORDER) if v3 else 4,
         "header_length": u32(h, OFF_HEADER_LENGTH) if v3 else V2_HEADER_LENGTH,
-        "compression_type": h[OFF_COMPRESSION_TYPE] if v3 and u32(h, OFF_HEADER_LENGTH) > OFF_COMPRESSION_TYPE
-        and len(h) > OFF_COMPRESSION_TYPE else 0,
+        "compression_type": h[OFF_COMPRESSION_TYPE]
+        if v3 and u32(h, OFF_HEADER_LENGTH) > OFF_COMPRESSION_TYPE and len(h) > OFF_COMPRESSION_TYPE
+        else 0,
     }
 
 
@@ -207,10 +208,14 @@ def refcount_entry_offset(path: Source, cluster: int) -> int:
     data = _bytes(path)
     h = header(data)
     order = h["refcount_order"]
-    assert order >= 3, f"refcount_order {order}: refcounts narrower than a byte have no offset of their own"
+    assert order >= 3, (
+        f"refcount_order {order}: refcounts narrower than a byte have no offset of their own"
+    )
     width = 1 << (order - 3)
     per_block = h["cluster_size"] // width
-    block = u64(data, h["refcount_table_offset"] + 8 * (cluster // per_block)) & REFTABLE_OFFSET_MASK
+    block = (
+        u64(data, h["refcount_table_offset"] + 8 * (cluster // per_block)) & REFTABLE_OFFSET_MASK
+    )
     return block + width * (cluster % per_block)
 
 
@@ -218,7 +223,7 @@ def refcount(path: StrPath, cluster: int) -> int:
     data = _bytes(path)
     order = header(data)["refcount_order"]
     off = refcount_entry_offset(data, cluster)
-    return int.from_bytes(data[off:off + (1 << (order - 3))], "big")
+    return int.from_bytes(data[off : off + (1 << (order - 3))], "big")
 
 
 def set_refcount(path: StrPath, cluster: int, value: int) -> None:
@@ -236,8 +241,11 @@ def bitmaps_extension(data: bytes) -> Optional[dict[str, int]]:
     if found is None or found[1] < 24:
         return None
     off = found[0] + 8
-    return {"nb_bitmaps": u32(data, off), "directory_size": u64(data, off + 8),
-            "directory_offset": u64(data, off + 16)}
+    return {
+        "nb_bitmaps": u32(data, off),
+        "directory_size": u64(data, off + 8),
+        "directory_offset": u64(data, off + 16),
+    }
 
 
 def bitmap_directory(data: bytes) -> list:
@@ -253,11 +261,20 @@ def bitmap_directory(data: bytes) -> list:
         flags = u32(data, o + 12)
         gbits = data[o + 17] if o + 17 < len(data) else 0
         name_at = o + 24 + extra
-        out.append({"name": data[name_at:name_at + name_size].decode(errors="replace"),
-                    "table_offset": u64(data, o), "table_size": u32(data, o + 8), "flags": flags,
-                    "in_use": bool(flags & BME_IN_USE), "auto": bool(flags & BME_AUTO),
-                    "type": data[o + 16] if o + 16 < len(data) else 0, "granularity_bits": gbits,
-                    "granularity": 1 << gbits, "entry_offset": o})
+        out.append(
+            {
+                "name": data[name_at : name_at + name_size].decode(errors="replace"),
+                "table_offset": u64(data, o),
+                "table_size": u32(data, o + 8),
+                "flags": flags,
+                "in_use": bool(flags & BME_IN_USE),
+                "auto": bool(flags & BME_AUTO),
+                "type": data[o + 16] if o + 16 < len(data) else 0,
+                "granularity_bits": gbits,
+                "granularity": 1 << gbits,
+                "entry_offset": o,
+            }
+        )
         o = (name_at + name_size + 7) // 8 * 8
     return out
 
@@ -296,9 +313,23 @@ def metadata_regions(data: bytes) -> dict:
     cs = 1 << cb
     hl = u32(data, 100) if version >= 3 else 72
     l2_entry = 16 if version >= 3 and u64(data, 72) & (1 << 4) else 8
-    regs: dict = {k: [] for k in ("header", "extensions", "l1", "l2", "l2_entries", "refcount_table", "refcount_block",
-                                  "snapshot_table", "snapshot_l1", "bitmap_directory", "bitmap_table",
-                                  "bitmap_data")}
+    regs: dict = {
+        k: []
+        for k in (
+            "header",
+            "extensions",
+            "l1",
+            "l2",
+            "l2_entries",
+            "refcount_table",
+            "refcount_block",
+            "snapshot_table",
+            "snapshot_l1",
+            "bitmap_directory",
+            "bitmap_table",
+            "bitmap_data",
+        )
+    }
     regs["header"].append((0, hl))
 
     # header extensions, up to and including the end marker
@@ -320,8 +351,10 @@ def metadata_regions(data: bytes) -> dict:
             e = u64(data, l1_off + 8 * i) & OFFSET_MASK
             if e and (e, e + cs) not in regs["l2"]:
                 regs["l2"].append((e, e + cs))
-                for j in range(0, cs, l2_entry):  # the entries in use, so that mutations hit them often
-                    if any(data[e + j:e + j + l2_entry]):
+                for j in range(
+                    0, cs, l2_entry
+                ):  # the entries in use, so that mutations hit them often
+                    if any(data[e + j : e + j + l2_entry]):
                         regs["l2_entries"].append((e + j, e + j + l2_entry))
 
     l1_and_l2(u64(data, 40), u32(data, 36), "l1")
@@ -400,7 +433,7 @@ def refcounts_past_eof(data: bytes) -> bool:
         # entries for clusters at or past the end of the file; a partly covered first byte
         # (sub-byte widths) counts too, which errs on the side of "there is one"
         k0 = max(0, file_clusters - i * per_block)
-        if any(data[blk + k0 * bits // 8: blk + cs]):
+        if any(data[blk + k0 * bits // 8 : blk + cs]):
             return True
     return False
 

@@ -32,8 +32,13 @@ def run(cmd: Iterable[Any], check: bool = True, **kw: Any) -> subprocess.Complet
     return p
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 20.0, what: str = "condition",
-             first_delay: float = 0.005, max_delay: float = 0.1) -> None:
+def wait_for(
+    predicate: Callable[[], object],
+    timeout: float = 20.0,
+    what: str = "condition",
+    first_delay: float = 0.005,
+    max_delay: float = 0.1,
+) -> None:
     """Poll predicate() (backing off from first_delay to max_delay) until it is true; AssertionError
     naming `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout

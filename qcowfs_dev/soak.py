@@ -80,11 +80,17 @@ PYTHON = qcowfs_python()
 ENV = checkout_env()
 
 
-def run(cmd: Iterable[object], check: bool = True, timeout: float = 300, **kw: Any) -> subprocess.CompletedProcess[str]:
+def run(
+    cmd: Iterable[object], check: bool = True, timeout: float = 300, **kw: Any
+) -> subprocess.CompletedProcess[str]:
     cmd = list(cmd)
-    p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=ENV, **kw)
+    p = subprocess.run(
+        [str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=ENV, **kw
+    )
     if check and p.returncode != 0:
-        raise SoakFailure(f"{' '.join(map(str, cmd))} exited {p.returncode}\nstdout: {p.stdout}\nstderr: {p.stderr}")
+        raise SoakFailure(
+            f"{' '.join(map(str, cmd))} exited {p.returncode}\nstdout: {p.stdout}\nstderr: {p.stderr}"
+        )
     return p
 
 
@@ -93,6 +99,7 @@ def qcowfs(*args: object, **kw: Any) -> subprocess.CompletedProcess[str]:
 
 
 # ----------------------------------------------------------------------------- intervals
+
 
 class Intervals:
     """A set of byte ranges [start, end), kept merged and sorted."""
@@ -140,6 +147,7 @@ class Intervals:
 
 # ----------------------------------------------------------------------------- bitmap model
 
+
 class BitmapModel:
     def __init__(self, name: str, granularity: int):
         self.name = name
@@ -170,6 +178,7 @@ class BitmapModel:
 
 # ----------------------------------------------------------------------------- the soak
 
+
 class Soak:
     def __init__(self, args: argparse.Namespace, workdir: Path):
         self.seed = args.seed
@@ -177,8 +186,17 @@ class Soak:
         self.workdir = workdir
         self.verbose = args.verbose
         self.stats = {
-            "writes": 0, "zero writes": 0, "bytes written": 0, "reads": 0, "fsyncs": 0, "bitmap ops": 0,
-            "kills": 0, "kills mid-write": 0, "writes cut by a kill": 0, "clean restarts": 0, "leak repairs": 0,
+            "writes": 0,
+            "zero writes": 0,
+            "bytes written": 0,
+            "reads": 0,
+            "fsyncs": 0,
+            "bitmap ops": 0,
+            "kills": 0,
+            "kills mid-write": 0,
+            "writes cut by a kill": 0,
+            "clean restarts": 0,
+            "leak repairs": 0,
             "verified bytes": 0,
             "bitmap maps checked": 0,
         }
@@ -210,18 +228,58 @@ class Soak:
         self.variant = variant
         if variant == "backing":
             base = d / "base.qcow2"
-            run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", base, str(SIZE)])
+            run(
+                [
+                    "qemu-img",
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-o",
+                    "cluster_size=4096",
+                    base,
+                    str(SIZE),
+                ]
+            )
             cmds = []
             for _ in range(24):
                 off = self.rnd.randrange(0, SIZE // 512 - 4096) * 512
                 ln = self.rnd.randrange(1, 4096) * 512
                 cmds += ["-c", f"write -P 0x{self.rnd.randrange(1, 256):02x} {off} {ln}"]
             run(["qemu-io", "-f", "qcow2", *cmds, base])
-            run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={CLUSTER}", "-b", base.name,
-                 "-F", "qcow2", self.image, str(SIZE)], cwd=str(d))
+            run(
+                [
+                    "qemu-img",
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-o",
+                    f"cluster_size={CLUSTER}",
+                    "-b",
+                    base.name,
+                    "-F",
+                    "qcow2",
+                    self.image,
+                    str(SIZE),
+                ],
+                cwd=str(d),
+            )
             run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", self.image, self.ref])
         else:
-            run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={CLUSTER}", self.image, str(SIZE)])
+            run(
+                [
+                    "qemu-img",
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-o",
+                    f"cluster_size={CLUSTER}",
+                    self.image,
+                    str(SIZE),
+                ]
+            )
             with open(self.ref, "wb") as f:
                 f.truncate(SIZE)
         self.ref_fd = os.open(self.ref, os.O_RDWR)
@@ -233,8 +291,16 @@ class Soak:
         self.mount_no += 1
         self.log = self.dir / f"daemon{self.mount_no}.log"
         try:
-            self.m = Mount(self.image, self._mnt(), self.log, timeout=60, python=PYTHON, env=ENV, cwd=ROOT,
-                           stderr_file=self.dir / f"daemon{self.mount_no}.stderr")
+            self.m = Mount(
+                self.image,
+                self._mnt(),
+                self.log,
+                timeout=60,
+                python=PYTHON,
+                env=ENV,
+                cwd=ROOT,
+                stderr_file=self.dir / f"daemon{self.mount_no}.stderr",
+            )
         except MountFailed as e:
             self.fail(f"mount #{self.mount_no}: {e}")
         self.proc = self.m.proc
@@ -283,14 +349,18 @@ class Soak:
             # stays busy, gets SIGTERM (it unmounts and stores its bitmaps itself); then kill -9
             self.m.stop(timeout=30, busy_retry=5, sigterm_grace=30)
             if self.m.problem:
-                print(f"soak: daemon #{self.mount_no}: {self.m.problem}; killed it", file=sys.stderr)
+                print(
+                    f"soak: daemon #{self.mount_no}: {self.m.problem}; killed it", file=sys.stderr
+                )
         if self.mnt is not None:
             detach(self.mnt, lazy_only=True)
 
     def alive(self) -> None:
         if self._daemon().poll() is not None:
-            self.fail(f"daemon #{self.mount_no} died (exit {self._daemon().returncode}): {self.stderr_text()}\n"
-                      f"{self.log_text()[-4000:]}")
+            self.fail(
+                f"daemon #{self.mount_no} died (exit {self._daemon().returncode}): {self.stderr_text()}\n"
+                f"{self.log_text()[-4000:]}"
+            )
 
     # ------------------------------------------------------------------ operations
     def _mark(self, off: int, length: int) -> None:
@@ -333,7 +403,9 @@ class Soak:
             self.fail(f"{what} of {n} bytes at {off}: {e}")
         want = os.pread(self.ref_fd, n, off)
         if got != want:
-            self.fail(f"{what} at {off} ({n} bytes): disk.raw differs from the reference {_first_diff(got, want, off)}")
+            self.fail(
+                f"{what} at {off} ({n} bytes): disk.raw differs from the reference {_first_diff(got, want, off)}"
+            )
         self.stats["reads"] += 1
         self.stats["verified bytes"] += n
 
@@ -358,8 +430,14 @@ class Soak:
     def check_status(self, name: str) -> None:
         bm = self.bitmaps[name]
         st = self.status(name)
-        want = {"name": name, "granularity": bm.granularity, "count": bm.count(), "recording": bm.recording,
-                "inconsistent": False, "persistent": True}
+        want = {
+            "name": name,
+            "granularity": bm.granularity,
+            "count": bm.count(),
+            "recording": bm.recording,
+            "inconsistent": False,
+            "persistent": True,
+        }
         got = {k: st.get(k) for k in want}
         if got != want:
             self.fail(f"status of bitmap {name}: {got}, model says {want}")
@@ -373,18 +451,25 @@ class Soak:
         r = self.rnd
         name = r.choice(BITMAP_NAMES)
         exists = name in self.bitmaps
-        op = r.choice(["touch", "touch", "rm", "clear", "enable", "disable", "cat", "cat"]) if exists else \
-            r.choice(["touch", "touch", "rm"])
+        op = (
+            r.choice(["touch", "touch", "rm", "clear", "enable", "disable", "cat", "cat"])
+            if exists
+            else r.choice(["touch", "touch", "rm"])
+        )
         self.stats["bitmap ops"] += 1
         self.say(f"bitmap {op} {name}")
         if op == "touch":
             p = run(["touch", self.bitmap_path(name)], check=False)
             if p.returncode != 0:
-                self.fail(f"touch .bitmaps/{name} ({'existing' if exists else 'new'}): {p.stderr.strip()}")
+                self.fail(
+                    f"touch .bitmaps/{name} ({'existing' if exists else 'new'}): {p.stderr.strip()}"
+                )
             if not exists:
                 st = self.status(name)
                 if st.get("granularity") != CLUSTER:
-                    self.fail(f"new bitmap {name} has granularity {st.get('granularity')}, expected {CLUSTER}")
+                    self.fail(
+                        f"new bitmap {name} has granularity {st.get('granularity')}, expected {CLUSTER}"
+                    )
                 self.bitmaps[name] = BitmapModel(name, st["granularity"])
             self.check_status(name)
         elif op == "rm":
@@ -426,7 +511,9 @@ class Soak:
                 time.sleep(0.2)
                 p = qcowfs("umount", self._mnt(), check=False)
             if p.returncode != 0:
-                self.fail(f"qcowfs umount exited {p.returncode}: {p.stderr.strip()}; processes using the mount: {using}")
+                self.fail(
+                    f"qcowfs umount exited {p.returncode}: {p.stderr.strip()}; processes using the mount: {using}"
+                )
         if p.returncode != 0:
             self.fail(f"qcowfs umount exited {p.returncode}: {p.stderr.strip()}")
         try:
@@ -434,17 +521,25 @@ class Soak:
         except subprocess.TimeoutExpired:
             self.fail("the daemon did not exit after qcowfs umount returned")
         if rc != 0:
-            self.fail(f"daemon #{self.mount_no} exited {rc} after a clean unmount: {self.stderr_text()}\n"
-                      f"{self.log_text()[-4000:]}")
+            self.fail(
+                f"daemon #{self.mount_no} exited {rc} after a clean unmount: {self.stderr_text()}\n"
+                f"{self.log_text()[-4000:]}"
+            )
         self.check_log()
         if os.path.ismount(self._mnt()):
             self.fail("still mounted after qcowfs umount")
         c = run(["qemu-img", "check", self.image], check=False)
         if c.returncode != 0:
-            self.fail(f"qemu-img check after a clean unmount exited {c.returncode} (expected 0):\n{c.stdout}{c.stderr}")
-        cmp = run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", self.image, self.ref], check=False)
+            self.fail(
+                f"qemu-img check after a clean unmount exited {c.returncode} (expected 0):\n{c.stdout}{c.stderr}"
+            )
+        cmp = run(
+            ["qemu-img", "compare", "-f", "qcow2", "-F", "raw", self.image, self.ref], check=False
+        )
         if cmp.returncode != 0:
-            self.fail(f"qemu-img compare image vs reference exited {cmp.returncode}: {cmp.stdout.strip()} {cmp.stderr.strip()}")
+            self.fail(
+                f"qemu-img compare image vs reference exited {cmp.returncode}: {cmp.stdout.strip()} {cmp.stderr.strip()}"
+            )
         self.stats["verified bytes"] += SIZE
         self.unsynced.clear()
         self.check_qemu_bitmaps()
@@ -457,20 +552,26 @@ class Soak:
 
     def check_qemu_bitmaps(self) -> None:
         info = json.loads(run(["qemu-img", "info", "--output=json", self.image]).stdout)
-        qb = {b["name"]: b for b in info.get("format-specific", {}).get("data", {}).get("bitmaps", [])}
+        qb = {
+            b["name"]: b for b in info.get("format-specific", {}).get("data", {}).get("bitmaps", [])
+        }
         if sorted(qb) != sorted(self.bitmaps):
             self.fail(f"qemu-img info lists bitmaps {sorted(qb)}, model has {sorted(self.bitmaps)}")
         for name, bm in self.bitmaps.items():
             flags = set(qb[name]["flags"])
             want = {"auto"} if bm.recording else set()
             if flags != want or qb[name]["granularity"] != bm.granularity:
-                self.fail(f"qemu-img info: bitmap {name} flags {sorted(flags)} granularity {qb[name]['granularity']}, "
-                          f"model: flags {sorted(want)} granularity {bm.granularity}")
+                self.fail(
+                    f"qemu-img info: bitmap {name} flags {sorted(flags)} granularity {qb[name]['granularity']}, "
+                    f"model: flags {sorted(want)} granularity {bm.granularity}"
+                )
             got = qemu_dirty_extents(self.image, name)
             want_ext = bm.extents(SIZE)
             if got != want_ext:
-                self.fail(f"QEMU's dirty extents of bitmap {name} differ from the model:\n"
-                          f"  qemu:  {_short(got)}\n  model: {_short(want_ext)}")
+                self.fail(
+                    f"QEMU's dirty extents of bitmap {name} differ from the model:\n"
+                    f"  qemu:  {_short(got)}\n  model: {_short(want_ext)}"
+                )
             self.stats["bitmap maps checked"] += 1
 
     def kill(self) -> None:
@@ -483,7 +584,9 @@ class Soak:
             off = r.randrange(0, (SIZE - n) // 512 + 1) * 512
             data = r.randbytes(n)
             delay = r.uniform(0, 0.004)  # a 2 MiB write takes a few ms: mostly lands inside it
-            os.pwrite(self.ref_fd, data, off)  # maybe written, maybe not: the range is unknown after the kill
+            os.pwrite(
+                self.ref_fd, data, off
+            )  # maybe written, maybe not: the range is unknown after the kill
             self.unsynced.add(off, off + n)
             result: dict[str, Any] = {}
 
@@ -513,7 +616,9 @@ class Soak:
 
         c = run(["qemu-img", "check", "--output=json", self.image], check=False)
         if c.returncode not in (0, 3):
-            self.fail(f"qemu-img check after kill -9 exited {c.returncode} (corruption):\n{c.stdout}{c.stderr}")
+            self.fail(
+                f"qemu-img check after kill -9 exited {c.returncode} (corruption):\n{c.stdout}{c.stderr}"
+            )
         conv = self.dir / "after-kill.raw"
         run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw", self.image, conv])
         # every byte not written since the last fsync must be there
@@ -525,8 +630,10 @@ class Soak:
                     n = min(4 * MiB, e - pos)
                     got, want = os.pread(cfd, n, pos), os.pread(self.ref_fd, n, pos)
                     if got != want:
-                        self.fail(f"after kill -9: fsynced data lost {_first_diff(got, want, pos)} "
-                                  f"(unsynced ranges: {_short(self.unsynced.iv)})")
+                        self.fail(
+                            f"after kill -9: fsynced data lost {_first_diff(got, want, pos)} "
+                            f"(unsynced ranges: {_short(self.unsynced.iv)})"
+                        )
                     pos += n
                     self.stats["verified bytes"] += n
         # the reference becomes what the image holds now
@@ -537,18 +644,24 @@ class Soak:
         if c.returncode == 3:
             rep = run(["qemu-img", "check", "-r", "leaks", self.image], check=False)
             if rep.returncode != 0:
-                self.fail(f"qemu-img check -r leaks exited {rep.returncode}:\n{rep.stdout}{rep.stderr}")
+                self.fail(
+                    f"qemu-img check -r leaks exited {rep.returncode}:\n{rep.stdout}{rep.stderr}"
+                )
             self.stats["leak repairs"] += 1
         c2 = run(["qemu-img", "check", self.image], check=False)
         if c2.returncode != 0:
-            self.fail(f"qemu-img check after kill -9 (and leak repair) exited {c2.returncode}:\n{c2.stdout}{c2.stderr}")
+            self.fail(
+                f"qemu-img check after kill -9 (and leak repair) exited {c2.returncode}:\n{c2.stdout}{c2.stderr}"
+            )
         # every bitmap was in use: now inconsistent, refusing commands, removable
         self.mount()
         self.check_listing()
         for name in sorted(self.bitmaps):
             st = self.status(name)
             if st.get("inconsistent") is not True or st.get("recording") is not False:
-                self.fail(f"after kill -9 bitmap {name} should be inconsistent and not recording: {st}")
+                self.fail(
+                    f"after kill -9 bitmap {name} should be inconsistent and not recording: {st}"
+                )
             if r.random() < 0.5:
                 cmd = r.choice(["clear", "enable", "disable"])
                 try:
@@ -576,8 +689,13 @@ class Soak:
         try:
             self.mount()
             r = self.rnd
-            ops = [(self.op_write, 30), (lambda: self.op_write(zero=True), 6), (self.op_read, 25),
-                   (self.op_fsync, 8), (self.op_bitmap, 12)]
+            ops = [
+                (self.op_write, 30),
+                (lambda: self.op_write(zero=True), 6),
+                (self.op_read, 25),
+                (self.op_fsync, 8),
+                (self.op_bitmap, 12),
+            ]
             funcs = [f for f, _ in ops]
             weights = [w for _, w in ops]
             while time.monotonic() < deadline:
@@ -604,7 +722,7 @@ def _first_diff(got: bytes, want: bytes, base: int) -> str:
     if len(got) != len(want):
         return f"(got {len(got)} bytes, expected {len(want)})"
     for i in range(0, len(got), 4096):
-        if got[i:i + 4096] != want[i:i + 4096]:
+        if got[i : i + 4096] != want[i : i + 4096]:
             for j in range(i, min(i + 4096, len(got))):
                 if got[j] != want[j]:
                     return f"first at byte {base + j}: 0x{got[j]:02x} instead of 0x{want[j]:02x}"
@@ -627,11 +745,18 @@ def qemu_dirty_extents(image: Path, name: str) -> list[tuple[int, int]]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="soak", description=(__doc__ or "").split("\n\n")[0])
-    ap.add_argument("--seconds", type=float, required=True, help="how long to run (split between the variants)")
+    ap.add_argument(
+        "--seconds", type=float, required=True, help="how long to run (split between the variants)"
+    )
     ap.add_argument("--seed", type=int, help="random seed (default: random, printed)")
-    ap.add_argument("--workdir", help="directory for images and logs (default: a temporary one, removed on success)")
+    ap.add_argument(
+        "--workdir",
+        help="directory for images and logs (default: a temporary one, removed on success)",
+    )
     ap.add_argument("--variant", choices=("plain", "backing", "both"), default="both")
-    ap.add_argument("--verbose", "-v", action="store_true", help="print every bitmap command, kill and restart")
+    ap.add_argument(
+        "--verbose", "-v", action="store_true", help="print every bitmap command, kill and restart"
+    )
     args = ap.parse_args(argv)
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(1 << 32)
@@ -646,7 +771,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         workdir = Path(tempfile.mkdtemp(prefix="qcowfs-soak."))
         own_dir = True
-    print(f"soak: seed {args.seed}, {args.seconds:g} s, workdir {workdir}, python {PYTHON}", flush=True)
+    print(
+        f"soak: seed {args.seed}, {args.seconds:g} s, workdir {workdir}, python {PYTHON}",
+        flush=True,
+    )
     variants = ["plain", "backing"] if args.variant == "both" else [args.variant]
     soak = Soak(args, workdir)
 
@@ -672,7 +800,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         soak.teardown()
     elapsed = time.monotonic() - t0
     summary = ", ".join(f"{k} {v}" for k, v in soak.stats.items())
-    print(f"soak: {'OK' if ok else 'FAILED'} after {elapsed:.1f} s (seed {args.seed}): {summary}", flush=True)
+    print(
+        f"soak: {'OK' if ok else 'FAILED'} after {elapsed:.1f} s (seed {args.seed}): {summary}",
+        flush=True,
+    )
     if ok and own_dir and not any(os.path.ismount(workdir / v / "mnt") for v in variants):
         shutil.rmtree(workdir, ignore_errors=True)
     return 0 if ok else 1

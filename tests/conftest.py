@@ -26,10 +26,24 @@ try:
 except ImportError:  # run from a venv without the project installed: use the work tree
     sys.path.insert(0, str(ROOT))
 
-__all__ = ["QCOWFS", "FUSE_AVAILABLE", "needs_fuse", "Mount", "run", "wait_for", "qemu_img", "qemu_io",
-           "qemu_check", "assert_clean", "qemu_info", "sha256"]
+__all__ = [
+    "QCOWFS",
+    "FUSE_AVAILABLE",
+    "needs_fuse",
+    "Mount",
+    "run",
+    "wait_for",
+    "qemu_img",
+    "qemu_io",
+    "qemu_check",
+    "assert_clean",
+    "qemu_info",
+    "sha256",
+]
 
-needs_fuse = pytest.mark.skipif(not FUSE_AVAILABLE, reason="/dev/fuse or fusermount3 missing: FUSE tests cannot run here")
+needs_fuse = pytest.mark.skipif(
+    not FUSE_AVAILABLE, reason="/dev/fuse or fusermount3 missing: FUSE tests cannot run here"
+)
 
 
 @pytest.fixture
@@ -40,7 +54,9 @@ def mount(tmp_path):
     def factory(image, read_only=False, extra=(), mnt=None) -> Mount:
         mp = Path(mnt) if mnt else tmp_path / f"mnt{len(mounts)}"
         mp.mkdir(exist_ok=True)
-        m = Mount(Path(image), mp, tmp_path / f"daemon{len(mounts)}.log", read_only=read_only, extra=extra)
+        m = Mount(
+            Path(image), mp, tmp_path / f"daemon{len(mounts)}.log", read_only=read_only, extra=extra
+        )
         mounts.append(m)
         return m
 
@@ -51,7 +67,9 @@ def mount(tmp_path):
             if m.proc.poll() is None:
                 rc = m.unmount()
                 if rc != 0:
-                    errors.append(f"daemon for {m.image} exited {rc}: {m.proc.stderr.read() if m.proc.stderr else ''}")
+                    errors.append(
+                        f"daemon for {m.image} exited {rc}: {m.proc.stderr.read() if m.proc.stderr else ''}"
+                    )
         if is_mounted(m.mnt):  # a dead mount (the daemon was killed) too
             detach(m.mnt, lazy_only=True)
         if "Traceback" in m.log_text():

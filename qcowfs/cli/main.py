@@ -43,7 +43,9 @@ def _setup_logging(log_file: str | None, foreground: bool, debug: bool) -> None:
         return
     else:
         handler = logging.NullHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+    )
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.INFO)
 
@@ -57,8 +59,13 @@ def _fail(message: str, code: int = 1) -> int:
 def mount_options(args: argparse.Namespace) -> MountOptions:
     """The flags and every -o, in that order; --read-only wins over an -o rw (mount.fuse
     always passes rw or ro first, then what fstab or mount -o said)."""
-    opts = MountOptions(foreground=args.foreground, log=args.log, debug=args.debug, backing=args.backing,
-                        bitmap_sync=args.bitmap_sync)
+    opts = MountOptions(
+        foreground=args.foreground,
+        log=args.log,
+        debug=args.debug,
+        backing=args.backing,
+        bitmap_sync=args.bitmap_sync,
+    )
     parse_into(opts, args.options)
     if args.read_only:
         opts.read_only = True
@@ -101,7 +108,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
         if text.startswith("ERR "):
             return _fail(text[4:].strip())
         _, status = os.waitpid(pid, 0)
-        return _fail(f"{args.image}: the qcowfs daemon died during set-up (status {status}); see the log")
+        return _fail(
+            f"{args.image}: the qcowfs daemon died during set-up (status {status}); see the log"
+        )
     # child
     os.close(r)
     os.setsid()
@@ -150,14 +159,19 @@ def cmd_umount(args: argparse.Namespace) -> int:
     cmd = [tool, "-u", mnt] if tool == "fusermount3" else [tool, mnt]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
-        return _fail(f"{args.mountpoint}: unmount failed: {p.stderr.strip() or p.stdout.strip()} (is it busy?)")
+        return _fail(
+            f"{args.mountpoint}: unmount failed: {p.stderr.strip() or p.stdout.strip()} (is it busy?)"
+        )
     if exit_ends_pid_namespace(pid):
         # In a container whose main process is the daemon (docker run ... mount --foreground),
         # the daemon's exit ends the PID namespace and the kernel kills everything left in it,
         # this command too (docker exec ... umount exited 137). The unmount is done and the
         # daemon finishes its clean shutdown on its own; the container then stops.
-        print(f"qcowfs: {args.mountpoint}: unmounted; the daemon (pid {pid}) finishes and ends "
-              "this container, so not waiting for it", file=sys.stderr)
+        print(
+            f"qcowfs: {args.mountpoint}: unmounted; the daemon (pid {pid}) finishes and ends "
+            "this container, so not waiting for it",
+            file=sys.stderr,
+        )
         if pidfd is not None:
             os.close(pidfd)
         return 0
@@ -168,7 +182,9 @@ def cmd_umount(args: argparse.Namespace) -> int:
         ready, _, _ = select.select([pidfd], [], [], remaining)
         os.close(pidfd)
         if not ready:
-            return _fail(f"{args.mountpoint}: unmounted, but the daemon (pid {pid}) is still finishing after {args.timeout}s")
+            return _fail(
+                f"{args.mountpoint}: unmounted, but the daemon (pid {pid}) is still finishing after {args.timeout}s"
+            )
     else:
         while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -201,19 +217,27 @@ def image_info(path: str, backing_policy: str = "follow") -> dict:
         if h.backing_file:
             info["backing-filename"] = h.backing_file
             # as QEMU combines them: relative to the image's name as given (not made absolute)
-            full = h.backing_file if os.path.isabs(h.backing_file) else os.path.join(os.path.dirname(path), h.backing_file)
+            full = (
+                h.backing_file
+                if os.path.isabs(h.backing_file)
+                else os.path.join(os.path.dirname(path), h.backing_file)
+            )
             info["full-backing-filename"] = full
             if h.backing_format:
                 info["backing-filename-format"] = h.backing_format
         data: dict = {"compat": "1.1" if h.version >= 3 else "0.10"}
         if h.version >= 3:
-            data.update({
-                "compression-type": fmt.COMPRESSION_NAMES.get(h.compression_type, str(h.compression_type)),
-                "lazy-refcounts": h.lazy_refcounts,
-                "refcount-bits": h.refcount_bits,
-                "corrupt": h.corrupt,
-                "extended-l2": h.extended_l2,
-            })
+            data.update(
+                {
+                    "compression-type": fmt.COMPRESSION_NAMES.get(
+                        h.compression_type, str(h.compression_type)
+                    ),
+                    "lazy-refcounts": h.lazy_refcounts,
+                    "refcount-bits": h.refcount_bits,
+                    "corrupt": h.corrupt,
+                    "extended-l2": h.extended_l2,
+                }
+            )
             if h.data_file:
                 data["data-file"] = h.data_file
                 data["data-file-raw"] = h.data_file_raw
@@ -231,8 +255,12 @@ def image_info(path: str, backing_policy: str = "follow") -> dict:
                 bms.append({"flags": flags, "name": bm.name, "granularity": bm.granularity})
             data["bitmaps"] = bms
         feats = {
-            "incompatible": [h.feature_name(0, b) for b in range(64) if h.incompatible_features >> b & 1],
-            "compatible": [h.feature_name(1, b) for b in range(64) if h.compatible_features >> b & 1],
+            "incompatible": [
+                h.feature_name(0, b) for b in range(64) if h.incompatible_features >> b & 1
+            ],
+            "compatible": [
+                h.feature_name(1, b) for b in range(64) if h.compatible_features >> b & 1
+            ],
             "autoclear": [h.feature_name(2, b) for b in range(64) if h.autoclear_features >> b & 1],
         }
         data["features"] = feats
@@ -283,17 +311,29 @@ def cmd_bitmap(args: argparse.Namespace) -> int:
                 print(json.dumps(rows, indent=4))
             else:
                 for r in rows:
-                    state = "INCONSISTENT" if r["inconsistent"] else ("recording" if r["recording"] else "disabled")
+                    state = (
+                        "INCONSISTENT"
+                        if r["inconsistent"]
+                        else ("recording" if r["recording"] else "disabled")
+                    )
                     safe = "crash-safe" if r.get("crash-safe") else "in-use-while-open"
-                    print(f"{r['name']}\tgranularity={r['granularity']}\tcount={r['count']}\t{state}\t{safe}")
+                    print(
+                        f"{r['name']}\tgranularity={r['granularity']}\tcount={r['count']}\t{state}\t{safe}"
+                    )
             return 0
         if args.op == "extents":
-            ext = offline.live_extents(target, args.name) if live else offline.bitmap_extents(target, args.name)
+            ext = (
+                offline.live_extents(target, args.name)
+                if live
+                else offline.bitmap_extents(target, args.name)
+            )
             if args.json:
                 print(json.dumps(ext))
             else:
                 for e in ext:
-                    print(f"{e['start']:>16} {e['length']:>16} {'dirty' if e['dirty'] else 'clean'}")
+                    print(
+                        f"{e['start']:>16} {e['length']:>16} {'dirty' if e['dirty'] else 'clean'}"
+                    )
             return 0
         kw = {}
         if args.op == "add":
@@ -319,7 +359,9 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     from ..engine import offline
 
     if not offline.is_qcowfs_mount(args.mountpoint):
-        return _fail(f"{args.mountpoint}: not a qcowfs mount (a checkpoint is taken on a live mount)")
+        return _fail(
+            f"{args.mountpoint}: not a qcowfs mount (a checkpoint is taken on a live mount)"
+        )
     try:
         done = offline.live_checkpoint(args.mountpoint, args.name, args.disable, args.snapshot)
     except OSError as e:
@@ -328,8 +370,12 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
         print(json.dumps(done, indent=4))
     else:
         snap = done.get("snapshot")
-        print(f"checkpoint {args.name}: " + (f"snapshot {snap['name']} (id {snap['id']}), " if snap else "")
-              + f"bitmap {args.name} recording" + "".join(f", bitmap {b} disabled" for b in done["disabled"]))
+        print(
+            f"checkpoint {args.name}: "
+            + (f"snapshot {snap['name']} (id {snap['id']}), " if snap else "")
+            + f"bitmap {args.name} recording"
+            + "".join(f", bitmap {b} disabled" for b in done["disabled"])
+        )
     return 0
 
 
@@ -349,8 +395,11 @@ def cmd_check(args: argparse.Namespace) -> int:
         return _fail(f"{args.image}: {e.strerror}")
     if res.check_errors:
         # like qemu-img's "Check failed" (exit 1); the report itself still goes to stdout
-        print(f"qcowfs: {args.image}: check failed: {res.check_errors} internal errors (parts of the image "
-              f"could not be read, see the messages)", file=sys.stderr)
+        print(
+            f"qcowfs: {args.image}: check failed: {res.check_errors} internal errors (parts of the image "
+            f"could not be read, see the messages)",
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps(res.to_json(), indent=4))
     else:
@@ -370,60 +419,126 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    m = sub.add_parser("mount", help="mount IMAGE on MOUNTPOINT", description=(
-        "Mount a qcow2 image. Without --foreground the command returns once the mount is ready and the "
-        "daemon runs on (logging to syslog, or to --log FILE). The image is locked like QEMU locks it: "
-        "read-write mounts conflict with QEMU and other qcowfs writers."))
+    m = sub.add_parser(
+        "mount",
+        help="mount IMAGE on MOUNTPOINT",
+        description=(
+            "Mount a qcow2 image. Without --foreground the command returns once the mount is ready and the "
+            "daemon runs on (logging to syslog, or to --log FILE). The image is locked like QEMU locks it: "
+            "read-write mounts conflict with QEMU and other qcowfs writers."
+        ),
+    )
     m.add_argument("image", metavar="IMAGE", help="qcow2 image file")
     m.add_argument("mountpoint", metavar="MOUNTPOINT", help="existing empty directory")
-    m.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground (log to stderr unless --log)")
-    m.add_argument("--read-only", "-r", action="store_true", help="never modify the image; writes fail with EROFS")
+    m.add_argument(
+        "--foreground",
+        "-f",
+        action="store_true",
+        help="stay in the foreground (log to stderr unless --log)",
+    )
+    m.add_argument(
+        "--read-only",
+        "-r",
+        action="store_true",
+        help="never modify the image; writes fail with EROFS",
+    )
     m.add_argument("--log", metavar="FILE", help="append the daemon's log to FILE")
     m.add_argument("--debug", action="store_true", help="log debug messages")
-    m.add_argument("--backing", choices=BACKING_POLICIES, default="follow",
-                   help="which backing and external data files the image may open: follow (QEMU's "
-                   "behaviour, default), same-dir (regular files in the image's directory only), none")
-    m.add_argument("--bitmap-sync", choices=BITMAP_SYNC_MODES, default="close",
-                   help="close: QEMU's semantics (bitmaps in use while mounted, stored at unmount; a crash "
-                   "makes them inconsistent); intent: every recording bitmap valid on disk at every instant "
-                   "(a crash leaves it consistent, possibly coarser than the writes)")
-    m.add_argument("-o", dest="options", metavar="OPT[,OPT...]", action="append", default=[],
-                   help="mount options: ro, rw, allow_other, default_permissions (always on), uid=N, gid=N, "
-                   "umask=NNN (default 077: only the owner may open the disk), log=FILE, debug, foreground, "
-                   "backing=POLICY, bitmap_sync=MODE, io_threads=N (default 4; 0: one request at a time), "
-                   "offload=auto|always; "
-                   "mount(8)'s own (dev, suid, noauto, nofail, x-*, ...) are accepted")
+    m.add_argument(
+        "--backing",
+        choices=BACKING_POLICIES,
+        default="follow",
+        help="which backing and external data files the image may open: follow (QEMU's "
+        "behaviour, default), same-dir (regular files in the image's directory only), none",
+    )
+    m.add_argument(
+        "--bitmap-sync",
+        choices=BITMAP_SYNC_MODES,
+        default="close",
+        help="close: QEMU's semantics (bitmaps in use while mounted, stored at unmount; a crash "
+        "makes them inconsistent); intent: every recording bitmap valid on disk at every instant "
+        "(a crash leaves it consistent, possibly coarser than the writes)",
+    )
+    m.add_argument(
+        "-o",
+        dest="options",
+        metavar="OPT[,OPT...]",
+        action="append",
+        default=[],
+        help="mount options: ro, rw, allow_other, default_permissions (always on), uid=N, gid=N, "
+        "umask=NNN (default 077: only the owner may open the disk), log=FILE, debug, foreground, "
+        "backing=POLICY, bitmap_sync=MODE, io_threads=N (default 4; 0: one request at a time), "
+        "offload=auto|always; "
+        "mount(8)'s own (dev, suid, noauto, nofail, x-*, ...) are accepted",
+    )
     m.set_defaults(func=cmd_mount)
 
-    u = sub.add_parser("umount", help="unmount and wait until the daemon has finished", description=(
-        "Unmount a qcowfs mount and wait until its daemon has stored the dirty bitmaps and closed the "
-        "image. 'fusermount3 -u MOUNTPOINT' also unmounts cleanly but does not wait."))
+    u = sub.add_parser(
+        "umount",
+        help="unmount and wait until the daemon has finished",
+        description=(
+            "Unmount a qcowfs mount and wait until its daemon has stored the dirty bitmaps and closed the "
+            "image. 'fusermount3 -u MOUNTPOINT' also unmounts cleanly but does not wait."
+        ),
+    )
     u.add_argument("mountpoint", metavar="MOUNTPOINT")
-    u.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the daemon (default 300)")
+    u.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds to wait for the daemon (default 300)"
+    )
     u.set_defaults(func=cmd_umount)
 
-    i = sub.add_parser("info", help="show what qemu-img info shows", description=(
-        "Show an image's format version, virtual size, cluster size, features, backing file, bitmaps, "
-        "compression type and refcount width. Does not lock the image."))
+    i = sub.add_parser(
+        "info",
+        help="show what qemu-img info shows",
+        description=(
+            "Show an image's format version, virtual size, cluster size, features, backing file, bitmaps, "
+            "compression type and refcount width. Does not lock the image."
+        ),
+    )
     i.add_argument("image", metavar="IMAGE")
-    i.add_argument("--json", action="store_true", help="machine-readable output (qemu-img info's keys, "
-                   "plus resolved-chain: every backing and external data file, symlinks resolved)")
-    i.add_argument("--backing", choices=BACKING_POLICIES, default="follow",
-                   help="refuse images whose backing or data files this policy does not allow, as mount does")
+    i.add_argument(
+        "--json",
+        action="store_true",
+        help="machine-readable output (qemu-img info's keys, "
+        "plus resolved-chain: every backing and external data file, symlinks resolved)",
+    )
+    i.add_argument(
+        "--backing",
+        choices=BACKING_POLICIES,
+        default="follow",
+        help="refuse images whose backing or data files this policy does not allow, as mount does",
+    )
     i.set_defaults(func=cmd_info)
 
-    c = sub.add_parser("check", help="check (and repair) an image like qemu-img check", description=(
-        "Check an unmounted image's metadata: leaked clusters, refcount errors, COPIED flags, reserved bits, "
-        "references past the end of the file, bitmap tables; also bitmaps left in use by a crash. "
-        "Exit codes as qemu-img check: 0 clean, 2 corruptions, 3 leaks only (1 if the check itself failed)."))
+    c = sub.add_parser(
+        "check",
+        help="check (and repair) an image like qemu-img check",
+        description=(
+            "Check an unmounted image's metadata: leaked clusters, refcount errors, COPIED flags, reserved bits, "
+            "references past the end of the file, bitmap tables; also bitmaps left in use by a crash. "
+            "Exit codes as qemu-img check: 0 clean, 2 corruptions, 3 leaks only (1 if the check itself failed)."
+        ),
+    )
     c.add_argument("image", metavar="IMAGE")
-    c.add_argument("--repair", "-r", choices=("leaks", "all"), help="fix leaks, or leaks and refcount/COPIED errors")
-    c.add_argument("--json", action="store_true", help="machine-readable output (qemu-img check's keys)")
+    c.add_argument(
+        "--repair",
+        "-r",
+        choices=("leaks", "all"),
+        help="fix leaks, or leaks and refcount/COPIED errors",
+    )
+    c.add_argument(
+        "--json", action="store_true", help="machine-readable output (qemu-img check's keys)"
+    )
     c.set_defaults(func=cmd_check)
 
-    b = sub.add_parser("bitmap", help="list and change dirty bitmaps (offline image or live mount)", description=(
-        "Dirty bitmap commands, like 'qemu-img bitmap'. TARGET is an unmounted image (QEMU's locks are taken, "
-        "so an image in use is refused) or the mountpoint of a running qcowfs (the daemon does the work)."))
+    b = sub.add_parser(
+        "bitmap",
+        help="list and change dirty bitmaps (offline image or live mount)",
+        description=(
+            "Dirty bitmap commands, like 'qemu-img bitmap'. TARGET is an unmounted image (QEMU's locks are taken, "
+            "so an image in use is refused) or the mountpoint of a running qcowfs (the daemon does the work)."
+        ),
+    )
     bsub = b.add_subparsers(dest="op", metavar="OP")
     bsub.required = True
     bl = bsub.add_parser("list", help="name, granularity, dirty count, flags")
@@ -432,12 +547,25 @@ def build_parser() -> argparse.ArgumentParser:
     ba = bsub.add_parser("add", help="create a persistent bitmap (transient only on a live mount)")
     ba.add_argument("target", metavar="IMAGE|MOUNTPOINT")
     ba.add_argument("name", metavar="NAME")
-    ba.add_argument("--granularity", "-g", type=int, help="bytes per bit, a power of two from 512 to 2 GiB "
-                    "(default: cluster size clamped to 4 KiB..64 KiB)")
+    ba.add_argument(
+        "--granularity",
+        "-g",
+        type=int,
+        help="bytes per bit, a power of two from 512 to 2 GiB "
+        "(default: cluster size clamped to 4 KiB..64 KiB)",
+    )
     ba.add_argument("--disabled", action="store_true", help="create it not recording")
-    ba.add_argument("--transient", action="store_true", help="live mount only: keep it in memory, never store it")
-    for op, text in (("remove", "remove a bitmap and free its clusters"), ("clear", "reset every bit"),
-                     ("enable", "start recording writes"), ("disable", "stop recording writes")):
+    ba.add_argument(
+        "--transient",
+        action="store_true",
+        help="live mount only: keep it in memory, never store it",
+    )
+    for op, text in (
+        ("remove", "remove a bitmap and free its clusters"),
+        ("clear", "reset every bit"),
+        ("enable", "start recording writes"),
+        ("disable", "stop recording writes"),
+    ):
         bo = bsub.add_parser(op, help=text)
         bo.add_argument("target", metavar="IMAGE|MOUNTPOINT")
         bo.add_argument("name", metavar="NAME")
@@ -445,21 +573,35 @@ def build_parser() -> argparse.ArgumentParser:
     bm.add_argument("target", metavar="IMAGE|MOUNTPOINT")
     bm.add_argument("name", metavar="SRC")
     bm.add_argument("dst", metavar="DST")
-    be = bsub.add_parser("extents", help="dirty extents of a bitmap (unmounted image), like qemu-img map")
+    be = bsub.add_parser(
+        "extents", help="dirty extents of a bitmap (unmounted image), like qemu-img map"
+    )
     be.add_argument("target", metavar="IMAGE")
     be.add_argument("name", metavar="NAME")
     be.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bitmap)
 
-    k = sub.add_parser("checkpoint", help="snapshot + new bitmap (+ disable others) as one step, on a live mount",
-                       description=(
-        "On a running qcowfs mount, as one step with no guest write in between: take internal snapshot NAME, "
-        "create persistent recording bitmap NAME, disable each --disable BITMAP. All of it happens or none of "
-        "it; the command returns once all of it is on disk."))
+    k = sub.add_parser(
+        "checkpoint",
+        help="snapshot + new bitmap (+ disable others) as one step, on a live mount",
+        description=(
+            "On a running qcowfs mount, as one step with no guest write in between: take internal snapshot NAME, "
+            "create persistent recording bitmap NAME, disable each --disable BITMAP. All of it happens or none of "
+            "it; the command returns once all of it is on disk."
+        ),
+    )
     k.add_argument("mountpoint", metavar="MOUNTPOINT")
     k.add_argument("name", metavar="NAME")
-    k.add_argument("--disable", metavar="BITMAP", action="append", default=[], help="stop this bitmap (repeatable)")
-    k.add_argument("--no-snapshot", dest="snapshot", action="store_false", help="only the bitmaps, no snapshot")
+    k.add_argument(
+        "--disable",
+        metavar="BITMAP",
+        action="append",
+        default=[],
+        help="stop this bitmap (repeatable)",
+    )
+    k.add_argument(
+        "--no-snapshot", dest="snapshot", action="store_false", help="only the bitmaps, no snapshot"
+    )
     k.add_argument("--json", action="store_true", help="print what was done as JSON")
     k.set_defaults(func=cmd_checkpoint)
     return p

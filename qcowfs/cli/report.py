@@ -39,17 +39,29 @@ def format_info(info: dict) -> str:
             lines.append(f"backing file format: {info['backing-filename-format']}")
     if info.get("snapshots"):
         lines.append("Snapshot list:")
-        lines.append(f"{'ID':<10}{'TAG':<18}{'VM SIZE':>7}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}")
+        lines.append(
+            f"{'ID':<10}{'TAG':<18}{'VM SIZE':>7}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}"
+        )
         for s in info["snapshots"]:
             date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["date-sec"]))
             clock = s["vm-clock-sec"]
             vmc = f"{clock // 3600:02d}:{clock // 60 % 60:02d}:{clock % 60:02d}.{s['vm-clock-nsec'] // 1000000:03d}"
-            lines.append(f"{s['id']:<10}{s['name']:<18}{human_size(s['vm-state-size']):>7}{date:>20}{vmc:>13}"
-                         f"{s.get('icount', ''):>11}")
+            lines.append(
+                f"{s['id']:<10}{s['name']:<18}{human_size(s['vm-state-size']):>7}{date:>20}{vmc:>13}"
+                f"{s.get('icount', ''):>11}"
+            )
     lines.append("Format specific information:")
     lines.append(f"    compat: {d['compat']}")
     lines.append(f"    compression type: {d['compression-type']}")
-    for key in ("lazy-refcounts", "bitmaps", "refcount-bits", "corrupt", "extended-l2", "data-file", "data-file-raw"):
+    for key in (
+        "lazy-refcounts",
+        "bitmaps",
+        "refcount-bits",
+        "corrupt",
+        "extended-l2",
+        "data-file",
+        "data-file-raw",
+    ):
         if key == "bitmaps" and d.get("bitmaps"):
             lines.append("    bitmaps:")
             for n, bm in enumerate(d["bitmaps"]):
@@ -60,7 +72,9 @@ def format_info(info: dict) -> str:
                 lines.append(f"            granularity: {bm['granularity']}")
         elif key in d and key != "bitmaps":
             v = d[key]
-            lines.append(f"    {key.replace('-', ' ')}: {str(v).lower() if isinstance(v, bool) else v}")
+            lines.append(
+                f"    {key.replace('-', ' ')}: {str(v).lower() if isinstance(v, bool) else v}"
+            )
     f = d["features"]
     for kind in ("incompatible", "compatible", "autoclear"):
         lines.append(f"    {kind} features: {', '.join(f[kind]) or 'none'}")
@@ -68,8 +82,10 @@ def format_info(info: dict) -> str:
     if info["resolved-chain"]:
         lines.append("Files this image opens (resolved):")
         for c in info["resolved-chain"]:
-            lines.append(f"    {c['role']} of {c['named-by']}: {c['filename']} -> {c['resolved']} "
-                         f"({c['format']}, {c['type']})")
+            lines.append(
+                f"    {c['role']} of {c['named-by']}: {c['filename']} -> {c['resolved']} "
+                f"({c['format']}, {c['type']})"
+            )
     return "\n".join(lines)
 
 
@@ -77,25 +93,33 @@ def format_check(res: CheckResult) -> str:
     """qemu-img check's text layout."""
     lines = list(res.messages)
     if res.corruptions:
-        lines.append(f"\n{res.corruptions} errors were found on the image.\n"
-                     "Data may be corrupted, or further writes to the image may corrupt it.")
+        lines.append(
+            f"\n{res.corruptions} errors were found on the image.\n"
+            "Data may be corrupted, or further writes to the image may corrupt it."
+        )
     if res.leaks:
-        lines.append(f"\n{res.leaks} leaked clusters were found on the image.\n"
-                     "This means waste of disk space, but no harm to data.")
+        lines.append(
+            f"\n{res.leaks} leaked clusters were found on the image.\n"
+            "This means waste of disk space, but no harm to data."
+        )
     if res.check_errors:
         lines.append(f"\n{res.check_errors} internal errors have occurred during the check.")
     if res.leaks_fixed or res.corruptions_fixed:
-        lines.append(f"The following inconsistencies were found and repaired:\n\n"
-                     f"    {res.leaks_fixed} leaked clusters\n    {res.corruptions_fixed} corruptions\n")
+        lines.append(
+            f"The following inconsistencies were found and repaired:\n\n"
+            f"    {res.leaks_fixed} leaked clusters\n    {res.corruptions_fixed} corruptions\n"
+        )
     if not res.corruptions and not res.leaks and not res.check_errors:
         lines.append("No errors were found on the image.")
     for w in res.warnings:
         lines.append(f"Warning: {w}")
     if res.total_clusters and res.allocated_clusters:
         a = res.allocated_clusters
-        lines.append(f"{a}/{res.total_clusters} = {100.0 * a / res.total_clusters:.2f}% allocated, "
-                     f"{100.0 * res.fragmented_clusters / a:.2f}% fragmented, "
-                     f"{100.0 * res.compressed_clusters / a:.2f}% compressed clusters")
+        lines.append(
+            f"{a}/{res.total_clusters} = {100.0 * a / res.total_clusters:.2f}% allocated, "
+            f"{100.0 * res.fragmented_clusters / a:.2f}% fragmented, "
+            f"{100.0 * res.compressed_clusters / a:.2f}% compressed clusters"
+        )
     if res.image_end_offset:
         lines.append(f"Image end offset: {res.image_end_offset}")
     return "\n".join(lines)

@@ -32,9 +32,14 @@ POLICIES = ("follow", "same-dir", "none")
 
 
 def file_kind(mode: int) -> str:
-    for test, name in ((stat.S_ISREG, "regular file"), (stat.S_ISBLK, "block device"),
-                       (stat.S_ISCHR, "character device"), (stat.S_ISFIFO, "FIFO"),
-                       (stat.S_ISSOCK, "socket"), (stat.S_ISDIR, "directory")):
+    for test, name in (
+        (stat.S_ISREG, "regular file"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISDIR, "directory"),
+    ):
         if test(mode):
             return name
     return "special file"
@@ -48,8 +53,11 @@ def vet(owner: str, what: str, path: str, policy: str) -> None:
         raise ValueError(f"unknown backing policy {policy!r}")
     real = os.path.realpath(path)
     if policy == "none":
-        raise RefusedFile(f"the image needs {what} {path}, refused by --backing=none "
-                          "(--backing=same-dir or --backing=follow allows it)", owner)
+        raise RefusedFile(
+            f"the image needs {what} {path}, refused by --backing=none "
+            "(--backing=same-dir or --backing=follow allows it)",
+            owner,
+        )
     try:
         kind = file_kind(os.stat(real).st_mode)
     except OSError:
@@ -57,13 +65,26 @@ def vet(owner: str, what: str, path: str, policy: str) -> None:
     if policy == "same-dir":
         base = os.path.realpath(os.path.dirname(os.path.abspath(owner)))
         if os.path.commonpath([base, real]) != base:
-            raise RefusedFile(f"{what} {path} resolves to {real}, outside the image's directory {base}: "
-                              "refused by --backing=same-dir (--backing=follow allows it)", owner)
+            raise RefusedFile(
+                f"{what} {path} resolves to {real}, outside the image's directory {base}: "
+                "refused by --backing=same-dir (--backing=follow allows it)",
+                owner,
+            )
         if kind != "regular file":
-            raise RefusedFile(f"{what} {path} is a {kind}, not a regular file: refused by "
-                              "--backing=same-dir (--backing=follow allows it)", owner)
+            raise RefusedFile(
+                f"{what} {path} is a {kind}, not a regular file: refused by "
+                "--backing=same-dir (--backing=follow allows it)",
+                owner,
+            )
     if kind != "regular file":
-        log.warning("%s: opening %s %s, a %s (%s), as --backing=follow allows", owner, what, path, kind, real)
+        log.warning(
+            "%s: opening %s %s, a %s (%s), as --backing=follow allows",
+            owner,
+            what,
+            path,
+            kind,
+            real,
+        )
     else:
         log.info("%s: opening %s %s (%s)", owner, what, path, real)
 
@@ -90,8 +111,14 @@ def chain(image: OpenImage) -> list:
             out.append(_entry("external data file", level.path, data.path, "raw"))
         below = getattr(level, "backing", None)
         if below is not None:
-            out.append(_entry("backing file", level.path, below.path,
-                              "raw" if not hasattr(below, "header") else "qcow2"))
+            out.append(
+                _entry(
+                    "backing file",
+                    level.path,
+                    below.path,
+                    "raw" if not hasattr(below, "header") else "qcow2",
+                )
+            )
         level = below
     return out
 
@@ -102,7 +129,14 @@ def _entry(role: str, owner: str, path: str, fmt: str) -> dict:
         kind = file_kind(os.stat(real).st_mode)
     except OSError:
         kind = "missing"
-    return {"role": role, "named-by": owner, "filename": path, "resolved": real, "format": fmt, "type": kind}
+    return {
+        "role": role,
+        "named-by": owner,
+        "filename": path,
+        "resolved": real,
+        "format": fmt,
+        "type": kind,
+    }
 
 
 class RawImage:

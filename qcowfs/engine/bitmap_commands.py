@@ -47,12 +47,21 @@ def decode(value: bytes) -> dict:
     """Parse and check a command strictly: anything unexpected is EINVAL."""
     try:
         cmd = json.loads(value.decode())
-        ok = (isinstance(cmd, dict) and cmd.get("op") in LIVE_OPS and isinstance(cmd.get("name"), str)
-              and (cmd.get("granularity") is None or type(cmd["granularity"]) is int)
-              and (cmd["op"] != "merge" or isinstance(cmd.get("dst"), str))
-              and (cmd["op"] != "checkpoint" or (isinstance(cmd.get("disable", []), list)
-                                                and all(isinstance(b, str) for b in cmd.get("disable", []))
-                                                and isinstance(cmd.get("snapshot", True), bool))))
+        ok = (
+            isinstance(cmd, dict)
+            and cmd.get("op") in LIVE_OPS
+            and isinstance(cmd.get("name"), str)
+            and (cmd.get("granularity") is None or type(cmd["granularity"]) is int)
+            and (cmd["op"] != "merge" or isinstance(cmd.get("dst"), str))
+            and (
+                cmd["op"] != "checkpoint"
+                or (
+                    isinstance(cmd.get("disable", []), list)
+                    and all(isinstance(b, str) for b in cmd.get("disable", []))
+                    and isinstance(cmd.get("snapshot", True), bool)
+                )
+            )
+        )
     except (ValueError, UnicodeDecodeError):
         ok = False
     if not ok:
@@ -66,7 +75,9 @@ def extents_chunk(bm: DirtyBitmap, start: int) -> bytes:
     more = len(ext) > EXTENTS_PER_CALL
     ext = ext[:EXTENTS_PER_CALL]
     nxt = ext[-1][0] + ext[-1][1] if more else None
-    return json.dumps({"extents": [list(e) for e in ext], "next": nxt}, separators=(",", ":")).encode()
+    return json.dumps(
+        {"extents": [list(e) for e in ext], "next": nxt}, separators=(",", ":")
+    ).encode()
 
 
 def apply(store: BitmapStore, cmd: dict, *, live: bool) -> Optional[str]:
@@ -75,7 +86,12 @@ def apply(store: BitmapStore, cmd: dict, *, live: bool) -> Optional[str]:
     op, name = cmd["op"], cmd["name"]
     if op == "add":
         persistent = bool(cmd.get("persistent", True)) or not live
-        store.create(name, cmd.get("granularity"), persistent=persistent, enabled=bool(cmd.get("enabled", True)))
+        store.create(
+            name,
+            cmd.get("granularity"),
+            persistent=persistent,
+            enabled=bool(cmd.get("enabled", True)),
+        )
     elif op == "remove":
         store.remove(name)
         return name

@@ -45,7 +45,9 @@ def intent_range(g0: int, g1: int, granularity_bits: int, nbits: int) -> tuple[i
     return r0, min(r1, nbits)
 
 
-def write_bytes(file: HostFile, data_offsets: list, cluster_size: int, data: bytes, start: int) -> None:
+def write_bytes(
+    file: HostFile, data_offsets: list, cluster_size: int, data: bytes, start: int
+) -> None:
     """Write bitmap data bytes [start, start + len(data)) in place into the bitmap's data
     clusters (data_offsets[j] holds bytes [j * cluster_size, (j + 1) * cluster_size))."""
     pos = 0

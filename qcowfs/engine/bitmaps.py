@@ -112,7 +112,11 @@ class BitmapStore:
         ext = img.header.bitmaps_ext
         if ext is None:
             return []
-        off, size, nb = ext["bitmap_directory_offset"], ext["bitmap_directory_size"], ext["nb_bitmaps"]
+        off, size, nb = (
+            ext["bitmap_directory_offset"],
+            ext["bitmap_directory_size"],
+            ext["nb_bitmaps"],
+        )
         raw = img.file.pread(size, off)
         if len(raw) < size:
             raise FormatError("bitmap directory lies past the end of the file", img.path)
@@ -131,7 +135,9 @@ class BitmapStore:
             extra = bytes(raw[pos + fmt.BITMAP_DIR_ENTRY_HEADER_SIZE : nstart])
             self._check_entry(e, name_raw)
             if name_raw in names:
-                raise FormatError(f"duplicate bitmap name {name_raw!r} in the bitmap directory", img.path)
+                raise FormatError(
+                    f"duplicate bitmap name {name_raw!r} in the bitmap directory", img.path
+                )
             names.add(name_raw)
             entries.append((e, name_raw.decode("utf-8", "surrogateescape"), extra))
             pos += esize
@@ -149,7 +155,9 @@ class BitmapStore:
             or e.bitmap_table_offset == 0
             or e.bitmap_table_offset % cs
             or e.bitmap_table_size > fmt.BME_MAX_TABLE_SIZE
-            or not fmt.MIN_BITMAP_GRANULARITY_BITS <= e.granularity_bits <= fmt.MAX_BITMAP_GRANULARITY_BITS
+            or not fmt.MIN_BITMAP_GRANULARITY_BITS
+            <= e.granularity_bits
+            <= fmt.MAX_BITMAP_GRANULARITY_BITS
             or e.flags & fmt.BME_RESERVED_FLAGS
             or e.name_size == 0
             or e.name_size > fmt.MAX_BITMAP_NAME
@@ -171,8 +179,13 @@ class BitmapStore:
         entries = self._read_directory()
         for e, name, extra in entries:
             in_use = bool(e.flags & fmt.BME_FLAG_IN_USE)
-            bm = DirtyBitmap(name, 1 << e.granularity_bits, img.size, enabled=bool(e.flags & fmt.BME_FLAG_AUTO),
-                             inconsistent=in_use)
+            bm = DirtyBitmap(
+                name,
+                1 << e.granularity_bits,
+                img.size,
+                enabled=bool(e.flags & fmt.BME_FLAG_AUTO),
+                inconsistent=in_use,
+            )
             bm.disk_entry = (e.bitmap_table_offset, e.bitmap_table_size, e.flags, extra)
             if not in_use:
                 self._load_data(bm)
@@ -205,17 +218,23 @@ class BitmapStore:
         data = bytearray(tsize * cs)
         for j, e in enumerate(table):
             if e & fmt.BME_TABLE_ENTRY_RESERVED_MASK:
-                raise FormatError(f"bitmap {bm.name!r}: table entry {j} has reserved bits set", img.path)
+                raise FormatError(
+                    f"bitmap {bm.name!r}: table entry {j} has reserved bits set", img.path
+                )
             off = e & fmt.BME_TABLE_ENTRY_OFFSET_MASK
             if off == 0:
                 if e & fmt.BME_TABLE_ENTRY_FLAG_ALL_ONES:
                     data[j * cs : (j + 1) * cs] = b"\xff" * cs
                 continue
             if off % cs:
-                raise FormatError(f"bitmap {bm.name!r}: table entry {j} is not cluster aligned", img.path)
+                raise FormatError(
+                    f"bitmap {bm.name!r}: table entry {j} is not cluster aligned", img.path
+                )
             chunk = img.file.pread(cs, off)
             if len(chunk) < cs:
-                raise FormatError(f"bitmap {bm.name!r}: data cluster lies past the end of the file", img.path)
+                raise FormatError(
+                    f"bitmap {bm.name!r}: data cluster lies past the end of the file", img.path
+                )
             data[j * cs : (j + 1) * cs] = chunk
         bits = bitarray(endian="little")
         bits.frombytes(bytes(data[:nbytes]))
@@ -235,9 +254,17 @@ class BitmapStore:
             toff, tsize, flags, extra = bm.disk_entry
             flags = flags_for(bm, flags)
             name = bm.name.encode("utf-8", "surrogateescape")
-            out += fmt.BitmapDirEntryHeader.build(dict(
-                bitmap_table_offset=toff, bitmap_table_size=tsize, flags=flags, type=fmt.BITMAP_TYPE_DIRTY_TRACKING,
-                granularity_bits=bm.granularity_bits, name_size=len(name), extra_data_size=len(extra)))
+            out += fmt.BitmapDirEntryHeader.build(
+                dict(
+                    bitmap_table_offset=toff,
+                    bitmap_table_size=tsize,
+                    flags=flags,
+                    type=fmt.BITMAP_TYPE_DIRTY_TRACKING,
+                    granularity_bits=bm.granularity_bits,
+                    name_size=len(name),
+                    extra_data_size=len(extra),
+                )
+            )
             out += extra + name
             out += b"\0" * (align_up(len(out), 8) - len(out))
         return bytes(out)
@@ -271,10 +298,14 @@ class BitmapStore:
         cs = img.geo.cluster_size
         old = []
         if self.dir_offset:
-            old = list(range(self.dir_offset // cs, div_round_up(self.dir_offset + self.dir_size, cs)))
+            old = list(
+                range(self.dir_offset // cs, div_round_up(self.dir_offset + self.dir_size, cs))
+            )
         entries = self._on_disk()
         if len(entries) > fmt.MAX_BITMAPS:
-            raise BitmapError(f"an image holds at most {fmt.MAX_BITMAPS} bitmaps", img.path, errno.ENOSPC)
+            raise BitmapError(
+                f"an image holds at most {fmt.MAX_BITMAPS} bitmaps", img.path, errno.ENOSPC
+            )
 
         def flags_for(bm: DirtyBitmap, f: int) -> int:
             if bm in clear_in_use_for:
@@ -283,14 +314,20 @@ class BitmapStore:
 
         data = self._entries_bytes(flags_for)
         if len(data) > fmt.MAX_BITMAP_DIRECTORY_SIZE:
-            raise BitmapError("bitmap directory would exceed QEMU's size limit", img.path, errno.ENOSPC)
+            raise BitmapError(
+                "bitmap directory would exceed QEMU's size limit", img.path, errno.ENOSPC
+            )
         if entries:
             nclusters = div_round_up(len(data), cs)
             off = img.refcounts.allocate(nclusters)
             img.file.pwrite(data + bytes(nclusters * cs - len(data)), off)
             img.flush_metadata()  # refcounts for the new directory, and the directory itself
             img.file.flush()
-            h.bitmaps_ext = dict(nb_bitmaps=len(entries), bitmap_directory_size=len(data), bitmap_directory_offset=off)
+            h.bitmaps_ext = dict(
+                nb_bitmaps=len(entries),
+                bitmap_directory_size=len(data),
+                bitmap_directory_offset=off,
+            )
             h.autoclear_features |= fmt.AUTOCLEAR_BITMAPS
             self.dir_offset, self.dir_size = off, len(data)
         else:
@@ -328,7 +365,11 @@ class BitmapStore:
     # ------------------------------------------------------------------ commands
     def _writable(self) -> None:
         if self.image.read_only:
-            raise BitmapError("image is mounted read-only: bitmap commands are refused", self.image.path, errno.EROFS)
+            raise BitmapError(
+                "image is mounted read-only: bitmap commands are refused",
+                self.image.path,
+                errno.EROFS,
+            )
 
     def get(self, name: str) -> DirtyBitmap:
         bm = self.bitmaps.get(name)
@@ -339,14 +380,26 @@ class BitmapStore:
     def _usable(self, name: str) -> DirtyBitmap:
         bm = self.get(name)
         if bm.inconsistent:
-            log.error("%s: bitmap %r is inconsistent (in use at the last close: crash?); "
-                      "it refuses every command: remove it (rm .bitmaps/%s) and create a new one",
-                      self.image.path, name, name)
-            raise BitmapError(f"bitmap {name!r} is inconsistent; remove it", self.image.path, errno.EBUSY)
+            log.error(
+                "%s: bitmap %r is inconsistent (in use at the last close: crash?); "
+                "it refuses every command: remove it (rm .bitmaps/%s) and create a new one",
+                self.image.path,
+                name,
+                name,
+            )
+            raise BitmapError(
+                f"bitmap {name!r} is inconsistent; remove it", self.image.path, errno.EBUSY
+            )
         return bm
 
-    def create(self, name: str, granularity: Optional[int] = None, *, persistent: bool = True,
-               enabled: bool = True) -> DirtyBitmap:
+    def create(
+        self,
+        name: str,
+        granularity: Optional[int] = None,
+        *,
+        persistent: bool = True,
+        enabled: bool = True,
+    ) -> DirtyBitmap:
         self._writable()
         img = self.image
         validate_name(name)
@@ -356,13 +409,25 @@ class BitmapStore:
             granularity = default_granularity(img.geo.cluster_size)
         lo, hi = 1 << fmt.MIN_BITMAP_GRANULARITY_BITS, 1 << fmt.MAX_BITMAP_GRANULARITY_BITS
         if granularity & (granularity - 1) or not lo <= granularity <= hi:
-            raise BitmapError(f"granularity {granularity} is not a power of two between 512 B and 2 GiB", img.path, errno.EINVAL)
+            raise BitmapError(
+                f"granularity {granularity} is not a power of two between 512 B and 2 GiB",
+                img.path,
+                errno.EINVAL,
+            )
         if persistent and not img.geo.v3:
-            log.error("%s: cannot create persistent bitmap %r: a version 2 (compat=0.10) image cannot hold "
-                      "bitmaps; upgrade it with qemu-img amend -o compat=1.1", img.path, name)
-            raise BitmapError("version 2 images cannot hold persistent bitmaps", img.path, errno.EOPNOTSUPP)
+            log.error(
+                "%s: cannot create persistent bitmap %r: a version 2 (compat=0.10) image cannot hold "
+                "bitmaps; upgrade it with qemu-img amend -o compat=1.1",
+                img.path,
+                name,
+            )
+            raise BitmapError(
+                "version 2 images cannot hold persistent bitmaps", img.path, errno.EOPNOTSUPP
+            )
         if persistent and len(self._on_disk()) >= fmt.MAX_BITMAPS:
-            raise BitmapError(f"an image holds at most {fmt.MAX_BITMAPS} bitmaps", img.path, errno.ENOSPC)
+            raise BitmapError(
+                f"an image holds at most {fmt.MAX_BITMAPS} bitmaps", img.path, errno.ENOSPC
+            )
         bm = DirtyBitmap(name, granularity, img.size, persistent=persistent, enabled=enabled)
         if persistent:
             # Write the entry now, with an all-zero table of the right size: a crash leaves a
@@ -373,7 +438,9 @@ class BitmapStore:
             tclusters = div_round_up(tsize * 8, img.geo.cluster_size)
             toff = img.refcounts.allocate(tclusters)
             img.file.pwrite(bytes(tclusters * img.geo.cluster_size), toff)
-            flags = (0 if self.intent else fmt.BME_FLAG_IN_USE) | (fmt.BME_FLAG_AUTO if enabled else 0)
+            flags = (0 if self.intent else fmt.BME_FLAG_IN_USE) | (
+                fmt.BME_FLAG_AUTO if enabled else 0
+            )
             bm.disk_entry = (toff, tsize, flags, b"")
             self.bitmaps[name] = bm
             try:
@@ -494,12 +561,19 @@ class BitmapStore:
             g0 = offset >> gb
             g1 = ((offset + length - 1) >> gb) + 1
             durable = bm.durable
-            if durable.find(0, g0, g1) < 0:  # type: ignore[union-attr]
+            assert durable is not None  # every bitmap in self.intents has its durable copy
+            if durable.find(0, g0, g1) < 0:
                 continue
             r0, r1 = intent_range(g0, g1, gb, bm.nbits)
-            durable[r0:r1] = 1  # type: ignore[index]
+            durable[r0:r1] = 1
             b0, b1 = r0 >> 3, (r1 + 7) >> 3
-            write_bytes(img.file, bm.data_offsets, img.geo.cluster_size, durable[b0 << 3 : b1 << 3].tobytes(), b0)  # type: ignore[index]
+            write_bytes(
+                img.file,
+                bm.data_offsets,
+                img.geo.cluster_size,
+                durable[b0 << 3 : b1 << 3].tobytes(),
+                b0,
+            )
             synced = True
         if synced:
             img.file.flush()
@@ -534,7 +608,9 @@ class BitmapStore:
             if all_clusters:
                 dirty_idx = list(range(tsize))
             else:
-                dirty_idx = [j for j in range(tsize) if bm.bits[j * cs * 8 : (j + 1) * cs * 8].any()]
+                dirty_idx = [
+                    j for j in range(tsize) if bm.bits[j * cs * 8 : (j + 1) * cs * 8].any()
+                ]
             table = array("Q", bytes(tsize * 8))
             if dirty_idx:
                 base = img.refcounts.allocate(len(dirty_idx))

@@ -34,8 +34,14 @@ UNALLOCATED, ZERO, DATA, COMPRESSED = 0, 1, 2, 3
 class ClusterMap:
     """What one L1 table maps: the active disk's (ActiveMap) or a snapshot's."""
 
-    def __init__(self, geo: Geometry, l1: array, cache: L2Cache, size: int,
-                 corrupt: Callable[[str], CorruptImage]):
+    def __init__(
+        self,
+        geo: Geometry,
+        l1: array,
+        cache: L2Cache,
+        size: int,
+        corrupt: Callable[[str], CorruptImage],
+    ):
         self.geo = geo
         self.l1 = l1
         self.cache = cache
@@ -96,9 +102,13 @@ class ClusterMap:
         alloc = bm & _ALL_ALLOC
         zero = bm >> 32
         if alloc & zero:
-            raise self.corrupt(f"extended L2 entry for guest cluster {ci} marks a subcluster both allocated and zero")
+            raise self.corrupt(
+                f"extended L2 entry for guest cluster {ci} marks a subcluster both allocated and zero"
+            )
         if alloc and off == 0 and not (self.geo.has_data_file and e & _COPIED):
-            raise self.corrupt(f"extended L2 entry for guest cluster {ci} has allocated subclusters but no offset")
+            raise self.corrupt(
+                f"extended L2 entry for guest cluster {ci} has allocated subclusters but no offset"
+            )
         bit = 1 << sc
         kind = DATA if alloc & bit else ZERO if zero & bit else UNALLOCATED
         # extend over following subclusters of the same kind
@@ -144,12 +154,18 @@ class ClusterMap:
         return n
 
 
-
 class ActiveMap(ClusterMap):
     """The active disk's mapping, and what its writes change until the next flush."""
 
-    def __init__(self, geo: Geometry, l1: array, cache: L2Cache, size: int,
-                 corrupt: Callable[[str], CorruptImage], refcounts: Refcounts):
+    def __init__(
+        self,
+        geo: Geometry,
+        l1: array,
+        cache: L2Cache,
+        size: int,
+        corrupt: Callable[[str], CorruptImage],
+        refcounts: Refcounts,
+    ):
         super().__init__(geo, l1, cache, size, corrupt)
         self.refcounts = refcounts
         #: L1 indexes whose entries changed in memory

@@ -65,6 +65,7 @@ if TYPE_CHECKING:
         @property
         def l2(self) -> L2Cache: ...
 
+
 log = logging.getLogger(__name__)
 
 #: bits 9-63 of a refcount table entry (QEMU's REFT_OFFSET_MASK)
@@ -124,7 +125,12 @@ class CheckResult:
 class Checker:
     """One pass over an open Qcow2Image (read-only or writable for repair)."""
 
-    def __init__(self, img: CheckedImage, progress: Optional[Callable[[float], None]] = None, repair: Optional[str] = None):
+    def __init__(
+        self,
+        img: CheckedImage,
+        progress: Optional[Callable[[float], None]] = None,
+        repair: Optional[str] = None,
+    ):
         self.img = img
         #: 'all': fix what QEMU fixes during the walk itself (an unaligned zero-allocated entry
         #: becomes a plain zero entry), counted in res.corruptions_fixed
@@ -156,15 +162,19 @@ class Checker:
         if length <= 0:
             return True
         if offset + length - self.file_size >= self.cs:
-            self.corruption(f"{what} at offset 0x{offset:x} (0x{length:x} bytes) runs past the end of the file "
-                            f"(0x{self.file_size:x}) by a cluster or more")
+            self.corruption(
+                f"{what} at offset 0x{offset:x} (0x{length:x} bytes) runs past the end of the file "
+                f"(0x{self.file_size:x}) by a cluster or more"
+            )
             return False
         counts = self.counts
         for c in range(offset >> self.cb, ((offset + length - 1) >> self.cb) + 1):
             n = counts[c]
             if n >= self.max_refcount:
-                self.corruption(f"{what}: reference count of cluster {c} overflows "
-                                f"{self.img.header.refcount_bits}-bit refcounts")
+                self.corruption(
+                    f"{what}: reference count of cluster {c} overflows "
+                    f"{self.img.header.refcount_bits}-bit refcounts"
+                )
                 continue
             counts[c] = n + 1
         return True
@@ -183,6 +193,7 @@ class Checker:
         total = sum(n for _, n, _ in l1s) or 1
         done = 0
         for l1_off, l1_size, active in l1s:
+
             def tick(k: int, base: int = done) -> None:
                 self._tick((base + k) / total)
 
@@ -226,7 +237,9 @@ class Checker:
             id_len, name_len = struct.unpack_from(">HH", hdr, 12)
             extra = struct.unpack_from(">I", hdr, 36)[0]
             if l1_off % self.cs:
-                self.corruption(f"snapshot {i}: L1 table offset 0x{l1_off:x} is not cluster aligned")
+                self.corruption(
+                    f"snapshot {i}: L1 table offset 0x{l1_off:x} is not cluster aligned"
+                )
             elif l1_size * 8 > fmt.MAX_L1_SIZE:
                 self.corruption(f"snapshot {i}: L1 table is too large ({l1_size} entries)")
             else:
@@ -235,7 +248,9 @@ class Checker:
         self.snapshots_size = pos - h.snapshots_offset
         return out
 
-    def _check_l1(self, l1_off: int, l1_size: int, active: bool, tick: Callable[[int], None]) -> None:
+    def _check_l1(
+        self, l1_off: int, l1_size: int, active: bool, tick: Callable[[int], None]
+    ) -> None:
         """QEMU's check_refcounts_l1(): a damaged L1 entry is reported and still followed."""
         img = self.img
 
@@ -247,7 +262,11 @@ class Checker:
             self.res.check_errors += 1
             self.res.messages.append(f"ERROR cannot read the L1 table at 0x{l1_off:x}")
             return
-        l1 = img.active.l1 if active else be_array(img.file.pread(l1_size * 8, l1_off).ljust(l1_size * 8, b"\0"))
+        l1 = (
+            img.active.l1
+            if active
+            else be_array(img.file.pread(l1_size * 8, l1_off).ljust(l1_size * 8, b"\0"))
+        )
         for i, e in enumerate(l1):
             if i % 64 == 0:
                 tick(i)
@@ -284,38 +303,52 @@ class Checker:
             idx = k // step
             if e & fmt.QCOW_OFLAG_COMPRESSED:
                 if e & fmt.QCOW_OFLAG_COPIED:
-                    self.corruption(f"compressed L2 entry {idx} in table 0x{l2_off:x} has COPIED set")
+                    self.corruption(
+                        f"compressed L2 entry {idx} in table 0x{l2_off:x} has COPIED set"
+                    )
                     e &= ~fmt.QCOW_OFLAG_COPIED
                 if data_file:
-                    self.corruption(f"compressed L2 entry {idx} in table 0x{l2_off:x} in an image with "
-                                    f"an external data file")
+                    self.corruption(
+                        f"compressed L2 entry {idx} in table 0x{l2_off:x} in an image with "
+                        f"an external data file"
+                    )
                     continue
                 if bm:
-                    self.corruption(f"compressed extended L2 entry {idx} in table 0x{l2_off:x} has a subcluster bitmap")
+                    self.corruption(
+                        f"compressed extended L2 entry {idx} in table 0x{l2_off:x} has a subcluster bitmap"
+                    )
                     continue
                 off, nsec = compressed_descriptor(e, self.cb)
                 self.ref(off, nsec * 512 - (off & 511), "compressed cluster")
                 if active:
                     res.allocated_clusters += 1
                     res.compressed_clusters += 1
-                    res.fragmented_clusters += 1  # QEMU: compressed clusters are fragmented by nature
+                    res.fragmented_clusters += (
+                        1  # QEMU: compressed clusters are fragmented by nature
+                    )
                 continue
             if e & fmt.L2E_RESERVED_MASK:
                 # a corruption, but the entry still holds its cluster (QEMU goes on with it)
-                self.corruption(f"L2 entry {idx} in table 0x{l2_off:x} has reserved bits set (0x{e:x})")
+                self.corruption(
+                    f"L2 entry {idx} in table 0x{l2_off:x} has reserved bits set (0x{e:x})"
+                )
             off = e & fmt.OFFSET_MASK
             # QEMU's qcow2_get_cluster_type(): with extended L2 bit 0 means nothing (the
             # subcluster bitmap says what reads as zero), so it is not checked either
             if not off and not (data_file and e & fmt.QCOW_OFLAG_COPIED):
                 # unallocated or zero-plain
                 if bm & 0xFFFFFFFF:
-                    self.corruption(f"extended L2 entry {idx} in table 0x{l2_off:x} has allocated "
-                                    f"subclusters but no offset")
+                    self.corruption(
+                        f"extended L2 entry {idx} in table 0x{l2_off:x} has allocated "
+                        f"subclusters but no offset"
+                    )
                 continue
             # normal or zero-allocated: holds a host cluster
             if bm & (bm >> 32) & 0xFFFFFFFF:
-                self.corruption(f"extended L2 entry {idx} in table 0x{l2_off:x} marks subclusters "
-                                f"both allocated and zero")
+                self.corruption(
+                    f"extended L2 entry {idx} in table 0x{l2_off:x} marks subclusters "
+                    f"both allocated and zero"
+                )
             if off % cs:
                 if ext:
                     has_data = bool(bm & 0xFFFFFFFF)
@@ -326,7 +359,9 @@ class Checker:
                     # offset becomes a plain zero cluster; its cluster is then not counted
                     self._zero_entry(l2_off, k, ext, bm)
                     continue
-                self.corruption(f"cluster offset 0x{off:x} (L2 entry {idx} in table 0x{l2_off:x}) is not cluster aligned")
+                self.corruption(
+                    f"cluster offset 0x{off:x} (L2 entry {idx} in table 0x{l2_off:x}) is not cluster aligned"
+                )
             if active:
                 res.allocated_clusters += 1
                 if next_contiguous and off != next_contiguous:
@@ -348,8 +383,10 @@ class Checker:
         img.l2.clear()
         self.res.corruptions_fixed += 1
         if len(self.res.messages) < 1000:
-            self.res.messages.append(f"Repairing L2 entry {k // (2 if ext else 1)} in table 0x{l2_off:x}: "
-                                     f"unaligned preallocated zero cluster made a plain zero cluster")
+            self.res.messages.append(
+                f"Repairing L2 entry {k // (2 if ext else 1)} in table 0x{l2_off:x}: "
+                f"unaligned preallocated zero cluster made a plain zero cluster"
+            )
 
     def _check_refcount_blocks(self) -> None:
         """QEMU's check_refblocks(): after every other reference is counted, each refcount block
@@ -374,8 +411,10 @@ class Checker:
             if off:
                 self.ref(off, self.cs, f"refcount block {bi}")
                 if self.counts[c] != 1:
-                    self.corruption(f"refcount block {bi} at 0x{off:x} refcount={self.counts[c]} "
-                                    f"(referenced by something else too)")
+                    self.corruption(
+                        f"refcount block {bi} at 0x{off:x} refcount={self.counts[c]} "
+                        f"(referenced by something else too)"
+                    )
                     self.rebuild = True
 
     def _check_bitmaps(self) -> None:
@@ -385,7 +424,8 @@ class Checker:
             self.res.warnings.append(
                 "bitmaps extension present but its autoclear bit is clear (a program without bitmap support "
                 "wrote the image): the bitmaps are not trustworthy; opening the image read-write drops them "
-                "(their clusters become leaks): run 'qcowfs check --repair=all IMAGE' or mount it read-write once")
+                "(their clusters become leaks): run 'qcowfs check --repair=all IMAGE' or mount it read-write once"
+            )
             return
         ext = h.bitmaps_ext
         if not ext:
@@ -404,7 +444,8 @@ class Checker:
                 self.res.warnings.append(
                     f"bitmap {name!r} is in use (inconsistent: the image was not closed cleanly while it was loaded); "
                     f"its contents cannot be trusted: remove it with 'qcowfs bitmap remove IMAGE {name}' "
-                    f"(or rm MOUNTPOINT/.bitmaps/{name}) and recreate it")
+                    f"(or rm MOUNTPOINT/.bitmaps/{name}) and recreate it"
+                )
             toff, tsize = entry.bitmap_table_offset, entry.bitmap_table_size
             if not self.ref(toff, tsize * 8, f"bitmap {name!r} table"):
                 continue
@@ -418,7 +459,9 @@ class Checker:
                 if not doff:
                     continue
                 if te & fmt.BME_TABLE_ENTRY_FLAG_ALL_ONES:
-                    self.corruption(f"bitmap {name!r}: table entry {j} has both an offset and the all-ones flag")
+                    self.corruption(
+                        f"bitmap {name!r}: table entry {j} has both an offset and the all-ones flag"
+                    )
                     continue
                 if doff % self.cs:
                     self.corruption(f"bitmap {name!r}: table entry {j} is not cluster aligned")
@@ -478,8 +521,10 @@ class Checker:
                 # QEMU: "Can't get refcount for cluster N", a check error for each cluster
                 self.res.check_errors += n
                 if len(self.res.messages) < 1000:
-                    self.res.messages.append(f"ERROR cannot read the refcounts of clusters {base}-{base + n - 1}: "
-                                             f"refcount block {bi} is {blk}")
+                    self.res.messages.append(
+                        f"ERROR cannot read the refcounts of clusters {base}-{base + n - 1}: "
+                        f"refcount block {bi} is {blk}"
+                    )
                 continue
             for i in range(n):
                 c = base + i
@@ -493,7 +538,9 @@ class Checker:
                     self.res.leaks += 1
                     self.leaked.append((c, stored, want))
                     if len(self.res.messages) < 1000:
-                        self.res.messages.append(f"Leaked cluster {c} refcount={stored} reference={want}")
+                        self.res.messages.append(
+                            f"Leaked cluster {c} refcount={stored} reference={want}"
+                        )
                 else:
                     if stored == 0:
                         self.rebuild = True
@@ -522,4 +569,6 @@ class Checker:
             if bool(e & fmt.QCOW_OFLAG_COPIED) != want_copied:
                 self.copied_wrong.append((table_off, idx, e, is_l1, data_file))
                 what = "L2 table" if is_l1 else "cluster"
-                self.corruption(f"OFLAG_COPIED {what}: offset=0x{e & fmt.OFFSET_MASK:x} refcount={stored}")
+                self.corruption(
+                    f"OFLAG_COPIED {what}: offset=0x{e & fmt.OFFSET_MASK:x} refcount={stored}"
+                )

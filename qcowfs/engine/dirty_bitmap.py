@@ -34,7 +34,9 @@ def validate_name(name: str) -> bytes:
     if not raw:
         raise BitmapError("bitmap name is empty", err=errno.EINVAL)
     if len(raw) > fmt.MAX_BITMAP_NAME:
-        raise BitmapError(f"bitmap name is longer than {fmt.MAX_BITMAP_NAME} bytes", err=errno.ENAMETOOLONG)
+        raise BitmapError(
+            f"bitmap name is longer than {fmt.MAX_BITMAP_NAME} bytes", err=errno.ENAMETOOLONG
+        )
     if b"/" in raw or b"\0" in raw:
         raise BitmapError("bitmap name contains '/' or NUL", err=errno.EINVAL)
     return raw
@@ -43,8 +45,16 @@ def validate_name(name: str) -> bytes:
 class DirtyBitmap:
     """One dirty bitmap in memory: one bit per granule, nothing per write."""
 
-    def __init__(self, name: str, granularity: int, size: int, *, persistent: bool = True,
-                 enabled: bool = True, inconsistent: bool = False):
+    def __init__(
+        self,
+        name: str,
+        granularity: int,
+        size: int,
+        *,
+        persistent: bool = True,
+        enabled: bool = True,
+        inconsistent: bool = False,
+    ):
         self.name = name
         self.granularity = granularity
         self.granularity_bits = granularity.bit_length() - 1
@@ -53,7 +63,9 @@ class DirtyBitmap:
         self.enabled = enabled
         self.inconsistent = inconsistent
         self.nbits = div_round_up(size, granularity)
-        self.bits: Optional[bitarray] = None if inconsistent else bitarray(self.nbits, endian="little")
+        self.bits: Optional[bitarray] = (
+            None if inconsistent else bitarray(self.nbits, endian="little")
+        )
         if self.bits is not None:
             self.bits.setall(0)
         #: the entry this bitmap has in the on-disk directory: (table_offset, table_size, flags, extra)
@@ -87,7 +99,9 @@ class DirtyBitmap:
         """The bits of a consistent bitmap (an inconsistent one has none: BitmapStore._usable
         refuses it before this is reached)."""
         if self.bits is None:
-            raise BitmapError(f"bitmap {self.name!r} is inconsistent: it has no usable bits", err=errno.EBUSY)
+            raise BitmapError(
+                f"bitmap {self.name!r} is inconsistent: it has no usable bits", err=errno.EBUSY
+            )
         return self.bits
 
     def count(self) -> int:
@@ -107,8 +121,10 @@ class DirtyBitmap:
             "crash-safe": self.durable is not None,
         }
         if self.inconsistent:
-            d["hint"] = (f"bitmap was in use when the image was last closed (crash?): its contents cannot be trusted; "
-                         f"remove it (rm .bitmaps/{self.name}) and create a new one, then take a full backup")
+            d["hint"] = (
+                f"bitmap was in use when the image was last closed (crash?): its contents cannot be trusted; "
+                f"remove it (rm .bitmaps/{self.name}) and create a new one, then take a full backup"
+            )
         return d
 
     def extents(self, start: int = 0, limit: int = 0) -> list:

@@ -121,7 +121,9 @@ class Disk:
             raise ReadOnlyImage("image is mounted read-only: no checkpoint", self.image.path)
         # everything that can be refused is refused before anything is written
         if name in store.bitmaps:
-            raise BitmapError(f"a bitmap named {name!r} already exists", self.image.path, errno.EEXIST)
+            raise BitmapError(
+                f"a bitmap named {name!r} already exists", self.image.path, errno.EEXIST
+            )
         for b in disable:
             store.usable(b)
         if snapshot:
@@ -143,11 +145,17 @@ class Disk:
             for undo in reversed(done):
                 try:
                     undo()
-                except Exception as e:  # keep undoing the rest; the first error is what the user sees
+                except (
+                    Exception
+                ) as e:  # keep undoing the rest; the first error is what the user sees
                     log.error("%s: undoing a failed checkpoint %r: %s", self.image.path, name, e)
             raise
-        return {"checkpoint": name, "snapshot": snap.info() if snap is not None else None,
-                "bitmap": name, "disabled": list(disable)}
+        return {
+            "checkpoint": name,
+            "snapshot": snap.info() if snap is not None else None,
+            "bitmap": name,
+            "disabled": list(disable),
+        }
 
     def flush(self) -> None:
         self.image.flush()

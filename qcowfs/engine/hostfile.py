@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from typing_extensions import Buffer
 
 #: larger than any file Linux allows (MAX_LFS_FILESIZE is 2**63 - 1)
-_MAX_OFFSET = (1 << 62)
+_MAX_OFFSET = 1 << 62
 
 # fallocate(2) with a mode (os has posix_fallocate only): FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 _PUNCH_KEEP = 0x02 | 0x01

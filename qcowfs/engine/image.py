@@ -31,7 +31,15 @@ import logging
 import os
 from typing import Any, Callable, Optional
 
-from ..errors import CorruptImage, FormatError, QcowError, ReadOnlyImage, UnsupportedFeature, WriteBeyondEnd, with_path
+from ..errors import (
+    CorruptImage,
+    FormatError,
+    QcowError,
+    ReadOnlyImage,
+    UnsupportedFeature,
+    WriteBeyondEnd,
+    with_path,
+)
 from ..format import header as fmt
 from ..format.entries import be_array
 from .backing import RawImage, probe_format
@@ -51,8 +59,10 @@ log = logging.getLogger(__name__)
 MAX_BACKING_DEPTH = 64
 HEADER_INCOMPATIBLE_FEATURES = fmt.HEADER_FIELD_OFFSETS["incompatible_features"]
 
-def open_backing(name: str, fmt_name: Optional[str], chain: tuple, depth: int,
-                 policy: str = "follow") -> Qcow2Image | RawImage:
+
+def open_backing(
+    name: str, fmt_name: Optional[str], chain: tuple, depth: int, policy: str = "follow"
+) -> Qcow2Image | RawImage:
     real = os.path.realpath(name)
     if real in chain:
         raise FormatError(f"backing chain loops back to {name}")
@@ -64,16 +74,26 @@ def open_backing(name: str, fmt_name: Optional[str], chain: tuple, depth: int,
     if kind == "raw":
         return RawImage(name)
     if kind == "qcow2":
-        return Qcow2Image(name, read_only=True, _chain=chain + (real,), _depth=depth, backing_policy=policy)
+        return Qcow2Image(
+            name, read_only=True, _chain=chain + (real,), _depth=depth, backing_policy=policy
+        )
     raise UnsupportedFeature(f"backing file {name} has format {kind!r}; qcowfs reads qcow2 and raw")
 
 
 class Qcow2Image:
     """One qcow2 image (and, below it, its backing chain)."""
 
-    def __init__(self, path: str, read_only: bool = True, *, _chain: tuple = (), _depth: int = 0,
-                 cache_bytes: int = 32 << 20, file_factory: Callable[..., HostFile] = HostFile,
-                 backing_policy: str = "follow"):
+    def __init__(
+        self,
+        path: str,
+        read_only: bool = True,
+        *,
+        _chain: tuple = (),
+        _depth: int = 0,
+        cache_bytes: int = 32 << 20,
+        file_factory: Callable[..., HostFile] = HostFile,
+        backing_policy: str = "follow",
+    ):
         self.path = path
         self.read_only = read_only
         #: which backing and external data files this image may open (backing.py)
@@ -107,15 +127,20 @@ class Qcow2Image:
             raise with_path(e, self.path) from None
         self.header = h
         if h.corrupt and not self.read_only:
-            raise FormatError("image is marked corrupt; mount it with --read-only, or repair it "
-                              "(qemu-img check -r all)", self.path)
+            raise FormatError(
+                "image is marked corrupt; mount it with --read-only, or repair it "
+                "(qemu-img check -r all)",
+                self.path,
+            )
         self.geo = geo = Geometry.from_header(h)
         self.refcounts = Refcounts(self.file, h, self._write_header_bytes)
         # L1 table
         raw = self.file.pread(h.l1_size * 8, h.l1_table_offset) if h.l1_size else b""
         if len(raw) < h.l1_size * 8:
             raise FormatError("L1 table lies past the end of the file", self.path)
-        self.l2 = L2Cache(self.file, geo.cluster_size, max(16, cache_bytes // geo.cluster_size), self.corrupt)
+        self.l2 = L2Cache(
+            self.file, geo.cluster_size, max(16, cache_bytes // geo.cluster_size), self.corrupt
+        )
         self.l2.write_back = self.flush_metadata  # a dirty table's dependencies go first
         self.l2.after_evict = self.refcounts.drop_clean_cache
         self.active = ActiveMap(geo, be_array(raw), self.l2, h.size, self.corrupt, self.refcounts)
@@ -132,7 +157,9 @@ class Qcow2Image:
                 name = os.path.join(base_dir, name)
             vet_named_file(self.path, "backing file", name, self.backing_policy)
             try:
-                self.backing = open_backing(name, h.backing_format, chain, depth + 1, self.backing_policy)
+                self.backing = open_backing(
+                    name, h.backing_format, chain, depth + 1, self.backing_policy
+                )
             except QcowError as e:
                 if e.path is None:
                     raise with_path(e, self.path) from None
@@ -146,8 +173,15 @@ class Qcow2Image:
                 raise FormatError(f"external data file {h.data_file} not found", self.path)
             self.data_file = self.file_factory(name, writable=not self.read_only)
         self.reader = Reader(self.active, self.file, self.data_file, self.backing)
-        self.writer = Writer(self.active, self.reader, self.refcounts, self.file, self.data_file, self.inflight,
-                             self.mark_corrupt)
+        self.writer = Writer(
+            self.active,
+            self.reader,
+            self.refcounts,
+            self.file,
+            self.data_file,
+            self.inflight,
+            self.mark_corrupt,
+        )
         self.backing_size = self.reader.backing_size
         # the hot paths, bound once
         self.read = self.reader.read
@@ -171,8 +205,10 @@ class Qcow2Image:
         self._check_writable()
         length = len(data)
         if offset + length > self.active.size:
-            raise WriteBeyondEnd(f"write beyond the end of the disk ({offset}+{length} > {self.active.size})",
-                                 self.path)
+            raise WriteBeyondEnd(
+                f"write beyond the end of the disk ({offset}+{length} > {self.active.size})",
+                self.path,
+            )
         if length:
             self.writer.write(offset, memoryview(data).cast("B"))
 
@@ -182,8 +218,10 @@ class Qcow2Image:
         self._check_writable()
         mv = memoryview(data).cast("B")
         if offset + len(mv) > self.active.size:
-            raise WriteBeyondEnd(f"write beyond the end of the disk ({offset}+{len(mv)} > {self.active.size})",
-                                 self.path)
+            raise WriteBeyondEnd(
+                f"write beyond the end of the disk ({offset}+{len(mv)} > {self.active.size})",
+                self.path,
+            )
         return self.writer.begin(offset, mv)
 
     def write_zeroes(self, offset: int, length: int) -> None:
@@ -191,12 +229,17 @@ class Qcow2Image:
         self._check_writable()
         end = offset + length
         if end > self.active.size:
-            raise WriteBeyondEnd(f"write-zeroes beyond the end of the disk ({offset}+{length} > {self.active.size})",
-                                 self.path)
+            raise WriteBeyondEnd(
+                f"write-zeroes beyond the end of the disk ({offset}+{length} > {self.active.size})",
+                self.path,
+            )
         if not self.geo.has_data_file and not self.writer.can_zero_detect():
             # v2 with a backing file: an unallocated cluster would show the backing file
-            raise UnsupportedFeature("zeroing needs the zero cluster flag of version 3 images when a backing file "
-                                     "is present (QEMU refuses it too)", self.path)
+            raise UnsupportedFeature(
+                "zeroing needs the zero cluster flag of version 3 images when a backing file "
+                "is present (QEMU refuses it too)",
+                self.path,
+            )
         self.writer.write_zeroes(offset, length)
 
     def start_writing(self) -> None:
@@ -207,7 +250,10 @@ class Qcow2Image:
             return
         h = self.header
         if h.dirty:
-            log.warning("%s: dirty bit set (lazy refcounts, not closed cleanly): rebuilding refcounts", self.path)
+            log.warning(
+                "%s: dirty bit set (lazy refcounts, not closed cleanly): rebuilding refcounts",
+                self.path,
+            )
             rebuild_refcounts(self)
         changed = False
         unknown = h.autoclear_features & ~fmt.AUTOCLEAR_KNOWN
@@ -240,7 +286,6 @@ class Qcow2Image:
             self._corrupt_logged.add(message)
             log.error("%s: %s", self.path, message)
         return CorruptImage(message, self.path)
-
 
     # ------------------------------------------------------------------ flushing
     def flush_metadata(self) -> None:
@@ -317,7 +362,9 @@ class Qcow2Image:
         log.error("%s: marking image corrupt and switching to read-only: %s", self.path, reason)
         try:
             self.header.incompatible_features |= fmt.INCOMPAT_CORRUPT
-            self.file.pwrite(self.header.incompatible_features.to_bytes(8, "big"), HEADER_INCOMPATIBLE_FEATURES)
+            self.file.pwrite(
+                self.header.incompatible_features.to_bytes(8, "big"), HEADER_INCOMPATIBLE_FEATURES
+            )
             self.file.flush()
         except OSError as e:
             log.error("%s: could not set the corrupt bit: %s", self.path, e)

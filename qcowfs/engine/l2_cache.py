@@ -20,7 +20,13 @@ from .hostfile import HostFile
 
 
 class L2Cache:
-    def __init__(self, file: HostFile, cluster_size: int, capacity: int, corrupt: Callable[[str], CorruptImage]):
+    def __init__(
+        self,
+        file: HostFile,
+        cluster_size: int,
+        capacity: int,
+        corrupt: Callable[[str], CorruptImage],
+    ):
         self.file = file
         self.cluster_size = cluster_size
         self.capacity = capacity

@@ -82,7 +82,9 @@ def _perms(write: bool) -> tuple[frozenset, frozenset]:
 def lock_bytes(write: bool) -> frozenset:
     """The byte offsets a user opening the image so holds read locks on."""
     held, shared = _perms(write)
-    return frozenset({LOCK_PERM_BASE + i for i in held} | {LOCK_SHARED_BASE + i for i in ALL_PERMS - shared})
+    return frozenset(
+        {LOCK_PERM_BASE + i for i in held} | {LOCK_SHARED_BASE + i for i in ALL_PERMS - shared}
+    )
 
 
 def _tested_bytes(write: bool) -> list:
@@ -144,7 +146,11 @@ def _describe(conflicts: list, write: bool) -> str:
         hint = "stop that process first"
     else:
         what = "has it open"
-        hint = "stop it, or open the image read-only (qcowfs mount --read-only)" if write else "stop it first"
+        hint = (
+            "stop it, or open the image read-only (qcowfs mount --read-only)"
+            if write
+            else "stop it first"
+        )
     return f"image is in use by {who}: QEMU or qcowfs {what} ({lock}); {hint}"
 
 
@@ -221,8 +227,11 @@ class ImageLock:
             if conflicts[0][1] == "exclusive":
                 offset, _k, _p, pid = conflicts[0]
                 who = f"another process (pid {pid})" if pid > 0 else "another process"
-                raise LockError(f"image is in use by {who}: it holds an exclusive lock on QEMU lock byte "
-                                f"{offset}; stop that process first", self.path)
+                raise LockError(
+                    f"image is in use by {who}: it holds an exclusive lock on QEMU lock byte "
+                    f"{offset}; stop that process first",
+                    self.path,
+                )
             raise LockError(_describe(conflicts, write), self.path)
         self._unlock(sorted(before - wanted))
 

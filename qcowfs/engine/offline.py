@@ -36,8 +36,9 @@ def is_qcowfs_mount(path: str) -> bool:
 
 
 @contextlib.contextmanager
-def locked_image(path: str, write: bool, *, lock: bool = True,
-                 backing_policy: str = "follow") -> Iterator[Qcow2Image]:
+def locked_image(
+    path: str, write: bool, *, lock: bool = True, backing_policy: str = "follow"
+) -> Iterator[Qcow2Image]:
     """Open an unmounted image under QEMU's locks (a writer, or a reader sharing with readers),
     closed without writing anything on the way out. lock=False reads without taking the
     locks, as `qemu-img info -U` does (info)."""
@@ -68,8 +69,9 @@ def open_locked(path: str, write: bool) -> Iterator:
             disk.close()
 
 
-def check_image(path: str, repair: Optional[str] = None,
-                progress: Optional[Callable[[float], None]] = None) -> CheckResult:
+def check_image(
+    path: str, repair: Optional[str] = None, progress: Optional[Callable[[float], None]] = None
+) -> CheckResult:
     """`qcowfs check`: check (and with repair='leaks'|'all', repair) the image at path.
 
     Like qemu-img check -r: after a repair the image is checked again and that result is
@@ -107,8 +109,11 @@ def bitmap_extents(path: str, name: str) -> list:
         store = BitmapStore(img)
         bm = store.get(name)
         if bm.inconsistent:
-            raise BitmapError(f"bitmap {name!r} is inconsistent (in use at the last close); its extents are unknown; remove it",
-                              path, errno.EBUSY)
+            raise BitmapError(
+                f"bitmap {name!r} is inconsistent (in use at the last close); its extents are unknown; remove it",
+                path,
+                errno.EBUSY,
+            )
         return [{"start": s, "length": n, "dirty": d} for s, n, d in bm.extents()]
 
 
@@ -128,9 +133,11 @@ def live_extents(mountpoint: str, name: str) -> list:
         try:
             piece = json.loads(os.getxattr(path, f"{bitmap_commands.EXTENTS_XATTR}{start}"))
         except OSError as e:
-            reason = {errno.ENOENT: "no such bitmap",
-                      errno.EBUSY: "the bitmap is inconsistent (in use at the last close); its extents are unknown; "
-                                   "remove it"}.get(e.errno or 0, e.strerror or str(e))
+            reason = {
+                errno.ENOENT: "no such bitmap",
+                errno.EBUSY: "the bitmap is inconsistent (in use at the last close); its extents are unknown; "
+                "remove it",
+            }.get(e.errno or 0, e.strerror or str(e))
             raise QcowError(f"bitmap extents {name!r} failed: {reason}", mountpoint) from None
         out += [{"start": s, "length": n, "dirty": d} for s, n, d in piece["extents"]]
         start = piece["next"]
@@ -140,7 +147,9 @@ def live_extents(mountpoint: str, name: str) -> list:
 def live_checkpoint(mountpoint: str, name: str, disable: list, snapshot: bool) -> dict:
     """Send a checkpoint to a running daemon; what it did (its JSON)."""
     live_command(mountpoint, "checkpoint", name, disable=list(disable), snapshot=snapshot)
-    return json.loads(os.getxattr(os.path.join(mountpoint, ".bitmaps"), bitmap_commands.RESULT_XATTR))
+    return json.loads(
+        os.getxattr(os.path.join(mountpoint, ".bitmaps"), bitmap_commands.RESULT_XATTR)
+    )
 
 
 def live_command(mountpoint: str, op: str, name: str, **kw: Any) -> None:
@@ -151,14 +160,14 @@ def live_command(mountpoint: str, op: str, name: str, **kw: Any) -> None:
     except OSError as e:
         reasons: dict[int, str] = {
             errno.EEXIST: "that name is taken (by a bitmap, or for a checkpoint by a snapshot too; "
-                          "an inconsistent bitmap must be removed first)",
+            "an inconsistent bitmap must be removed first)",
             errno.ENOENT: "no such bitmap",
             errno.EBUSY: "the bitmap is inconsistent (in use at the last close); remove it",
             errno.EROFS: "the mount is read-only",
             errno.EINVAL: "invalid argument (name or granularity)",
             errno.ENAMETOOLONG: "bitmap name too long (at most 1023 bytes)",
             errno.EOPNOTSUPP: "not supported by this image (version 2 images cannot hold persistent bitmaps; "
-                              "images with an external data file cannot hold internal snapshots)",
+            "images with an external data file cannot hold internal snapshots)",
             errno.ERANGE: "the image's refcounts cannot count another reference (narrow refcount_bits)",
         }
         reason = reasons.get(e.errno or 0, e.strerror or str(e))

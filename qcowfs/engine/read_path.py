@@ -27,7 +27,9 @@ from .hostfile import HostFile
 class Reader:
     """Guest reads through one mapping."""
 
-    def __init__(self, mapping: ClusterMap, file: HostFile, data_file: HostFile, backing: Optional[Any]):
+    def __init__(
+        self, mapping: ClusterMap, file: HostFile, data_file: HostFile, backing: Optional[Any]
+    ):
         self.mapping = mapping
         self.geo = mapping.geo
         #: compressed clusters live in the image file, data clusters in data_file
@@ -139,7 +141,9 @@ class Reader:
                     if self.geo.data_file_raw:
                         mv[a + got : a + n] = self.zeros(n - got)
                     else:
-                        raise self.mapping.corrupt(f"data cluster at host offset 0x{host:x} lies past the end of the file")
+                        raise self.mapping.corrupt(
+                            f"data cluster at host offset 0x{host:x} lies past the end of the file"
+                        )
             elif kind == UNALLOCATED:
                 # one backing read for the whole unallocated run
                 while pos + n < end:
@@ -166,7 +170,9 @@ class Reader:
         if len(data) < n:
             if self.geo.data_file_raw:
                 return data + bytes(n - len(data))
-            raise self.mapping.corrupt(f"data cluster at host offset 0x{host:x} lies past the end of the file")
+            raise self.mapping.corrupt(
+                f"data cluster at host offset 0x{host:x} lies past the end of the file"
+            )
         return data
 
     def _read_compressed(self, entry: int) -> bytes:
@@ -177,11 +183,15 @@ class Reader:
         clen = nsec * 512 - (off & 511)
         fsize = self.file.size
         if off >= fsize:
-            raise self.mapping.corrupt(f"compressed cluster at host offset 0x{off:x} lies past the end of the file")
+            raise self.mapping.corrupt(
+                f"compressed cluster at host offset 0x{off:x} lies past the end of the file"
+            )
         raw = self.file.pread(min(clen, fsize - off), off)
         try:
             data = decompress_cluster(raw, self.geo.cluster_size, self.geo.compression_type)
         except CorruptImage as e:
-            raise self.mapping.corrupt(f"compressed cluster at host offset 0x{off:x}: {e.message}") from None
+            raise self.mapping.corrupt(
+                f"compressed cluster at host offset 0x{off:x}: {e.message}"
+            ) from None
         self._last_compressed = (entry, data)
         return data

@@ -124,7 +124,9 @@ class RefcountBlock:
 class Refcounts:
     """The refcount structures of one image, with a write-back cache of blocks."""
 
-    def __init__(self, file: HostFile, header: Header, write_header_field: Callable[[int, bytes], None]):
+    def __init__(
+        self, file: HostFile, header: Header, write_header_field: Callable[[int, bytes], None]
+    ):
         self.file = file
         self.header = header
         self.cluster_size = header.cluster_size
@@ -184,15 +186,22 @@ class Refcounts:
         blk = self.block(bi)
         if blk is None:
             if delta < 0:
-                raise CorruptImage(f"refcount of cluster {cluster} would drop below zero", self.file.path)
+                raise CorruptImage(
+                    f"refcount of cluster {cluster} would drop below zero", self.file.path
+                )
             self._create_block(bi)
             blk = self.block(bi)
             assert blk is not None
         value = blk.get(i) + delta
         if value < 0:
-            raise CorruptImage(f"refcount of cluster {cluster} would drop below zero", self.file.path)
+            raise CorruptImage(
+                f"refcount of cluster {cluster} would drop below zero", self.file.path
+            )
         if value > self.max_refcount:
-            raise RefcountOverflow(f"refcount of cluster {cluster} would overflow {self.bits}-bit refcounts", self.file.path)
+            raise RefcountOverflow(
+                f"refcount of cluster {cluster} would overflow {self.bits}-bit refcounts",
+                self.file.path,
+            )
         blk.set(i, value)
         self.dirty.add(bi)
         if value == 0 and cluster < self.free_hint:
@@ -215,8 +224,11 @@ class Refcounts:
 
     def _missing_blocks(self, first: int, count: int) -> list:
         epb = self.entries_per_block
-        return [b for b in range(first // epb, (first + count - 1) // epb + 1)
-                if b >= len(self.table) or self.block_offset(b) == 0]
+        return [
+            b
+            for b in range(first // epb, (first + count - 1) // epb + 1)
+            if b >= len(self.table) or self.block_offset(b) == 0
+        ]
 
     def allocate(self, n: int) -> int:
         """Allocate n contiguous clusters with refcount 1 (in the cache); returns the host offset.
@@ -313,7 +325,9 @@ class Refcounts:
             for bi in by_level[lvl]:
                 offset = position[bi] * cs
                 self.table[bi] = offset
-                self.file.pwrite(offset.to_bytes(8, "big"), self.header.refcount_table_offset + bi * 8)
+                self.file.pwrite(
+                    offset.to_bytes(8, "big"), self.header.refcount_table_offset + bi * 8
+                )
                 self.blocks[bi] = new[bi]
             self.file.flush()
 
@@ -380,8 +394,10 @@ class Refcounts:
         old_clusters = self.header.refcount_table_clusters
         # refcount_table_offset (8 bytes at 48) and refcount_table_clusters (4 at 56) in one write
         # refcount_table_offset and refcount_table_clusters are adjacent in the header
-        self._write_header_field(HEADER_FIELD_OFFSETS["refcount_table_offset"],
-                                 table_offset.to_bytes(8, "big") + table_clusters.to_bytes(4, "big"))
+        self._write_header_field(
+            HEADER_FIELD_OFFSETS["refcount_table_offset"],
+            table_offset.to_bytes(8, "big") + table_clusters.to_bytes(4, "big"),
+        )
         self.file.flush()
         self.header.refcount_table_offset = table_offset
         self.header.refcount_table_clusters = table_clusters

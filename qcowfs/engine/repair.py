@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
         def set_dirty_bit(self, on: bool) -> None: ...
 
+
 log = logging.getLogger(__name__)
 
 
@@ -31,8 +32,11 @@ def apply_repair(img: RepairedImage, ck: Checker, mode: str) -> tuple:
     like qemu-img refuses it ('need to rebuild refcount structures'), before anything is written."""
     rc = img.refcounts
     if mode == "leaks" and ck.rebuild:
-        raise RepairImpossible("the refcount structures need to be rebuilt (a cluster in use has refcount 0, or a "
-                        "refcount block is damaged): use --repair=all", img.path)
+        raise RepairImpossible(
+            "the refcount structures need to be rebuilt (a cluster in use has refcount 0, or a "
+            "refcount block is damaged): use --repair=all",
+            img.path,
+        )
     fixed_leaks = fixed_corr = 0
     for c, stored, want in ck.leaked:
         rc.update(c, want - stored)
@@ -40,8 +44,11 @@ def apply_repair(img: RepairedImage, ck: Checker, mode: str) -> tuple:
     if mode == "all":
         for c, stored, want in ck.wrong:
             if rc.block(c // rc.entries_per_block) is None:
-                raise RepairImpossible(f"cannot repair: the refcount block covering cluster {c} is missing; "
-                                f"use 'qemu-img check -r all'", img.path)
+                raise RepairImpossible(
+                    f"cannot repair: the refcount block covering cluster {c} is missing; "
+                    f"use 'qemu-img check -r all'",
+                    img.path,
+                )
             rc.update(c, want - stored)
             fixed_corr += 1
     rc.write_dirty()

@@ -33,20 +33,30 @@ def grow(img: Qcow2Image, new_size: int) -> None:
     """Make the image's virtual size new_size (>= the current one), durably."""
     old_size = img.size
     if new_size < old_size:
-        raise ShrinkRefused(f"the disk cannot shrink ({new_size} < {old_size} bytes): qcowfs only grows it; "
-                            "use qemu-img resize --shrink on the unmounted image", img.path)
+        raise ShrinkRefused(
+            f"the disk cannot shrink ({new_size} < {old_size} bytes): qcowfs only grows it; "
+            "use qemu-img resize --shrink on the unmounted image",
+            img.path,
+        )
     if new_size == old_size:
         return
     if new_size > fmt.INT64_MAX // 2 or new_size % 512:
-        raise QcowError(f"cannot grow the disk to {new_size} bytes (a multiple of 512 up to 2^62 is needed)",
-                        img.path)
+        raise QcowError(
+            f"cannot grow the disk to {new_size} bytes (a multiple of 512 up to 2^62 is needed)",
+            img.path,
+        )
     need = fmt.l1_entries_needed(new_size, img.geo.cluster_bits, 16 if img.geo.extended else 8)
     if need * 8 > fmt.MAX_L1_SIZE:
-        raise TableLimit(f"a {new_size}-byte disk needs an L1 table beyond QEMU's {fmt.MAX_L1_SIZE} byte limit",
-                         img.path)
+        raise TableLimit(
+            f"a {new_size}-byte disk needs an L1 table beyond QEMU's {fmt.MAX_L1_SIZE} byte limit",
+            img.path,
+        )
     if img.backing is not None and img.backing_size > old_size and not img.geo.v3:
-        raise QcowError("cannot grow a version 2 image whose backing file is longer than the disk: the new "
-                        "area would show the backing file (QEMU refuses it too)", img.path)
+        raise QcowError(
+            "cannot grow a version 2 image whose backing file is longer than the disk: the new "
+            "area would show the backing file (QEMU refuses it too)",
+            img.path,
+        )
     img.flush()
     h = img.header
     rc = img.refcounts

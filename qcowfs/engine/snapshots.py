@@ -38,7 +38,14 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 from ..errors import CorruptImage, SnapshotError
 from ..format import snapshot_table
-from ..format.entries import COMPRESSED, COPIED, OFFSET_MASK, be_array, compressed_host_clusters, to_be
+from ..format.entries import (
+    COMPRESSED,
+    COPIED,
+    OFFSET_MASK,
+    be_array,
+    compressed_host_clusters,
+    to_be,
+)
 from ..format.header import div_round_up
 from ..format.snapshot_table import Snapshot
 from .cluster_map import ClusterMap
@@ -48,6 +55,7 @@ if TYPE_CHECKING:
     from .image import Qcow2Image
 
 log = logging.getLogger(__name__)
+
 
 def read_all(img: Qcow2Image) -> list:
     """The image's snapshots, from its snapshot table."""
@@ -76,8 +84,11 @@ class SnapshotView(Reader):
         cs = image.geo.cluster_size
         n = snap.l1_size
         if snap.l1_table_offset % cs or (n and snap.l1_table_offset + 8 * n > image.file.size):
-            raise CorruptImage(f"snapshot {snap.id}: L1 table at 0x{snap.l1_table_offset:x} is not "
-                               "cluster aligned or lies past the end of the file", image.path)
+            raise CorruptImage(
+                f"snapshot {snap.id}: L1 table at 0x{snap.l1_table_offset:x} is not "
+                "cluster aligned or lies past the end of the file",
+                image.path,
+            )
         l1 = be_array(image.file.pread(8 * n, snap.l1_table_offset)) if n else be_array(b"")
         mapping = ClusterMap(image.geo, l1, image.l2, snap.disk_size, image.corrupt)
         super().__init__(mapping, image.file, image.data_file, image.backing)
@@ -92,12 +103,21 @@ class SnapshotView(Reader):
 
 def _check_can_snapshot(img: Qcow2Image) -> None:
     if img.read_only:
-        raise SnapshotError("image is mounted read-only: snapshots cannot be taken or deleted", img.path, errno.EROFS)
+        raise SnapshotError(
+            "image is mounted read-only: snapshots cannot be taken or deleted",
+            img.path,
+            errno.EROFS,
+        )
     if img.geo.has_data_file:
-        log.error("%s: internal snapshots are not possible in an image with an external data file (QEMU's rule)",
-                  img.path)
-        raise SnapshotError("internal snapshots are not possible with an external data file", img.path,
-                            errno.EOPNOTSUPP)
+        log.error(
+            "%s: internal snapshots are not possible in an image with an external data file (QEMU's rule)",
+            img.path,
+        )
+        raise SnapshotError(
+            "internal snapshots are not possible with an external data file",
+            img.path,
+            errno.EOPNOTSUPP,
+        )
 
 
 def _data_clusters(entry: int, cluster_bits: int) -> Iterable[int]:
@@ -152,8 +172,12 @@ def check_can_create(img: Qcow2Image, name: str) -> list:
     if len(snaps) >= 65536:
         raise SnapshotError("an image holds at most 65536 snapshots", img.path, errno.ENOSPC)
     if img.refcounts.max_refcount < 2:
-        raise SnapshotError(f"{img.refcounts.bits}-bit refcounts cannot count a second reference: no "
-                            "internal snapshots in this image", img.path, errno.EOPNOTSUPP)
+        raise SnapshotError(
+            f"{img.refcounts.bits}-bit refcounts cannot count a second reference: no "
+            "internal snapshots in this image",
+            img.path,
+            errno.EOPNOTSUPP,
+        )
     return snaps
 
 
@@ -198,8 +222,15 @@ def create(img: Qcow2Image, name: str, *, now: Any = None) -> Snapshot:
     img.file.flush()
     # 3. the table with the new entry, then the header
     t_now = time.time() if now is None else now
-    snap = Snapshot(id=snapshot_table.next_id(snaps), name=name, l1_table_offset=l1_off, l1_size=len(l1),
-                    disk_size=img.size, date_sec=int(t_now), date_nsec=int((t_now % 1) * 1e9))
+    snap = Snapshot(
+        id=snapshot_table.next_id(snaps),
+        name=name,
+        l1_table_offset=l1_off,
+        l1_size=len(l1),
+        disk_size=img.size,
+        date_sec=int(t_now),
+        date_nsec=int((t_now % 1) * 1e9),
+    )
     old = _table_extent(img, snaps)
     new = _write_table(img, snaps + [snap])
     _switch_table(img, snaps + [snap], new, old)
@@ -221,8 +252,12 @@ def _check_headroom(img: Qcow2Image) -> None:
             clusters.extend(_data_clusters(t[k], cb))
         for c in clusters:
             if rc.get(c) >= rc.max_refcount:
-                raise SnapshotError(f"cluster {c} is already referenced {rc.max_refcount} times, the most "
-                                    f"{rc.bits}-bit refcounts can count: no more snapshots", img.path, errno.ERANGE)
+                raise SnapshotError(
+                    f"cluster {c} is already referenced {rc.max_refcount} times, the most "
+                    f"{rc.bits}-bit refcounts can count: no more snapshots",
+                    img.path,
+                    errno.ERANGE,
+                )
 
 
 def delete(img: Qcow2Image, snap_id: str) -> None:
@@ -255,7 +290,10 @@ def delete(img: Qcow2Image, snap_id: str) -> None:
         if rc.update(l2_off >> cb, -1) == 0:
             freed_tables.append(l2_off)
     if target.l1_size:
-        for c in range(target.l1_table_offset // cs, div_round_up(target.l1_table_offset + 8 * target.l1_size, cs)):
+        for c in range(
+            target.l1_table_offset // cs,
+            div_round_up(target.l1_table_offset + 8 * target.l1_size, cs),
+        ):
             rc.update(c, -1)
     for off in freed_tables:
         img.l2.drop(off)  # free space now: never read through a stale cached copy

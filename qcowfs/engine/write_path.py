@@ -47,8 +47,15 @@ class WritePlan:
 
     __slots__ = ("data_file", "runs", "entries", "fresh", "zero", "ext")
 
-    def __init__(self, data_file: HostFile, runs: list, entries: Optional[list] = None, fresh: tuple = (),
-                 zero: tuple = (), ext: tuple = ()):
+    def __init__(
+        self,
+        data_file: HostFile,
+        runs: list,
+        entries: Optional[list] = None,
+        fresh: tuple = (),
+        zero: tuple = (),
+        ext: tuple = (),
+    ):
         self.data_file = data_file
         self.runs = runs  # [(host offset, [buffers])], each written back to back from its offset
         self.entries = entries or []  # [(guest cluster, new host offset, old entry)]
@@ -77,8 +84,16 @@ class Writer:
     """The active disk's writes, over its mapping, the refcounts and the reader (copy-on-write
     reads what the guest sees now)."""
 
-    def __init__(self, active: ActiveMap, reader: Reader, refcounts: Refcounts, file: HostFile,
-                 data_file: HostFile, inflight: InFlight, on_corrupt: Callable[[str], None]):
+    def __init__(
+        self,
+        active: ActiveMap,
+        reader: Reader,
+        refcounts: Refcounts,
+        file: HostFile,
+        data_file: HostFile,
+        inflight: InFlight,
+        on_corrupt: Callable[[str], None],
+    ):
         self.m = active
         self.geo = active.geo
         self.reader = reader
@@ -160,7 +175,9 @@ class Writer:
     def write(self, offset: int, mv: memoryview) -> None:
         """A whole guest write on this thread (nothing else may be writing: never BUSY)."""
         req = self.begin(offset, mv)
-        assert not isinstance(req, Busy), "an inline write met a reservation: a request is still in flight"
+        assert not isinstance(req, Busy), (
+            "an inline write met a reservation: a request is still in flight"
+        )
         try:
             for plan in req.steps:
                 self.run(plan)
@@ -210,7 +227,9 @@ class Writer:
             return
         base = self._fresh_base(offset, len(mv), first_ci, last_ci)
         if base >= 0:
-            yield WritePlan(self.data_file, [(base, [mv])], fresh=(first_ci, last_ci - first_ci + 1, base))
+            yield WritePlan(
+                self.data_file, [(base, [mv])], fresh=(first_ci, last_ci - first_ci + 1, base)
+            )
             return
         runs, entries = self._plan_runs(offset, mv, first_ci, last_ci)
         yield WritePlan(self.data_file, runs, entries)
@@ -244,8 +263,11 @@ class Writer:
         while pos < end:
             n = min(end - pos, cs - (pos & (cs - 1)), 1 << 20)
             kind, _host, m = self.m.map(pos, pos + n)
-            if kind == ZERO or (kind == UNALLOCATED and (self.backing is None or pos >= self.backing_size)
-                                and not self.geo.has_data_file):
+            if kind == ZERO or (
+                kind == UNALLOCATED
+                and (self.backing is None or pos >= self.backing_size)
+                and not self.geo.has_data_file
+            ):
                 pos += m
                 continue
             for plan in self._data_steps(pos, self.reader.zeros(n)):
@@ -309,7 +331,9 @@ class Writer:
             m.free_entry_clusters(old)
 
     # ------------------------------------------------------------------ planning
-    def _plan_runs(self, offset: int, mv: memoryview, first_ci: int, last_ci: int) -> tuple[list, list]:
+    def _plan_runs(
+        self, offset: int, mv: memoryview, first_ci: int, last_ci: int
+    ) -> tuple[list, list]:
         """The general write: which clusters are written in place, which get a new cluster
         (allocated here; copy-on-write of the rest of a partial cluster from what the guest sees
         now). Returns the host runs to write (contiguous pieces merged) and the new entries."""
@@ -438,9 +462,13 @@ class Writer:
         """Refuse to write through an entry QEMU would call corrupt (unaligned, or past the end
         of the file): writing there could overwrite other clusters."""
         if off & (self.geo.cluster_size - 1):
-            raise self.m.corrupt(f"L2 entry for guest cluster {ci} is not cluster aligned (0x{off:x})")
+            raise self.m.corrupt(
+                f"L2 entry for guest cluster {ci} is not cluster aligned (0x{off:x})"
+            )
         if not self.geo.has_data_file and off >= self.file.size:
-            raise self.m.corrupt(f"L2 entry for guest cluster {ci} points past the end of the file (0x{off:x})")
+            raise self.m.corrupt(
+                f"L2 entry for guest cluster {ci} points past the end of the file (0x{off:x})"
+            )
 
     def _plan_extended_cluster(self, pos: int, piece: memoryview) -> WritePlan:
         """A write within one cluster of an extended-L2 image, at subcluster granularity."""

@@ -11,15 +11,35 @@ from __future__ import annotations
 import sys
 from array import array
 
-from .header import L1E_RESERVED_MASK, L2E_RESERVED_MASK, OFFSET_MASK, QCOW_OFLAG_COMPRESSED, QCOW_OFLAG_COPIED, QCOW_OFLAG_ZERO
+from .header import (
+    L1E_RESERVED_MASK,
+    L2E_RESERVED_MASK,
+    OFFSET_MASK,
+    QCOW_OFLAG_COMPRESSED,
+    QCOW_OFLAG_COPIED,
+    QCOW_OFLAG_ZERO,
+)
 
-__all__ = ["L1E_RESERVED_MASK", "L2E_RESERVED_MASK", "OFFSET_MASK", "COPIED", "COMPRESSED", "ZERO_FLAG",
-           "SUBCLUSTERS", "ALL_ALLOC", "ALL_ZERO", "be_array", "to_be", "compressed_descriptor",
-           "compressed_host_clusters", "l2_reserved_mask"]
+__all__ = [
+    "L1E_RESERVED_MASK",
+    "L2E_RESERVED_MASK",
+    "OFFSET_MASK",
+    "COPIED",
+    "COMPRESSED",
+    "ZERO_FLAG",
+    "SUBCLUSTERS",
+    "ALL_ALLOC",
+    "ALL_ZERO",
+    "be_array",
+    "to_be",
+    "compressed_descriptor",
+    "compressed_host_clusters",
+    "l2_reserved_mask",
+]
 
-COPIED = QCOW_OFLAG_COPIED        # bit 63: refcount is exactly 1, writable in place
+COPIED = QCOW_OFLAG_COPIED  # bit 63: refcount is exactly 1, writable in place
 COMPRESSED = QCOW_OFLAG_COMPRESSED  # bit 62: the rest is a compressed cluster descriptor
-ZERO_FLAG = QCOW_OFLAG_ZERO       # bit 0 of a standard L2 entry (v3): reads as zeros
+ZERO_FLAG = QCOW_OFLAG_ZERO  # bit 0 of a standard L2 entry (v3): reads as zeros
 
 # Extended L2 (qcow2.txt "Extended L2 Entries"): 32 subclusters, a 64-bit bitmap per entry,
 # low half "allocated", high half "reads as zeros".

@@ -24,8 +24,16 @@ INCOMPAT_CORRUPT = 1 << 1
 INCOMPAT_DATA_FILE = 1 << 2
 INCOMPAT_COMPRESSION = 1 << 3
 INCOMPAT_EXTL2 = 1 << 4
-INCOMPAT_KNOWN = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2
-INCOMPAT_NAMES = {0: "dirty bit", 1: "corrupt bit", 2: "external data file", 3: "compression type", 4: "extended L2 entries"}
+INCOMPAT_KNOWN = (
+    INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTL2
+)
+INCOMPAT_NAMES = {
+    0: "dirty bit",
+    1: "corrupt bit",
+    2: "external data file",
+    3: "compression type",
+    4: "extended L2 entries",
+}
 
 COMPAT_LAZY_REFCOUNTS = 1 << 0
 COMPAT_NAMES = {0: "lazy refcounts"}
@@ -76,7 +84,9 @@ MAX_BITMAP_DIRECTORY_SIZE = 1024 * MAX_BITMAPS
 BME_FLAG_IN_USE = 1 << 0
 BME_FLAG_AUTO = 1 << 1
 BME_FLAG_EXTRA_DATA_COMPATIBLE = 1 << 2
-BME_RESERVED_FLAGS = ~(BME_FLAG_IN_USE | BME_FLAG_AUTO | BME_FLAG_EXTRA_DATA_COMPATIBLE) & 0xFFFFFFFF
+BME_RESERVED_FLAGS = (
+    ~(BME_FLAG_IN_USE | BME_FLAG_AUTO | BME_FLAG_EXTRA_DATA_COMPATIBLE) & 0xFFFFFFFF
+)
 BME_TABLE_ENTRY_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 BME_TABLE_ENTRY_FLAG_ALL_ONES = 1
 BME_TABLE_ENTRY_RESERVED_MASK = 0xFF000000000001FE
@@ -112,6 +122,8 @@ HeaderV3Tail = cs.Struct(
     "refcount_order" / cs.Int32ub,
     "header_length" / cs.Int32ub,
 )
+
+
 def _field_offsets(struct: cs.Struct, base: int = 0) -> dict:
     """Byte offset of every field of a fixed-size construct Struct."""
     out, pos = {}, base
@@ -122,7 +134,10 @@ def _field_offsets(struct: cs.Struct, base: int = 0) -> dict:
 
 
 #: byte offset of each header field, for updating one field in place (named, never bare numbers)
-HEADER_FIELD_OFFSETS = {**_field_offsets(HeaderV2), **_field_offsets(HeaderV3Tail, V2_HEADER_LENGTH)}
+HEADER_FIELD_OFFSETS = {
+    **_field_offsets(HeaderV2),
+    **_field_offsets(HeaderV3Tail, V2_HEADER_LENGTH),
+}
 
 ExtensionHeader = cs.Struct("magic" / cs.Int32ub, "length" / cs.Int32ub)
 # Feature name table entry (qcow2.txt "Feature name table"): 48 bytes.
@@ -288,7 +303,9 @@ class Header:
             self.backing_file_offset = 0
             self.backing_file_size = 0
         if len(out) > self.cluster_size:
-            raise FormatError("header, extensions and backing file name do not fit in the first cluster")
+            raise FormatError(
+                "header, extensions and backing file name do not fit in the first cluster"
+            )
         fixed = HeaderV2.build(
             dict(
                 magic=MAGIC,
@@ -341,7 +358,9 @@ def parse_header(data: bytes) -> Header:
             _fail("bad qcow2 magic number")
         _fail("not a qcow2 image (no qcow2 magic number)")
     if len(data) < V2_HEADER_LENGTH:
-        _fail(f"header too short: the file has {len(data)} bytes, a qcow2 header needs at least {V2_HEADER_LENGTH}")
+        _fail(
+            f"header too short: the file has {len(data)} bytes, a qcow2 header needs at least {V2_HEADER_LENGTH}"
+        )
     f = HeaderV2.parse(data[:V2_HEADER_LENGTH])
     version = f.version
     if version not in (2, 3):
@@ -361,11 +380,15 @@ def parse_header(data: bytes) -> Header:
         snapshots_offset=f.snapshots_offset,
     )
     if not MIN_CLUSTER_BITS <= h.cluster_bits <= MAX_CLUSTER_BITS:
-        _fail(f"unsupported cluster size: cluster_bits is {h.cluster_bits}, QEMU accepts {MIN_CLUSTER_BITS}..{MAX_CLUSTER_BITS}")
+        _fail(
+            f"unsupported cluster size: cluster_bits is {h.cluster_bits}, QEMU accepts {MIN_CLUSTER_BITS}..{MAX_CLUSTER_BITS}"
+        )
     cluster_size = h.cluster_size
     if version == 3:
         if len(data) < V3_MIN_HEADER_LENGTH:
-            _fail(f"header too short: a version 3 header needs {V3_MIN_HEADER_LENGTH} bytes, the file has {len(data)}")
+            _fail(
+                f"header too short: a version 3 header needs {V3_MIN_HEADER_LENGTH} bytes, the file has {len(data)}"
+            )
         t = HeaderV3Tail.parse(data[72:104])
         h.incompatible_features = t.incompatible_features
         h.compatible_features = t.compatible_features
@@ -373,11 +396,15 @@ def parse_header(data: bytes) -> Header:
         h.refcount_order = t.refcount_order
         h.header_length = t.header_length
         if h.header_length < V3_MIN_HEADER_LENGTH:
-            _fail(f"header too short: header_length is {h.header_length}, version 3 needs at least {V3_MIN_HEADER_LENGTH}")
+            _fail(
+                f"header too short: header_length is {h.header_length}, version 3 needs at least {V3_MIN_HEADER_LENGTH}"
+            )
         if h.header_length > cluster_size:
             _fail(f"header_length {h.header_length} is larger than the cluster size {cluster_size}")
         if h.header_length > len(data):
-            _fail(f"header too short: header_length is {h.header_length} but the file has {len(data)} bytes")
+            _fail(
+                f"header too short: header_length is {h.header_length} but the file has {len(data)} bytes"
+            )
         h.unknown_tail = bytes(data[104 : h.header_length])
         if h.header_length > 104:
             h.compression_type = data[104]
@@ -395,14 +422,22 @@ def parse_header(data: bytes) -> Header:
     unknown_incompat = h.incompatible_features & ~INCOMPAT_KNOWN
     if unknown_incompat:
         bits = [b for b in range(64) if unknown_incompat >> b & 1]
-        names = ", ".join(repr(h.feature_name(0, b)) if (0, b) in h.feature_names else f"bit {b}" for b in bits)
-        raise UnsupportedFeature(f"unsupported incompatible feature(s): {names}; qcowfs (like this QEMU) cannot open it")
+        names = ", ".join(
+            repr(h.feature_name(0, b)) if (0, b) in h.feature_names else f"bit {b}" for b in bits
+        )
+        raise UnsupportedFeature(
+            f"unsupported incompatible feature(s): {names}; qcowfs (like this QEMU) cannot open it"
+        )
     if h.refcount_order > 6:
-        _fail(f"invalid refcount_order {h.refcount_order}: refcount width must be at most 64 bits (order <= 6)")
+        _fail(
+            f"invalid refcount_order {h.refcount_order}: refcount width must be at most 64 bits (order <= 6)"
+        )
     if h.crypt_method:
         kind = {1: "AES", 2: "LUKS"}.get(h.crypt_method, f"method {h.crypt_method}")
         if h.crypt_method in (1, 2):
-            raise UnsupportedFeature(f"encrypted image ({kind}): qcowfs does not support encryption")
+            raise UnsupportedFeature(
+                f"encrypted image ({kind}): qcowfs does not support encryption"
+            )
         _fail(f"invalid encryption method {h.crypt_method}")
     if h.size > (1 << 63) - 1:
         _fail("virtual size too large")
@@ -411,7 +446,10 @@ def parse_header(data: bytes) -> Header:
     if h.header_length > 104:
         if h.compression_type not in COMPRESSION_NAMES:
             _fail(f"unknown compression type {h.compression_type}")
-    if h.compression_type != COMPRESSION_ZLIB and not h.incompatible_features & INCOMPAT_COMPRESSION:
+    if (
+        h.compression_type != COMPRESSION_ZLIB
+        and not h.incompatible_features & INCOMPAT_COMPRESSION
+    ):
         _fail("compression type is not zlib but the compression-type incompatible bit is clear")
     if h.incompatible_features & INCOMPAT_COMPRESSION and h.compression_type == COMPRESSION_ZLIB:
         _fail("the compression-type incompatible bit is set but the compression type is zlib")
@@ -433,7 +471,9 @@ def parse_header(data: bytes) -> Header:
         _fail(f"L1 table too large ({h.l1_size} entries)")
     needed = l1_entries_needed(h.size, h.cluster_bits, h.l2_entry_size)
     if h.l1_size < needed:
-        _fail(f"L1 table too small: {h.l1_size} entries cannot map a virtual size of {h.size} bytes (need {needed})")
+        _fail(
+            f"L1 table too small: {h.l1_size} entries cannot map a virtual size of {h.size} bytes (need {needed})"
+        )
     if h.l1_size and h.l1_table_offset % cluster_size:
         _fail("L1 table offset is not cluster aligned")
     if h.l1_size and h.l1_table_offset == 0:
@@ -452,7 +492,11 @@ def parse_header(data: bytes) -> Header:
     # Backing file name.
     if h.backing_file_offset:
         name_end = h.backing_file_offset + h.backing_file_size
-        if h.backing_file_size > MAX_BACKING_NAME or h.backing_file_offset > cluster_size or name_end > cluster_size:
+        if (
+            h.backing_file_size > MAX_BACKING_NAME
+            or h.backing_file_offset > cluster_size
+            or name_end > cluster_size
+        ):
             _fail("backing file name too long or outside the first cluster")
         end = h.backing_file_offset + h.backing_file_size
         if end > len(data):
@@ -479,7 +523,9 @@ def _parse_extensions(h: Header, data: bytes, start: int, end: int) -> None:
         # QEMU (qcow2_read_extensions) checks the length before looking at the magic,
         # even for the end marker.
         if ext.length > end - offset:
-            _fail(f"header extension 0x{ext.magic:08x} is larger than the space left in the first cluster")
+            _fail(
+                f"header extension 0x{ext.magic:08x} is larger than the space left in the first cluster"
+            )
         if ext.magic == EXT_END:
             return
         payload = bytes(data[offset : offset + ext.length])
@@ -492,12 +538,16 @@ def _parse_extensions(h: Header, data: bytes, start: int, end: int) -> None:
         elif ext.magic == EXT_FEATURE_TABLE:
             for i in range(len(payload) // 48):
                 e = FeatureNameEntry.parse(payload[i * 48 : i * 48 + 48])
-                h.feature_names[(e.type, e.bit)] = e.name.split(b"\0", 1)[0].decode("utf-8", "replace")
+                h.feature_names[(e.type, e.bit)] = e.name.split(b"\0", 1)[0].decode(
+                    "utf-8", "replace"
+                )
         elif ext.magic == EXT_BITMAPS:
             if h.version < 3:
                 continue  # QEMU ignores it on v2
             if ext.length != BITMAPS_EXT_SIZE:
-                _fail(f"bitmaps extension has invalid length {ext.length} (must be {BITMAPS_EXT_SIZE})")
+                _fail(
+                    f"bitmaps extension has invalid length {ext.length} (must be {BITMAPS_EXT_SIZE})"
+                )
             b = BitmapsExtension.parse(payload)
             if not h.autoclear_features & AUTOCLEAR_BITMAPS:
                 # Written by a program without bitmap support: the bitmaps are not to be

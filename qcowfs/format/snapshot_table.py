@@ -42,10 +42,15 @@ class Snapshot:
 
     def info(self) -> dict:
         """qemu-img info --output=json's keys for one snapshot."""
-        d = {"id": self.id, "name": self.name, "vm-state-size": self.vm_state_size,
-             "date-sec": self.date_sec, "date-nsec": self.date_nsec,
-             "vm-clock-sec": self.vm_clock_nsec // 1_000_000_000,
-             "vm-clock-nsec": self.vm_clock_nsec % 1_000_000_000}
+        d = {
+            "id": self.id,
+            "name": self.name,
+            "vm-state-size": self.vm_state_size,
+            "date-sec": self.date_sec,
+            "date-nsec": self.date_nsec,
+            "vm-clock-sec": self.vm_clock_nsec // 1_000_000_000,
+            "vm-clock-nsec": self.vm_clock_nsec % 1_000_000_000,
+        }
         if self.icount != ICOUNT_UNKNOWN:
             d["icount"] = self.icount
         return d
@@ -71,7 +76,9 @@ def parse(raw: bytes, count: int, image_size: int, v3: bool) -> list:
         pos = align_up(pos, 8)
         if pos + HEAD_SIZE > len(raw):
             raise FormatError(f"snapshot table entry {i} runs past the table")
-        (l1_off, l1_size, id_len, name_len, dsec, dnsec, vmclock, vmsize, extra_len) = _HEAD.unpack_from(raw, pos)
+        (l1_off, l1_size, id_len, name_len, dsec, dnsec, vmclock, vmsize, extra_len) = (
+            _HEAD.unpack_from(raw, pos)
+        )
         pos += HEAD_SIZE
         if extra_len > MAX_EXTRA_DATA:
             raise FormatError(f"snapshot table entry {i}: too much extra data ({extra_len} bytes)")
@@ -89,9 +96,21 @@ def parse(raw: bytes, count: int, image_size: int, v3: bool) -> list:
         vm_large = struct.unpack_from(">Q", extra, 0)[0] if extra_len >= 8 else vmsize
         disk_size = struct.unpack_from(">Q", extra, 8)[0] if extra_len >= 16 else image_size
         icount = struct.unpack_from(">Q", extra, 16)[0] if extra_len >= 24 else ICOUNT_UNKNOWN
-        out.append(Snapshot(id=sid, name=name, l1_table_offset=l1_off, l1_size=l1_size, disk_size=disk_size,
-                            date_sec=dsec, date_nsec=dnsec, vm_clock_nsec=vmclock,
-                            vm_state_size=vm_large, icount=icount, unknown_extra=bytes(extra[24:])))
+        out.append(
+            Snapshot(
+                id=sid,
+                name=name,
+                l1_table_offset=l1_off,
+                l1_size=l1_size,
+                disk_size=disk_size,
+                date_sec=dsec,
+                date_nsec=dnsec,
+                vm_clock_nsec=vmclock,
+                vm_state_size=vm_large,
+                icount=icount,
+                unknown_extra=bytes(extra[24:]),
+            )
+        )
     if align_up(pos, 8) > MAX_TABLE_SIZE:
         raise FormatError("snapshot table exceeds QEMU's 64 MiB limit")
     return out
@@ -104,8 +123,17 @@ def build(snapshots: list) -> bytes:
         sid = s.id.encode("utf-8", "surrogateescape")
         name = s.name.encode("utf-8", "surrogateescape")
         extra = struct.pack(">QQQ", s.vm_state_size, s.disk_size, s.icount) + s.unknown_extra
-        out += _HEAD.pack(s.l1_table_offset, s.l1_size, len(sid), len(name), s.date_sec, s.date_nsec,
-                          s.vm_clock_nsec, s.vm_state_size & 0xFFFFFFFF, len(extra))
+        out += _HEAD.pack(
+            s.l1_table_offset,
+            s.l1_size,
+            len(sid),
+            len(name),
+            s.date_sec,
+            s.date_nsec,
+            s.vm_clock_nsec,
+            s.vm_state_size & 0xFFFFFFFF,
+            len(extra),
+        )
         out += extra + sid + name
         out += bytes(align_up(len(out), 8) - len(out))
     if len(out) > MAX_TABLE_SIZE:

@@ -54,7 +54,6 @@ from .request_loop import FastLoop
 log = logging.getLogger(__name__)
 
 
-
 #: average host wait per request above which requests under load go to the threads: a few
 #: times the ~50 us a trip through a thread costs
 SLOW_WAIT_NS = 200_000
@@ -92,9 +91,13 @@ class ConcurrentIo:
         if slow != self.slow:
             self.slow = slow
             self.slow_spells += slow
-            log.info("%s: host I/O %s (%d us average wait): %s", self.image.path,
-                     "slow" if slow else "fast again", self.wait_ns // 1000,
-                     "requests under load go to the I/O threads" if slow else "serving inline")
+            log.info(
+                "%s: host I/O %s (%d us average wait): %s",
+                self.image.path,
+                "slow" if slow else "fast again",
+                self.wait_ns // 1000,
+                "requests under load go to the I/O threads" if slow else "serving inline",
+            )
 
     def _timed(self, fn: Callable[..., Any], *args: Any) -> Any:
         """fn(*args) inline, noting how long the host kept it waiting."""

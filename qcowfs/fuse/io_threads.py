@@ -72,8 +72,10 @@ class IoThreads:
         self.resuming = 0
         #: called on the trio thread with each job's wait (wall minus CPU time), in ns
         self.on_sample: Callable[[int], None] = lambda _ns: None
-        self._threads = [threading.Thread(target=self._work, name=f"qcowfs-io-{i}", daemon=True)
-                         for i in range(threads)]
+        self._threads = [
+            threading.Thread(target=self._work, name=f"qcowfs-io-{i}", daemon=True)
+            for i in range(threads)
+        ]
         for t in self._threads:
             t.start()
         # A thread whose copy is done needs the GIL for a few lines before its completion is
@@ -93,7 +95,9 @@ class IoThreads:
             self.peak = self.inflight
         self._jobs.put((task, fn, args))
         try:
-            return await trio.lowlevel.wait_task_rescheduled(lambda _raise: trio.lowlevel.Abort.FAILED)
+            return await trio.lowlevel.wait_task_rescheduled(
+                lambda _raise: trio.lowlevel.Abort.FAILED
+            )
         finally:
             self.resuming -= 1
 
@@ -139,4 +143,3 @@ class IoThreads:
         sys.setswitchinterval(self._interval)
         # tests/mount/test_concurrency.py reads this line: the storms must have overlapped
         log.info("host I/O threads: %d jobs, up to %d at once", self.jobs, self.peak)
-

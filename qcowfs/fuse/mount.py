@@ -78,7 +78,9 @@ class Mounted:
         if os.path.ismount(mp):
             raise MountError(f"{mp} is already a mount point")
         with self.stack.pop_all() as stack:  # unwinds everything if set-up fails half-way
-            image = Qcow2Image(self.image_path, read_only=self.read_only, backing_policy=self.options.backing)
+            image = Qcow2Image(
+                self.image_path, read_only=self.read_only, backing_policy=self.options.backing
+            )
             stack.callback(image.close, flush=False)  # no-op after a clean Disk.close
             locks = _locks_for(image, self.read_only)
             for lk in locks:
@@ -86,7 +88,9 @@ class Mounted:
                 stack.callback(lk.release)
             # after a corruption the image is read-only: become a read-only lock holder too
             image.on_read_only = locks[0].downgrade_to_read_only
-            disk = Disk(image, self.options.bitmap_sync)  # writes to the image: only now that the locks are ours
+            disk = Disk(
+                image, self.options.bitmap_sync
+            )  # writes to the image: only now that the locks are ours
             stack.callback(self._close_disk, disk)
             ops = QcowOperations(disk, self.options)
             # Only the users the options name get in: no allow_other unless asked for (root's
@@ -111,12 +115,22 @@ class Mounted:
         # a worker per thread and as many again queued behind them, one at the device
         if not self.loop.attach_io(threads, workers=2 * threads.size + 1):
             threads.close()
-            log.info("serving one request at a time: this pyfuse3 has no main(wait_readable) "
-                     "hook for several workers (scripts/build-pyfuse3 builds one)")
+            log.info(
+                "serving one request at a time: this pyfuse3 has no main(wait_readable) "
+                "hook for several workers (scripts/build-pyfuse3 builds one)"
+            )
             return
-        ops.cio = cio = ConcurrentIo(disk, self.loop, threads, always=self.options.offload == "always")
-        stack.callback(lambda: log.info("concurrent requests: %d waited for another's allocation or a drain, "
-                                        "%d host I/O slow-downs seen", cio.waits, cio.slow_spells))
+        ops.cio = cio = ConcurrentIo(
+            disk, self.loop, threads, always=self.options.offload == "always"
+        )
+        stack.callback(
+            lambda: log.info(
+                "concurrent requests: %d waited for another's allocation or a drain, "
+                "%d host I/O slow-downs seen",
+                cio.waits,
+                cio.slow_spells,
+            )
+        )
 
     def _close_fuse(self) -> None:
         try:
@@ -132,10 +146,13 @@ class Mounted:
         except (OSError, QcowError) as e:
             self.clean = False
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            log.error("%s: could not write the final metadata at unmount (%s); the image stays "
-                      "consistent but may leak clusters and its bitmaps stay in use: free the "
-                      "problem (e.g. disk space), then run 'qcowfs check --repair=leaks' on it",
-                      self.image_path, reason)
+            log.error(
+                "%s: could not write the final metadata at unmount (%s); the image stays "
+                "consistent but may leak clusters and its bitmaps stay in use: free the "
+                "problem (e.g. disk space), then run 'qcowfs check --repair=leaks' on it",
+                self.image_path,
+                reason,
+            )
 
     async def _serve(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -146,7 +163,9 @@ class Mounted:
                 await self.loop.run()
             nursery.cancel_scope.cancel()
 
-    async def _watch_signals(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def _watch_signals(
+        self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
             task_status.started()
             if self._early_signal is not None:
@@ -164,8 +183,10 @@ class Mounted:
     def hold_signals(self) -> None:
         """From the moment the mount is announced until trio's receiver takes over, a stop
         signal is remembered instead of killing the daemon with the mount still attached."""
+
         def remember(signum: int, frame: Optional[FrameType]) -> None:
             self._early_signal = signum
+
         for s in _STOP_SIGNALS:
             signal.signal(s, remember)
 
@@ -179,8 +200,12 @@ class Mounted:
         return self.clean
 
 
-def mount(image_path: str, mountpoint: str, options: MountOptions,
-          ready: Optional[Callable[[Optional[str]], None]] = None) -> int:
+def mount(
+    image_path: str,
+    mountpoint: str,
+    options: MountOptions,
+    ready: Optional[Callable[[Optional[str]], None]] = None,
+) -> int:
     """Prepare and serve until unmounted. `ready(error_line or None)` is called once set-up ends."""
     read_only = options.read_only
     m = Mounted(image_path, mountpoint, options)
@@ -197,8 +222,10 @@ def mount(image_path: str, mountpoint: str, options: MountOptions,
         raise err from None
     log.info("%s: mounted on %s%s", image_path, mountpoint, " read-only" if read_only else "")
     if not HAS_FALLOCATE:
-        log.warning("this pyfuse3 has no fallocate/lseek handlers (qcowfs' patch, scripts/build-pyfuse3): discard "
-                    "and zeroing on disk.raw fail with EOPNOTSUPP and SEEK_DATA/SEEK_HOLE see one data extent")
+        log.warning(
+            "this pyfuse3 has no fallocate/lseek handlers (qcowfs' patch, scripts/build-pyfuse3): discard "
+            "and zeroing on disk.raw fail with EOPNOTSUPP and SEEK_DATA/SEEK_HOLE see one data extent"
+        )
     m.hold_signals()
     if ready:
         ready(None)

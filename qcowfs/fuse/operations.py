@@ -34,7 +34,18 @@ import json
 import logging
 import os
 import stat
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Coroutine, NoReturn, Optional, Sequence, TypeVar, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Awaitable,
+    Callable,
+    Coroutine,
+    NoReturn,
+    Optional,
+    Sequence,
+    TypeVar,
+    Union,
+)
 
 import pyfuse3
 
@@ -91,7 +102,9 @@ def _errno_for(ops: "QcowOperations", where: str, e: Exception) -> int:
     return errno.EIO
 
 
-def _guard(fn: Callable[Concatenate[_Ops, _P], Awaitable[_R]]) -> Callable[Concatenate[_Ops, _P], Coroutine[Any, Any, _R]]:
+def _guard(
+    fn: Callable[Concatenate[_Ops, _P], Awaitable[_R]],
+) -> Callable[Concatenate[_Ops, _P], Coroutine[Any, Any, _R]]:
     """Map every error of a handler to an errno, through _errno_for()."""
 
     @functools.wraps(fn)
@@ -106,7 +119,9 @@ def _guard(fn: Callable[Concatenate[_Ops, _P], Awaitable[_R]]) -> Callable[Conca
     return wrapper
 
 
-def _quiesced(fn: Callable[Concatenate[_Ops, _P], Awaitable[_R]]) -> Callable[Concatenate[_Ops, _P], Coroutine[Any, Any, _R]]:
+def _quiesced(
+    fn: Callable[Concatenate[_Ops, _P], Awaitable[_R]],
+) -> Callable[Concatenate[_Ops, _P], Coroutine[Any, Any, _R]]:
     """_guard, for a handler that changes metadata beyond guest writes (or needs them settled):
     it runs once no host data copy is in flight (concurrent_io.ConcurrentIo.quiesce, QEMU's drain)."""
 
@@ -214,8 +229,12 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
 
     # ------------------------------------------------------------------ lookup
     @_guard
-    async def lookup(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT,
-                     ctx: Optional[pyfuse3.RequestContext] = None) -> pyfuse3.EntryAttributes:
+    async def lookup(
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: pyfuse3.FileNameT,
+        ctx: Optional[pyfuse3.RequestContext] = None,
+    ) -> pyfuse3.EntryAttributes:
         if parent_inode == ROOT:
             if name == DISK_NAME:
                 return self._attr(DISK)
@@ -234,12 +253,20 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
         raise pyfuse3.FUSEError(errno.ENOENT)
 
     @_guard
-    async def getattr(self, inode: pyfuse3.InodeT, ctx: Optional[pyfuse3.RequestContext] = None) -> pyfuse3.EntryAttributes:
+    async def getattr(
+        self, inode: pyfuse3.InodeT, ctx: Optional[pyfuse3.RequestContext] = None
+    ) -> pyfuse3.EntryAttributes:
         return self._attr(inode)
 
     @_quiesced
-    async def setattr(self, inode: pyfuse3.InodeT, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
-                      fh: Optional[pyfuse3.FileHandleT], ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def setattr(
+        self,
+        inode: pyfuse3.InodeT,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: Optional[pyfuse3.FileHandleT],
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
         if fields.update_size:
             if inode == DISK:
                 if attr.st_size != self.disk.size:
@@ -249,7 +276,7 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
             elif inode in self.inode_snaps:
                 raise pyfuse3.FUSEError(errno.EROFS)
             # truncating a bitmap file (echo cmd > NAME opens with O_TRUNC) is accepted and ignored
-        if (fields.update_mode or fields.update_uid or fields.update_gid):
+        if fields.update_mode or fields.update_uid or fields.update_gid:
             raise pyfuse3.FUSEError(errno.EPERM)
         # timestamps (touch) are accepted and ignored: they are not stored
         return self._attr(inode)
@@ -259,25 +286,35 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
 
     # ------------------------------------------------------------------ directories
     @_guard
-    async def opendir(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> pyfuse3.FileHandleT:
+    async def opendir(
+        self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileHandleT:
         if inode not in DIRS:
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
     @_guard
-    async def readdir(self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+    async def readdir(
+        self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken
+    ) -> None:
         # "." and ".." first, as every file system lists them (a low-level FUSE server must
         # add them itself; `ls -a` and some tools expect them). The root is its own parent here:
         # the kernel resolves the mount point's ".." itself.
         entries = [(b".", fh), (b"..", ROOT)]
         if fh == ROOT:
-            entries += [(DISK_NAME, DISK), (BITMAPS_NAME, BITMAPS_DIR), (SNAPSHOTS_NAME, SNAPSHOTS_DIR)]
+            entries += [
+                (DISK_NAME, DISK),
+                (BITMAPS_NAME, BITMAPS_DIR),
+                (SNAPSHOTS_NAME, SNAPSHOTS_DIR),
+            ]
         elif fh == SNAPSHOTS_DIR:
             if start_id == 0:
                 self.snapshots_changed()  # a fresh listing rereads the table
             entries += [(n, self.snap_inode(s)) for n, s in sorted(self.snapshot_files().items())]
         else:
-            entries += [(os.fsencode(n), self._bitmap_inode(n)) for n in sorted(self.disk.bitmaps.bitmaps)]
+            entries += [
+                (os.fsencode(n), self._bitmap_inode(n)) for n in sorted(self.disk.bitmaps.bitmaps)
+            ]
         for i in range(start_id, len(entries)):
             name, ino = entries[i]
             if not pyfuse3.readdir_reply(token, name, self._attr(ino), i + 1):
@@ -288,7 +325,9 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
 
     # ------------------------------------------------------------------ files
     @_guard
-    async def open(self, inode: pyfuse3.InodeT, flags: pyfuse3.FlagT, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+    async def open(
+        self, inode: pyfuse3.InodeT, flags: pyfuse3.FlagT, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileInfo:
         writing = flags & os.O_ACCMODE != os.O_RDONLY
         if inode == DISK:
             if writing and self.disk.read_only:
@@ -319,8 +358,14 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, direct_io=True)
 
     @_quiesced
-    async def create(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, mode: pyfuse3.ModeT, flags: pyfuse3.FlagT,
-                     ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+    async def create(
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: pyfuse3.FileNameT,
+        mode: pyfuse3.ModeT,
+        flags: pyfuse3.FlagT,
+        ctx: pyfuse3.RequestContext,
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         if parent_inode not in (BITMAPS_DIR, SNAPSHOTS_DIR):
             raise pyfuse3.FUSEError(errno.EPERM)
         if self.disk.read_only:
@@ -356,7 +401,9 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
         except Exception as e:
             raise pyfuse3.FUSEError(_errno_for(self, "read", e)) from None
 
-    def _read_bitmap(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> Union[bytes, memoryview]:
+    def _read_bitmap(
+        self, fh: pyfuse3.FileHandleT, off: int, size: int
+    ) -> Union[bytes, memoryview]:
         h = self.handles.get(fh)
         if h is None:
             view = self.snap_handles.get(fh)
@@ -391,7 +438,9 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
         except Exception as e:
             raise pyfuse3.FUSEError(_errno_for(self, "write", e)) from None
 
-    def _write_bitmap(self, fh: pyfuse3.FileHandleT, off: int, buf: Union[bytes, memoryview]) -> int:
+    def _write_bitmap(
+        self, fh: pyfuse3.FileHandleT, off: int, buf: Union[bytes, memoryview]
+    ) -> int:
         h = self.handles.get(fh)
         if h is None:
             raise pyfuse3.FUSEError(errno.EBADF)
@@ -400,8 +449,12 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
         except UnicodeDecodeError:
             command = None
         if command not in COMMANDS:
-            log.info("%s: bitmap %r: unknown command %r (use clear, enable or disable)",
-                     self.disk.image.path, h.name, bytes(buf[:40]))
+            log.info(
+                "%s: bitmap %r: unknown command %r (use clear, enable or disable)",
+                self.disk.image.path,
+                h.name,
+                bytes(buf[:40]),
+            )
             raise pyfuse3.FUSEError(errno.EINVAL)
         getattr(self.disk.bitmaps, command)(h.name)
         log.info("%s: bitmap %r: %s", self.disk.image.path, h.name, command)
@@ -448,7 +501,9 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
         self.snap_handles.pop(fh, None)
 
     @_quiesced
-    async def unlink(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext) -> None:
+    async def unlink(
+        self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
+    ) -> None:
         if parent_inode not in (BITMAPS_DIR, SNAPSHOTS_DIR):
             raise pyfuse3.FUSEError(errno.EPERM)
         if self.disk.read_only:
@@ -462,32 +517,68 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
         log.info("%s: removed bitmap %r", self.disk.image.path, n)
 
     # ------------------------------------------------------------------ refused
-    async def mkdir(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, mode: pyfuse3.ModeT,
-                    ctx: pyfuse3.RequestContext) -> NoReturn:
+    async def mkdir(
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: pyfuse3.FileNameT,
+        mode: pyfuse3.ModeT,
+        ctx: pyfuse3.RequestContext,
+    ) -> NoReturn:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def mknod(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, mode: pyfuse3.ModeT, rdev: int,
-                    ctx: pyfuse3.RequestContext) -> NoReturn:
+    async def mknod(
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: pyfuse3.FileNameT,
+        mode: pyfuse3.ModeT,
+        rdev: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> NoReturn:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def symlink(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, target: pyfuse3.FileNameT,
-                      ctx: pyfuse3.RequestContext) -> NoReturn:
+    async def symlink(
+        self,
+        parent_inode: pyfuse3.InodeT,
+        name: pyfuse3.FileNameT,
+        target: pyfuse3.FileNameT,
+        ctx: pyfuse3.RequestContext,
+    ) -> NoReturn:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def link(self, inode: pyfuse3.InodeT, new_parent_inode: pyfuse3.InodeT, new_name: pyfuse3.FileNameT,
-                   ctx: pyfuse3.RequestContext) -> NoReturn:
+    async def link(
+        self,
+        inode: pyfuse3.InodeT,
+        new_parent_inode: pyfuse3.InodeT,
+        new_name: pyfuse3.FileNameT,
+        ctx: pyfuse3.RequestContext,
+    ) -> NoReturn:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def rename(self, parent_inode_old: pyfuse3.InodeT, name_old: pyfuse3.FileNameT, parent_inode_new: pyfuse3.InodeT,
-                     name_new: pyfuse3.FileNameT, flags: pyfuse3.FlagT, ctx: pyfuse3.RequestContext) -> NoReturn:
+    async def rename(
+        self,
+        parent_inode_old: pyfuse3.InodeT,
+        name_old: pyfuse3.FileNameT,
+        parent_inode_new: pyfuse3.InodeT,
+        name_new: pyfuse3.FileNameT,
+        flags: pyfuse3.FlagT,
+        ctx: pyfuse3.RequestContext,
+    ) -> NoReturn:
         raise pyfuse3.FUSEError(errno.EPERM)
 
-    async def rmdir(self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext) -> NoReturn:
+    async def rmdir(
+        self, parent_inode: pyfuse3.InodeT, name: pyfuse3.FileNameT, ctx: pyfuse3.RequestContext
+    ) -> NoReturn:
         raise pyfuse3.FUSEError(errno.EPERM)
 
     # ------------------------------------------------------------------ control
     @_quiesced
-    async def setxattr(self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+    async def setxattr(
+        self,
+        inode: pyfuse3.InodeT,
+        name: pyfuse3.XAttrNameT,
+        value: bytes,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
         """`qcowfs bitmap OP MOUNTPOINT ...` sends one JSON command as the value of
         user.qcowfs.command on .bitmaps/ (bitmap_commands.py: strictly parsed, EINVAL otherwise)."""
         if inode != BITMAPS_DIR or name != COMMAND_XATTR:
@@ -496,7 +587,9 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
         if self.disk.read_only:
             raise pyfuse3.FUSEError(errno.EROFS)
         if cmd["op"] == "checkpoint":
-            self.last_result = self.disk.checkpoint(cmd["name"], cmd.get("disable", []), cmd.get("snapshot", True))
+            self.last_result = self.disk.checkpoint(
+                cmd["name"], cmd.get("disable", []), cmd.get("snapshot", True)
+            )
             self.snapshots_changed()
             log.info("%s: checkpoint %s", self.disk.image.path, self.last_result)
             return
@@ -507,14 +600,16 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
 
     # ------------------------------------------------------------------ misc
     @_guard
-    async def getxattr(self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext) -> bytes:
+    async def getxattr(
+        self, inode: pyfuse3.InodeT, name: pyfuse3.XAttrNameT, ctx: pyfuse3.RequestContext
+    ) -> bytes:
         if inode == ROOT and name == PID_XATTR:
             return str(os.getpid()).encode()
         if inode == BITMAPS_DIR and name == RESULT_XATTR and self.last_result is not None:
             return json.dumps(self.last_result).encode()
         if name.startswith(EXTENTS_XATTR) and inode in self.inode_names:
             try:
-                start = int(name[len(EXTENTS_XATTR):])
+                start = int(name[len(EXTENTS_XATTR) :])
             except ValueError:
                 raise pyfuse3.FUSEError(errno.EINVAL) from None
             bm = self.disk.bitmaps.usable(self.inode_names[inode])

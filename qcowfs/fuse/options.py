@@ -41,12 +41,32 @@ _KERNEL_FLAGS = frozenset({"sync", "async", "dirsync", "atime", "noatime", "exec
 # filesystem has no device nodes and no set-user-ID programs to honour.
 _ALWAYS_NOSUID_NODEV = frozenset({"dev", "nodev", "suid", "nosuid"})
 # What mount(8) and fstab say for their own use.
-_MOUNT8_ONLY = frozenset({"defaults", "auto", "noauto", "user", "nouser", "users", "owner",
-                          "nofail", "_netdev", "relatime", "norelatime", "strictatime",
-                          "nostrictatime", "lazytime", "nolazytime", "diratime", "nodiratime"})
+_MOUNT8_ONLY = frozenset(
+    {
+        "defaults",
+        "auto",
+        "noauto",
+        "user",
+        "nouser",
+        "users",
+        "owner",
+        "nofail",
+        "_netdev",
+        "relatime",
+        "norelatime",
+        "strictatime",
+        "nostrictatime",
+        "lazytime",
+        "nolazytime",
+        "diratime",
+        "nodiratime",
+    }
+)
 
-KNOWN = ("ro, rw, allow_other, default_permissions, uid=N, gid=N, umask=NNN, log=FILE, debug, "
-         "foreground, backing=follow|same-dir|none, bitmap_sync=close|intent, io_threads=N, offload=auto|always")
+KNOWN = (
+    "ro, rw, allow_other, default_permissions, uid=N, gid=N, umask=NNN, log=FILE, debug, "
+    "foreground, backing=follow|same-dir|none, bitmap_sync=close|intent, io_threads=N, offload=auto|always"
+)
 OFFLOAD_MODES = ("auto", "always")
 DEFAULT_IO_THREADS = 4
 MAX_IO_THREADS = 64
@@ -94,7 +114,9 @@ def _id(value: str, what: str, lookup: Callable[[str], int]) -> int:
     try:
         return lookup(value)
     except KeyError:
-        raise OptionError(f"mount option {what}={value}: no such {'user' if what == 'uid' else 'group'}") from None
+        raise OptionError(
+            f"mount option {what}={value}: no such {'user' if what == 'uid' else 'group'}"
+        ) from None
 
 
 def parse_into(opts: MountOptions, specs: Iterable[str]) -> MountOptions:
@@ -125,7 +147,9 @@ def parse_into(opts: MountOptions, specs: Iterable[str]) -> MountOptions:
                 except ValueError:
                     opts.umask = -1
                 if not 0 <= opts.umask <= 0o777:
-                    raise OptionError(f"mount option umask={value}: expected an octal number up to 777")
+                    raise OptionError(
+                        f"mount option umask={value}: expected an octal number up to 777"
+                    )
             elif key == "log" and eq:
                 opts.log = value
             elif key == "debug" and not eq:
@@ -134,19 +158,27 @@ def parse_into(opts: MountOptions, specs: Iterable[str]) -> MountOptions:
                 opts.foreground = True
             elif key == "backing" and eq:
                 if value not in BACKING_POLICIES:
-                    raise OptionError(f"mount option backing={value}: expected one of {', '.join(BACKING_POLICIES)}")
+                    raise OptionError(
+                        f"mount option backing={value}: expected one of {', '.join(BACKING_POLICIES)}"
+                    )
                 opts.backing = value
             elif key == "bitmap_sync" and eq:
                 if value not in BITMAP_SYNC_MODES:
-                    raise OptionError(f"mount option bitmap_sync={value}: expected one of {', '.join(BITMAP_SYNC_MODES)}")
+                    raise OptionError(
+                        f"mount option bitmap_sync={value}: expected one of {', '.join(BITMAP_SYNC_MODES)}"
+                    )
                 opts.bitmap_sync = value
             elif key == "io_threads" and eq:
                 if not value.isdigit() or int(value) > MAX_IO_THREADS:
-                    raise OptionError(f"mount option io_threads={value}: expected a number from 0 to {MAX_IO_THREADS}")
+                    raise OptionError(
+                        f"mount option io_threads={value}: expected a number from 0 to {MAX_IO_THREADS}"
+                    )
                 opts.io_threads = int(value)
             elif key == "offload" and eq:
                 if value not in OFFLOAD_MODES:
-                    raise OptionError(f"mount option offload={value}: expected one of {', '.join(OFFLOAD_MODES)}")
+                    raise OptionError(
+                        f"mount option offload={value}: expected one of {', '.join(OFFLOAD_MODES)}"
+                    )
                 opts.offload = value
             elif not eq and key in _KERNEL_FLAGS:
                 opts.kernel_flags.append(key)

@@ -144,7 +144,9 @@ def _spin_from_env(default: int = 50) -> int:
 class FastLoop:
     """Serves a pyfuse3 session set up with pyfuse3.init(), in the current trio run."""
 
-    def __init__(self, spin_us: Optional[int] = None, block_ms: int = 20, checkpoint_every: int = 64):
+    def __init__(
+        self, spin_us: Optional[int] = None, block_ms: int = 20, checkpoint_every: int = 64
+    ):
         if spin_us is None:
             spin_us = _spin_from_env()
         self.spin_ns = spin_us * 1000
@@ -177,16 +179,20 @@ class FastLoop:
         global _refusal_logged
         if public_hook():
             self.fast = self.public = True
-            log.debug("fast FUSE request loop through pyfuse3.main(wait_readable=) (spin %d us)",
-                      self.spin_ns // 1000)
+            log.debug(
+                "fast FUSE request loop through pyfuse3.main(wait_readable=) (spin %d us)",
+                self.spin_ns // 1000,
+            )
             return True
         reason = hook_refusal()
         fd = fuse_device_fd() if reason is None else None
         if fd is None:
             if not _refusal_logged:  # once per daemon, however often asked
                 _refusal_logged = True
-                log.warning("fast FUSE request loop unavailable (%s); using pyfuse3's own",
-                            reason or "no single /dev/fuse descriptor in this process")
+                log.warning(
+                    "fast FUSE request loop unavailable (%s); using pyfuse3's own",
+                    reason or "no single /dev/fuse descriptor in this process",
+                )
             return False
         self.fd = fd
         self._poll.register(fd, select.POLLIN)
@@ -228,9 +234,14 @@ class FastLoop:
                 await pyfuse3.main(min_tasks=1, max_tasks=1)
         finally:
             self.uninstall()
-            log.info("request loop: %d requests through the fast waiter (%d after blocking in poll, "
-                     "%d after parking in trio; %s hook)", self.requests, self.slept, self.parked,
-                     "public" if self.public else "private")
+            log.info(
+                "request loop: %d requests through the fast waiter (%d after blocking in poll, "
+                "%d after parking in trio; %s hook)",
+                self.requests,
+                self.slept,
+                self.parked,
+                "public" if self.public else "private",
+            )
 
     def exit(self) -> None:
         """Stop serving (from the trio thread): the loop returns after the current request."""

@@ -91,48 +91,129 @@ __all__ = ["parse_args", "main"]
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="bench", description=__doc__.split("\n\n")[0].strip(),
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Jobs: " + ", ".join(JOBS) + f"; NAME{FRESH} for any but first-*. Targets: "
-                                + ", ".join(ALL_TARGETS) + " (stock: the ceiling on pyfuse3's own request loop; not in the "
-                                "default run). Presets: " + "; ".join(f"{k} = --jobs {','.join(v['jobs'])} --targets "
-                                                                     f"{','.join(v['targets'])}" for k, v in PRESETS.items()))
-    p.add_argument("--runtime", type=float, default=2, help="seconds per time-based fio run (default 2)")
-    p.add_argument("--repeat", type=int, default=3, help="runs per job and target; the median is reported (default 3)")
-    p.add_argument("--jobs", default=None, help="comma-separated jobs, 'all' for every job without @fresh "
-                   "(default: the psync jobs, " + ",".join(DEFAULT_JOBS) + ")")
-    p.add_argument("--targets", default=None, help="comma-separated targets (default: qcowfs,intent,qemu,ceiling)")
-    p.add_argument("--preset", choices=sorted(PRESETS), help="a set of jobs and targets (issue15: the ten jobs of issue 15 "
-                   "on filled and fresh images, qcowfs against QEMU 7.2 and 10.0); --jobs/--targets override")
-    p.add_argument("--qemu10-dir", default=QEMU10_DIR, help="where target qemu10's QEMU is installed on first use and "
-                   f"found later (default {QEMU10_DIR}); a DIR with bin/ or usr/bin/qemu-storage-daemon is used as is")
-    p.add_argument("--size", type=parse_size, default=parse_size("1G"), help="guest disk size (default 1G)")
-    p.add_argument("--first-write-repeat", type=int, default=7,
-                   help="fresh images per target for first-write, the median reported (default 7: the host "
-                        "filesystem's allocation is the noisiest part of the run)")
-    p.add_argument("--no-rss-1t", dest="rss_1t", action="store_false",
-                   help="skip the memory check: peak RSS reading a 1 TiB fully allocated image at 4096 places")
-    p.add_argument("--first-write-size", type=parse_size, default=None,
-                   help="bytes written by first-write (default: 512M or --size if smaller)")
-    p.add_argument("--out", default="bench-results", help="directory for JSON and PNG (default bench-results/)")
-    p.add_argument("--workdir", default=None, help="where images and mounts live (default: a new dir under /var/tmp)")
-    p.add_argument("--fresh", action="store_true", help="a freshly filled image and mount per job, not one per run")
+    p = argparse.ArgumentParser(
+        prog="bench",
+        description=__doc__.split("\n\n")[0].strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Jobs: "
+        + ", ".join(JOBS)
+        + f"; NAME{FRESH} for any but first-*. Targets: "
+        + ", ".join(ALL_TARGETS)
+        + " (stock: the ceiling on pyfuse3's own request loop; not in the "
+        "default run). Presets: "
+        + "; ".join(
+            f"{k} = --jobs {','.join(v['jobs'])} --targets {','.join(v['targets'])}"
+            for k, v in PRESETS.items()
+        ),
+    )
+    p.add_argument(
+        "--runtime", type=float, default=2, help="seconds per time-based fio run (default 2)"
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="runs per job and target; the median is reported (default 3)",
+    )
+    p.add_argument(
+        "--jobs",
+        default=None,
+        help="comma-separated jobs, 'all' for every job without @fresh "
+        "(default: the psync jobs, " + ",".join(DEFAULT_JOBS) + ")",
+    )
+    p.add_argument(
+        "--targets",
+        default=None,
+        help="comma-separated targets (default: qcowfs,intent,qemu,ceiling)",
+    )
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="a set of jobs and targets (issue15: the ten jobs of issue 15 "
+        "on filled and fresh images, qcowfs against QEMU 7.2 and 10.0); --jobs/--targets override",
+    )
+    p.add_argument(
+        "--qemu10-dir",
+        default=QEMU10_DIR,
+        help="where target qemu10's QEMU is installed on first use and "
+        f"found later (default {QEMU10_DIR}); a DIR with bin/ or usr/bin/qemu-storage-daemon is used as is",
+    )
+    p.add_argument(
+        "--size", type=parse_size, default=parse_size("1G"), help="guest disk size (default 1G)"
+    )
+    p.add_argument(
+        "--first-write-repeat",
+        type=int,
+        default=7,
+        help="fresh images per target for first-write, the median reported (default 7: the host "
+        "filesystem's allocation is the noisiest part of the run)",
+    )
+    p.add_argument(
+        "--no-rss-1t",
+        dest="rss_1t",
+        action="store_false",
+        help="skip the memory check: peak RSS reading a 1 TiB fully allocated image at 4096 places",
+    )
+    p.add_argument(
+        "--first-write-size",
+        type=parse_size,
+        default=None,
+        help="bytes written by first-write (default: 512M or --size if smaller)",
+    )
+    p.add_argument(
+        "--out", default="bench-results", help="directory for JSON and PNG (default bench-results/)"
+    )
+    p.add_argument(
+        "--workdir",
+        default=None,
+        help="where images and mounts live (default: a new dir under /var/tmp)",
+    )
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="a freshly filled image and mount per job, not one per run",
+    )
     p.add_argument("--keep", action="store_true", help="keep the workdir (daemon logs) afterwards")
-    p.add_argument("--install-plot", action="store_true", help="pip install matplotlib into this environment if missing")
-    p.add_argument("--baseline", metavar="REV", help="add target 'baseline': qcowfs as of git revision REV")
-    p.add_argument("--host-latency-us", type=int, default=0, metavar="N",
-                   help="serve every target's image file through qcowfs_dev/ceiling_fs.py --latency-us=N: each host "
-                        "read, write and fsync waits N us, many at once (a slow disk or network storage)")
-    p.add_argument("--report", metavar="JSON", help="print the table of an earlier run's JSON and draw its PNG; runs nothing")
+    p.add_argument(
+        "--install-plot",
+        action="store_true",
+        help="pip install matplotlib into this environment if missing",
+    )
+    p.add_argument(
+        "--baseline", metavar="REV", help="add target 'baseline': qcowfs as of git revision REV"
+    )
+    p.add_argument(
+        "--host-latency-us",
+        type=int,
+        default=0,
+        metavar="N",
+        help="serve every target's image file through qcowfs_dev/ceiling_fs.py --latency-us=N: each host "
+        "read, write and fsync waits N us, many at once (a slow disk or network storage)",
+    )
+    p.add_argument(
+        "--report",
+        metavar="JSON",
+        help="print the table of an earlier run's JSON and draw its PNG; runs nothing",
+    )
     a = p.parse_args(argv)
     preset = PRESETS.get(a.preset, {})
-    a.jobs = [j.strip() for j in a.jobs.split(",") if j.strip()] if a.jobs else list(preset.get("jobs", DEFAULT_JOBS))
-    a.targets = [t.strip() for t in a.targets.split(",") if t.strip()] if a.targets else list(preset.get("targets", TARGETS))
+    a.jobs = (
+        [j.strip() for j in a.jobs.split(",") if j.strip()]
+        if a.jobs
+        else list(preset.get("jobs", DEFAULT_JOBS))
+    )
+    a.targets = (
+        [t.strip() for t in a.targets.split(",") if t.strip()]
+        if a.targets
+        else list(preset.get("targets", TARGETS))
+    )
     if "all" in a.jobs:
         a.jobs = [j for j in a.jobs if j != "all"] + list(JOBS)
     for j in a.jobs:
         if j not in ALL_JOBS:
-            p.error(f"unknown job {j!r} (jobs: {', '.join(JOBS)}; NAME{FRESH} for the ones not starting with first-)")
+            p.error(
+                f"unknown job {j!r} (jobs: {', '.join(JOBS)}; NAME{FRESH} for the ones not starting with first-)"
+            )
     for t in a.targets:
         if t not in ALL_TARGETS:
             p.error(f"unknown target {t!r} (targets: {', '.join(ALL_TARGETS)})")
@@ -152,13 +233,13 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return a
 
 
-
-
 def main(argv: Optional[Sequence[str]]) -> int:
     a = parse_args(argv)
     if a.report:
         return report(a.report)
-    for tool in ["fio", "qemu-img", "fusermount3"] + (["qemu-storage-daemon"] if "qemu" in a.targets else []):
+    for tool in ["fio", "qemu-img", "fusermount3"] + (
+        ["qemu-storage-daemon"] if "qemu" in a.targets else []
+    ):
         if not shutil.which(tool):
             log(f"bench: {tool} not found")
             return 2
@@ -172,12 +253,16 @@ def main(argv: Optional[Sequence[str]]) -> int:
             qemu10.setup()
         except (BenchError, OSError) as e:
             msg = str(e).strip().splitlines() or [""]
-            log(f"bench: qemu10: no usable QEMU 10 in {qemu10.dir} ({QEMU10_SUITE}): {msg[0][:300]}"
-                + (f" ... {msg[-1].strip()[:300]}" if len(msg) > 1 else ""))
+            log(
+                f"bench: qemu10: no usable QEMU 10 in {qemu10.dir} ({QEMU10_SUITE}): {msg[0][:300]}"
+                + (f" ... {msg[-1].strip()[:300]}" if len(msg) > 1 else "")
+            )
             return 2
         log(f"bench: qemu10 = {qemu10.binary} ({qemu10.version}), aio=io_uring works")
-    labels = {"qemu": qsd_label(versions(None)["qemu"], "qemu") if "qemu" in a.targets else "qemu",
-              "qemu10": qsd_label(qemu10.version, "qemu10") if qemu10 else "qemu10"}
+    labels = {
+        "qemu": qsd_label(versions(None)["qemu"], "qemu") if "qemu" in a.targets else "qemu",
+        "qemu10": qsd_label(qemu10.version, "qemu10") if qemu10 else "qemu10",
+    }
     own_workdir = a.workdir is None
     if own_workdir:
         a.workdir = tempfile.mkdtemp(prefix="qcowfs-bench.", dir="/var/tmp")
@@ -187,7 +272,9 @@ def main(argv: Optional[Sequence[str]]) -> int:
     if a.baseline:
         src = os.path.join(a.workdir, "baseline-src")
         os.makedirs(src, exist_ok=True)
-        arch = subprocess.run(["git", "-C", REPO, "archive", a.baseline, "qcowfs"], stdout=subprocess.PIPE)
+        arch = subprocess.run(
+            ["git", "-C", REPO, "archive", a.baseline, "qcowfs"], stdout=subprocess.PIPE
+        )
         if arch.returncode != 0:
             log(f"bench: git archive {a.baseline} failed")
             return 2
@@ -199,17 +286,24 @@ def main(argv: Optional[Sequence[str]]) -> int:
     # SIGTERM/SIGHUP: unwind like Ctrl-C so every mount and daemon is cleaned up
     def on_signal(signum: int, frame: Optional[FrameType]) -> None:
         raise KeyboardInterrupt
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored (cmd &)
+    signal.signal(
+        signal.SIGINT, signal.default_int_handler
+    )  # even if started with SIGINT ignored (cmd &)
 
     runs = len(a.jobs) * len(a.targets) * a.repeat
-    log(f"bench: {len(a.jobs)} jobs x {len(a.targets)} targets x {a.repeat} repeats = {runs} fio runs, "
-        f"{a.runtime:g}s each; workdir {a.workdir}")
+    log(
+        f"bench: {len(a.jobs)} jobs x {len(a.targets)} targets x {a.repeat} repeats = {runs} fio runs, "
+        f"{a.runtime:g}s each; workdir {a.workdir}"
+    )
     load0 = os.getloadavg()
     if load0[0] > 0.5 * (os.cpu_count() or 1):
-        log(f"bench: note: load average {load0[0]:.1f} on {os.cpu_count()} CPUs before starting; "
-            "other work will make the numbers noisy")
+        log(
+            f"bench: note: load average {load0[0]:.1f} on {os.cpu_count()} CPUs before starting; "
+            "other work will make the numbers noisy"
+        )
     b = Bench(a)
     t0 = time.monotonic()
     ok = False
@@ -224,7 +318,11 @@ def main(argv: Optional[Sequence[str]]) -> int:
         log(f"bench: {e}")
     finally:
         b.stop_all()
-        leftover = [mp for _, mp, _ in mounts.mount_table() if mp.startswith(os.path.realpath(a.workdir) + "/")]
+        leftover = [
+            mp
+            for _, mp, _ in mounts.mount_table()
+            if mp.startswith(os.path.realpath(a.workdir) + "/")
+        ]
         if leftover:
             # never rm -r through a live mount: that would write into the images (or worse)
             log(f"bench: still mounted, leaving {a.workdir} in place: {', '.join(leftover)}")
@@ -242,7 +340,9 @@ def main(argv: Optional[Sequence[str]]) -> int:
 
     med = medians(b.results)
     print()
-    for line in run_header(a.jobs, a.size, a.runtime, a.repeat, a.first_write_size, a.first_write_repeat, elapsed):
+    for line in run_header(
+        a.jobs, a.size, a.runtime, a.repeat, a.first_write_size, a.first_write_repeat, elapsed
+    ):
         print(line)
     print(table(med, a.targets, b.mem, labels))
 
@@ -264,5 +364,7 @@ def main(argv: Optional[Sequence[str]]) -> int:
     if plot(med, a.targets, base + ".png", title, labels):
         print(f"chart:   {base}.png")
     else:
-        print("chart:   skipped (matplotlib not importable; --install-plot installs it into this environment)")
+        print(
+            "chart:   skipped (matplotlib not importable; --install-plot installs it into this environment)"
+        )
     return 0

@@ -10,8 +10,23 @@ from typing import Any
 from qcowfs_dev import mounts
 from qcowfs_dev.proc import REPO
 
-__all__ = ["REPO", "CLUSTER", "FILL_BYTE", "MOUNT_TIMEOUT", "STOP_TIMEOUT", "BenchError", "log", "run", "mounted",
-           "unmount", "wait_exit", "proc_mem", "tail", "fill_raw", "make_qcow2"]
+__all__ = [
+    "REPO",
+    "CLUSTER",
+    "FILL_BYTE",
+    "MOUNT_TIMEOUT",
+    "STOP_TIMEOUT",
+    "BenchError",
+    "log",
+    "run",
+    "mounted",
+    "unmount",
+    "wait_exit",
+    "proc_mem",
+    "tail",
+    "fill_raw",
+    "make_qcow2",
+]
 
 FILL_BYTE = 0x5A
 CLUSTER = 65536
@@ -30,7 +45,9 @@ def log(msg: str) -> None:
 def run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
     p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
     if p.returncode != 0:
-        raise BenchError(f"{' '.join(cmd)} failed (exit {p.returncode}): {(p.stderr or p.stdout).strip()[-2000:]}")
+        raise BenchError(
+            f"{' '.join(cmd)} failed (exit {p.returncode}): {(p.stderr or p.stdout).strip()[-2000:]}"
+        )
     return p
 
 
@@ -41,8 +58,11 @@ def mounted(path: str) -> bool:
 
 def unmount(path: str) -> None:
     """fusermount3 -u, retried while busy (fio just killed), finally lazily."""
-    mounts.unmount(path, busy_retry=10,
-                   on_busy=lambda err: log(f"bench: {path} stays busy ({err}); detaching it lazily"))
+    mounts.unmount(
+        path,
+        busy_retry=10,
+        on_busy=lambda err: log(f"bench: {path} stays busy ({err}); detaching it lazily"),
+    )
 
 
 def wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> bool:
@@ -90,6 +110,31 @@ def make_qcow2(path: str, size: int, filled_from: str | None) -> None:
         os.unlink(path)
     if filled_from:
         # every cluster allocated and holding 0x5a (qemu-img convert keeps no zero clusters of it)
-        run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-o", f"cluster_size={CLUSTER}", filled_from, path])
+        run(
+            [
+                "qemu-img",
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                "-o",
+                f"cluster_size={CLUSTER}",
+                filled_from,
+                path,
+            ]
+        )
     else:
-        run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={CLUSTER}", path, str(size)])
+        run(
+            [
+                "qemu-img",
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                f"cluster_size={CLUSTER}",
+                path,
+                str(size),
+            ]
+        )

@@ -14,8 +14,26 @@ from typing import Any, Iterable, Mapping
 
 from .host import CLUSTER, BenchError
 
-__all__ = ["JOBS", "FRESH", "ALL_JOBS", "DEFAULT_JOBS", "ISSUE15", "PRESETS", "TARGETS", "ALL_TARGETS", "JobSpec",
-           "job_spec", "writes", "human", "parse_size", "fio_desc", "fio_command", "fio_result", "mixed", "fio"]
+__all__ = [
+    "JOBS",
+    "FRESH",
+    "ALL_JOBS",
+    "DEFAULT_JOBS",
+    "ISSUE15",
+    "PRESETS",
+    "TARGETS",
+    "ALL_TARGETS",
+    "JobSpec",
+    "job_spec",
+    "writes",
+    "human",
+    "parse_size",
+    "fio_desc",
+    "fio_command",
+    "fio_result",
+    "mixed",
+    "fio",
+]
 
 JobSpec = dict[str, Any]
 
@@ -45,11 +63,23 @@ JOBS: dict[str, JobSpec] = {
 FRESH = "@fresh"  # job-name suffix: the job on a fresh empty image and mount per repeat
 ALL_JOBS = list(JOBS) + [j + FRESH for j in JOBS if not JOBS[j].get("fresh")]
 DEFAULT_JOBS = [j for j in JOBS if "-qd" not in j]  # the default run: the psync jobs
-ISSUE15 = ["rand-read-4k", "rand-write-4k", "seq-write", "rand-read-4k-qd16", "rand-write-4k-qd16",
-           "rand-read-4k-uring-qd32", "seq-write-qd8", "seq-read-qd8", "rand-write-64k-qd16", "rand-rw-4k-qd16"]
+ISSUE15 = [
+    "rand-read-4k",
+    "rand-write-4k",
+    "seq-write",
+    "rand-read-4k-qd16",
+    "rand-write-4k-qd16",
+    "rand-read-4k-uring-qd32",
+    "seq-write-qd8",
+    "seq-read-qd8",
+    "rand-write-64k-qd16",
+    "rand-rw-4k-qd16",
+]
 # --preset NAME: jobs and targets (an explicit --jobs or --targets wins)
 PRESETS: dict[str, dict[str, list[str]]] = {
-    "issue15": dict(jobs=ISSUE15 + [j + FRESH for j in ISSUE15], targets=["qcowfs", "qemu", "qemu10"]),
+    "issue15": dict(
+        jobs=ISSUE15 + [j + FRESH for j in ISSUE15], targets=["qcowfs", "qemu", "qemu10"]
+    ),
 }
 TARGETS = ("qcowfs", "intent", "qemu", "ceiling")  # the default run
 ALL_TARGETS = ("qcowfs", "serial", "intent", "baseline", "qemu", "qemu10", "ceiling", "stock")
@@ -59,7 +89,7 @@ def parse_size(s: str) -> int:
     s = s.strip()
     units = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     num = s.rstrip("KMGTBkmgtbi")
-    unit = s[len(num):].upper().replace("IB", "").replace("I", "")
+    unit = s[len(num) :].upper().replace("IB", "").replace("I", "")
     if unit not in units or not num:
         raise argparse.ArgumentTypeError(f"bad size {s!r} (use e.g. 512M, 1G)")
     n = int(float(num) * units[unit])
@@ -92,11 +122,22 @@ def fio_desc(jobs: Iterable[str]) -> str:
 
 
 # ---------------------------------------------------------------------- fio
-def fio_command(job: str, spec: Mapping[str, Any], filename: str, size: int, runtime: float, fw_size: int) -> list[str]:
+def fio_command(
+    job: str, spec: Mapping[str, Any], filename: str, size: int, runtime: float, fw_size: int
+) -> list[str]:
     """The fio command line of JOB (SPEC) on FILENAME: a disk of SIZE bytes, RUNTIME seconds per
     time-based run, FW_SIZE bytes written by a first-write pass."""
-    cmd = ["fio", f"--name={job}", f"--filename={filename}", f"--rw={spec['rw']}", f"--bs={spec['bs']}",
-           f"--ioengine={spec.get('ioengine', 'psync')}", "--direct=1", "--output-format=json", "--invalidate=0"]
+    cmd = [
+        "fio",
+        f"--name={job}",
+        f"--filename={filename}",
+        f"--rw={spec['rw']}",
+        f"--bs={spec['bs']}",
+        f"--ioengine={spec.get('ioengine', 'psync')}",
+        "--direct=1",
+        "--output-format=json",
+        "--invalidate=0",
+    ]
     if spec.get("iodepth", 1) > 1:
         cmd += [f"--iodepth={spec['iodepth']}"]
     if "rwmixread" in spec:
@@ -105,7 +146,9 @@ def fio_command(job: str, spec: Mapping[str, Any], filename: str, size: int, run
         # NAME@fresh over the whole disk: reads (holes) time-based; writes at most one pass (fio
         # touches every block once), so no block is written twice and every cluster is allocated
         # by the run, stopping at the runtime or the end of the disk
-        cmd += [f"--size={size}", f"--runtime={round(runtime * 1000)}ms"] + ([] if writes(spec) else ["--time_based"])
+        cmd += [f"--size={size}", f"--runtime={round(runtime * 1000)}ms"] + (
+            [] if writes(spec) else ["--time_based"]
+        )
     elif spec.get("fresh") and spec.get("timed"):
         cmd += [f"--size={fw_size}", "--time_based", f"--runtime={round(runtime * 1000)}ms"]
     elif spec.get("fresh"):
@@ -118,7 +161,9 @@ def fio_command(job: str, spec: Mapping[str, Any], filename: str, size: int, run
     return cmd
 
 
-def fio_result(job: str, spec: Mapping[str, Any], filename: str, returncode: int, out: str, err: str) -> dict[str, float]:
+def fio_result(
+    job: str, spec: Mapping[str, Any], filename: str, returncode: int, out: str, err: str
+) -> dict[str, float]:
     """What one fio run measured (IOPS, bytes per second and in all, runtime, mean and p99
     completion latency), from its exit status and JSON output; BenchError if it failed or did no I/O."""
     start = out.find("{")  # fio may print notes before the JSON document
@@ -127,7 +172,9 @@ def fio_result(job: str, spec: Mapping[str, Any], filename: str, returncode: int
     except ValueError:
         doc = None
     if returncode != 0 or not doc or not doc.get("jobs"):
-        raise BenchError(f"fio {job} on {filename} failed (exit {returncode}): {(err or out).strip()[-2000:]}")
+        raise BenchError(
+            f"fio {job} on {filename} failed (exit {returncode}): {(err or out).strip()[-2000:]}"
+        )
     j = doc["jobs"][0]
     if j.get("error"):
         raise BenchError(f"fio {job} on {filename}: error {j['error']}: {err.strip()[-1000:]}")
@@ -153,14 +200,26 @@ def mixed(r: Mapping[str, Any], w: Mapping[str, Any]) -> dict[str, Any]:
     n_r, n_w = r.get("total_ios", 0), w.get("total_ios", 0)
     lat = [(s.get("clat_ns", {}).get("mean", 0), n) for s, n in ((r, n_r), (w, n_w))]
     p99 = [s.get("clat_ns", {}).get("percentile", {}).get("99.000000", 0) for s in (r, w)]
-    return {"iops": r["iops"] + w["iops"], "bw_bytes": r["bw_bytes"] + w["bw_bytes"],
-            "io_bytes": r["io_bytes"] + w["io_bytes"], "runtime": max(r["runtime"], w["runtime"]),
-            "clat_ns": {"mean": sum(m * n for m, n in lat) / max(1, n_r + n_w),
-                        "percentile": {"99.000000": max(p99)}}}
+    return {
+        "iops": r["iops"] + w["iops"],
+        "bw_bytes": r["bw_bytes"] + w["bw_bytes"],
+        "io_bytes": r["io_bytes"] + w["io_bytes"],
+        "runtime": max(r["runtime"], w["runtime"]),
+        "clat_ns": {
+            "mean": sum(m * n for m, n in lat) / max(1, n_r + n_w),
+            "percentile": {"99.000000": max(p99)},
+        },
+    }
 
 
-def fio(job: str, spec: Mapping[str, Any], filename: str, size: int, runtime: float, fw_size: int) -> dict[str, float]:
+def fio(
+    job: str, spec: Mapping[str, Any], filename: str, size: int, runtime: float, fw_size: int
+) -> dict[str, float]:
     """Run JOB on FILENAME (see fio_command) and return what it measured (see fio_result)."""
-    p = subprocess.run(fio_command(job, spec, filename, size, runtime, fw_size),
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.run(
+        fio_command(job, spec, filename, size, runtime, fw_size),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     return fio_result(job, spec, filename, p.returncode, p.stdout, p.stderr)

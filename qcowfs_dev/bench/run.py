@@ -69,10 +69,19 @@ class Bench:
 
     def measure(self, job: str, target: Target, r: int) -> None:
         os.sync()  # previous writes' dirty pages go to disk now, not during this run
-        res = fio(job, job_spec(job), target.fio_file, self.args.size, self.args.runtime, self.args.first_write_size)
+        res = fio(
+            job,
+            job_spec(job),
+            target.fio_file,
+            self.args.size,
+            self.args.runtime,
+            self.args.first_write_size,
+        )
         self.results[job][target.name].append(res)
-        log(f"  [{time.monotonic() - self.t0:5.0f}s] {job:16} {target.name:8} #{r + 1}: "
-            f"{res['iops']:10.0f} IOPS {res['bw_bytes'] / 1e6:9.1f} MB/s")
+        log(
+            f"  [{time.monotonic() - self.t0:5.0f}s] {job:16} {target.name:8} #{r + 1}: "
+            f"{res['iops']:10.0f} IOPS {res['bw_bytes'] / 1e6:9.1f} MB/s"
+        )
 
     def warm_up(self, targets: Mapping[str, Target]) -> None:
         """One short untimed sequential write per target: the first measured run of a fresh
@@ -80,11 +89,23 @@ class Bench:
         for t in targets.values():
             if t.prefill_bitmap:
                 # the whole disk once: every granule of the bitmap dirty (steady state)
-                fio("warm-up", dict(rw="write", bs="1M", fresh=True), t.fio_file, self.args.size,
-                    self.args.runtime, self.args.size)
+                fio(
+                    "warm-up",
+                    dict(rw="write", bs="1M", fresh=True),
+                    t.fio_file,
+                    self.args.size,
+                    self.args.runtime,
+                    self.args.size,
+                )
             else:
-                fio("warm-up", dict(rw="write", bs="1M"), t.fio_file, self.args.size,
-                    max(0.5, self.args.runtime / 2), 0)
+                fio(
+                    "warm-up",
+                    dict(rw="write", bs="1M"),
+                    t.fio_file,
+                    self.args.size,
+                    max(0.5, self.args.runtime / 2),
+                    0,
+                )
 
     def record_mem(self, phase: str, targets: Mapping[str, Target]) -> None:
         for name, t in targets.items():
@@ -98,7 +119,9 @@ class Bench:
         steady = [j for j in a.jobs if not job_spec(j).get("fresh")]
         fresh = [j for j in a.jobs if job_spec(j).get("fresh")]
         if steady and not a.fresh:
-            log(f"bench: preparing {human(a.size)} filled images and mounting {', '.join(a.targets)}")
+            log(
+                f"bench: preparing {human(a.size)} filled images and mounting {', '.join(a.targets)}"
+            )
             targets = self.new_targets(filled=True)
             try:
                 self.warm_up(targets)
@@ -126,12 +149,16 @@ class Bench:
             if spec.get("fresh_of"):
                 # NAME@fresh: --repeat fresh images, no warm-up (it would allocate)
                 repeats, phase = a.repeat, "fresh_VmHWM"
-                log(f"bench: {job}: a fresh empty image and mount per repeat ({spec['bs']} {spec['rw']}"
-                    f"{', iodepth %d' % spec['iodepth'] if spec.get('iodepth', 1) > 1 else ''} over {human(a.size)})")
+                log(
+                    f"bench: {job}: a fresh empty image and mount per repeat ({spec['bs']} {spec['rw']}"
+                    f"{', iodepth %d' % spec['iodepth'] if spec.get('iodepth', 1) > 1 else ''} over {human(a.size)})"
+                )
             else:
                 repeats, phase = a.first_write_repeat, "first_write_VmHWM"
-                log(f"bench: {job}: a fresh empty image and mount per repeat "
-                    f"({human(a.first_write_size)} of {spec['bs']} {spec['rw']})")
+                log(
+                    f"bench: {job}: a fresh empty image and mount per repeat "
+                    f"({human(a.first_write_size)} of {spec['bs']} {spec['rw']})"
+                )
             for r in range(repeats):
                 for name in rotated(a.targets, r):
                     t = TARGET_CLASSES[name](a.workdir, f"fw{r}", a.size)
@@ -157,8 +184,20 @@ class Bench:
             def preallocated(t: Target = t) -> None:
                 # in place of the image prepare() made (empty): one with every L2 table allocated
                 os.unlink(t.image)
-                run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"cluster_size={CLUSTER},preallocation=metadata",
-                     t.image, str(size)])
+                run(
+                    [
+                        "qemu-img",
+                        "create",
+                        "-q",
+                        "-f",
+                        "qcow2",
+                        "-o",
+                        f"cluster_size={CLUSTER},preallocation=metadata",
+                        t.image,
+                        str(size),
+                    ]
+                )
+
             t.after_prepare = preallocated
             self.live.append(t)
             try:

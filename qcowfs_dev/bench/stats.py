@@ -37,7 +37,10 @@ def medians(results: Mapping[str, Mapping[str, Sequence[Mapping[str, float]]]]) 
 
 def ratio_pairs(cols: Sequence[str], labels: Mapping[str, str]) -> list[tuple[str, str, str]]:
     """(label, numerator, denominator) of the ratios printed and drawn: qcowfs against each other target."""
-    pairs = [(f"qcowfs/{labels.get(d, d)}", "qcowfs", d) for d in ("qemu", "qemu10", "ceiling", "baseline")]
+    pairs = [
+        (f"qcowfs/{labels.get(d, d)}", "qcowfs", d)
+        for d in ("qemu", "qemu10", "ceiling", "baseline")
+    ]
     pairs.append(("intent/close", "intent", "qcowfs"))
     return [r for r in pairs if r[1] in cols and r[2] in cols]
 

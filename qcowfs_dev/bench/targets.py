@@ -12,11 +12,35 @@ from typing import Callable, Optional
 
 from qcowfs_dev.proc import checkout_env, wait_for
 
-from .host import MOUNT_TIMEOUT, REPO, STOP_TIMEOUT, BenchError, log, make_qcow2, mounted, proc_mem, run, tail, unmount, wait_exit
+from .host import (
+    MOUNT_TIMEOUT,
+    REPO,
+    STOP_TIMEOUT,
+    BenchError,
+    log,
+    make_qcow2,
+    mounted,
+    proc_mem,
+    run,
+    tail,
+    unmount,
+    wait_exit,
+)
 from .qemu10 import Qemu10
 
-__all__ = ["CEILING", "Target", "QcowfsTarget", "IntentTarget", "BaselineTarget", "QemuTarget", "Qemu10Target",
-           "CeilingTarget", "StockCeilingTarget", "SerialTarget", "TARGET_CLASSES"]
+__all__ = [
+    "CEILING",
+    "Target",
+    "QcowfsTarget",
+    "IntentTarget",
+    "BaselineTarget",
+    "QemuTarget",
+    "Qemu10Target",
+    "CeilingTarget",
+    "StockCeilingTarget",
+    "SerialTarget",
+    "TARGET_CLASSES",
+]
 
 #: the ceiling (and slow host) file system, run as `python -m CEILING` from the checkout
 CEILING = "qcowfs_dev.ceiling_fs"
@@ -65,16 +89,31 @@ class Target:
         os.sync()  # the set-up's dirty pages must not be written back during the measurement
         with open(self.logfile, "ab") as logf:
             # own session: a Ctrl-C on the terminal reaches only us, and we unmount in order
-            proc = self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                                start_new_session=True, env=self.env(), cwd=self.cwd())
+            proc = self.proc = subprocess.Popen(
+                self.command(),
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=logf,
+                start_new_session=True,
+                env=self.env(),
+                cwd=self.cwd(),
+            )
         try:
-            wait_for(lambda: os.path.ismount(self.mountpoint) or proc.poll() is not None, timeout=MOUNT_TIMEOUT,
-                     what=f"{self.name} mount", max_delay=0.02)
+            wait_for(
+                lambda: os.path.ismount(self.mountpoint) or proc.poll() is not None,
+                timeout=MOUNT_TIMEOUT,
+                what=f"{self.name} mount",
+                max_delay=0.02,
+            )
         except AssertionError:
-            raise BenchError(f"{self.name}: not mounted after {MOUNT_TIMEOUT:.0f}s:\n{tail(self.logfile)}") from None
+            raise BenchError(
+                f"{self.name}: not mounted after {MOUNT_TIMEOUT:.0f}s:\n{tail(self.logfile)}"
+            ) from None
         if not os.path.ismount(self.mountpoint):
-            raise BenchError(f"{self.name}: daemon exited with {proc.returncode} before mounting:\n"
-                             f"{tail(self.logfile)}")
+            raise BenchError(
+                f"{self.name}: daemon exited with {proc.returncode} before mounting:\n"
+                f"{tail(self.logfile)}"
+            )
         return self.file()
 
     def start_slow_host(self) -> None:
@@ -85,10 +124,26 @@ class Target:
         os.makedirs(mnt, exist_ok=True)
         with open(os.path.join(self.dir, "host.log"), "ab") as logf:
             slow = self.slow_host = subprocess.Popen(
-                [sys.executable, "-m", CEILING, f"--latency-us={self.host_latency_us}", self.image, mnt],
-                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True, cwd=REPO)
-        wait_for(lambda: os.path.ismount(mnt) or slow.poll() is not None, timeout=MOUNT_TIMEOUT,
-                 what="slow host file system", max_delay=0.02)
+                [
+                    sys.executable,
+                    "-m",
+                    CEILING,
+                    f"--latency-us={self.host_latency_us}",
+                    self.image,
+                    mnt,
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=logf,
+                start_new_session=True,
+                cwd=REPO,
+            )
+        wait_for(
+            lambda: os.path.ismount(mnt) or slow.poll() is not None,
+            timeout=MOUNT_TIMEOUT,
+            what="slow host file system",
+            max_delay=0.02,
+        )
         if not os.path.ismount(mnt):
             raise BenchError(f"{self.name}: the slow host file system did not mount")
         self.image = os.path.join(mnt, "disk.raw")
@@ -120,14 +175,18 @@ class Target:
             elif proc.poll() is None:
                 proc.terminate()  # never mounted (or already detached): nothing to flush through the mount
             if not wait_exit(proc, STOP_TIMEOUT):
-                log(f"bench: {self.name} daemon (pid {proc.pid}) still running {STOP_TIMEOUT:.0f}s after the "
-                    "unmount; sending SIGTERM")
+                log(
+                    f"bench: {self.name} daemon (pid {proc.pid}) still running {STOP_TIMEOUT:.0f}s after the "
+                    "unmount; sending SIGTERM"
+                )
                 proc.terminate()
                 if not wait_exit(proc, 10):
                     proc.kill()
                     proc.wait()
             if proc.returncode != 0:
-                log(f"bench: {self.name} daemon exited with {proc.returncode}:\n{tail(self.logfile)}")
+                log(
+                    f"bench: {self.name} daemon exited with {proc.returncode}:\n{tail(self.logfile)}"
+                )
         finally:
             if self.mountpoint and mounted(self.mountpoint):
                 unmount(self.mountpoint)
@@ -157,8 +216,17 @@ class QcowfsTarget(Target):
         return checkout_env()
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "qcowfs", "mount", "--foreground", "--log", self.logfile,
-                self.image, self.mountpoint]
+        return [
+            sys.executable,
+            "-m",
+            "qcowfs",
+            "mount",
+            "--foreground",
+            "--log",
+            self.logfile,
+            self.image,
+            self.mountpoint,
+        ]
 
     def file(self) -> str:
         return os.path.join(self.mountpoint, "disk.raw")
@@ -169,10 +237,16 @@ class QcowfsTarget(Target):
 
     def after_stop(self) -> None:
         if self._was_running and os.path.exists(self.image):
-            p = subprocess.run(["qemu-img", "check", "-q", self.image], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+            p = subprocess.run(
+                ["qemu-img", "check", "-q", self.image],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
             if p.returncode != 0:
-                log(f"bench: WARNING: qemu-img check {self.image} (exit {p.returncode}): {p.stdout.strip()}")
+                log(
+                    f"bench: WARNING: qemu-img check {self.image} (exit {p.returncode}): {p.stdout.strip()}"
+                )
 
 
 class IntentTarget(QcowfsTarget):
@@ -212,10 +286,15 @@ class QemuTarget(Target):
         open(self.mountpoint, "a").close()  # the FUSE export mounts over an existing regular file
 
     def command(self) -> list[str]:
-        return [self.binary,
-                "--blockdev", f"driver=file,node-name=f0,filename={self.image}{self.file_opts}",
-                "--blockdev", "driver=qcow2,node-name=q0,file=f0",
-                "--export", f"type=fuse,id=e0,node-name=q0,mountpoint={self.mountpoint},writable=on"]
+        return [
+            self.binary,
+            "--blockdev",
+            f"driver=file,node-name=f0,filename={self.image}{self.file_opts}",
+            "--blockdev",
+            "driver=qcow2,node-name=q0,file=f0",
+            "--export",
+            f"type=fuse,id=e0,node-name=q0,mountpoint={self.mountpoint},writable=on",
+        ]
 
     def file(self) -> str:
         return self.mountpoint
@@ -256,7 +335,9 @@ class Qemu10Target(QemuTarget):
             except OSError:
                 pass
         if not rings:
-            raise BenchError(f"{self.name}: the daemon holds no io_uring instance: aio=io_uring is not in use")
+            raise BenchError(
+                f"{self.name}: the daemon holds no io_uring instance: aio=io_uring is not in use"
+            )
         return f
 
 
@@ -280,7 +361,9 @@ class CeilingTarget(Target):
         return [sys.executable, "-m", CEILING, self.image, self.mountpoint]
 
     def cwd(self) -> str | None:
-        return REPO  # `-m` finds this checkout's qcowfs_dev (and the ceiling this checkout's qcowfs)
+        return (
+            REPO  # `-m` finds this checkout's qcowfs_dev (and the ceiling this checkout's qcowfs)
+        )
 
     def file(self) -> str:
         return os.path.join(self.mountpoint, "disk.raw")
@@ -316,5 +399,12 @@ class SerialTarget(QcowfsTarget):
 
 
 TARGET_CLASSES: dict[str, type[Target]] = {
-    "serial": SerialTarget, "qcowfs": QcowfsTarget, "intent": IntentTarget, "baseline": BaselineTarget,
-    "qemu": QemuTarget, "qemu10": Qemu10Target, "ceiling": CeilingTarget, "stock": StockCeilingTarget}
+    "serial": SerialTarget,
+    "qcowfs": QcowfsTarget,
+    "intent": IntentTarget,
+    "baseline": BaselineTarget,
+    "qemu": QemuTarget,
+    "qemu10": Qemu10Target,
+    "ceiling": CeilingTarget,
+    "stock": StockCeilingTarget,
+}

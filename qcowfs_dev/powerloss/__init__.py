@@ -105,10 +105,48 @@ from .driver import BitmapSpec, BmPhase, BmState, Driver, Model, Tracker, expect
 from .explore import Explorer, Stats, explore_workload, failure_report, total_line
 from .iolog import SECTOR, F, IOLog, M, RecordingHostFile, T, W, recording_factory, replay_all
 from .verify import Expect, Task, check_state, compare_guest
-from .workloads import Bounds, Recorded, Workload, record, wl_intent_minimal, wl_snapshot_minimal, workloads
+from .workloads import (
+    Bounds,
+    Recorded,
+    Workload,
+    record,
+    wl_intent_minimal,
+    wl_snapshot_minimal,
+    workloads,
+)
 
-__all__ = ["W", "F", "T", "M", "SECTOR", "IOLog", "RecordingHostFile", "recording_factory", "replay_all",
-           "BitmapSpec", "Model", "Driver", "expected_bits", "Bounds", "Workload", "Recorded", "record",
-           "workloads", "wl_intent_minimal", "wl_snapshot_minimal", "Expect", "Task", "check_state", "compare_guest",
-           "Stats", "Explorer",
-           "explore_workload", "failure_report", "total_line", "BmState", "BmPhase", "Tracker", "state_bits"]
+__all__ = [
+    "W",
+    "F",
+    "T",
+    "M",
+    "SECTOR",
+    "IOLog",
+    "RecordingHostFile",
+    "recording_factory",
+    "replay_all",
+    "BitmapSpec",
+    "Model",
+    "Driver",
+    "expected_bits",
+    "Bounds",
+    "Workload",
+    "Recorded",
+    "record",
+    "workloads",
+    "wl_intent_minimal",
+    "wl_snapshot_minimal",
+    "Expect",
+    "Task",
+    "check_state",
+    "compare_guest",
+    "Stats",
+    "Explorer",
+    "explore_workload",
+    "failure_report",
+    "total_line",
+    "BmState",
+    "BmPhase",
+    "Tracker",
+    "state_bits",
+]

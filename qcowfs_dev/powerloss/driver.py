@@ -79,7 +79,9 @@ class Model:
     #: (name, version) -> bitarray: every content a clean (not in_use) bitmap may legitimately show:
     #: version "pristine" (QEMU-made, empty) and "s<k>" (stored by the k-th clean close)
     versions: dict = dataclasses.field(default_factory=dict)
-    snapshots: dict = dataclasses.field(default_factory=dict)  # name -> guest bytes of a QEMU-made internal snapshot
+    snapshots: dict = dataclasses.field(
+        default_factory=dict
+    )  # name -> guest bytes of a QEMU-made internal snapshot
     #: name -> number of guest writes issued before the Driver took internal snapshot NAME (its content:
     #: the pristine guest content with writes[:n] applied); snapshot names are never reused
     snap_at: dict = dataclasses.field(default_factory=dict)
@@ -89,11 +91,15 @@ class Model:
     oracle_every: int = 10  # qemu-img convert comparison on every Nth new state
     bitmap_sync: str = "close"  # Disk(bitmap_sync=...) of the first open (reopen may switch it)
     pristine_specs: tuple = ()  # BitmapSpec of every bitmap of the pristine image (the Tracker's start)
-    nbd_every: int = 4  # intent mode: QEMU's view of the bitmaps (qemu-nbd -B) on every Nth new state
+    nbd_every: int = (
+        4  # intent mode: QEMU's view of the bitmaps (qemu-nbd -B) on every Nth new state
+    )
     #: Driver.grow steps (old size, new size) in order; `size` and `initial` are the final ones (the grown
     #: area reads as zeros), a crash state's own size is one of the sizes the grow markers allow
     grows: list = dataclasses.field(default_factory=list)
-    snap_sizes: dict = dataclasses.field(default_factory=dict)  # Driver-made snapshot name -> disk size when taken
+    snap_sizes: dict = dataclasses.field(
+        default_factory=dict
+    )  # Driver-made snapshot name -> disk size when taken
 
 
 class Tracker:
@@ -101,7 +107,10 @@ class Tracker:
 
     def __init__(self, model: "Model"):
         self.model = model
-        self.done: dict = {s.name: BmState(s.granularity, s.enabled, (), tuple(s.initial)) for s in model.pristine_specs}
+        self.done: dict = {
+            s.name: BmState(s.granularity, s.enabled, (), tuple(s.initial))
+            for s in model.pristine_specs
+        }
         self.op = ""
         self.ops: dict = {}  # name -> its own op when a step does several (a checkpoint: create + disable)
         self.after: dict = {}  # name -> BmState (None: removed) once the command under way completes
@@ -111,7 +120,11 @@ class Tracker:
         self.ops = {} if kind in ("gw", "bm+", "bm-", "bmc") else self.ops
         if kind == "gw":
             self.op = "write"
-            self.after = {n: dataclasses.replace(s, rec=s.rec + (val,)) for n, s in self.done.items() if s.recording}
+            self.after = {
+                n: dataclasses.replace(s, rec=s.rec + (val,))
+                for n, s in self.done.items()
+                if s.recording
+            }
         elif kind in ("gw-done", "bm+done", "bm-done", "bmc-done", "ckpt-done"):
             for n, s in self.after.items():
                 if s is None:
@@ -141,16 +154,26 @@ class Tracker:
                 new = dataclasses.replace(s, recording=op == "enable")
             elif op == "merge":
                 src = self.done[arg]
-                new = dataclasses.replace(s, rec=tuple(sorted(set(s.rec) | set(src.rec))),
-                                          extra=s.extra + dirty_ranges(m, src))
+                new = dataclasses.replace(
+                    s,
+                    rec=tuple(sorted(set(s.rec) | set(src.rec))),
+                    extra=s.extra + dirty_ranges(m, src),
+                )
             else:  # pragma: no cover
                 raise AssertionError(f"unknown bitmap command {op}")
             self.op, self.after = op, {name: new}
 
     def phases(self) -> tuple:
         names = sorted(set(self.done) | set(self.after))
-        return tuple(BmPhase(n, self.done.get(n), self.ops.get(n, self.op) if n in self.after else "",
-                             self.after.get(n)) for n in names)
+        return tuple(
+            BmPhase(
+                n,
+                self.done.get(n),
+                self.ops.get(n, self.op) if n in self.after else "",
+                self.after.get(n),
+            )
+            for n in names
+        )
 
 
 class Driver:
@@ -194,7 +217,9 @@ class Driver:
         assert data and offset + len(data) <= self.model.size
         i = len(self.writes)
         self._marker("gw", i)
-        self.model.ops.append(f"write {offset:#x}+{len(data):#x}" + (" zeros" if not any(data) else ""))
+        self.model.ops.append(
+            f"write {offset:#x}+{len(data):#x}" + (" zeros" if not any(data) else "")
+        )
         self.writes.append((offset, data))
         n = self.disk.write(offset, data)
         assert n == len(data)
@@ -238,7 +263,9 @@ class Driver:
 
     def create_bitmap(self, name: str, granularity: int) -> None:
         self.model.ops.append(f"bitmap create {name} g={granularity}")
-        assert self.model.granularities.get(name, granularity) == granularity, "a name keeps its granularity"
+        assert self.model.granularities.get(name, granularity) == granularity, (
+            "a name keeps its granularity"
+        )
         self.model.bitmaps[name] = BitmapSpec(name, granularity, len(self.writes))
         self.model.granularities[name] = granularity
         self._marker("bm+", name)
@@ -302,7 +329,9 @@ class Driver:
     def take_snapshot(self, name: str) -> None:
         """Disk.take_snapshot(name) between guest writes: its content is the guest disk now; durable
         (and every write before it) when it returns."""
-        assert name not in self.model.snap_at and name not in self.model.snapshots, "snapshot names are never reused"
+        assert name not in self.model.snap_at and name not in self.model.snapshots, (
+            "snapshot names are never reused"
+        )
         before = self.snapshot_names()
         self.model.ops.append(f"snapshot create {name}")
         self.model.snap_at[name] = len(self.writes)
@@ -329,11 +358,15 @@ class Driver:
         """Disk.checkpoint(name, disable): snapshot NAME + recording bitmap NAME (QEMU's default
         granularity: the cluster size clamped to [4 KiB, 64 KiB]) + the bitmaps of `disable` stopped,
         one step, durable when it returns."""
-        assert name not in self.model.snap_at and name not in self.model.snapshots, "snapshot names are never reused"
+        assert name not in self.model.snap_at and name not in self.model.snapshots, (
+            "snapshot names are never reused"
+        )
         disable = tuple(disable)
         g = min(max(self.cluster_size, 4096), 65536)
         before = self.snapshot_names()
-        self.model.ops.append(f"checkpoint {name} g={g}" + (f" disable {','.join(disable)}" if disable else ""))
+        self.model.ops.append(
+            f"checkpoint {name} g={g}" + (f" disable {','.join(disable)}" if disable else "")
+        )
         self.model.bitmaps[name] = BitmapSpec(name, g, len(self.writes))
         self.model.granularities[name] = g
         self.model.snap_at[name] = len(self.writes)
@@ -352,13 +385,19 @@ class Driver:
         """qcowfs' in-memory bitmaps equal the model's exact bits (and recording flags)."""
         bs = self.disk.bitmaps
         if set(bs.bitmaps) != set(self.tracker.done):
-            raise AssertionError(f"qcowfs has bitmaps {sorted(bs.bitmaps)}, the model {sorted(self.tracker.done)}")
+            raise AssertionError(
+                f"qcowfs has bitmaps {sorted(bs.bitmaps)}, the model {sorted(self.tracker.done)}"
+            )
         for name, st in self.tracker.done.items():
             bm = bs.get(name)
             if bm.bits != state_bits(self.model, st):
-                raise AssertionError(f"in-memory bitmap {name} differs from the guest writes it recorded")
+                raise AssertionError(
+                    f"in-memory bitmap {name} differs from the guest writes it recorded"
+                )
             if bm.recording != st.recording:
-                raise AssertionError(f"bitmap {name}: qcowfs recording={bm.recording}, model {st.recording}")
+                raise AssertionError(
+                    f"bitmap {name}: qcowfs recording={bm.recording}, model {st.recording}"
+                )
 
     def close(self) -> None:
         """Clean close (bitmaps stored, in_use cleared); the in-memory bitmaps must equal the model."""

@@ -44,7 +44,9 @@ class Stats:
     qemu_checks: int = 0
     dirty_states: int = 0
     dirty_repaired: int = 0  # dirty states qemu-img check called corrupt (repaired, then clean)
-    repair_eof_leaks: int = 0  # ... where leaks past the end of the file came into view after QEMU's repair
+    repair_eof_leaks: int = (
+        0  # ... where leaks past the end of the file came into view after QEMU's repair
+    )
     leaks: int = 0  # states where qemu-img check reported leaks (exit 3)
     in_use_bitmaps: int = 0
     clean_bitmaps: int = 0
@@ -52,53 +54,88 @@ class Stats:
     oracle_reads: int = 0
     intent_bitmaps: int = 0  # intent-mode bitmaps checked: valid, covering every changed granule
     intent_landed: int = 0  # ... in states holding unflushed data of a write they recorded
-    intent_opening: int = 0  # intent-mode states inside a read-write open (activation stores every bitmap)
+    intent_opening: int = (
+        0  # intent-mode states inside a read-write open (activation stores every bitmap)
+    )
     bitmap_sync: str = "close"  # the workload's first open
     nbd_views: int = 0  # bitmaps checked in QEMU's own view too (qemu-nbd -B + nbdinfo)
     copied_mismatch: int = 0  # states mid-snapshot-step whose only qemu-img check errors are harmless OFLAG_COPIED ones
-    snap_views: int = 0  # internal snapshots read back (qcowfs' SnapshotView) and compared with the model
+    snap_views: int = (
+        0  # internal snapshots read back (qcowfs' SnapshotView) and compared with the model
+    )
     snap_oracle: int = 0  # ... and by qemu-img convert -l snapshot.name=NAME
-    snap_midway_listed: int = 0  # distinct states with a snapshot creation/deletion under way that list it
+    snap_midway_listed: int = (
+        0  # distinct states with a snapshot creation/deletion under way that list it
+    )
     snap_midway_absent: int = 0  # ... that do not list it
     grow_old: int = 0  # distinct states with a grow under way at the old virtual size
     grow_new: int = 0  # ... at the new one
-    grow_in_use: int = 0  # intent mode: distinct states with a grow under way and its bitmaps in_use
+    grow_in_use: int = (
+        0  # intent mode: distinct states with a grow under way and its bitmaps in_use
+    )
     log_writes: int = 0
     log_flushes: int = 0
     seconds: float = 0.0
     failures: list = dataclasses.field(default_factory=list)
 
     def line(self) -> str:
-        extra = [f"{self.checks} state/expectation pairs", f"{self.crash_points} crash points",
-                 f"log {self.log_writes} writes / {self.log_flushes} flushes", f"{self.leaks} with leaks"]
+        extra = [
+            f"{self.checks} state/expectation pairs",
+            f"{self.crash_points} crash points",
+            f"log {self.log_writes} writes / {self.log_flushes} flushes",
+            f"{self.leaks} with leaks",
+        ]
         if self.dirty_states:
-            extra.append(f"{self.dirty_states} with the dirty bit ({self.dirty_repaired} corrupt until repaired"
-                         + (f", {self.repair_eof_leaks} with leaks past the end of the file that QEMU's repair exposed"
-                            if self.repair_eof_leaks else "") + ")")
+            extra.append(
+                f"{self.dirty_states} with the dirty bit ({self.dirty_repaired} corrupt until repaired"
+                + (
+                    f", {self.repair_eof_leaks} with leaks past the end of the file that QEMU's repair exposed"
+                    if self.repair_eof_leaks
+                    else ""
+                )
+                + ")"
+            )
         if self.in_use_bitmaps or self.clean_bitmaps:
             extra.append(f"{self.in_use_bitmaps} in_use + {self.clean_bitmaps} clean bitmaps seen")
         if self.stale_bitmaps:
             extra.append(f"{self.stale_bitmaps} with the bitmaps extension stale")
         if self.intent_bitmaps:
-            extra.append(f"intent mode: {self.intent_bitmaps} bitmaps checked valid and covering every changed granule "
-                         f"({self.intent_landed} states with unflushed recorded data on disk, {self.intent_opening} during "
-                         f"activation, {self.nbd_views} in QEMU's NBD view too"
-                         + ")")
+            extra.append(
+                f"intent mode: {self.intent_bitmaps} bitmaps checked valid and covering every changed granule "
+                f"({self.intent_landed} states with unflushed recorded data on disk, {self.intent_opening} during "
+                f"activation, {self.nbd_views} in QEMU's NBD view too" + ")"
+            )
         if self.snap_views:
             midway = self.snap_midway_listed or self.snap_midway_absent or self.copied_mismatch
-            extra.append(f"snapshots: {self.snap_views} read back by qcowfs, {self.snap_oracle} by qemu-img convert -l"
-                         + (f"; a creation/deletion under way: listed in {self.snap_midway_listed} states, not in "
-                            f"{self.snap_midway_absent}; {self.copied_mismatch} with harmless OFLAG_COPIED mismatches "
-                            f"(qemu-img check exit 2, as QEMU's own order leaves them)" if midway else ""))
+            extra.append(
+                f"snapshots: {self.snap_views} read back by qcowfs, {self.snap_oracle} by qemu-img convert -l"
+                + (
+                    f"; a creation/deletion under way: listed in {self.snap_midway_listed} states, not in "
+                    f"{self.snap_midway_absent}; {self.copied_mismatch} with harmless OFLAG_COPIED mismatches "
+                    f"(qemu-img check exit 2, as QEMU's own order leaves them)"
+                    if midway
+                    else ""
+                )
+            )
         if self.grow_old or self.grow_new:
-            extra.append(f"a grow under way: {self.grow_old} states at the old size, {self.grow_new} at the new"
-                         + (f", {self.grow_in_use} with intent-mode bitmaps in_use" if self.grow_in_use else ""))
+            extra.append(
+                f"a grow under way: {self.grow_old} states at the old size, {self.grow_new} at the new"
+                + (
+                    f", {self.grow_in_use} with intent-mode bitmaps in_use"
+                    if self.grow_in_use
+                    else ""
+                )
+            )
         extra.append(f"{self.oracle_reads} qemu-img convert cross-checks")
-        return (f"power-loss {self.workload}: {self.distinct} distinct crash states checked ({', '.join(extra)}) "
-                f"in {self.seconds:.1f}s" + (f", {len(self.failures)} FAILING" if self.failures else ""))
+        return (
+            f"power-loss {self.workload}: {self.distinct} distinct crash states checked ({', '.join(extra)}) "
+            f"in {self.seconds:.1f}s" + (f", {len(self.failures)} FAILING" if self.failures else "")
+        )
 
 
-def _choices(rng: random.Random, opt: list[int], entries: list[Entry], bounds: Bounds, want_full: bool) -> list[Choice]:
+def _choices(
+    rng: random.Random, opt: list[int], entries: list[Entry], bounds: Bounds, want_full: bool
+) -> list[Choice]:
     """Subsets of the optional writes `opt` (log indices) to apply: lists of (index, sector set or None)."""
     n = len(opt)
     out: list[Choice] = []
@@ -113,8 +150,15 @@ def _choices(rng: random.Random, opt: list[int], entries: list[Entry], bounds: B
         if want_full:
             out.append([(i, None) for i in opt])
         # in-order prefixes (the disk wrote in issue order and stopped)
-        ks = range(n) if n <= bounds.prefixes else sorted(
-            {round(j * (n - 1) / (bounds.prefixes - 1)) for j in range(bounds.prefixes)}) if bounds.prefixes > 1 else [0]
+        ks = (
+            range(n)
+            if n <= bounds.prefixes
+            else sorted(
+                {round(j * (n - 1) / (bounds.prefixes - 1)) for j in range(bounds.prefixes)}
+            )
+            if bounds.prefixes > 1
+            else [0]
+        )
         for k in ks:
             out.append([(i, None) for i in opt[:k]])
         for j in rng.sample(range(n), min(n, bounds.drop_one)):
@@ -201,7 +245,9 @@ class Explorer:
         if os.path.isdir(shm) and os.access(shm, os.W_OK):
             import tempfile
 
-            self.states_dir = tempfile.mkdtemp(prefix=f"qcowfs-powerloss-{rec.model.name}-", dir=shm)
+            self.states_dir = tempfile.mkdtemp(
+                prefix=f"qcowfs-powerloss-{rec.model.name}-", dir=shm
+            )
         else:
             self.states_dir = os.path.join(rec.workdir, "states")
             os.makedirs(self.states_dir, exist_ok=True)
@@ -254,9 +300,13 @@ class Explorer:
         unflushed: dict = {n: [] for n in base}
         ex = Expect()
         created, creating, removed = set(), set(), set()
-        snaps = set(rec.model.snapshots)  # internal snapshots that must be listed (QEMU-made ones first)
+        snaps = set(
+            rec.model.snapshots
+        )  # internal snapshots that must be listed (QEMU-made ones first)
         snaps_maybe: set = set()  # creation or deletion under way: absent, or listed and intact
-        disabled: set = set()  # close mode: bitmaps a completed checkpoint disabled (auto flag clear on disk)
+        disabled: set = (
+            set()
+        )  # close mode: bitmaps a completed checkpoint disabled (auto flag clear on disk)
         clean_ok = {k for k in rec.model.versions if k[1] == "pristine"}
         must: set = set()
         gw_started = 0
@@ -339,10 +389,18 @@ class Explorer:
                         created.discard(val)
                 i += 1
             ex.pending = tuple(range(ex.durable, gw_started))
-            ex.created, ex.creating, ex.removed = frozenset(created), frozenset(creating), frozenset(removed)
+            ex.created, ex.creating, ex.removed = (
+                frozenset(created),
+                frozenset(creating),
+                frozenset(removed),
+            )
             ex.clean_ok, ex.must = frozenset(clean_ok), frozenset(must if ex.closed else ())
             ex.bms = tracker.phases()
-            ex.snaps, ex.snaps_maybe, ex.disabled = frozenset(snaps), frozenset(snaps_maybe), frozenset(disabled)
+            ex.snaps, ex.snaps_maybe, ex.disabled = (
+                frozenset(snaps),
+                frozenset(snaps_maybe),
+                frozenset(disabled),
+            )
             opt = sorted(j for lst in unflushed.values() for j in lst)
             choices: list[Choice]
             if not want_sub:
@@ -354,8 +412,15 @@ class Explorer:
                 if self.bounds.max_states and self.stats.distinct >= self.bounds.max_states:
                     return
 
-    def _emit(self, p: int, base: Mapping[str, bytearray], base_hash: Mapping[str, bytes],
-              unflushed: Mapping[str, list[int]], choice: Choice, ex: Expect) -> None:
+    def _emit(
+        self,
+        p: int,
+        base: Mapping[str, bytearray],
+        base_hash: Mapping[str, bytes],
+        unflushed: Mapping[str, list[int]],
+        choice: Choice,
+        ex: Expect,
+    ) -> None:
         ents = self.rec.log.entries
         self.stats.generated += 1
         # per file: the regions the optional writes touch, rebuilt with the chosen pieces
@@ -371,9 +436,20 @@ class Explorer:
             size = len(b)
             for j, secs in by_file.get(name, []):
                 off, data = ents[j][2], ents[j][3]
-                pieces = [(off, data)] if secs is None else [
-                    (max(off, s * SECTOR), data[max(off, s * SECTOR) - off : min(off + len(data), (s + 1) * SECTOR) - off])
-                    for s in sorted(secs)]
+                pieces = (
+                    [(off, data)]
+                    if secs is None
+                    else [
+                        (
+                            max(off, s * SECTOR),
+                            data[
+                                max(off, s * SECTOR) - off : min(off + len(data), (s + 1) * SECTOR)
+                                - off
+                            ],
+                        )
+                        for s in sorted(secs)
+                    ]
+                )
                 for po, pd in pieces:
                     if not pd:
                         continue
@@ -409,13 +485,21 @@ class Explorer:
                         f.seek(a)
                         f.write(buf[: end - a])
                 f.truncate(size)
-        kept = ", ".join(f"#{j}" + ("" if s is None else f"[sectors {sorted(s)}]") for j, s in choice)
+        kept = ", ".join(
+            f"#{j}" + ("" if s is None else f"[sectors {sorted(s)}]") for j, s in choice
+        )
         opt = sorted(j for lst in unflushed.values() for j in lst)
-        where = (f"crash point: log position {p} of {len(ents)}; writes since the last flush of their file "
-                 f"(optional): {opt}; applied: [{kept}]")
+        where = (
+            f"crash point: log position {p} of {len(ents)}; writes since the last flush of their file "
+            f"(optional): {opt}; applied: [{kept}]"
+        )
         m = self.rec.model
         oracle = content_new and (self.stats.distinct % max(1, m.oracle_every) == 1 or ex.closed)
-        nbd = content_new and ex.intent and (self.stats.distinct % max(1, m.nbd_every) == 0 or ex.closed or ex.opening)
+        nbd = (
+            content_new
+            and ex.intent
+            and (self.stats.distinct % max(1, m.nbd_every) == 0 or ex.closed or ex.opening)
+        )
         task = Task(self.sid, sdir, ex, content_new, oracle, where, self.failed_dir, nbd=nbd)
         self._drain(3 * self.jobs)
         fut = self.pool.submit(check_state, task)
@@ -431,10 +515,29 @@ class Explorer:
 
     def _collect(self, res: dict) -> None:
         s = self.stats
-        for k in ("qemu_checks", "dirty_states", "dirty_repaired", "repair_eof_leaks", "leaks", "in_use_bitmaps",
-                  "clean_bitmaps", "stale_bitmaps", "oracle_reads", "intent_bitmaps", "intent_landed",
-                  "intent_opening", "nbd_views", "copied_mismatch", "snap_views", "snap_oracle", "snap_midway_listed",
-                  "snap_midway_absent", "grow_old", "grow_new", "grow_in_use"):
+        for k in (
+            "qemu_checks",
+            "dirty_states",
+            "dirty_repaired",
+            "repair_eof_leaks",
+            "leaks",
+            "in_use_bitmaps",
+            "clean_bitmaps",
+            "stale_bitmaps",
+            "oracle_reads",
+            "intent_bitmaps",
+            "intent_landed",
+            "intent_opening",
+            "nbd_views",
+            "copied_mismatch",
+            "snap_views",
+            "snap_oracle",
+            "snap_midway_listed",
+            "snap_midway_absent",
+            "grow_old",
+            "grow_new",
+            "grow_in_use",
+        ):
             setattr(s, k, getattr(s, k) + res.get(k, 0))
         if res["failures"]:
             s.failures.append(res)
@@ -456,13 +559,20 @@ class Explorer:
         return "\n".join(out)
 
 
-def total_line(total: int, workloads: int, seconds: float, intent_total: int = 0,
-               intent_workloads: Sequence[str] = ()) -> str:
+def total_line(
+    total: int,
+    workloads: int,
+    seconds: float,
+    intent_total: int = 0,
+    intent_workloads: Sequence[str] = (),
+) -> str:
     """The summary line of a run (pytest's terminal summary, scripts/crash-states)."""
     line = f"power-loss total: {total} distinct crash states checked across {workloads} workloads"
     if intent_workloads:
-        line += (f" ({intent_total} of them in {len(intent_workloads)} intent-mode bitmap workloads: "
-                 f"{', '.join(intent_workloads)})")
+        line += (
+            f" ({intent_total} of them in {len(intent_workloads)} intent-mode bitmap workloads: "
+            f"{', '.join(intent_workloads)})"
+        )
     return line + f" in {seconds:.0f}s"
 
 
@@ -470,8 +580,10 @@ def failure_report(ex: Explorer, max_failures: int = 3) -> str:
     s = ex.stats
     if not s.failures:
         return ""
-    lines = [f"{len(s.failures)} failing crash states in workload {s.workload} (states kept under {ex.failed_dir}; "
-             f"rerun: scripts/crash-states -w {s.workload} --workdir DIR)"]
+    lines = [
+        f"{len(s.failures)} failing crash states in workload {s.workload} (states kept under {ex.failed_dir}; "
+        f"rerun: scripts/crash-states -w {s.workload} --workdir DIR)"
+    ]
     lines.append("workload ops: " + "; ".join(ex.rec.model.ops))
     for res in s.failures[:max_failures]:
         lines.append(f"--- state {res['sid']} ({res['dir']}): {res['where']}")
@@ -484,8 +596,15 @@ def failure_report(ex: Explorer, max_failures: int = 3) -> str:
     return "\n".join(lines)
 
 
-def explore_workload(wl: Workload, workdir: str, jobs: Optional[int] = None, scale: float = 1.0,
-                     seed: int = 0, bounds: Optional[Bounds] = None, record_flushes: bool = True) -> Explorer:
+def explore_workload(
+    wl: Workload,
+    workdir: str,
+    jobs: Optional[int] = None,
+    scale: float = 1.0,
+    seed: int = 0,
+    bounds: Optional[Bounds] = None,
+    record_flushes: bool = True,
+) -> Explorer:
     rec = record(wl, workdir, seed=None if seed == 0 else seed, record_flushes=record_flushes)
     b = bounds or wl.bounds
     if scale != 1.0:

@@ -43,8 +43,10 @@ class IOLog:
             return ""
         # the qcowfs function that asked for the I/O (skip the HostFile layers and this package)
         f: Optional[FrameType] = sys._getframe(2)
-        while f is not None and (f.f_code.co_filename.startswith(_PACKAGE_DIR)
-                                 or f.f_code.co_filename.endswith("hostfile.py")):
+        while f is not None and (
+            f.f_code.co_filename.startswith(_PACKAGE_DIR)
+            or f.f_code.co_filename.endswith("hostfile.py")
+        ):
             f = f.f_back
         if f is None:
             return "?"

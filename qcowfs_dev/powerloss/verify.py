@@ -41,17 +41,27 @@ class Expect:
     #: (name, version) a clean bitmap may show: the last stored versions until a guest write starts
     #: (a read-write open marks them in_use first), plus the versions a clean close is storing
     clean_ok: frozenset = frozenset()
-    closed: bool = False  # a clean close completed (and no new open since): bitmaps stored, exactly right
+    closed: bool = (
+        False  # a clean close completed (and no new open since): bitmaps stored, exactly right
+    )
     must: frozenset = frozenset()  # after a clean close: exactly these (name, version), clean
     opening: bool = False  # inside a read-write open: activation may leave the extension stale
     created: frozenset = frozenset()  # bitmaps whose creation completed (present from then on)
     creating: frozenset = frozenset()  # bitmaps whose creation had started
     removed: frozenset = frozenset()  # bitmaps whose removal completed (absent from then on)
-    intent: bool = False  # the open under way (or the last one) is in intent mode: never in_use, supersets
+    intent: bool = (
+        False  # the open under way (or the last one) is in intent mode: never in_use, supersets
+    )
     bms: tuple = ()  # intent mode: driver.BmPhase of every bitmap (state as of the last completed step, step under way)
-    snaps: frozenset = frozenset()  # internal snapshots that must be listed and intact (creation completed)
-    snaps_maybe: frozenset = frozenset()  # creation or deletion under way: absent, or listed and intact
-    disabled: frozenset = frozenset()  # close mode: bitmaps a completed checkpoint disabled (auto flag clear)
+    snaps: frozenset = (
+        frozenset()
+    )  # internal snapshots that must be listed and intact (creation completed)
+    snaps_maybe: frozenset = (
+        frozenset()
+    )  # creation or deletion under way: absent, or listed and intact
+    disabled: frozenset = (
+        frozenset()
+    )  # close mode: bitmaps a completed checkpoint disabled (auto flag clear)
     #: virtual sizes the state may have (workloads with a Driver.grow; empty: the model's size): the old one
     #: before a grow, old or new while it is under way, the new one once it returned
     sizes: tuple = ()
@@ -70,7 +80,9 @@ class Task:
     oracle: bool  # compare qemu-img convert with qcowfs' read
     where: str  # crash point and kept writes, for reports
     failed_dir: str = ""  # where a failing state is kept
-    nbd: bool = False  # intent mode: check the bitmaps in QEMU's own view too (qemu-nbd -B + nbdinfo)
+    nbd: bool = (
+        False  # intent mode: check the bitmaps in QEMU's own view too (qemu-nbd -B + nbdinfo)
+    )
 
 
 _MODEL: Optional[Model] = None
@@ -98,11 +110,19 @@ def compare_guest(actual: GuestBytes, m: Model, ex: Expect) -> Optional[str]:
     regions = _merge((o, o + len(d)) for _, o, d in pend)
 
     def bad(pos: int) -> str:
-        last = next((i for i in range(ex.durable - 1, -1, -1)
-                     if m.writes[i][0] <= pos < m.writes[i][0] + len(m.writes[i][1])), None)
+        last = next(
+            (
+                i
+                for i in range(ex.durable - 1, -1, -1)
+                if m.writes[i][0] <= pos < m.writes[i][0] + len(m.writes[i][1])
+            ),
+            None,
+        )
         src = f"guest write #{last}" if last is not None else "the pristine image"
-        return (f"guest byte {pos:#x} reads {actual[pos]:#04x}, expected {expected[pos]:#04x} (from {src}, "
-                f"made durable by a guest flush after {ex.durable} writes; pending writes {list(ex.pending)})")
+        return (
+            f"guest byte {pos:#x} reads {actual[pos]:#04x}, expected {expected[pos]:#04x} (from {src}, "
+            f"made durable by a guest flush after {ex.durable} writes; pending writes {list(ex.pending)})"
+        )
 
     # outside the pending writes' regions: equal to the expected content (compared in one go, without
     # copying a whole disk's slices: the regions are patched into the cached buffer, then restored)
@@ -126,7 +146,9 @@ def compare_guest(actual: GuestBytes, m: Model, ex: Expect) -> Optional[str]:
         cuts = sorted({a, b} | {x for _, o, d in pend for x in (o, o + len(d)) if a < x < b})
         for x, y in zip(cuts, cuts[1:]):
             seg = actual[x:y]
-            cands = [expected[x:y]] + [d[x - o : y - o] for _, o, d in pend if o <= x and y <= o + len(d)]
+            cands = [expected[x:y]] + [
+                d[x - o : y - o] for _, o, d in pend if o <= x and y <= o + len(d)
+            ]
             if any(seg == c for c in cands):
                 continue
             # mixed: sector by sector (guest sectors map to host sectors), then byte by byte
@@ -203,7 +225,9 @@ def check_state(task: Task) -> dict[str, Any]:
     return res
 
 
-def _check_state(m: Model, task: Task, img_path: str, res: dict[str, Any], fails: list[str]) -> None:
+def _check_state(
+    m: Model, task: Task, img_path: str, res: dict[str, Any], fails: list[str]
+) -> None:
     ex = task.expect
     dirty = header_dirty(img_path)
     full = m
@@ -235,7 +259,10 @@ def _check_state(m: Model, task: Task, img_path: str, res: dict[str, Any], fails
             if rc == 2 and ex.snaps_maybe and not why:
                 res["copied_mismatch"] = 1
             else:
-                fails.append(f"qemu-img check exit {rc} (want 0 or 3): {json.dumps(out)}" + (f"; {why}" if why else ""))
+                fails.append(
+                    f"qemu-img check exit {rc} (want 0 or 3): {json.dumps(out)}"
+                    + (f"; {why}" if why else "")
+                )
     # qcowfs opens it read-only and reads the guest disk
     try:
         img = Qcow2Image(img_path, read_only=True)
@@ -247,7 +274,9 @@ def _check_state(m: Model, task: Task, img_path: str, res: dict[str, Any], fails
     try:
         actual = img.read(0, m.size)
         store = BitmapStore(img)
-        bms = {n: (b.inconsistent, b.bits, b.granularity, b.enabled) for n, b in store.bitmaps.items()}
+        bms = {
+            n: (b.inconsistent, b.bits, b.granularity, b.enabled) for n, b in store.bitmaps.items()
+        }
         stale = img.header.stale_bitmaps_ext is not None
         if with_snaps:
             try:
@@ -258,25 +287,39 @@ def _check_state(m: Model, task: Task, img_path: str, res: dict[str, Any], fails
                 fails.append(f"qcowfs cannot read the internal snapshots: {e!r}")
     finally:
         img.close(flush=False)
-    lost = compare_guest(actual + bytes(len(full.initial) - len(actual)) if len(actual) < len(full.initial) else actual,
-                         full, ex)
+    lost = compare_guest(
+        actual + bytes(len(full.initial) - len(actual))
+        if len(actual) < len(full.initial)
+        else actual,
+        full,
+        ex,
+    )
     if lost:
         fails.append("durable data lost: " + lost)
     if task.oracle:
         res["oracle_reads"] = 1
         ref = qemu_raw(img_path, os.path.join(task.dir, "ref.raw"))
         if ref != actual:
-            k = next((k for k in range(min(len(ref), len(actual))) if ref[k] != actual[k]), min(len(ref), len(actual)))
-            fails.append(f"qemu-img convert and qcowfs read the state differently (first at guest byte {k:#x})")
+            k = next(
+                (k for k in range(min(len(ref), len(actual))) if ref[k] != actual[k]),
+                min(len(ref), len(actual)),
+            )
+            fails.append(
+                f"qemu-img convert and qcowfs read the state differently (first at guest byte {k:#x})"
+            )
     qinfo: dict[str, Any] = {}  # asked for only when something below reads it
     if with_snaps or ex.intent or m.granularities or bms or ex.sizes:
         qinfo = _qemu_info(img_path)
     if ex.sizes and qinfo.get("virtual-size") not in ex.sizes:
-        fails.append(f"qemu-img info: virtual size {qinfo.get('virtual-size')}, expected one of {list(ex.sizes)}")
+        fails.append(
+            f"qemu-img info: virtual size {qinfo.get('virtual-size')}, expected one of {list(ex.sizes)}"
+        )
     if snaps is not None and views is not None:
         _check_snapshots(m, task, img_path, snaps, views, qinfo, res, fails)
     if ex.intent:
-        _check_intent_bitmaps(m, task, img_path, bms, stale, actual, res, fails, q=_info_bitmaps(qinfo))
+        _check_intent_bitmaps(
+            m, task, img_path, bms, stale, actual, res, fails, q=_info_bitmaps(qinfo)
+        )
     elif m.granularities or bms:
         _check_bitmaps(m, ex, img_path, bms, stale, res, fails, q=_info_bitmaps(qinfo))
 
@@ -326,8 +369,16 @@ def _first_diff(a: bytes, b: bytes) -> int:
     return next(k for k in range(lo, hi) if a[k] != b[k])
 
 
-def _check_snapshots(m: Model, task: Task, img_path: str, snaps: list, views: dict, qinfo: dict, res: dict,
-                     fails: list) -> None:
+def _check_snapshots(
+    m: Model,
+    task: Task,
+    img_path: str,
+    snaps: list,
+    views: dict,
+    qinfo: dict,
+    res: dict,
+    fails: list,
+) -> None:
     """Internal snapshots: qcowfs' table and QEMU's (qemu-img info) list the same (id, name, VM state
     size) in the same order; every snapshot whose creation completed (and whose deletion did not start)
     is listed, one whose deletion completed is not, one under way may be either; nothing else is
@@ -337,20 +388,31 @@ def _check_snapshots(m: Model, task: Task, img_path: str, snaps: list, views: di
     ours = [(s.id, s.name, s.vm_state_size) for s in snaps]
     theirs = [(s["id"], s["name"], s.get("vm-state-size", 0)) for s in qinfo.get("snapshots", [])]
     if ours != theirs:
-        fails.append(f"snapshots: qcowfs lists (id, name, vm state size) {ours}, qemu-img info {theirs}")
+        fails.append(
+            f"snapshots: qcowfs lists (id, name, vm state size) {ours}, qemu-img info {theirs}"
+        )
     names = [s.name for s in snaps]
     if len(set(names)) != len(names):
         fails.append(f"snapshots: a name is listed twice: {names}")
     listed = set(names)
     missing = ex.snaps - listed
     if missing:
-        fails.append(f"snapshot(s) {sorted(missing)} missing although their creation completed (listed: {names}; "
-                     f"under way: {sorted(ex.snaps_maybe)})")
+        fails.append(
+            f"snapshot(s) {sorted(missing)} missing although their creation completed (listed: {names}; "
+            f"under way: {sorted(ex.snaps_maybe)})"
+        )
     extra = listed - ex.snaps - ex.snaps_maybe
     if extra:
-        fails.append(f"snapshot(s) {sorted(extra)} listed although " + " / ".join(
-            "its deletion completed" if n in m.snap_at or n in m.snapshots else "the workload never made it"
-            for n in sorted(extra)) + f" (listed: {names})")
+        fails.append(
+            f"snapshot(s) {sorted(extra)} listed although "
+            + " / ".join(
+                "its deletion completed"
+                if n in m.snap_at or n in m.snapshots
+                else "the workload never made it"
+                for n in sorted(extra)
+            )
+            + f" (listed: {names})"
+        )
     if task.content_new:
         under_way = ex.snaps_maybe
         if under_way:
@@ -368,17 +430,21 @@ def _check_snapshots(m: Model, task: Task, img_path: str, snaps: list, views: di
         res["snap_views"] = res.get("snap_views", 0) + 1
         if got != want:
             k = _first_diff(got, want)
-            fails.append(f"snapshot {s.name}{how}: qcowfs reads guest byte {k:#x} as "
-                         f"{got[k:k + 1].hex() or 'nothing'}, the guest disk held {want[k:k + 1].hex()} when it was taken")
+            fails.append(
+                f"snapshot {s.name}{how}: qcowfs reads guest byte {k:#x} as "
+                f"{got[k : k + 1].hex() or 'nothing'}, the guest disk held {want[k : k + 1].hex()} when it was taken"
+            )
         if task.oracle:
             res["snap_oracle"] = res.get("snap_oracle", 0) + 1
             q = qemu_raw(img_path, os.path.join(task.dir, "snap.raw"), snapshot=s.name)
-            if len(q) > len(want) and m.grows and q[len(want):].count(0) == len(q) - len(want):
+            if len(q) > len(want) and m.grows and q[len(want) :].count(0) == len(q) - len(want):
                 # QEMU loads a snapshot smaller than the grown disk at the disk's current size (zeros past its own)
                 q = q[: len(want)]
             if q != want:
-                fails.append(f"snapshot {s.name}{how}: qemu-img convert -l snapshot.name={s.name} differs from the "
-                             f"guest disk when it was taken (first at guest byte {_first_diff(q, want):#x})")
+                fails.append(
+                    f"snapshot {s.name}{how}: qemu-img convert -l snapshot.name={s.name} differs from the "
+                    f"guest disk when it was taken (first at guest byte {_first_diff(q, want):#x})"
+                )
 
 
 _L2E_OFFSET = 0x00FFFFFFFFFFFE00  # qcow2.txt: host cluster offset bits of a standard L1/L2 entry
@@ -423,8 +489,10 @@ def _copied_mismatch_problem(task: Task, img_path: str) -> str:
             continue
         if refcount >= 2 and copied and leaked.get(cluster) == 1:
             continue
-        return f"qemu-img check: {line.strip()!r} is not harmless (cluster {cluster}: leaked with references " \
-               f"{leaked.get(cluster)})"
+        return (
+            f"qemu-img check: {line.strip()!r} is not harmless (cluster {cluster}: leaked with references "
+            f"{leaked.get(cluster)})"
+        )
     rdir = task.dir + ".crepair"
     _copy_state(task.dir, rdir, m.files)
     try:
@@ -464,8 +532,10 @@ def _check_dirty_repairs(m: Model, task: Task, res: dict, fails: list) -> None:
         # them, at close) they come into view as leaks. Only leaks, and only those, are allowed.
         res["repair_eof_leaks"] = 1
     elif rc2 != 0:
-        fails.append(f"after qemu-img check -r all (exit {rc}: {json.dumps(out)}), qemu-img check exits {rc2}: "
-                     f"{json.dumps(out2)}")
+        fails.append(
+            f"after qemu-img check -r all (exit {rc}: {json.dumps(out)}), qemu-img check exits {rc2}: "
+            f"{json.dumps(out2)}"
+        )
     shutil.rmtree(qdir, ignore_errors=True)
     fdir = task.dir + ".frepair"
     _copy_state(task.dir, fdir, m.files)
@@ -483,7 +553,9 @@ def _check_dirty_repairs(m: Model, task: Task, res: dict, fails: list) -> None:
             img.close()
         rc3, out3 = qemu_check_rc(f)
         if rc3 not in (0, 3):
-            fails.append(f"after qcowfs' read-write open (refcount rebuild), qemu-img check exits {rc3}: {json.dumps(out3)}")
+            fails.append(
+                f"after qcowfs' read-write open (refcount rebuild), qemu-img check exits {rc3}: {json.dumps(out3)}"
+            )
         if header_dirty(f):
             fails.append("dirty bit still set after qcowfs' read-write open and close")
         after = Qcow2Image(f, read_only=True)
@@ -497,8 +569,16 @@ def _check_dirty_repairs(m: Model, task: Task, res: dict, fails: list) -> None:
     shutil.rmtree(fdir, ignore_errors=True)
 
 
-def _check_bitmaps(m: Model, ex: Expect, img_path: str, bms: dict, stale: bool, res: dict, fails: list,
-                   q: Optional[dict] = None) -> None:
+def _check_bitmaps(
+    m: Model,
+    ex: Expect,
+    img_path: str,
+    bms: dict,
+    stale: bool,
+    res: dict,
+    fails: list,
+    q: Optional[dict] = None,
+) -> None:
     """Every bitmap is in_use (inconsistent), or clean with exactly a stored version's contents; the
     bitmaps a completed checkpoint disabled have their auto flag clear on disk."""
     q = qemu_bitmaps(img_path) if q is None else q
@@ -518,10 +598,14 @@ def _check_bitmaps(m: Model, ex: Expect, img_path: str, bms: dict, stale: bool, 
     for name, (inconsistent, bits, gran, _enabled) in bms.items():
         qin = "in-use" in q[name]["flags"]
         if qin != inconsistent:
-            fails.append(f"bitmap {name}: QEMU says in-use={qin}, qcowfs inconsistent={inconsistent}")
+            fails.append(
+                f"bitmap {name}: QEMU says in-use={qin}, qcowfs inconsistent={inconsistent}"
+            )
         if q[name]["granularity"] != gran or gran != m.granularities.get(name, gran):
-            fails.append(f"bitmap {name}: granularity {q[name]['granularity']} (QEMU) / {gran} (qcowfs), "
-                         f"expected {m.granularities.get(name)}")
+            fails.append(
+                f"bitmap {name}: granularity {q[name]['granularity']} (QEMU) / {gran} (qcowfs), "
+                f"expected {m.granularities.get(name)}"
+            )
         if name not in allowed_names:
             fails.append(f"bitmap {name} appeared from nowhere")
             continue
@@ -529,8 +613,10 @@ def _check_bitmaps(m: Model, ex: Expect, img_path: str, bms: dict, stale: bool, 
             fails.append(f"bitmap {name} is still there after its removal completed")
             continue
         if name in ex.disabled and ("auto" in q[name]["flags"] or _enabled):
-            fails.append(f"bitmap {name}: a completed checkpoint disabled it, but on disk it records (QEMU flags "
-                         f"{q[name]['flags']}, qcowfs enabled={_enabled})")
+            fails.append(
+                f"bitmap {name}: a completed checkpoint disabled it, but on disk it records (QEMU flags "
+                f"{q[name]['flags']}, qcowfs enabled={_enabled})"
+            )
         if inconsistent:
             res["in_use_bitmaps"] = res.get("in_use_bitmaps", 0) + 1
             if ex.closed:
@@ -542,21 +628,37 @@ def _check_bitmaps(m: Model, ex: Expect, img_path: str, bms: dict, stale: bool, 
             ok = sorted(v for n, v in ex.must if n == name)
         if not any(bits == m.versions[(name, v)] for v in ok):
             match = [v for (n, v), want in m.versions.items() if n == name and bits == want]
-            fails.append(f"bitmap {name} is clean (not in_use) but holds "
-                         + (f"version {match} (allowed here: {ok or 'none: it must be in_use'})" if match else
-                            f"no stored version ({bits.count()} bits set; allowed here: {ok or 'none: it must be in_use'})"))
+            fails.append(
+                f"bitmap {name} is clean (not in_use) but holds "
+                + (
+                    f"version {match} (allowed here: {ok or 'none: it must be in_use'})"
+                    if match
+                    else f"no stored version ({bits.count()} bits set; allowed here: {ok or 'none: it must be in_use'})"
+                )
+            )
     for name in ex.created:
         if name not in bms:
             fails.append(f"bitmap {name} is missing although its creation completed")
     if ex.closed:
         want = {n for n, _ in ex.must}
         if set(bms) != want:
-            fails.append(f"after a clean close the bitmaps are {sorted(bms)}, expected {sorted(want)}")
+            fails.append(
+                f"after a clean close the bitmaps are {sorted(bms)}, expected {sorted(want)}"
+            )
 
 
 # ----------------------------------------------------------------------------- intent mode
-def _check_intent_bitmaps(m: Model, task: Task, img_path: str, bms: dict, stale: bool, actual: GuestBytes, res: dict,
-                          fails: list, q: Optional[dict] = None) -> None:
+def _check_intent_bitmaps(
+    m: Model,
+    task: Task,
+    img_path: str,
+    bms: dict,
+    stale: bool,
+    actual: GuestBytes,
+    res: dict,
+    fails: list,
+    q: Optional[dict] = None,
+) -> None:
     """Intent mode (bitmap_intent.py): at every crash point every bitmap is valid on disk, never in_use
     (not even while it is being created: the new entry is written consistent), and a superset of
     what changed since it started recording or was last cleared:
@@ -591,24 +693,33 @@ def _check_intent_bitmaps(m: Model, task: Task, img_path: str, bms: dict, stale:
         return
     if stale:
         res["stale_bitmaps"] = 1
-        fails.append("intent mode: the bitmaps extension is stale (autoclear bit clear): every bitmap is lost")
+        fails.append(
+            "intent mode: the bitmaps extension is stale (autoclear bit clear): every bitmap is lost"
+        )
         return
     phases = {ph.name: ph for ph in ex.bms}
     for name in bms:
         if name not in phases:
-            fails.append(f"bitmap {name} is still there after its removal completed" if name in ex.removed
-                         else f"bitmap {name} appeared from nowhere")
+            fails.append(
+                f"bitmap {name} is still there after its removal completed"
+                if name in ex.removed
+                else f"bitmap {name} appeared from nowhere"
+            )
     for name, ph in phases.items():
         if name not in bms:
             if ph.op not in ("create", "remove"):
-                fails.append(f"bitmap {name} is missing (its creation completed, its removal did not start)")
+                fails.append(
+                    f"bitmap {name} is missing (its creation completed, its removal did not start)"
+                )
             continue
         inconsistent, bits, gran, enabled = bms[name]
         st = ph.before or ph.after
         flags = q[name]["flags"]
         if q[name]["granularity"] != gran or gran != st.granularity:
-            fails.append(f"bitmap {name}: granularity {q[name]['granularity']} (QEMU) / {gran} (qcowfs), "
-                         f"expected {st.granularity}")
+            fails.append(
+                f"bitmap {name}: granularity {q[name]['granularity']} (QEMU) / {gran} (qcowfs), "
+                f"expected {st.granularity}"
+            )
             continue
         if ("in-use" in flags) != inconsistent:
             fails.append(f"bitmap {name}: QEMU flags {flags}, qcowfs inconsistent={inconsistent}")
@@ -618,38 +729,50 @@ def _check_intent_bitmaps(m: Model, task: Task, img_path: str, bms: dict, stale:
             continue
         if inconsistent:
             # never, not even while it is being created (the new entry is written consistent)
-            fails.append(f"intent-mode bitmap {name} is in_use (QEMU flags {flags}; step under way: {ph.op or 'none'})")
+            fails.append(
+                f"intent-mode bitmap {name} is in_use (QEMU flags {flags}; step under way: {ph.op or 'none'})"
+            )
             continue
         rec_ok = {ph.before.recording} if ph.before else set()
         if ph.after is not None:
             rec_ok.add(ph.after.recording)
         if ("auto" in flags) not in rec_ok or enabled not in rec_ok:
-            fails.append(f"bitmap {name}: QEMU flags {flags}, qcowfs enabled={enabled}, expected recording in {sorted(rec_ok)} "
-                         f"(step under way: {ph.op or 'none'})")
+            fails.append(
+                f"bitmap {name}: QEMU flags {flags}, qcowfs enabled={enabled}, expected recording in {sorted(rec_ok)} "
+                f"(step under way: {ph.op or 'none'})"
+            )
         res["intent_bitmaps"] = res.get("intent_bitmaps", 0) + 1
         for why in _intent_bits_problems(m, ex, ph, bits, actual, res):
             fails.append(f"bitmap {name} (qcowfs' reading): {why}")
         if ex.closed and bits != state_bits(m, ph.before):
-            fails.append(f"bitmap {name}: after a clean close it holds {bits.count()} bits, not the exact "
-                         f"{state_bits(m, ph.before).count()} the guest writes set")
+            fails.append(
+                f"bitmap {name}: after a clean close it holds {bits.count()} bits, not the exact "
+                f"{state_bits(m, ph.before).count()} the guest writes set"
+            )
         if task.nbd:
             res["nbd_views"] = res.get("nbd_views", 0) + 1
             qbits = nbd_bits(img_path, name, gran, m.size)
             if qbits != bits:
                 k = (qbits ^ bits).find(1)
-                fails.append(f"bitmap {name}: QEMU's NBD view differs from qcowfs' reading (first at bit {k}: "
-                             f"QEMU {qbits[k]}, qcowfs {bits[k]})")
+                fails.append(
+                    f"bitmap {name}: QEMU's NBD view differs from qcowfs' reading (first at bit {k}: "
+                    f"QEMU {qbits[k]}, qcowfs {bits[k]})"
+                )
             for why in _intent_bits_problems(m, ex, ph, qbits, actual, {}):
                 fails.append(f"bitmap {name} (QEMU's NBD view): {why}")
             if ex.closed and qbits != state_bits(m, ph.before):
-                fails.append(f"bitmap {name}: after a clean close QEMU serves {qbits.count()} bits, not the exact "
-                             f"{state_bits(m, ph.before).count()}")
+                fails.append(
+                    f"bitmap {name}: after a clean close QEMU serves {qbits.count()} bits, not the exact "
+                    f"{state_bits(m, ph.before).count()}"
+                )
     if not task.content_new:
         res.pop("intent_landed", None)  # counted once per distinct state
     if ex.closed:
         want = {n for n, ph in phases.items() if ph.before is not None}
         if set(bms) != want:
-            fails.append(f"after a clean close the bitmaps are {sorted(bms)}, expected {sorted(want)}")
+            fails.append(
+                f"after a clean close the bitmaps are {sorted(bms)}, expected {sorted(want)}"
+            )
 
 
 def nbd_dirty_map(img_path: str, name: str) -> list:
@@ -657,10 +780,16 @@ def nbd_dirty_map(img_path: str, name: str) -> list:
     directory: QEMU opens an external data file named relatively from its working directory."""
     img_path = os.path.abspath(img_path)
     server = ["qemu-nbd", "-r", "-f", "qcow2", "-B", name, img_path]
-    p = run(["nbdinfo", "--json", f"--map=qemu:dirty-bitmap:{name}", "--", "[", *server, "]"], check=False,
-            timeout=120, cwd=os.path.dirname(img_path))
+    p = run(
+        ["nbdinfo", "--json", f"--map=qemu:dirty-bitmap:{name}", "--", "[", *server, "]"],
+        check=False,
+        timeout=120,
+        cwd=os.path.dirname(img_path),
+    )
     if p.returncode != 0:
-        raise AssertionError(f"nbdinfo --map of {' '.join(server)} exited {p.returncode}: {p.stderr.strip()}")
+        raise AssertionError(
+            f"nbdinfo --map of {' '.join(server)} exited {p.returncode}: {p.stderr.strip()}"
+        )
     return [(e["offset"], e["length"], e["type"] & 1 == 1) for e in json.loads(p.stdout)]
 
 
@@ -692,8 +821,9 @@ def _region_bits(m: Model, st: BmState) -> bitarray:
     return bits
 
 
-def _intent_bits_problems(m: Model, ex: Expect, ph: BmPhase, bits: bitarray, actual: GuestBytes,
-                          res: dict[str, Any]) -> list[str]:
+def _intent_bits_problems(
+    m: Model, ex: Expect, ph: BmPhase, bits: bitarray, actual: GuestBytes, res: dict[str, Any]
+) -> list[str]:
     """What is wrong with the on-disk bits of one intent-mode bitmap in this crash state (see
     _check_intent_bitmaps): one line per rule broken (lower bound, changed data, upper bound)."""
     known = ph.before or ph.after
@@ -711,10 +841,15 @@ def _intent_bits_problems(m: Model, ex: Expect, ph: BmPhase, bits: bitarray, act
         if missing.any():
             k = missing.find(1)
             by = [i for i in before.rec if _touches(m.writes[i], k * g, (k + 1) * g)]
-            out.append(f"bit {k} (guest bytes {k * g:#x}+{g:#x}) is clear on disk although "
-                       + (f"guest write #{by[0]} set it and returned before the crash" if by else
-                          "it was dirty (pristine or merged bits) and no clear completed")
-                       + f" ({missing.count()} such bits; {under_way})")
+            out.append(
+                f"bit {k} (guest bytes {k * g:#x}+{g:#x}) is clear on disk although "
+                + (
+                    f"guest write #{by[0]} set it and returned before the crash"
+                    if by
+                    else "it was dirty (pristine or merged bits) and no clear completed"
+                )
+                + f" ({missing.count()} such bits; {under_way})"
+            )
     # changed data: the recorded writes, including the one under way, not those of a clear under way
     rec: tuple[int, ...]
     if ph.op == "write":
@@ -723,14 +858,18 @@ def _intent_bits_problems(m: Model, ex: Expect, ph: BmPhase, bits: bitarray, act
     elif ph.op in ("clear", "create"):
         rec = ()
     else:
-        assert before is not None, f"bitmap {ph.name}: no state before a {ph.op or 'step'} of an existing bitmap"
+        assert before is not None, (
+            f"bitmap {ph.name}: no state before a {ph.op or 'step'} of an existing bitmap"
+        )
         rec = before.rec
     bad = _unexplained(m, ex, rec, g, bits, actual, res)
     if bad:
         k, p, ws = bad
-        out.append(f"bit {k} (guest bytes {k * g:#x}+{g:#x}) is clear on disk, but guest byte {p:#x} holds data only "
-                   f"a write it recorded can have put there (#{', #'.join(map(str, ws))}): the data reached the disk "
-                   f"before the intent (writes durable: {ex.durable}; unflushed: {list(ex.pending)}; {under_way})")
+        out.append(
+            f"bit {k} (guest bytes {k * g:#x}+{g:#x}) is clear on disk, but guest byte {p:#x} holds data only "
+            f"a write it recorded can have put there (#{', #'.join(map(str, ws))}): the data reached the disk "
+            f"before the intent (writes durable: {ex.durable}; unflushed: {list(ex.pending)}; {under_way})"
+        )
     # upper bound: whole intent regions of recorded writes, as of before and after the step under way
     ub = bitarray(nbits, endian="little")
     ub.setall(0)
@@ -740,8 +879,10 @@ def _intent_bits_problems(m: Model, ex: Expect, ph: BmPhase, bits: bitarray, act
     extra = bits & ~ub
     if extra.any():
         k = extra.find(1)
-        out.append(f"bit {k} (guest bytes {k * g:#x}+{g:#x}) is set on disk outside every intent region of the "
-                   f"writes it recorded ({extra.count()} such bits; {under_way})")
+        out.append(
+            f"bit {k} (guest bytes {k * g:#x}+{g:#x}) is set on disk outside every intent region of the "
+            f"writes it recorded ({extra.count()} such bits; {under_way})"
+        )
     return out
 
 
@@ -750,8 +891,15 @@ def _touches(w: tuple, a: int, b: int) -> bool:
     return off < b and a < off + len(data)
 
 
-def _unexplained(m: Model, ex: Expect, rec: tuple[int, ...], g: int, bits: bitarray, act: GuestBytes,
-                 res: dict[str, Any]) -> Optional[tuple[int, int, list[int]]]:
+def _unexplained(
+    m: Model,
+    ex: Expect,
+    rec: tuple[int, ...],
+    g: int,
+    bits: bitarray,
+    act: GuestBytes,
+    res: dict[str, Any],
+) -> Optional[tuple[int, int, list[int]]]:
     """(granule, guest byte, recorded writes there) of the first byte, in a granule whose bit is clear, that
     holds a value no write outside `rec` explains: neither the content of the durable writes not in rec
     (over the pristine content), nor a value an unflushed write not in rec wrote there. None if none.

@@ -36,9 +36,15 @@ class Bounds:
     max_states: int = 0  # stop after this many distinct states (0 = no limit)
 
     def scaled(self, k: float) -> "Bounds":
-        return Bounds(self.exhaustive if k <= 1 else int(self.exhaustive * 4), max(1, int(self.prefixes * k)),
-                      max(1, int(self.drop_one * k)), max(1, int(self.singles * k)), max(1, int(self.random * k)),
-                      max(0, int(self.torn * k)), int(self.max_states * k) if self.max_states else 0)
+        return Bounds(
+            self.exhaustive if k <= 1 else int(self.exhaustive * 4),
+            max(1, int(self.prefixes * k)),
+            max(1, int(self.drop_one * k)),
+            max(1, int(self.singles * k)),
+            max(1, int(self.random * k)),
+            max(0, int(self.torn * k)),
+            int(self.max_states * k) if self.max_states else 0,
+        )
 
 
 @dataclasses.dataclass
@@ -49,7 +55,9 @@ class Workload:
     run: Callable[[Driver, random.Random], None]  # run(driver, rng)
     lazy: bool = False
     bounds: Bounds = dataclasses.field(default_factory=Bounds)
-    verify: Optional[Callable[[str, str, Model], None]] = None  # verify(dir, image_path_after_run, model) (e.g. table growth)
+    verify: Optional[Callable[[str, str, Model], None]] = (
+        None  # verify(dir, image_path_after_run, model) (e.g. table growth)
+    )
     oracle_every: int = 10
     bitmap_sync: str = "close"  # the Driver's Disk(bitmap_sync=...) (reopen may switch it)
     nbd_every: int = 4  # intent mode: QEMU's NBD view of the bitmaps on every Nth new state
@@ -63,8 +71,13 @@ def _create(path: str, size: int, **opts: object) -> None:
     run(args + [path, str(size)], cwd=os.path.dirname(os.path.abspath(path)))
 
 
-def random_writes(d: Driver, rng: random.Random, count: int, flush_every: tuple[int, int] = (1, 4),
-                  zero_share: float = 0.1) -> None:
+def random_writes(
+    d: Driver,
+    rng: random.Random,
+    count: int,
+    flush_every: tuple[int, int] = (1, 4),
+    zero_share: float = 0.1,
+) -> None:
     """Allocation-heavy random writes: aligned runs of clusters, odd sizes at odd offsets, some zeros."""
     size = d.model.size
     cs = d.cluster_size
@@ -134,8 +147,13 @@ def wl_reftable_growth() -> Workload:
         n = read_header_field(image_path, 56, 4)
         assert n >= 3, f"refcount table did not grow (refcount_table_clusters={n})"
 
-    return Workload("reftable-growth-c512-r64", create, body, verify=verify,
-                    bounds=Bounds(exhaustive=8, prefixes=3, drop_one=1, random=2, torn=1))
+    return Workload(
+        "reftable-growth-c512-r64",
+        create,
+        body,
+        verify=verify,
+        bounds=Bounds(exhaustive=8, prefixes=3, drop_one=1, random=2, torn=1),
+    )
 
 
 def wl_cow_backing(extended: bool = False) -> Workload:
@@ -145,7 +163,12 @@ def wl_cow_backing(extended: bool = False) -> Workload:
     def create(dirname: str) -> dict[str, Any]:
         base = os.path.join(dirname, "base.qcow2")
         _create(base, size, cluster_size=cluster)
-        qemu_io(base, f"write -P 0x5a 0 {size}", f"write -P 0x33 {1 * MiB} {64 * KiB}", f"write -z {2 * MiB} {256 * KiB}")
+        qemu_io(
+            base,
+            f"write -P 0x5a 0 {size}",
+            f"write -P 0x33 {1 * MiB} {64 * KiB}",
+            f"write -z {2 * MiB} {256 * KiB}",
+        )
         img = os.path.join(dirname, "disk.qcow2")
         opts = dict(cluster_size=cluster, backing_file=os.path.abspath(base), backing_fmt="qcow2")
         if extended:
@@ -227,7 +250,9 @@ def wl_snapshot() -> Workload:
             if r < 0.2:
                 d.zero(off // cs * cs, rng.randint(1, 6) * cs)  # frees: drops snapshot refcounts
             elif r < 0.5:
-                d.write(off, rng.randbytes(rng.randint(1, 3 * cs)))  # partial: COW of shared clusters
+                d.write(
+                    off, rng.randbytes(rng.randint(1, 3 * cs))
+                )  # partial: COW of shared clusters
             else:
                 d.write(off // cs * cs, rng.randbytes(rng.randint(1, 6) * cs))
             if rng.random() < 0.45:
@@ -252,8 +277,10 @@ def wl_bitmaps() -> Workload:
         qemu_io(img, f"write -P 0x77 0 {1 * MiB}")
         qemu_img("bitmap", "--add", "-g", "65536", img, "q0")
         qemu_img("bitmap", "--add", "-g", "16384", img, "gone")
-        return dict(image="disk.qcow2", pristine_bitmaps=[BitmapSpec("q0", 65536, 0, True),
-                                                          BitmapSpec("gone", 16384, 0, True)])
+        return dict(
+            image="disk.qcow2",
+            pristine_bitmaps=[BitmapSpec("q0", 65536, 0, True), BitmapSpec("gone", 16384, 0, True)],
+        )
 
     def writes(d: Driver, rng: random.Random, n: int) -> None:
         cs = d.cluster_size
@@ -278,8 +305,12 @@ def wl_bitmaps() -> Workload:
         writes(d, rng, 3)
         d.close()  # stores q0, b1 over their previous versions
 
-    return Workload("bitmaps-create-remove-store", create, body,
-                    bounds=Bounds(exhaustive=32, prefixes=8, drop_one=4, singles=4, random=10, torn=3))
+    return Workload(
+        "bitmaps-create-remove-store",
+        create,
+        body,
+        bounds=Bounds(exhaustive=32, prefixes=8, drop_one=4, singles=4, random=10, torn=3),
+    )
 
 
 def wl_lazy() -> Workload:
@@ -339,7 +370,9 @@ def _pristine_bitmap(img: str, name: str, granularity: int, enabled: bool = True
     return BitmapSpec(name, granularity, 0, True, enabled, initial)
 
 
-def _write_or_zero(d: Driver, rng: random.Random, off: int, length: int, k: int, flush_every: int) -> None:
+def _write_or_zero(
+    d: Driver, rng: random.Random, off: int, length: int, k: int, flush_every: int
+) -> None:
     """One guest write (one in eight or so of zeros), then a guest flush after every flush_every."""
     if rng.random() < 0.12:
         d.zero(off, length)
@@ -349,7 +382,9 @@ def _write_or_zero(d: Driver, rng: random.Random, off: int, length: int, k: int,
         d.flush()
 
 
-def _intent_writes(d: Driver, rng: random.Random, n: int, spots: list, flush_every: int = 3) -> None:
+def _intent_writes(
+    d: Driver, rng: random.Random, n: int, spots: list, flush_every: int = 3
+) -> None:
     """n guest writes near the given offsets (sub-granule, unaligned, multi-granule, some zeros), a
     guest flush after every flush_every of them."""
     size = d.model.size
@@ -381,16 +416,24 @@ def wl_intent_bitmaps() -> Workload:
         qemu_img("bitmap", "--add", "--disable", "-g", "4096", img, "qd")
         # QEMU records these in q0 and gone (persistent, enabled), not in qd
         qemu_io(img, f"write -P 0x77 0 {1 * MiB}", f"write -P 0x78 {20 * MiB} {192 * KiB}")
-        return dict(image="disk.qcow2", pristine_bitmaps=[_pristine_bitmap(img, "q0", 65536),
-                                                          _pristine_bitmap(img, "gone", 16384),
-                                                          _pristine_bitmap(img, "qd", 4096, enabled=False)])
+        return dict(
+            image="disk.qcow2",
+            pristine_bitmaps=[
+                _pristine_bitmap(img, "q0", 65536),
+                _pristine_bitmap(img, "gone", 16384),
+                _pristine_bitmap(img, "qd", 4096, enabled=False),
+            ],
+        )
 
     def body(d: Driver, rng: random.Random) -> None:
         R = 8 * MiB
         d.create_bitmap("b0", 4096)
         # first writes into clean granules of every region (one intent each), one straddling regions 0|1
         for r in range(3):
-            d.write(r * R + rng.randrange(0, R - 64 * KiB), rng.randbytes(rng.choice([512, 5000, 64 * KiB])))
+            d.write(
+                r * R + rng.randrange(0, R - 64 * KiB),
+                rng.randbytes(rng.choice([512, 5000, 64 * KiB])),
+            )
         d.write(R - 3000, rng.randbytes(6000))
         d.flush()
         spots = [off for off, _ in d.writes]
@@ -426,8 +469,14 @@ def wl_intent_bitmaps() -> Workload:
         _intent_writes(d, rng, 3, spots, flush_every=2)
         d.close()
 
-    return Workload("intent-bitmaps-c64k", create, body, bitmap_sync="intent", nbd_every=8,
-                    bounds=Bounds(exhaustive=16, prefixes=5, drop_one=3, singles=3, random=6, torn=3))
+    return Workload(
+        "intent-bitmaps-c64k",
+        create,
+        body,
+        bitmap_sync="intent",
+        nbd_every=8,
+        bounds=Bounds(exhaustive=16, prefixes=5, drop_one=3, singles=3, random=6, torn=3),
+    )
 
 
 def wl_intent_data_file() -> Workload:
@@ -444,10 +493,24 @@ def wl_intent_data_file() -> Workload:
         img = os.path.join(dirname, "disk.qcow2")
         _create(img, size, cluster_size=1024, data_file="disk.data")
         run(["qemu-img", "bitmap", "--add", "-g", "512", img, "p"], cwd=dirname)
-        run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x55 {3 * MiB} {64 * KiB}", "-c", f"write -P 0x56 {9 * MiB + 512} 1000",
-             img], cwd=dirname)
-        return dict(image="disk.qcow2", files=["disk.qcow2", "disk.data"],
-                    pristine_bitmaps=[_pristine_bitmap(img, "p", 512)])
+        run(
+            [
+                "qemu-io",
+                "-f",
+                "qcow2",
+                "-c",
+                f"write -P 0x55 {3 * MiB} {64 * KiB}",
+                "-c",
+                f"write -P 0x56 {9 * MiB + 512} 1000",
+                img,
+            ],
+            cwd=dirname,
+        )
+        return dict(
+            image="disk.qcow2",
+            files=["disk.qcow2", "disk.data"],
+            pristine_bitmaps=[_pristine_bitmap(img, "p", 512)],
+        )
 
     def body(d: Driver, rng: random.Random) -> None:
         R = 8 * MiB
@@ -470,8 +533,13 @@ def wl_intent_data_file() -> Workload:
         _intent_writes(d, rng, 4, spots)
         d.close()
 
-    return Workload("intent-data-file-c1k", create, body, bitmap_sync="intent",
-                    bounds=Bounds(exhaustive=16, prefixes=5, drop_one=3, singles=3, random=6, torn=3))
+    return Workload(
+        "intent-data-file-c1k",
+        create,
+        body,
+        bitmap_sync="intent",
+        bounds=Bounds(exhaustive=16, prefixes=5, drop_one=3, singles=3, random=6, torn=3),
+    )
 
 
 def wl_intent_lazy() -> Workload:
@@ -505,7 +573,9 @@ def wl_intent_lazy() -> Workload:
         _intent_writes(d, rng, 5, spots, flush_every=2)
         d.close()
 
-    return Workload("intent-lazy-refcounts-c4k", create, body, lazy=True, bitmap_sync="intent", nbd_every=6)
+    return Workload(
+        "intent-lazy-refcounts-c4k", create, body, lazy=True, bitmap_sync="intent", nbd_every=6
+    )
 
 
 def wl_intent_minimal() -> Workload:
@@ -528,23 +598,46 @@ def wl_intent_minimal() -> Workload:
         d.flush()
         d.close()
 
-    return Workload("intent-minimal", create, body, bitmap_sync="intent", nbd_every=1,
-                    bounds=Bounds(exhaustive=256, torn=4))
+    return Workload(
+        "intent-minimal",
+        create,
+        body,
+        bitmap_sync="intent",
+        nbd_every=1,
+        bounds=Bounds(exhaustive=256, torn=4),
+    )
 
 
 def _savevm(img: str, name: str) -> None:
     """An internal snapshot with VM state, made by QEMU's savevm (a machine without devices: a few
     hundred bytes of VM state, stored past the disk's end through the snapshot's L1)."""
-    p = run(["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none", "-monitor", "stdio",
-             "-drive", f"if=none,id=d0,file={os.path.abspath(img)},format=qcow2"],
-            input=f"savevm {name}\nquit\n", timeout=120, cwd=os.path.dirname(os.path.abspath(img)))
+    p = run(
+        [
+            "qemu-system-x86_64",
+            "-machine",
+            "none",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-monitor",
+            "stdio",
+            "-drive",
+            f"if=none,id=d0,file={os.path.abspath(img)},format=qcow2",
+        ],
+        input=f"savevm {name}\nquit\n",
+        timeout=120,
+        cwd=os.path.dirname(os.path.abspath(img)),
+    )
     snaps = json.loads(qemu_img("info", "--output=json", img).stdout).get("snapshots", [])
     vm = [s for s in snaps if s["name"] == name]
-    assert vm and vm[0]["vm-state-size"] > 0, f"savevm made no snapshot with VM state: {p.stdout} {p.stderr}"
+    assert vm and vm[0]["vm-state-size"] > 0, (
+        f"savevm made no snapshot with VM state: {p.stdout} {p.stderr}"
+    )
 
 
-def _snapshot_image(dirname: str, size: int, cluster: int,
-                    bitmaps: Iterable[tuple[str, int]] = ()) -> tuple[str, dict[str, bytes]]:
+def _snapshot_image(
+    dirname: str, size: int, cluster: int, bitmaps: Iterable[tuple[str, int]] = ()
+) -> tuple[str, dict[str, bytes]]:
     """QEMU-made pristine image for the snapshot workloads: bitmaps (name, granularity) that record what
     follows, data, compressed clusters (some sharing a host cluster: a cluster of one byte compresses to
     a few dozen bytes), snapshot q1 (qemu-img), more data, snapshot vm1 with VM state (savevm), more data.
@@ -553,8 +646,13 @@ def _snapshot_image(dirname: str, size: int, cluster: int,
     _create(img, size, cluster_size=cluster)
     for name, g in bitmaps:
         qemu_img("bitmap", "--add", "-g", str(g), img, name)
-    qemu_io(img, f"write -P 0x11 0 {1 * MiB + 512 * KiB}", f"write -c -P 0x22 {3 * MiB} {256 * KiB}",
-            f"write -c -P 0x23 {3 * MiB + 512 * KiB} {cluster}", f"write -c -P 0x24 {3 * MiB + 512 * KiB + cluster} {cluster}")
+    qemu_io(
+        img,
+        f"write -P 0x11 0 {1 * MiB + 512 * KiB}",
+        f"write -c -P 0x22 {3 * MiB} {256 * KiB}",
+        f"write -c -P 0x23 {3 * MiB + 512 * KiB} {cluster}",
+        f"write -c -P 0x24 {3 * MiB + 512 * KiB + cluster} {cluster}",
+    )
     qemu_img("snapshot", "-c", "q1", img)
     qemu_io(img, f"write -P 0x44 {512 * KiB} {256 * KiB}", f"write -c -P 0x45 {2 * MiB} {64 * KiB}")
     _savevm(img, "vm1")
@@ -600,12 +698,17 @@ def wl_snapshot_ops() -> Workload:
     def create(dirname: str) -> dict[str, Any]:
         img, snaps = _snapshot_image(dirname, size, cluster)
         qemu_img("bitmap", "--add", "-g", "65536", img, "q0")
-        return dict(image="disk.qcow2", snapshots=snaps, pristine_bitmaps=[BitmapSpec("q0", 65536, 0, True)])
+        return dict(
+            image="disk.qcow2", snapshots=snaps, pristine_bitmaps=[BitmapSpec("q0", 65536, 0, True)]
+        )
 
     def body(d: Driver, rng: random.Random) -> None:
         shared = [0, 512 * KiB, 1 * MiB, 1 * MiB + 448 * KiB]  # data shared with q1 and vm1
         compressed = [3 * MiB, 3 * MiB + 128 * KiB, 3 * MiB + 512 * KiB, 2 * MiB]
-        fresh = [2 * MiB + 256 * KiB, 3 * MiB + 768 * KiB]  # unallocated: allocations into (shared) L2 tables
+        fresh = [
+            2 * MiB + 256 * KiB,
+            3 * MiB + 768 * KiB,
+        ]  # unallocated: allocations into (shared) L2 tables
         _snap_writes(d, rng, 6, shared + compressed)
         d.flush()
         d.take_snapshot("s1")
@@ -627,8 +730,13 @@ def wl_snapshot_ops() -> Workload:
         _snap_writes(d, rng, 3, shared + compressed)
         d.close()
 
-    return Workload("snapshot-ops-c4k", create, body, oracle_every=8,
-                    bounds=Bounds(exhaustive=16, prefixes=4, drop_one=2, singles=2, random=4, torn=2))
+    return Workload(
+        "snapshot-ops-c4k",
+        create,
+        body,
+        oracle_every=8,
+        bounds=Bounds(exhaustive=16, prefixes=4, drop_one=2, singles=2, random=4, torn=2),
+    )
 
 
 def wl_intent_checkpoint() -> Workload:
@@ -644,8 +752,14 @@ def wl_intent_checkpoint() -> Workload:
     def create(dirname: str) -> dict[str, Any]:
         img, snaps = _snapshot_image(dirname, size, cluster, bitmaps=[("qi", 16384)])
         qemu_img("bitmap", "--add", "-g", "4096", img, "qd")
-        return dict(image="disk.qcow2", snapshots=snaps,
-                    pristine_bitmaps=[_pristine_bitmap(img, "qi", 16384), _pristine_bitmap(img, "qd", 4096)])
+        return dict(
+            image="disk.qcow2",
+            snapshots=snaps,
+            pristine_bitmaps=[
+                _pristine_bitmap(img, "qi", 16384),
+                _pristine_bitmap(img, "qd", 4096),
+            ],
+        )
 
     def body(d: Driver, rng: random.Random) -> None:
         shared = [0, 512 * KiB, 1 * MiB + 448 * KiB]
@@ -662,8 +776,15 @@ def wl_intent_checkpoint() -> Workload:
         _snap_writes(d, rng, 3, shared + compressed)
         d.close()
 
-    return Workload("intent-checkpoint-c4k", create, body, bitmap_sync="intent", nbd_every=10, oracle_every=8,
-                    bounds=Bounds(exhaustive=16, prefixes=4, drop_one=2, singles=2, random=4, torn=2))
+    return Workload(
+        "intent-checkpoint-c4k",
+        create,
+        body,
+        bitmap_sync="intent",
+        nbd_every=10,
+        oracle_every=8,
+        bounds=Bounds(exhaustive=16, prefixes=4, drop_one=2, singles=2, random=4, torn=2),
+    )
 
 
 def wl_snapshot_minimal() -> Workload:
@@ -677,7 +798,10 @@ def wl_snapshot_minimal() -> Workload:
         _create(img, 1 * MiB, cluster_size=4096)
         qemu_io(img, f"write -P 0x11 0 {64 * KiB}", f"write -c -P 0x22 {256 * KiB} {16 * KiB}")
         qemu_img("snapshot", "-c", "q1", img)
-        return dict(image="disk.qcow2", snapshots={"q1": qemu_raw(img, os.path.join(dirname, "q1.raw"), snapshot="q1")})
+        return dict(
+            image="disk.qcow2",
+            snapshots={"q1": qemu_raw(img, os.path.join(dirname, "q1.raw"), snapshot="q1")},
+        )
 
     def body(d: Driver, rng: random.Random) -> None:
         d.write(4096 + 100, rng.randbytes(3000))
@@ -686,8 +810,13 @@ def wl_snapshot_minimal() -> Workload:
         d.delete_snapshot("q1")
         d.close()
 
-    return Workload("snapshot-minimal", create, body, oracle_every=3,
-                    bounds=Bounds(exhaustive=64, prefixes=6, drop_one=4, singles=4, random=12, torn=3))
+    return Workload(
+        "snapshot-minimal",
+        create,
+        body,
+        oracle_every=3,
+        bounds=Bounds(exhaustive=64, prefixes=6, drop_one=4, singles=4, random=12, torn=3),
+    )
 
 
 def wl_zero_grow(bitmap_sync: str = "close") -> Workload:
@@ -707,11 +836,17 @@ def wl_zero_grow(bitmap_sync: str = "close") -> Workload:
         _create(img, size, cluster_size=cluster)
         if bitmap_sync == "intent":
             qemu_img("bitmap", "--add", "-g", "65536", img, "q0")
-        qemu_io(img, f"write -P 0x11 0 {1 * MiB + 512 * KiB}", f"write -c -P 0x22 {3 * MiB} {256 * KiB}",
-                f"write -c -P 0x23 {3 * MiB + 512 * KiB} {cluster}",
-                f"write -c -P 0x24 {3 * MiB + 512 * KiB + cluster} {cluster}")
+        qemu_io(
+            img,
+            f"write -P 0x11 0 {1 * MiB + 512 * KiB}",
+            f"write -c -P 0x22 {3 * MiB} {256 * KiB}",
+            f"write -c -P 0x23 {3 * MiB + 512 * KiB} {cluster}",
+            f"write -c -P 0x24 {3 * MiB + 512 * KiB + cluster} {cluster}",
+        )
         qemu_img("snapshot", "-c", "q1", img)
-        qemu_io(img, f"write -P 0x44 {512 * KiB} {256 * KiB}", f"write -P 0x55 {2 * MiB} {64 * KiB}")
+        qemu_io(
+            img, f"write -P 0x44 {512 * KiB} {256 * KiB}", f"write -P 0x55 {2 * MiB} {64 * KiB}"
+        )
         snaps = {"q1": qemu_raw(img, os.path.join(dirname, "q1.raw"), snapshot="q1")}
         if bitmap_sync == "intent":
             specs = [_pristine_bitmap(img, "q0", 65536)]
@@ -725,19 +860,27 @@ def wl_zero_grow(bitmap_sync: str = "close") -> Workload:
         d.write(64 * KiB + 100, rng.randbytes(3 * cs))  # COW of clusters shared with q1
         d.write(2 * MiB + 8 * cs, rng.randbytes(4 * cs))
         d.flush()
-        d.zero_range(16 * cs, 8 * cs)  # whole clusters shared with q1 (refcount 2 -> 1: nothing freed)
+        d.zero_range(
+            16 * cs, 8 * cs
+        )  # whole clusters shared with q1 (refcount 2 -> 1: nothing freed)
         d.zero_range(64 * KiB, cs)  # a whole cluster the write above copied (refcount 1: freed)
         d.zero_range(5 * cs + 300, 1000)  # inside one cluster: written with zeros
         d.flush()
         d.zero_range(3 * MiB + 4 * cs, 6 * cs)  # whole compressed clusters
-        d.zero_range(3 * MiB + 512 * KiB + 100, cs)  # partial, over two compressed clusters sharing a host cluster
-        d.zero_range(512 * KiB + cs // 2, 5 * cs)  # straddling: partial, whole, partial (over q1's 0x44 data)
+        d.zero_range(
+            3 * MiB + 512 * KiB + 100, cs
+        )  # partial, over two compressed clusters sharing a host cluster
+        d.zero_range(
+            512 * KiB + cs // 2, 5 * cs
+        )  # straddling: partial, whole, partial (over q1's 0x44 data)
         d.write(2 * MiB + 9 * cs, rng.randbytes(2 * cs))
         d.zero_range(2 * MiB + 8 * cs, 3 * cs + 512)  # over clusters written in the same epoch
         d.flush()
         d.create_bitmap("b0", 4096)
         d.write(1 * MiB + 100 * KiB, rng.randbytes(9000))
-        d.zero_range(1 * MiB + 96 * KiB, 2 * cs)  # unflushed when the grow starts (the grow flushes first)
+        d.zero_range(
+            1 * MiB + 96 * KiB, 2 * cs
+        )  # unflushed when the grow starts (the grow flushes first)
         d.grow(10 * MiB)
         d.write(8 * MiB + 3 * cs, rng.randbytes(5 * cs))  # a new L2 table under a new L1 entry
         d.write(4 * MiB - 2 * cs, rng.randbytes(4 * cs))  # across the old end
@@ -754,9 +897,16 @@ def wl_zero_grow(bitmap_sync: str = "close") -> Workload:
         assert info["virtual-size"] == 10 * MiB, info["virtual-size"]
         assert read_header_field(image_path, 36, 4) == 5, "the grow did not make a 5-entry L1 table"
 
-    return Workload(f"zero-grow-{bitmap_sync}-c4k", create, body, bitmap_sync=bitmap_sync, verify=verify,
-                    oracle_every=6, nbd_every=6,
-                    bounds=Bounds(exhaustive=16, prefixes=4, drop_one=2, singles=2, random=4, torn=2))
+    return Workload(
+        f"zero-grow-{bitmap_sync}-c4k",
+        create,
+        body,
+        bitmap_sync=bitmap_sync,
+        verify=verify,
+        oracle_every=6,
+        nbd_every=6,
+        bounds=Bounds(exhaustive=16, prefixes=4, drop_one=2, singles=2, random=4, torn=2),
+    )
 
 
 def workloads() -> list:
@@ -764,10 +914,25 @@ def workloads() -> list:
     for cluster, size, count in ((512, 2 * MiB, 50), (4096, 4 * MiB, 50), (65536, 16 * MiB, 45)):
         for refbits in (1, 16):
             out.append(wl_alloc(cluster, refbits, size, count))
-    out += [wl_refblock_siblings(), wl_reftable_growth(), wl_cow_backing(), wl_cow_backing(extended=True),
-            wl_zero_free(), wl_zero_free("0.10"), wl_snapshot(), wl_bitmaps(), wl_lazy(), wl_data_file(),
-            wl_intent_bitmaps(), wl_intent_data_file(), wl_intent_lazy(), wl_snapshot_ops(), wl_intent_checkpoint(),
-            wl_zero_grow(), wl_zero_grow("intent")]
+    out += [
+        wl_refblock_siblings(),
+        wl_reftable_growth(),
+        wl_cow_backing(),
+        wl_cow_backing(extended=True),
+        wl_zero_free(),
+        wl_zero_free("0.10"),
+        wl_snapshot(),
+        wl_bitmaps(),
+        wl_lazy(),
+        wl_data_file(),
+        wl_intent_bitmaps(),
+        wl_intent_data_file(),
+        wl_intent_lazy(),
+        wl_snapshot_ops(),
+        wl_intent_checkpoint(),
+        wl_zero_grow(),
+        wl_zero_grow("intent"),
+    ]
     return out
 
 
@@ -780,7 +945,9 @@ class Recorded:
     workdir: str
 
 
-def record(wl: Workload, workdir: str, seed: Optional[int] = None, record_flushes: bool = True) -> Recorded:
+def record(
+    wl: Workload, workdir: str, seed: Optional[int] = None, record_flushes: bool = True
+) -> Recorded:
     """Create the pristine image, save its bytes, run the workload through the recording factory."""
     os.makedirs(workdir, exist_ok=True)
     pdir = os.path.join(workdir, "pristine")
@@ -795,15 +962,28 @@ def record(wl: Workload, workdir: str, seed: Optional[int] = None, record_flushe
     initial = qemu_raw(os.path.join(pdir, image), os.path.join(workdir, "initial.raw"))
     size = len(initial)
     specs = tuple(info.get("pristine_bitmaps", []))
-    model = Model(wl.name, image, files, size, initial, [], lazy=wl.lazy, snapshots=info.get("snapshots", {}),
-                  oracle_every=wl.oracle_every, bitmap_sync=wl.bitmap_sync, pristine_specs=specs,
-                  nbd_every=wl.nbd_every)
+    model = Model(
+        wl.name,
+        image,
+        files,
+        size,
+        initial,
+        [],
+        lazy=wl.lazy,
+        snapshots=info.get("snapshots", {}),
+        oracle_every=wl.oracle_every,
+        bitmap_sync=wl.bitmap_sync,
+        pristine_specs=specs,
+        nbd_every=wl.nbd_every,
+    )
     for spec in specs:
         model.bitmaps[spec.name] = spec
     model.pristine_bitmap_names = {s.name for s in specs}
     for spec in specs:
         model.granularities[spec.name] = spec.granularity
-        model.versions[(spec.name, "pristine")] = state_bits(model, BmState(spec.granularity, extra=spec.initial))
+        model.versions[(spec.name, "pristine")] = state_bits(
+            model, BmState(spec.granularity, extra=spec.initial)
+        )
     # the working copy the workload writes to (pristine stays untouched for the backing file etc.)
     wdir = os.path.join(workdir, "run")
     os.makedirs(wdir, exist_ok=True)
@@ -824,5 +1004,7 @@ def record(wl: Workload, workdir: str, seed: Optional[int] = None, record_flushe
     for name in files:
         with open(os.path.join(wdir, name), "rb") as f:
             if f.read() != bytes(final[name]):
-                raise AssertionError(f"replaying the log does not reproduce {name}: the recording missed I/O")
+                raise AssertionError(
+                    f"replaying the log does not reproduce {name}: the recording missed I/O"
+                )
     return Recorded(wl, model, log, pristine, workdir)

@@ -44,7 +44,11 @@ LAYOUTS = {
     "c512-rc1": (16 * MiB, ["cluster_size=512", "refcount_bits=1"], False),
     "4k-snapshot": (32 * MiB, ["cluster_size=4096"], True),
 }
-CASES = [("64k", s) for s in range(4)] + [("c512-rc1", s) for s in range(4)] + [("4k-snapshot", s) for s in range(2)]
+CASES = (
+    [("64k", s) for s in range(4)]
+    + [("c512-rc1", s) for s in range(4)]
+    + [("4k-snapshot", s) for s in range(2)]
+)
 
 
 class Writer(threading.Thread):
@@ -109,18 +113,32 @@ class Writer(threading.Thread):
                 pass
 
 
-def assert_durable(got: bytes, expected: bytearray, uncertain: list, ops: list, durable: int, what: str) -> None:
+def assert_durable(
+    got: bytes, expected: bytearray, uncertain: list, ops: list, durable: int, what: str
+) -> None:
     """got == expected outside the uncertain intervals; on a mismatch name the write that put it there."""
     mv_g, mv_e = memoryview(got), memoryview(expected)
     pos = 0
     for a, b in merged(uncertain) + [[len(expected), len(expected)]]:
         if pos < a and mv_g[pos:a] != mv_e[pos:a]:
             i = next(i for i in range(pos, a) if got[i] != expected[i])
-            last = next((k for k in range(durable - 1, -1, -1) if ops[k][0] <= i < ops[k][0] + len(ops[k][1])), None)
-            src = (f"fsynced write #{last} ({len(ops[last][1])} bytes at {ops[last][0]})" if last is not None
-                   else "the content before the mount")
-            raise AssertionError(f"{what}byte {i} (0x{i:x}) reads {got[i:i + 8].hex()} but {src} made it "
-                                 f"{bytes(expected[i:i + 8]).hex()}")
+            last = next(
+                (
+                    k
+                    for k in range(durable - 1, -1, -1)
+                    if ops[k][0] <= i < ops[k][0] + len(ops[k][1])
+                ),
+                None,
+            )
+            src = (
+                f"fsynced write #{last} ({len(ops[last][1])} bytes at {ops[last][0]})"
+                if last is not None
+                else "the content before the mount"
+            )
+            raise AssertionError(
+                f"{what}byte {i} (0x{i:x}) reads {got[i : i + 8].hex()} but {src} made it "
+                f"{bytes(expected[i : i + 8]).hex()}"
+            )
         pos = max(pos, b)
 
 
@@ -136,8 +154,12 @@ def test_kill_during_write_storm(layout, k, mount, tmp_path):
     print(what)
     img = create(tmp_path / "img.qcow2", vsize, *opts)
     cluster = qemu_info(img)["cluster-size"]
-    qemu_io(img, f"write -P 0x11 0 {vsize // 4}", f"write -P 0x22 {vsize // 2} {vsize // 8}",
-            f"write -z {vsize // 8} {vsize // 16}")
+    qemu_io(
+        img,
+        f"write -P 0x11 0 {vsize // 4}",
+        f"write -P 0x22 {vsize // 2} {vsize // 8}",
+        f"write -z {vsize // 8} {vsize // 16}",
+    )
     snap_ref = None
     if snapshot:
         qemu_img("snapshot", "-c", "s1", img)
@@ -157,7 +179,9 @@ def test_kill_during_write_storm(layout, k, mount, tmp_path):
     assert not w.is_alive(), f"{what}writer still blocked after the kill"
     assert w.error is None or isinstance(w.error, OSError), f"{what}writer failed: {w.error!r}"
     ops, durable = w.ops, w.durable
-    print(f"{what}{len(ops)} writes issued, {w.fsyncs} fsyncs, {durable} durable; writer ended with {w.error!r}")
+    print(
+        f"{what}{len(ops)} writes issued, {w.fsyncs} fsyncs, {durable} durable; writer ended with {w.error!r}"
+    )
 
     res = qemu_check(img)
     assert res["rc"] in (0, 3), f"{what}qemu-img check after kill -9 (exit 2 = corruption): {res}"
@@ -175,8 +199,10 @@ def test_kill_during_write_storm(layout, k, mount, tmp_path):
     m2 = mount(img)
     with open(m2.disk, "rb") as f:
         again = f.read()
-    assert again == got, f"{what}remount: disk.raw differs from qemu-img convert at " \
-                         f"{next(i for i in range(vsize) if again[i:i + 1] != got[i:i + 1])}"
+    assert again == got, (
+        f"{what}remount: disk.raw differs from qemu-img convert at "
+        f"{next(i for i in range(vsize) if again[i : i + 1] != got[i : i + 1])}"
+    )
     assert m2.unmount() == 0, f"{what}remount daemon exit"
     res = qemu_check(img)
     assert res["rc"] in (0, 3), f"{what}qemu-img check after remount: {res}"

@@ -59,7 +59,9 @@ from qcowfs_dev.probes import (
 )
 
 QCOWFS = [sys.executable, "-m", "qcowfs"]
-ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+ENV = dict(
+    os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+)
 
 EXAMPLES = int(os.environ.get("QCOWFS_FUZZ_EXAMPLES", "20"))
 TIME_BUDGET = float(os.environ.get("QCOWFS_FUZZ_SECONDS", "0") or 0)
@@ -78,17 +80,35 @@ SETTINGS = settings(
     deadline=None,
     derandomize=False,
     print_blob=True,
-    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],  # no slow explain phase
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+    phases=[
+        Phase.explicit,
+        Phase.reuse,
+        Phase.generate,
+        Phase.target,
+        Phase.shrink,
+    ],  # no slow explain phase
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+    ],
 )
 
 
 # ----------------------------------------------------------------------------- base images
 
+
 def _build_v3(d: Path) -> Path:
     img = create(d / "v3.qcow2", "4M", "cluster_size=4096")
-    qemu_io(img, "write -P 0x5a 0 64k", "write -c -P 0x77 1M 4k", "write -c -P 0x78 1028k 8k",
-            "write -z 2M 16k", "write -P 0x11 3M 4k", "write -P 0x12 4092k 4k")
+    qemu_io(
+        img,
+        "write -P 0x5a 0 64k",
+        "write -c -P 0x77 1M 4k",
+        "write -c -P 0x78 1028k 8k",
+        "write -z 2M 16k",
+        "write -P 0x11 3M 4k",
+        "write -P 0x12 4092k 4k",
+    )
     qemu_img("snapshot", "-c", "snap1", img)
     qemu_io(img, "write -P 0x33 8k 8k", "write -z 3M 4k")  # COW away from the snapshot's clusters
     qemu_img("bitmap", "--add", img, "bm0")
@@ -108,8 +128,15 @@ def _build_v2(d: Path) -> Path:
 def _build_extl2(d: Path) -> Path:
     # extended L2 entries need clusters of at least 16 KiB
     img = create(d / "extl2.qcow2", "4M", "cluster_size=16384,extended_l2=on")
-    qemu_io(img, "write -P 0x01 0 4k", "write -P 0x02 20k 1k", "write -z 64k 16k", "write -z 96k 2k",
-            "write -c -P 0x03 1M 16k", "write -P 0x04 3M 48k")
+    qemu_io(
+        img,
+        "write -P 0x01 0 4k",
+        "write -P 0x02 20k 1k",
+        "write -z 64k 16k",
+        "write -z 96k 2k",
+        "write -c -P 0x03 1M 16k",
+        "write -P 0x04 3M 48k",
+    )
     qemu_img("bitmap", "--add", img, "bm0")
     qemu_io(img, "write -P 0x05 2M 2k", "write -P 0x06 100k 1k")
     return img
@@ -137,10 +164,46 @@ def bases(tmp_path_factory):
 
 # ----------------------------------------------------------------------------- mutations
 
-ENTRY_KINDS = ("zero", "top_bit", "copied_toggle", "compressed_flag", "zero_flag", "one", "all_ones",
-               "past_eof", "far_past_eof", "beyond_mask", "unaligned", "reserved_low", "reserved_high",
-               "other_metadata", "in_file", "int64_max", "random")
-U32_VALUES = (0, 1, 2, 3, 7, 8, 9, 12, 16, 21, 22, 31, 32, 63, 64, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFE, 0xFFFFFFFF)
+ENTRY_KINDS = (
+    "zero",
+    "top_bit",
+    "copied_toggle",
+    "compressed_flag",
+    "zero_flag",
+    "one",
+    "all_ones",
+    "past_eof",
+    "far_past_eof",
+    "beyond_mask",
+    "unaligned",
+    "reserved_low",
+    "reserved_high",
+    "other_metadata",
+    "in_file",
+    "int64_max",
+    "random",
+)
+U32_VALUES = (
+    0,
+    1,
+    2,
+    3,
+    7,
+    8,
+    9,
+    12,
+    16,
+    21,
+    22,
+    31,
+    32,
+    63,
+    64,
+    0x7FFFFFFF,
+    0x80000000,
+    0xFFFFFFFE,
+    0xFFFFFFFF,
+)
 
 
 @st.composite
@@ -159,8 +222,15 @@ def mutation(draw, data: bytes, regs: dict):
     if kind == "u32" and end - start >= 4:
         pos = start + 4 * draw(st.integers(0, (end - start) // 4 - 1))
         orig = u32(data, pos)
-        value = draw(st.one_of(st.sampled_from(U32_VALUES), st.sampled_from([orig + 1, orig - 1, orig * 2, orig ^ 0x80000000])
-                               .map(lambda v: v & 0xFFFFFFFF), st.integers(0, 0xFFFFFFFF)))
+        value = draw(
+            st.one_of(
+                st.sampled_from(U32_VALUES),
+                st.sampled_from([orig + 1, orig - 1, orig * 2, orig ^ 0x80000000]).map(
+                    lambda v: v & 0xFFFFFFFF
+                ),
+                st.integers(0, 0xFFFFFFFF),
+            )
+        )
         return (name, "u32", pos, value)
     if end - start < 8:
         pos = draw(st.integers(start, end - 1))
@@ -188,7 +258,9 @@ def mutation(draw, data: bytes, regs: dict):
     elif ek == "past_eof":
         v = flags | (eof + cs * draw(st.integers(0, 4)))
     elif ek == "far_past_eof":
-        v = flags | draw(st.sampled_from([1 << 40, (1 << 55) - cs, 1 << 55, OFFSET_MASK & ~(cs - 1)]))
+        v = flags | draw(
+            st.sampled_from([1 << 40, (1 << 55) - cs, 1 << 55, OFFSET_MASK & ~(cs - 1)])
+        )
     elif ek == "beyond_mask":
         v = orig | draw(st.sampled_from([1 << 56, 1 << 57, 1 << 60, 1 << 61]))
     elif ek == "unaligned":
@@ -225,22 +297,42 @@ def apply_mutations(data: bytes, muts) -> bytes:
 def describe(muts) -> str:
     parts = []
     for region, kind, pos, value in muts:
-        v = f"0x{value:x}" if kind in ("u32", "u64") else (f"bit {value}" if kind == "bit" else f"0x{value:02x}")
+        v = (
+            f"0x{value:x}"
+            if kind in ("u32", "u64")
+            else (f"bit {value}" if kind == "bit" else f"0x{value:02x}")
+        )
         parts.append(f"{region}: {kind} @ 0x{pos:x} = {v}")
     return "; ".join(parts)
 
 
 # ----------------------------------------------------------------------------- processes
 
+
 def start_daemon(image: Path, mnt: Path, log: Path, read_only: bool) -> Mount:
     """`qcowfs mount --foreground` in a subprocess (qcowfs_dev.mounts.Mount, refusals allowed: .mounted
     says); always torn down by stop() (unmount retried while busy, then kill, then lazy detach)."""
-    return Mount(image, mnt, log, read_only=read_only, must_mount=False, timeout=MOUNT_TIMEOUT, env=ENV, cwd=ROOT)
+    return Mount(
+        image,
+        mnt,
+        log,
+        read_only=read_only,
+        must_mount=False,
+        timeout=MOUNT_TIMEOUT,
+        env=ENV,
+        cwd=ROOT,
+    )
 
 
 def run_qcowfs(*args, timeout=CHECK_TIMEOUT) -> subprocess.CompletedProcess:
-    return subprocess.run([*QCOWFS, *map(str, args)], capture_output=True, text=True, env=ENV, cwd=str(ROOT),
-                          timeout=timeout)
+    return subprocess.run(
+        [*QCOWFS, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=str(ROOT),
+        timeout=timeout,
+    )
 
 
 def in_thread(fn, timeout: float, on_timeout):
@@ -260,7 +352,9 @@ def in_thread(fn, timeout: float, on_timeout):
     if t.is_alive():
         on_timeout()
         t.join(30)
-        raise AssertionError(f"file system operations hung for more than {timeout}s (daemon killed)")
+        raise AssertionError(
+            f"file system operations hung for more than {timeout}s (daemon killed)"
+        )
     if "error" in box:
         raise box["error"]
     return box["result"]
@@ -270,12 +364,17 @@ def assert_one_line_refusal(d: Mount, what: str) -> None:
     assert d.proc.returncode != 0, f"{what}: mount exited 0 without mounting"
     text = d.stderr + d.stdout
     assert "Traceback" not in text, f"{what}: traceback on refusal:\n{text}"
-    assert "Traceback" not in d.log_text(), f"{what}: traceback in the log on refusal:\n{d.log_text()}"
+    assert "Traceback" not in d.log_text(), (
+        f"{what}: traceback in the log on refusal:\n{d.log_text()}"
+    )
     lines = d.stderr.strip().splitlines()
-    assert len(lines) == 1, f"{what}: refusal must be exactly one stderr line, got {len(lines)}:\n{d.stderr}"
+    assert len(lines) == 1, (
+        f"{what}: refusal must be exactly one stderr line, got {len(lines)}:\n{d.stderr}"
+    )
 
 
 # ----------------------------------------------------------------------------- the checks
+
 
 def read_everything(mnt: Path) -> dict:
     """Read all of disk.raw in 64 KiB chunks and every bitmap status; returns counters.
@@ -287,8 +386,13 @@ def read_everything(mnt: Path) -> dict:
         offsets = range(0, size, CHUNK)
     else:  # a damaged header can claim a huge disk: the start, the end and samples in between
         rnd = random.Random(size)
-        offsets = sorted(set(list(range(0, FULL_READ_LIMIT // 2, CHUNK)) + [(size - 1) // CHUNK * CHUNK]
-                             + [rnd.randrange(0, size) // CHUNK * CHUNK for _ in range(256)]))
+        offsets = sorted(
+            set(
+                list(range(0, FULL_READ_LIMIT // 2, CHUNK))
+                + [(size - 1) // CHUNK * CHUNK]
+                + [rnd.randrange(0, size) // CHUNK * CHUNK for _ in range(256)]
+            )
+        )
     fd = os.open(disk, os.O_RDONLY)
     try:
         for off in offsets:
@@ -296,11 +400,14 @@ def read_everything(mnt: Path) -> dict:
             try:
                 got = os.pread(fd, CHUNK, off)
             except OSError as e:
-                assert e.errno == errno.EIO, \
+                assert e.errno == errno.EIO, (
                     f"read of disk.raw at {off}: {errno.errorcode.get(e.errno, e.errno)} ({e}), expected data or EIO"
+                )
                 stats["eio"] += 1
                 continue
-            assert len(got) == want, f"short read of disk.raw at {off}: {len(got)} bytes instead of {want}"
+            assert len(got) == want, (
+                f"short read of disk.raw at {off}: {len(got)} bytes instead of {want}"
+            )
             stats["chunks"] += 1
     finally:
         os.close(fd)
@@ -335,11 +442,17 @@ def check_read_only_mount(image: Path, work: Path) -> list:
         else:
             stats = in_thread(lambda: read_everything(mnt), IO_TIMEOUT, lambda: d.stop(force=True))
             events.append("ro mount: some EIO" if stats["eio"] else "ro mount: all data")
-            assert d.proc.poll() is None, f"daemon died after the reads (exit {d.proc.returncode}): {d.stderr}\n{d.log_text()}"
+            assert d.proc.poll() is None, (
+                f"daemon died after the reads (exit {d.proc.returncode}): {d.stderr}\n{d.log_text()}"
+            )
             rc = d.stop()
-            assert rc == 0, f"read-only daemon exited {rc} at unmount: {d.problem}\n{d.stderr}\n{d.log_text()}"
+            assert rc == 0, (
+                f"read-only daemon exited {rc} at unmount: {d.problem}\n{d.stderr}\n{d.log_text()}"
+            )
         log = d.log_text()
-        assert "Traceback" not in log and "Traceback" not in d.stderr, f"daemon traceback:\n{d.stderr}\n{log}"
+        assert "Traceback" not in log and "Traceback" not in d.stderr, (
+            f"daemon traceback:\n{d.stderr}\n{log}"
+        )
     finally:
         d.stop()
     assert sha256(image) == before, "a read-only mount changed the image"
@@ -350,17 +463,25 @@ def check_check(image: Path) -> list:
     """(b); returns event labels."""
     before = sha256(image)
     p = run_qcowfs("check", "--json", image)
-    assert "Traceback" not in p.stdout + p.stderr, f"qcowfs check traceback:\n{p.stdout}\n{p.stderr}"
-    assert p.returncode in (0, 1, 2, 3), f"qcowfs check exited {p.returncode}:\n{p.stdout}\n{p.stderr}"
+    assert "Traceback" not in p.stdout + p.stderr, (
+        f"qcowfs check traceback:\n{p.stdout}\n{p.stderr}"
+    )
+    assert p.returncode in (0, 1, 2, 3), (
+        f"qcowfs check exited {p.returncode}:\n{p.stdout}\n{p.stderr}"
+    )
     if p.returncode == 1:
         lines = p.stderr.strip().splitlines()
-        assert len(lines) == 1, f"qcowfs check exit 1 must print exactly one stderr line:\n{p.stderr}"
+        assert len(lines) == 1, (
+            f"qcowfs check exit 1 must print exactly one stderr line:\n{p.stderr}"
+        )
         label = "check: cannot open"
     else:
         try:
             json.loads(p.stdout)
         except ValueError:
-            raise AssertionError(f"qcowfs check --json exited {p.returncode} without JSON:\n{p.stdout}\n{p.stderr}") from None
+            raise AssertionError(
+                f"qcowfs check --json exited {p.returncode} without JSON:\n{p.stdout}\n{p.stderr}"
+            ) from None
         label = f"check: exit {p.returncode}"
     assert sha256(image) == before, "qcowfs check without --repair changed the image"
     return [label]
@@ -381,7 +502,9 @@ def do_writes(mnt: Path, writes, verify: bool) -> dict:
             try:
                 n = os.pwrite(fd, buf, off)
             except OSError as e:
-                assert e.errno not in (errno.ENOTCONN, errno.ECONNABORTED), f"write at {off}: daemon gone ({e})"
+                assert e.errno not in (errno.ENOTCONN, errno.ECONNABORTED), (
+                    f"write at {off}: daemon gone ({e})"
+                )
                 stats["errors"] += 1
                 continue
             assert n == len(buf), f"short write at {off}: {n} of {len(buf)}"
@@ -396,11 +519,13 @@ def do_writes(mnt: Path, writes, verify: bool) -> dict:
             for i, (off, buf) in enumerate(done):
                 got = os.pread(fd, len(buf), off)
                 expect = bytearray(buf)
-                for off2, buf2 in done[i + 1:]:
+                for off2, buf2 in done[i + 1 :]:
                     lo, hi = max(off, off2), min(off + len(buf), off2 + len(buf2))
                     if lo < hi:
-                        expect[lo - off:hi - off] = buf2[lo - off2:hi - off2]
-                assert got == bytes(expect), f"data written at {off} ({len(buf)} bytes) does not read back"
+                        expect[lo - off : hi - off] = buf2[lo - off2 : hi - off2]
+                assert got == bytes(expect), (
+                    f"data written at {off} ({len(buf)} bytes) does not read back"
+                )
     finally:
         os.close(fd)
     try:
@@ -422,21 +547,34 @@ def check_read_write_mount(image: Path, work: Path, writes) -> list:
         if not d.mounted:
             assert_one_line_refusal(d, "read-write mount")
             return ["rw mount refused"]
-        in_thread(lambda: do_writes(mnt, writes, verify=qemu_consistent), IO_TIMEOUT, lambda: d.stop(force=True))
-        assert d.proc.poll() is None, f"daemon died after writes (exit {d.proc.returncode}): {d.stderr}\n{d.log_text()}"
+        in_thread(
+            lambda: do_writes(mnt, writes, verify=qemu_consistent),
+            IO_TIMEOUT,
+            lambda: d.stop(force=True),
+        )
+        assert d.proc.poll() is None, (
+            f"daemon died after writes (exit {d.proc.returncode}): {d.stderr}\n{d.log_text()}"
+        )
         rc = d.stop()
         log = d.log_text()
-        assert "Traceback" not in log and "Traceback" not in d.stderr, f"daemon traceback:\n{d.stderr}\n{log}"
+        assert "Traceback" not in log and "Traceback" not in d.stderr, (
+            f"daemon traceback:\n{d.stderr}\n{log}"
+        )
         assert not d.problem, f"read-write daemon: {d.problem}\n{log}"
         if q.returncode == 0:
-            assert rc == 0, f"daemon for an image qemu-img check finds clean exited {rc}: {d.problem}\n{d.stderr}\n{log}"
-            after = subprocess.run(["qemu-img", "check", str(image)], capture_output=True, text=True)
+            assert rc == 0, (
+                f"daemon for an image qemu-img check finds clean exited {rc}: {d.problem}\n{d.stderr}\n{log}"
+            )
+            after = subprocess.run(
+                ["qemu-img", "check", str(image)], capture_output=True, text=True
+            )
             # refcounts of clusters past the end of the file (unseen by qemu-img check) become leaks
             # when the file grows over them, as they would with QEMU; anything else must stay clean
             allowed = (0, 3) if hidden_refcounts else (0,)
             assert after.returncode in allowed, (
                 f"qemu-img check found the image clean before a read-write mount and exit {after.returncode} "
-                f"after it:\n{after.stdout}{after.stderr}")
+                f"after it:\n{after.stdout}{after.stderr}"
+            )
     finally:
         d.stop()
     return ["rw mount: writes done", *check_check(image)]
@@ -459,14 +597,30 @@ def test_damaged_image(bases, base, data):
     regs = metadata_regions(original)
     muts = data.draw(st.lists(mutation(original, regs), min_size=1, max_size=4), label="mutations")
     rw = data.draw(st.booleans(), label="read-write pass")
-    writes = data.draw(st.lists(st.tuples(st.floats(0, 1), st.sampled_from([1, 512, 4096, 65536, 200_000]),
-                                          st.integers(0, 1 << 32)), min_size=1, max_size=4), label="writes") if rw else []
+    writes = (
+        data.draw(
+            st.lists(
+                st.tuples(
+                    st.floats(0, 1),
+                    st.sampled_from([1, 512, 4096, 65536, 200_000]),
+                    st.integers(0, 1 << 32),
+                ),
+                min_size=1,
+                max_size=4,
+            ),
+            label="writes",
+        )
+        if rw
+        else []
+    )
     if TIME_BUDGET:
         # after the draws: an example that stops drawing early makes Hypothesis report flaky generation
         start = _started.setdefault(base, time.monotonic())
         if time.monotonic() - start > TIME_BUDGET:
-            pytest.skip(f"{base}: QCOWFS_FUZZ_SECONDS={TIME_BUDGET:g} used up after {_runs.get(base, 0)} examples, "
-                        f"no failure")
+            pytest.skip(
+                f"{base}: QCOWFS_FUZZ_SECONDS={TIME_BUDGET:g} used up after {_runs.get(base, 0)} examples, "
+                f"no failure"
+            )
         _runs[base] = _runs.get(base, 0) + 1
     mutated = apply_mutations(original, muts)
     note(f"base {base}: {describe(muts)}")
@@ -482,7 +636,9 @@ def test_damaged_image(bases, base, data):
             (work / f"{name}.qcow2").write_bytes(mutated)
         try:
             with ThreadPoolExecutor(len(jobs)) as pool:
-                futures = {name: pool.submit(fn, work / f"{name}.qcow2", work) for name, fn in jobs.items()}
+                futures = {
+                    name: pool.submit(fn, work / f"{name}.qcow2", work) for name, fn in jobs.items()
+                }
             errors = []
             for fut in futures.values():
                 if fut.exception() is not None:
@@ -500,7 +656,9 @@ def test_damaged_image(bases, base, data):
                 tag = hashlib.sha256(mutated).hexdigest()[:12]
                 dest = Path(SAVE_DIR) / f"{base}-{tag}.qcow2"
                 dest.write_bytes(mutated)
-                dest.with_suffix(".txt").write_text(f"base {base}: {describe(muts)}\nwrites: {writes}\n")
+                dest.with_suffix(".txt").write_text(
+                    f"base {base}: {describe(muts)}\nwrites: {writes}\n"
+                )
                 note(f"damaged image saved as {dest}")
             raise
     finally:
@@ -514,12 +672,43 @@ def test_damaged_image(bases, base, data):
 def test_metadata_map_finds_every_region(bases):
     """The fuzzer reaches every kind of metadata the base images hold (a guard for the map above)."""
     want = {
-        "v3": {"header", "extensions", "l1", "l2", "l2_entries", "refcount_table", "refcount_block", "snapshot_table",
-               "snapshot_l1", "bitmap_directory", "bitmap_table", "bitmap_data"},
-        "v2": {"header", "extensions", "l1", "l2", "l2_entries", "refcount_table", "refcount_block", "snapshot_table",
-               "snapshot_l1"},
-        "extl2": {"header", "extensions", "l1", "l2", "l2_entries", "refcount_table", "refcount_block", "bitmap_directory",
-                  "bitmap_table", "bitmap_data"},
+        "v3": {
+            "header",
+            "extensions",
+            "l1",
+            "l2",
+            "l2_entries",
+            "refcount_table",
+            "refcount_block",
+            "snapshot_table",
+            "snapshot_l1",
+            "bitmap_directory",
+            "bitmap_table",
+            "bitmap_data",
+        },
+        "v2": {
+            "header",
+            "extensions",
+            "l1",
+            "l2",
+            "l2_entries",
+            "refcount_table",
+            "refcount_block",
+            "snapshot_table",
+            "snapshot_l1",
+        },
+        "extl2": {
+            "header",
+            "extensions",
+            "l1",
+            "l2",
+            "l2_entries",
+            "refcount_table",
+            "refcount_block",
+            "bitmap_directory",
+            "bitmap_table",
+            "bitmap_data",
+        },
     }
     for name, data in bases.items():
         regs = metadata_regions(data)

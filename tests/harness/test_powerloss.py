@@ -52,8 +52,13 @@ class _Summary:
             self.intent_workloads.add(stats.workload)
 
     def total_line(self) -> str:
-        return pl.total_line(self.total, len(self.workloads), self.seconds, self.intent_total,
-                             sorted(self.intent_workloads))
+        return pl.total_line(
+            self.total,
+            len(self.workloads),
+            self.seconds,
+            self.intent_total,
+            sorted(self.intent_workloads),
+        )
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         if not self.lines:
@@ -101,8 +106,13 @@ def test_harness_catches_missing_barriers(tmp_path):
     """Negative control: the same kind of workload with every flush left out of the log (as if the
     disk ignored fdatasync) must produce crash states qemu-img check calls corrupt, and lost data."""
     wl = next(w for w in WORKLOADS if w.name == "alloc-c4096-r16")
-    ex = pl.explore_workload(wl, str(tmp_path / "nobarrier"), jobs=JOBS, record_flushes=False,
-                             bounds=pl.Bounds(exhaustive=1, prefixes=4, drop_one=2, singles=2, random=12, torn=2))
+    ex = pl.explore_workload(
+        wl,
+        str(tmp_path / "nobarrier"),
+        jobs=JOBS,
+        record_flushes=False,
+        bounds=pl.Bounds(exhaustive=1, prefixes=4, drop_one=2, singles=2, random=12, torn=2),
+    )
     msgs = [f for res in ex.stats.failures for f in res["failures"]]
     assert any("qemu-img check exit 2" in f for f in msgs), ex.stats.line()
     assert any("durable data lost" in f for f in msgs), ex.stats.line()
@@ -115,11 +125,18 @@ def test_harness_catches_bitmaps_left_clean(tmp_path, monkeypatch):
 
     monkeypatch.setattr(BitmapStore, "activate", lambda self: None)
     wl = next(w for w in WORKLOADS if w.name.startswith("bitmaps"))
-    ex = pl.explore_workload(wl, str(tmp_path / "noinuse"), jobs=JOBS,
-                             bounds=pl.Bounds(exhaustive=4, prefixes=2, drop_one=1, singles=1, random=1, torn=0,
-                                              max_states=40))
+    ex = pl.explore_workload(
+        wl,
+        str(tmp_path / "noinuse"),
+        jobs=JOBS,
+        bounds=pl.Bounds(
+            exhaustive=4, prefixes=2, drop_one=1, singles=1, random=1, torn=0, max_states=40
+        ),
+    )
     msgs = [f for res in ex.stats.failures for f in res["failures"]]
-    assert any("is clean (not in_use) but holds version ['pristine']" in f for f in msgs), ex.stats.line()
+    assert any("is clean (not in_use) but holds version ['pristine']" in f for f in msgs), (
+        ex.stats.line()
+    )
 
 
 def _intent_failures(tmp_path, name: str) -> tuple:
@@ -131,7 +148,9 @@ def test_intent_minimal_passes(tmp_path):
     """Positive control for the two below: the intent-mode minimal workload passes with qcowfs as it is."""
     ex, msgs = _intent_failures(tmp_path, "ok")
     assert not msgs, pl.failure_report(ex)
-    assert ex.stats.intent_bitmaps and ex.stats.intent_landed and ex.stats.nbd_views, ex.stats.line()
+    assert ex.stats.intent_bitmaps and ex.stats.intent_landed and ex.stats.nbd_views, (
+        ex.stats.line()
+    )
 
 
 def test_harness_catches_intents_not_written(tmp_path, monkeypatch):
@@ -144,9 +163,13 @@ def test_harness_catches_intents_not_written(tmp_path, monkeypatch):
     monkeypatch.setattr(BitmapStore, "_write_intents", lambda self, offset, length: None)
     ex, msgs = _intent_failures(tmp_path, "nointent")
     for view in ("qcowfs' reading", "QEMU's NBD view"):
-        assert any(f"({view}): bit" in f and "is clear on disk although guest write #" in f for f in msgs), ex.stats.line()
-        assert any(f"({view}): bit" in f and "the data reached the disk before the intent" in f for f in msgs), \
-            ex.stats.line()
+        assert any(
+            f"({view}): bit" in f and "is clear on disk although guest write #" in f for f in msgs
+        ), ex.stats.line()
+        assert any(
+            f"({view}): bit" in f and "the data reached the disk before the intent" in f
+            for f in msgs
+        ), ex.stats.line()
 
 
 def test_harness_catches_data_before_intent(tmp_path, monkeypatch):
@@ -204,7 +227,9 @@ def test_snapshot_minimal_passes(tmp_path):
     ex, msgs = _snapshot_failures(tmp_path, "ok")
     assert not msgs, pl.failure_report(ex)
     st = ex.stats
-    assert st.snap_views and st.snap_oracle and st.snap_midway_listed and st.snap_midway_absent, st.line()
+    assert st.snap_views and st.snap_oracle and st.snap_midway_listed and st.snap_midway_absent, (
+        st.line()
+    )
     assert st.copied_mismatch, st.line()
 
 

@@ -24,10 +24,19 @@ SECONDS = float(os.environ.get("QCOWFS_SOAK_SECONDS", "30"))
 @pytest.mark.slow
 @pytest.mark.timeout(int(SECONDS * 3) + 600)
 def test_soak(tmp_path):
-    cmd = [sys.executable, str(ROOT / "scripts" / "soak"), "--seconds", str(SECONDS), "--workdir", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "soak"),
+        "--seconds",
+        str(SECONDS),
+        "--workdir",
+        str(tmp_path),
+    ]
     if os.environ.get("QCOWFS_SOAK_SEED"):
         cmd += ["--seed", os.environ["QCOWFS_SOAK_SEED"]]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT))
+    p = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT)
+    )
     try:
         out, err = p.communicate(timeout=SECONDS * 3 + 480)
     except subprocess.TimeoutExpired:

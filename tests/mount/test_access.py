@@ -33,10 +33,16 @@ STRANGER = 4321  # a uid no option names
 pytestmark = needs_fuse
 
 
-def as_user(uid: int, *cmd, gid: int | None = None, input: str | None = None) -> subprocess.CompletedProcess:
+def as_user(
+    uid: int, *cmd, gid: int | None = None, input: str | None = None
+) -> subprocess.CompletedProcess:
     """Run cmd as uid (no supplementary groups), capture output, never raise."""
     g = uid if gid is None else gid
-    return run(["setpriv", f"--reuid={uid}", f"--regid={g}", "--clear-groups", *cmd], check=False, input=input)
+    return run(
+        ["setpriv", f"--reuid={uid}", f"--regid={g}", "--clear-groups", *cmd],
+        check=False,
+        input=input,
+    )
 
 
 @pytest.fixture
@@ -91,7 +97,10 @@ def test_without_allow_other_only_the_mounting_user_gets_in(tmp_path, public_dir
     img = private_image(tmp_path)
     m = mount(img, extra=["-o", "uid=65534,umask=000"], mnt=mnt_in(public_dir))
     assert mode_of(m.disk) == 0o666
-    for uid in (NOBODY, STRANGER):  # even the uid the files name: the kernel refuses all but the mounter
+    for uid in (
+        NOBODY,
+        STRANGER,
+    ):  # even the uid the files name: the kernel refuses all but the mounter
         r = as_user(uid, "head", "-c", "4", m.disk)
         assert r.returncode != 0 and "Permission denied" in r.stderr, (uid, r)
 
@@ -104,7 +113,15 @@ def test_allow_other_with_uid_lets_that_user_in_and_no_one_else(tmp_path, public
     assert mode_of(m.bitmaps) == 0o700 and mode_of(m.mnt) == 0o500
     # nobody reads, writes, and manages bitmaps
     assert as_user(NOBODY, "head", "-c", "4", m.disk).stdout == "aaaa"
-    w = as_user(NOBODY, "dd", "of=" + str(m.disk), "bs=4096", "seek=4", "conv=notrunc,fsync", input="hello\n")
+    w = as_user(
+        NOBODY,
+        "dd",
+        "of=" + str(m.disk),
+        "bs=4096",
+        "seek=4",
+        "conv=notrunc,fsync",
+        input="hello\n",
+    )
     assert w.returncode == 0, w.stderr
     assert as_user(NOBODY, "touch", m.bitmaps / "nb").returncode == 0
     st_json = as_user(NOBODY, "cat", m.bitmaps / "nb")
@@ -112,7 +129,12 @@ def test_allow_other_with_uid_lets_that_user_in_and_no_one_else(tmp_path, public
     assert as_user(NOBODY, "ls", m.bitmaps).stdout.split() == ["nb"]
     assert mode_of(m.bitmaps / "nb") == 0o600 and os.stat(m.bitmaps / "nb").st_uid == NOBODY
     # anybody else: EACCES on the disk, the bitmaps and the root
-    for cmd in (["head", "-c", "4", m.disk], ["ls", m.bitmaps], ["cat", m.bitmaps / "nb"], ["ls", m.mnt]):
+    for cmd in (
+        ["head", "-c", "4", m.disk],
+        ["ls", m.bitmaps],
+        ["cat", m.bitmaps / "nb"],
+        ["ls", m.mnt],
+    ):
         r = as_user(STRANGER, *cmd)
         assert r.returncode != 0 and "Permission denied" in r.stderr, (cmd, r)
     assert m.unmount() == 0
@@ -123,7 +145,9 @@ def test_allow_other_with_uid_lets_that_user_in_and_no_one_else(tmp_path, public
 
 def test_gid_and_umask_give_a_group_access(tmp_path, public_dir, mount):
     img = private_image(tmp_path)
-    m = mount(img, extra=["-o", f"allow_other,uid=0,gid={NOBODY},umask=027"], mnt=mnt_in(public_dir))
+    m = mount(
+        img, extra=["-o", f"allow_other,uid=0,gid={NOBODY},umask=027"], mnt=mnt_in(public_dir)
+    )
     assert (os.stat(m.disk).st_gid, mode_of(m.disk)) == (NOBODY, 0o640)
     assert mode_of(m.bitmaps) == 0o750 and mode_of(m.mnt) == 0o550
     # a member of the group reads but cannot write; others get nothing
@@ -153,14 +177,17 @@ def test_ownership_cannot_be_changed_through_the_mount(tmp_path, mount):
 
 
 # ---------------------------------------------------------------------- -o parsing
-@pytest.mark.parametrize("opts, says", [
-    ("bogus", "unknown mount option 'bogus'"),
-    ("allow_other,frobnicate=1", "unknown mount option 'frobnicate=1'"),
-    ("umask=999", "umask=999"),
-    ("uid=no-such-user-here", "no such user"),
-    ("backing=anywhere", "backing=anywhere"),
-    ("ro=1", "unknown mount option 'ro=1'"),
-])
+@pytest.mark.parametrize(
+    "opts, says",
+    [
+        ("bogus", "unknown mount option 'bogus'"),
+        ("allow_other,frobnicate=1", "unknown mount option 'frobnicate=1'"),
+        ("umask=999", "umask=999"),
+        ("uid=no-such-user-here", "no such user"),
+        ("backing=anywhere", "backing=anywhere"),
+        ("ro=1", "unknown mount option 'ro=1'"),
+    ],
+)
 def test_bad_options_are_refused_with_one_line(tmp_path, opts, says):
     img = private_image(tmp_path)
     mnt = tmp_path / "mnt"
@@ -178,11 +205,23 @@ def test_qcowfs_options_spelled_as_o(tmp_path):
     log = tmp_path / "o.log"
     (tmp_path / "m").mkdir()
     # mount(8)'s calling form: no subcommand, options after the operands
-    p = run([*QCOWFS, img, tmp_path / "m", "-o", f"rw,dev,suid,noatime,nofail,x-systemd.automount,log={log},debug"],
-            check=False)
+    p = run(
+        [
+            *QCOWFS,
+            img,
+            tmp_path / "m",
+            "-o",
+            f"rw,dev,suid,noatime,nofail,x-systemd.automount,log={log},debug",
+        ],
+        check=False,
+    )
     try:
         assert p.returncode == 0, p.stderr
-        line = next(x for x in Path("/proc/self/mounts").read_text().splitlines() if f" {tmp_path / 'm'} " in x)
+        line = next(
+            x
+            for x in Path("/proc/self/mounts").read_text().splitlines()
+            if f" {tmp_path / 'm'} " in x
+        )
         # mount(8)'s defaults (dev,suid) never make a qcowfs mount dev or suid
         assert "nosuid" in line and "nodev" in line and "noatime" in line, line
         assert "DEBUG" in log.read_text()  # -o log=FILE and -o debug reached the daemon
@@ -200,13 +239,18 @@ def _helper_on_path() -> str:
 
 
 def _bitmap_flags(img: Path) -> dict:
-    return {b["name"]: b["flags"] for b in qemu_info(img)["format-specific"]["data"].get("bitmaps", [])}
+    return {
+        b["name"]: b["flags"] for b in qemu_info(img)["format-specific"]["data"].get("bitmaps", [])
+    }
 
 
 def _wait_released(img: Path) -> None:
     """After a plain umount the daemon still stores bitmaps; it is done when QEMU can lock the image."""
-    wait_for(lambda: run(["qemu-img", "info", img], check=False).returncode == 0, timeout=30,
-             what="the daemon to release the image after umount")
+    wait_for(
+        lambda: run(["qemu-img", "info", img], check=False).returncode == 0,
+        timeout=30,
+        what="the daemon to release the image after umount",
+    )
 
 
 def test_mount_t_fuse_qcowfs_and_plain_umount(tmp_path, public_dir):
@@ -214,12 +258,22 @@ def test_mount_t_fuse_qcowfs_and_plain_umount(tmp_path, public_dir):
     img = private_image(tmp_path)
     qemu_img("bitmap", "--add", img, "b0")
     mnt = mnt_in(public_dir)
-    p = run(["mount", "-t", "fuse.qcowfs", img, mnt, "-o", f"allow_other,uid={NOBODY}"], check=False)
+    p = run(
+        ["mount", "-t", "fuse.qcowfs", img, mnt, "-o", f"allow_other,uid={NOBODY}"], check=False
+    )
     try:
         assert p.returncode == 0, p
         assert os.path.ismount(mnt), "mount(8) returned before the mount was ready"
         assert os.stat(mnt / "disk.raw").st_uid == NOBODY
-        w = as_user(NOBODY, "dd", f"of={mnt}/disk.raw", "bs=65536", "seek=3", "conv=notrunc", input="z" * 100)
+        w = as_user(
+            NOBODY,
+            "dd",
+            f"of={mnt}/disk.raw",
+            "bs=65536",
+            "seek=3",
+            "conv=notrunc",
+            input="z" * 100,
+        )
         assert w.returncode == 0, w.stderr
         assert _bitmap_flags(img) == {"b0": ["in-use", "auto"]}
     finally:
@@ -237,7 +291,9 @@ def test_fstab_entry_mounts_with_mount_T(tmp_path, public_dir):
     img = private_image(tmp_path)
     mnt = mnt_in(public_dir)
     fstab = tmp_path / "fstab"
-    fstab.write_text(f"# test fstab\n{img} {mnt} fuse.qcowfs defaults,allow_other,uid={NOBODY},nofail 0 0\n")
+    fstab.write_text(
+        f"# test fstab\n{img} {mnt} fuse.qcowfs defaults,allow_other,uid={NOBODY},nofail 0 0\n"
+    )
     p = run(["mount", "-T", fstab, mnt], check=False)
     try:
         assert p.returncode == 0, p
@@ -262,6 +318,7 @@ def test_readme_systemd_mount_unit_parses_and_verifies(tmp_path):
     opts = mnt["Options"].split(",")
     # the options the unit passes are ones qcowfs accepts
     from qcowfs.fuse.options import MountOptions, parse_into
+
     parsed = parse_into(MountOptions(), [mnt["Options"]])
     assert parsed.allow_other and "allow_other" in opts
     # systemd requires the unit name to be the escaped Where=
@@ -271,8 +328,11 @@ def test_readme_systemd_mount_unit_parses_and_verifies(tmp_path):
     unit.write_text(unit_text)
     v = run(["systemd-analyze", "verify", "--man=no", unit], check=False)
     # verify may grumble about a missing What= on this machine; never about the unit's syntax
-    bad = [x for x in (v.stderr + v.stdout).splitlines()
-           if "Unknown" in x or "Failed to parse" in x or "Invalid" in x or "bad-setting" in x]
+    bad = [
+        x
+        for x in (v.stderr + v.stdout).splitlines()
+        if "Unknown" in x or "Failed to parse" in x or "Invalid" in x or "bad-setting" in x
+    ]
     assert not bad, v.stderr
 
 
@@ -292,14 +352,21 @@ def hostile(tmp_path):
     return d
 
 
-@pytest.mark.parametrize("name, policy, says", [
-    ("abs.qcow2", "same-dir", "backing file /etc/passwd resolves to /etc/passwd, outside the image's directory"),
-    ("sym.qcow2", "same-dir", "resolves to /etc/passwd, outside the image's directory"),
-    ("abs.qcow2", "none", "needs backing file /etc/passwd, refused by --backing=none"),
-    ("sym.qcow2", "none", "refused by --backing=none"),
-    ("ok.qcow2", "none", "refused by --backing=none"),
-    ("dev.qcow2", "same-dir", "backing file /dev/zero"),
-])
+@pytest.mark.parametrize(
+    "name, policy, says",
+    [
+        (
+            "abs.qcow2",
+            "same-dir",
+            "backing file /etc/passwd resolves to /etc/passwd, outside the image's directory",
+        ),
+        ("sym.qcow2", "same-dir", "resolves to /etc/passwd, outside the image's directory"),
+        ("abs.qcow2", "none", "needs backing file /etc/passwd, refused by --backing=none"),
+        ("sym.qcow2", "none", "refused by --backing=none"),
+        ("ok.qcow2", "none", "refused by --backing=none"),
+        ("dev.qcow2", "same-dir", "backing file /dev/zero"),
+    ],
+)
 @pytest.mark.parametrize("spelling", ["flag", "o"])
 def test_backing_policy_refuses_with_one_line(hostile, tmp_path, name, policy, says, spelling):
     img = hostile / name
@@ -307,7 +374,11 @@ def test_backing_policy_refuses_with_one_line(hostile, tmp_path, name, policy, s
     mnt.mkdir()
     before = img.read_bytes()
     how = [f"--backing={policy}"] if spelling == "flag" else ["-o", f"backing={policy}"]
-    for cmd in (["mount", *how, img, mnt], ["mount", "--read-only", *how, img, mnt], ["info", f"--backing={policy}", img]):
+    for cmd in (
+        ["mount", *how, img, mnt],
+        ["mount", "--read-only", *how, img, mnt],
+        ["info", f"--backing={policy}", img],
+    ):
         if cmd[0] == "info" and spelling == "o":
             continue
         p = run([*QCOWFS, *cmd], check=False)
@@ -324,9 +395,14 @@ def test_same_dir_allows_files_in_the_directory(hostile, mount):
         assert f.read(4) == b"BBBB"
 
 
-@pytest.mark.parametrize("name, target, level", [("abs.qcow2", "/etc/passwd", "INFO"),
-                                                  ("sym.qcow2", "/etc/passwd", "INFO"),
-                                                  ("dev.qcow2", "/dev/zero", "WARNING")])
+@pytest.mark.parametrize(
+    "name, target, level",
+    [
+        ("abs.qcow2", "/etc/passwd", "INFO"),
+        ("sym.qcow2", "/etc/passwd", "INFO"),
+        ("dev.qcow2", "/dev/zero", "WARNING"),
+    ],
+)
 def test_follow_opens_them_and_logs_the_file(hostile, mount, name, target, level):
     m = mount(hostile / name, read_only=True)  # follow is the default, as in QEMU
     if target == "/etc/passwd":
@@ -341,9 +417,16 @@ def test_follow_opens_them_and_logs_the_file(hostile, mount, name, target, level
 def test_info_prints_the_resolved_chain(hostile):
     p = run([*QCOWFS, "info", "--json", hostile / "sym.qcow2"])
     chain = json.loads(p.stdout)["resolved-chain"]
-    assert chain == [{"role": "backing file", "named-by": str(hostile / "sym.qcow2"),
-                      "filename": str(hostile / "link.raw"), "resolved": "/etc/passwd",
-                      "format": "raw", "type": "regular file"}]
+    assert chain == [
+        {
+            "role": "backing file",
+            "named-by": str(hostile / "sym.qcow2"),
+            "filename": str(hostile / "link.raw"),
+            "resolved": "/etc/passwd",
+            "format": "raw",
+            "type": "regular file",
+        }
+    ]
     text = run([*QCOWFS, "info", hostile / "dev.qcow2"]).stdout
     assert "/dev/zero -> /dev/zero (raw, character device)" in text
 
@@ -354,16 +437,35 @@ def test_info_prints_the_resolved_chain(hostile):
 # namespace keeps the propagation it inherits; --mount-proc makes /proc private before mounting
 # the namespace's own, and the script then makes every mount it sees private, so that the FUSE
 # mount made inside stays inside.
-_PRIVATE_MOUNTS = ('awk "{print \\$5}" /proc/self/mountinfo | '
-                   'while read -r m; do mount --make-private "$m" 2>/dev/null; done; exec "$@"')
-CONTAINER = ["unshare", "--pid", "--fork", "--mount", "--propagation", "unchanged", "--mount-proc",
-             "sh", "-c", _PRIVATE_MOUNTS, "sh"]
+_PRIVATE_MOUNTS = (
+    'awk "{print \\$5}" /proc/self/mountinfo | '
+    'while read -r m; do mount --make-private "$m" 2>/dev/null; done; exec "$@"'
+)
+CONTAINER = [
+    "unshare",
+    "--pid",
+    "--fork",
+    "--mount",
+    "--propagation",
+    "unchanged",
+    "--mount-proc",
+    "sh",
+    "-c",
+    _PRIVATE_MOUNTS,
+    "sh",
+]
 
 # The inits `--init` runs: docker's is tini named docker-init, podman's is catatonit named
 # podman-init; "sandbox-init" is a name no list could hold (qcowfs looks at what pid 1 does, not
 # at its name).
-_INITS = {"docker-init": "tini", "tini": "tini", "podman-init": "catatonit", "catatonit": "catatonit",
-          "dumb-init": "dumb-init", "sandbox-init": "tini"}
+_INITS = {
+    "docker-init": "tini",
+    "tini": "tini",
+    "podman-init": "catatonit",
+    "catatonit": "catatonit",
+    "dumb-init": "dumb-init",
+    "sandbox-init": "tini",
+}
 
 
 def _init_command(tmp_path: Path, name: str | None) -> list:
@@ -384,8 +486,9 @@ def _pid1_of(unshare: subprocess.Popen) -> int:
     return int(Path(f"/proc/{unshare.pid}/task/{unshare.pid}/children").read_text().split()[0])
 
 
-@pytest.mark.parametrize("init", [None, "docker-init", "tini", "podman-init", "catatonit", "dumb-init",
-                                  "sandbox-init"])
+@pytest.mark.parametrize(
+    "init", [None, "docker-init", "tini", "podman-init", "catatonit", "dumb-init", "sandbox-init"]
+)
 def test_umount_in_a_container_whose_init_is_the_daemon(tmp_path, init):
     """docker/podman run [--init] ... mount --foreground: the daemon is the PID namespace's init, or
     the one child of a minimal init that exits with it; its exit kills everything left in the
@@ -395,16 +498,48 @@ def test_umount_in_a_container_whose_init_is_the_daemon(tmp_path, init):
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     log = tmp_path / "ns.log"
-    ns = subprocess.Popen([*CONTAINER, *_init_command(tmp_path, init), *QCOWFS, "mount", "--foreground",
-                           "--log", log, img, mnt], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    ns = subprocess.Popen(
+        [
+            *CONTAINER,
+            *_init_command(tmp_path, init),
+            *QCOWFS,
+            "mount",
+            "--foreground",
+            "--log",
+            log,
+            img,
+            mnt,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
-        wait_for(lambda: "mounted on" in (log.read_text() if log.exists() else "") or ns.poll() is not None,
-                 what="the namespaced mount")
+        wait_for(
+            lambda: (
+                "mounted on" in (log.read_text() if log.exists() else "") or ns.poll() is not None
+            ),
+            what="the namespaced mount",
+        )
         assert ns.poll() is None, ns.communicate()
         inner = _pid1_of(ns)
         if init is not None:
             assert Path(f"/proc/{inner}/comm").read_text().strip() == init[:15]
-        u = run(["nsenter", "-t", inner, "--pid", "--mount", "--root", "--wd", "--", *QCOWFS, "umount", mnt], check=False)
+        u = run(
+            [
+                "nsenter",
+                "-t",
+                inner,
+                "--pid",
+                "--mount",
+                "--root",
+                "--wd",
+                "--",
+                *QCOWFS,
+                "umount",
+                mnt,
+            ],
+            check=False,
+        )
         assert u.returncode == 0, u
         assert "not waiting" in u.stderr
         ns.wait(timeout=60)
@@ -429,19 +564,45 @@ def test_umount_in_a_container_waits_when_the_init_outlives_the_daemon(tmp_path)
     log = tmp_path / "ns.log"
     # tini runs sh, which starts the daemon in the background (it is re-parented to pid 1) and
     # then becomes `sleep`
-    script = f'{shlex.join(map(str, QCOWFS))} mount --log {shlex.quote(str(log))} {shlex.quote(str(img))} ' \
-             f'{shlex.quote(str(mnt))} && exec sleep 300'
-    ns = subprocess.Popen([*CONTAINER, *_init_command(tmp_path, "docker-init"), "sh", "-c", script],
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    script = (
+        f"{shlex.join(map(str, QCOWFS))} mount --log {shlex.quote(str(log))} {shlex.quote(str(img))} "
+        f"{shlex.quote(str(mnt))} && exec sleep 300"
+    )
+    ns = subprocess.Popen(
+        [*CONTAINER, *_init_command(tmp_path, "docker-init"), "sh", "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
-        wait_for(lambda: "mounted on" in (log.read_text() if log.exists() else "") or ns.poll() is not None,
-                 what="the namespaced mount")
+        wait_for(
+            lambda: (
+                "mounted on" in (log.read_text() if log.exists() else "") or ns.poll() is not None
+            ),
+            what="the namespaced mount",
+        )
         assert ns.poll() is None, ns.communicate()
         inner = _pid1_of(ns)
         # `qcowfs mount` returns once mounted; then sh becomes sleep beside the re-parented daemon
-        wait_for(lambda: len(Path(f"/proc/{inner}/task/{inner}/children").read_text().split()) == 2,
-                 what="pid 1 with two children, sleep and the daemon")
-        u = run(["nsenter", "-t", inner, "--pid", "--mount", "--root", "--wd", "--", *QCOWFS, "umount", mnt], check=False)
+        wait_for(
+            lambda: len(Path(f"/proc/{inner}/task/{inner}/children").read_text().split()) == 2,
+            what="pid 1 with two children, sleep and the daemon",
+        )
+        u = run(
+            [
+                "nsenter",
+                "-t",
+                inner,
+                "--pid",
+                "--mount",
+                "--root",
+                "--wd",
+                "--",
+                *QCOWFS,
+                "umount",
+                mnt,
+            ],
+            check=False,
+        )
         assert u.returncode == 0, u
         assert "not waiting" not in u.stderr
         # it waited: the daemon had finished (the image is unlocked) when umount returned

@@ -43,7 +43,9 @@ STATUS_KEYS = {"name", "granularity", "count", "persistent", "recording", "incon
 
 
 # ---------------------------------------------------------------------------- helpers
-def add_qemu_bitmap(image: Path, name: str, granularity: int | None = None, disabled: bool = False) -> None:
+def add_qemu_bitmap(
+    image: Path, name: str, granularity: int | None = None, disabled: bool = False
+) -> None:
     args = ["bitmap", "--add"]
     if granularity is not None:
         args += ["-g", str(granularity)]
@@ -54,14 +56,20 @@ def add_qemu_bitmap(image: Path, name: str, granularity: int | None = None, disa
 
 def expected_extents(ranges, granularity: int, size: int) -> list:
     """Written ranges rounded out to the granularity, clipped to the disk, merged: [(offset, length)]."""
-    iv = [(off // granularity * granularity, min(-(-(off + ln) // granularity) * granularity, size))
-          for off, ln in ranges if ln > 0]
+    iv = [
+        (off // granularity * granularity, min(-(-(off + ln) // granularity) * granularity, size))
+        for off, ln in ranges
+        if ln > 0
+    ]
     return [(s, e - s) for s, e in merged(iv)]
 
 
 def expected_count(ranges, granularity: int, size: int) -> int:
     """Dirty bytes as the status file reports them: dirty granules * granularity (the tail granule counts whole)."""
-    return sum(-(-ln // granularity) for _, ln in expected_extents(ranges, granularity, size)) * granularity
+    return (
+        sum(-(-ln // granularity) for _, ln in expected_extents(ranges, granularity, size))
+        * granularity
+    )
 
 
 def touch(path: Path) -> None:
@@ -116,8 +124,10 @@ def write_ranges(m, ranges, zero=(), ref: Path | None = None, fsync: bool = True
     if t.is_alive():
         m.kill()
         t.join(10)
-        raise AssertionError(f"writes to {m.disk} did not complete within {WRITE_TIMEOUT}s: daemon killed\n"
-                             f"{m.log_text()[-2000:]}")
+        raise AssertionError(
+            f"writes to {m.disk} did not complete within {WRITE_TIMEOUT}s: daemon killed\n"
+            f"{m.log_text()[-2000:]}"
+        )
     if errors:
         raise errors[0]
     if ref is not None:
@@ -144,7 +154,9 @@ def assert_guest_data(img: Path, ranges, scratch: Path) -> None:
     with open(raw, "rb") as f:
         for off, ln in ranges:
             f.seek(off)
-            assert f.read(ln) == pattern(off, ln), f"guest data at {off}+{ln} is not what was written"
+            assert f.read(ln) == pattern(off, ln), (
+                f"guest data at {off}+{ln} is not what was written"
+            )
     raw.unlink()
 
 
@@ -179,20 +191,26 @@ def qemu_dirty():
 def ranges_for(size: int) -> tuple:
     """(data ranges, zero ranges): unaligned, straddling granules and clusters, the first and last byte."""
     data = [
-        (0, 1),                        # first byte
-        (511, 2),                      # straddles a 512 B boundary
-        (4095, 4097),                  # straddles 4 KiB boundaries
-        (3 * 64 * KiB + 100, 70000),   # straddles a 64 KiB boundary
-        (5 * MiB - 1, 2),              # straddles a 1 MiB boundary
-        (10 * MiB + 17, MiB + 3),      # long, unaligned both ends
-        (10 * MiB + 5000, 10),         # inside the previous one
-        (24 * MiB + 512, 512),         # sector aligned, not granule aligned
-        (size - 1, 1),                 # last byte
+        (0, 1),  # first byte
+        (511, 2),  # straddles a 512 B boundary
+        (4095, 4097),  # straddles 4 KiB boundaries
+        (3 * 64 * KiB + 100, 70000),  # straddles a 64 KiB boundary
+        (5 * MiB - 1, 2),  # straddles a 1 MiB boundary
+        (10 * MiB + 17, MiB + 3),  # long, unaligned both ends
+        (10 * MiB + 5000, 10),  # inside the previous one
+        (24 * MiB + 512, 512),  # sector aligned, not granule aligned
+        (size - 1, 1),  # last byte
     ]
     zero = [
-        (20 * MiB, 128 * KiB),         # all zeros over unallocated clusters (zero-detected, nothing to write)
-        (10 * MiB + 64 * KiB, 64 * KiB),  # all zeros over data (zero-detected, becomes a zero cluster)
-        (30 * MiB + 3, 5),             # a small unaligned zero write
+        (
+            20 * MiB,
+            128 * KiB,
+        ),  # all zeros over unallocated clusters (zero-detected, nothing to write)
+        (
+            10 * MiB + 64 * KiB,
+            64 * KiB,
+        ),  # all zeros over data (zero-detected, becomes a zero cluster)
+        (30 * MiB + 3, 5),  # a small unaligned zero write
     ]
     return data, zero
 
@@ -210,13 +228,27 @@ def test_bitmaps_written_by_qcowfs_are_read_by_qemu(tmp_path, mount, qemu_dirty,
     m = mount(img)
     assert sorted(os.listdir(m.bitmaps)) == ["g"]
     st = status(m.bitmaps / "g")
-    assert st == {**st, "name": "g", "granularity": granularity, "count": 0, "persistent": True,
-                  "recording": True, "inconsistent": False}
+    assert st == {
+        **st,
+        "name": "g",
+        "granularity": granularity,
+        "count": 0,
+        "persistent": True,
+        "recording": True,
+        "inconsistent": False,
+    }
     touch(m.bitmaps / "b0")
     assert sorted(os.listdir(m.bitmaps)) == ["b0", "g"]
     st0 = status(m.bitmaps / "b0")
-    assert st0 == {**st0, "name": "b0", "granularity": 64 * KiB, "count": 0, "persistent": True,
-                   "recording": True, "inconsistent": False}
+    assert st0 == {
+        **st0,
+        "name": "b0",
+        "granularity": 64 * KiB,
+        "count": 0,
+        "persistent": True,
+        "recording": True,
+        "inconsistent": False,
+    }
 
     write_ranges(m, data, zero, ref=ref)
     written = data + zero
@@ -239,9 +271,13 @@ def test_bitmaps_written_by_qcowfs_are_read_by_qemu(tmp_path, mount, qemu_dirty,
 
 
 @needs_fuse
-@pytest.mark.parametrize("cluster_size,default_gran", [(512, 4 * KiB), (4 * KiB, 4 * KiB), (64 * KiB, 64 * KiB),
-                                                       (2 * MiB, 64 * KiB)])
-def test_touch_makes_default_granularity_bitmap(tmp_path, mount, qemu_dirty, cluster_size, default_gran):
+@pytest.mark.parametrize(
+    "cluster_size,default_gran",
+    [(512, 4 * KiB), (4 * KiB, 4 * KiB), (64 * KiB, 64 * KiB), (2 * MiB, 64 * KiB)],
+)
+def test_touch_makes_default_granularity_bitmap(
+    tmp_path, mount, qemu_dirty, cluster_size, default_gran
+):
     size = 40 * MiB
     img = create(tmp_path / "a.qcow2", size, f"cluster_size={cluster_size}")
     data, zero = ranges_for(size)
@@ -254,7 +290,9 @@ def test_touch_makes_default_granularity_bitmap(tmp_path, mount, qemu_dirty, clu
     assert status(m.bitmaps / "b0")["count"] == expected_count(data + zero, default_gran, size)
     assert m.unmount() == 0
     bms = qemu_bitmaps(img)
-    assert bms == {"b0": {**bms.get("b0", {}), "name": "b0", "granularity": default_gran, "flags": ["auto"]}}
+    assert bms == {
+        "b0": {**bms.get("b0", {}), "name": "b0", "granularity": default_gran, "flags": ["auto"]}
+    }
     assert_clean(img)
     assert qemu_dirty(img, "b0") == expected_extents(data + zero, default_gran, size)
 
@@ -279,12 +317,26 @@ def test_bitmaps_written_by_qemu_keep_recording(tmp_path, mount, qemu_dirty):
     assert sorted(os.listdir(m.bitmaps)) == ["qb", "qc", "qd", "qd2", "qe"]
     for name in ("qb", "qe", "qc"):
         st = status(m.bitmaps / name)
-        assert st == {**st, "name": name, "granularity": g, "count": 2 * g, "recording": True,
-                      "inconsistent": False, "persistent": True}
+        assert st == {
+            **st,
+            "name": name,
+            "granularity": g,
+            "count": 2 * g,
+            "recording": True,
+            "inconsistent": False,
+            "persistent": True,
+        }
     for name in ("qd", "qd2"):
         st = status(m.bitmaps / name)
-        assert st == {**st, "name": name, "granularity": g, "count": 2 * g, "recording": False,
-                      "inconsistent": False, "persistent": True}
+        assert st == {
+            **st,
+            "name": name,
+            "granularity": g,
+            "count": 2 * g,
+            "recording": False,
+            "inconsistent": False,
+            "persistent": True,
+        }
 
     w1 = [(100000, 10), (MiB + 100, 10), (5 * MiB + 1, 70000)]
     write_ranges(m, w1)
@@ -306,8 +358,13 @@ def test_bitmaps_written_by_qemu_keep_recording(tmp_path, mount, qemu_dirty):
     assert m.unmount() == 0
 
     bms = qemu_bitmaps(img)
-    assert {n: b["flags"] for n, b in bms.items()} == {"qb": ["auto"], "qd": ["auto"], "qd2": [], "qe": [],
-                                                       "qc": ["auto"]}
+    assert {n: b["flags"] for n, b in bms.items()} == {
+        "qb": ["auto"],
+        "qd": ["auto"],
+        "qd2": [],
+        "qe": [],
+        "qc": ["auto"],
+    }
     assert all(b["granularity"] == g for b in bms.values())
     assert_clean(img)
     assert qemu_dirty(img, "qb") == expected_extents(qemu_writes + w1 + w2, g, size)
@@ -327,7 +384,9 @@ def test_bitmaps_written_by_qemu_keep_recording(tmp_path, mount, qemu_dirty):
 
     # QEMU opens read-write, loads what qcowfs stored, records its own write on top and stores it again
     qemu_io(img, "write 20M 4k")
-    assert qemu_dirty(img, "qb") == expected_extents(qemu_writes + w1 + w2 + [(20 * MiB, 4 * KiB)], g, size)
+    assert qemu_dirty(img, "qb") == expected_extents(
+        qemu_writes + w1 + w2 + [(20 * MiB, 4 * KiB)], g, size
+    )
     assert qemu_dirty(img, "qd2") == expected_extents(qemu_writes, g, size)
     assert_clean(img)
 
@@ -354,8 +413,16 @@ def test_echo_through_a_shell(tmp_path, mount):
 
 
 # ---------------------------------------------------------------------------- 3. crash: in_use bitmaps
-def _check_inconsistent_then_replace(img: Path, name: str, mount, qemu_dirty, size: int, granularity_after: int,
-                                     scratch: Path, earlier=()):
+def _check_inconsistent_then_replace(
+    img: Path,
+    name: str,
+    mount,
+    qemu_dirty,
+    size: int,
+    granularity_after: int,
+    scratch: Path,
+    earlier=(),
+):
     """img holds bitmap `name` flagged in_use (and is otherwise clean): qcowfs must list it inconsistent,
     refuse commands on it, write it back unchanged, and let it be removed and re-created."""
     bms = qemu_bitmaps(img)
@@ -369,7 +436,9 @@ def _check_inconsistent_then_replace(img: Path, name: str, mount, qemu_dirty, si
     assert st.get("hint"), f"an inconsistent bitmap's status should carry a hint: {st}"
     for cmd in ("clear", "enable", "disable"):
         e = errno_of(command, m.bitmaps / name, cmd)
-        assert e in (errno.EBUSY, errno.EPERM), f"echo {cmd} > inconsistent bitmap: {errno.errorcode.get(e, e)}"
+        assert e in (errno.EBUSY, errno.EPERM), (
+            f"echo {cmd} > inconsistent bitmap: {errno.errorcode.get(e, e)}"
+        )
     e = errno_of(lambda: os.open(m.bitmaps / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
     assert e == errno.EEXIST, errno.errorcode.get(e, e)
     w1 = [(MiB + 3, 5000)]
@@ -389,14 +458,22 @@ def _check_inconsistent_then_replace(img: Path, name: str, mount, qemu_dirty, si
     touch(m.bitmaps / name)
     assert os.listdir(m.bitmaps) == [name]
     st = status(m.bitmaps / name)
-    assert st == {**st, "inconsistent": False, "recording": True, "count": 0, "granularity": granularity_after}
+    assert st == {
+        **st,
+        "inconsistent": False,
+        "recording": True,
+        "count": 0,
+        "granularity": granularity_after,
+    }
     w2 = [(2 * MiB + 1, 1), (7 * MiB - 5, 10)]
     write_ranges(m, w2)
     assert status(m.bitmaps / name)["count"] == expected_count(w2, granularity_after, size)
     assert m.unmount() == 0
 
     bms = qemu_bitmaps(img)
-    assert bms == {name: {**bms[name], "name": name, "granularity": granularity_after, "flags": ["auto"]}}, bms
+    assert bms == {
+        name: {**bms[name], "name": name, "granularity": granularity_after, "flags": ["auto"]}
+    }, bms
     assert_clean(img)
     assert qemu_dirty(img, name) == expected_extents(w2, granularity_after, size)
     assert_guest_data(img, [*earlier, *w1, *w2], scratch)
@@ -416,7 +493,9 @@ def test_crash_leaves_bitmap_in_use_and_it_is_replaceable(tmp_path, mount, qemu_
     # everything was fsynced before the crash: no corruption, no leaks, the data is there
     assert_clean(img)
     assert_guest_data(img, w0, tmp_path)
-    _check_inconsistent_then_replace(img, "b0", mount, qemu_dirty, size, 64 * KiB, tmp_path, earlier=w0)
+    _check_inconsistent_then_replace(
+        img, "b0", mount, qemu_dirty, size, 64 * KiB, tmp_path, earlier=w0
+    )
 
 
 @needs_fuse
@@ -458,7 +537,11 @@ def test_in_use_while_mounted_and_clear_after(tmp_path, mount):
     for n, b in bms.items():
         assert "in-use" in b["flags"], f"{n} should be in use while mounted read-write: {bms}"
     assert m.unmount() == 0
-    assert {n: b["flags"] for n, b in qemu_bitmaps(img).items()} == {"qb": ["auto"], "qd": [], "b1": ["auto"]}
+    assert {n: b["flags"] for n, b in qemu_bitmaps(img).items()} == {
+        "qb": ["auto"],
+        "qd": [],
+        "b1": ["auto"],
+    }
     assert_clean(img)
 
 
@@ -479,11 +562,23 @@ def test_read_only_mount(tmp_path, mount):
     st = status(m.bitmaps / "qi")
     assert st["inconsistent"] is True and st["recording"] is False, st
     st = status(m.bitmaps / "qb")
-    assert st == {**st, "name": "qb", "granularity": 64 * KiB, "count": 2 * 64 * KiB, "recording": True,
-                  "inconsistent": False}
+    assert st == {
+        **st,
+        "name": "qb",
+        "granularity": 64 * KiB,
+        "count": 2 * 64 * KiB,
+        "recording": True,
+        "inconsistent": False,
+    }
     st = status(m.bitmaps / "qd")
-    assert st == {**st, "name": "qd", "granularity": 4 * KiB, "count": 0, "recording": False,
-                  "inconsistent": False}
+    assert st == {
+        **st,
+        "name": "qd",
+        "granularity": 4 * KiB,
+        "count": 0,
+        "recording": False,
+        "inconsistent": False,
+    }
     # nothing is marked in use by a read-only mount
     assert {n: b["flags"] for n, b in qemu_bitmaps(img).items()} == flags
     assert errno_of(lambda: touch_os(m.bitmaps / "new")) == errno.EROFS
@@ -556,8 +651,9 @@ def test_v2_image_cannot_hold_bitmaps(tmp_path, mount):
     assert os.listdir(m.bitmaps) == []
     write_ranges(m, [(0, 100)])  # the disk still works
     lines = [ln for ln in m.log_text().splitlines() if "b0" in ln]
-    assert any(("version 2" in ln or "compat=0.10" in ln or "v2" in ln) and "bitmap" in ln for ln in lines), \
-        f"the daemon log should say a v2 image cannot hold bitmaps:\n{m.log_text()}"
+    assert any(
+        ("version 2" in ln or "compat=0.10" in ln or "v2" in ln) and "bitmap" in ln for ln in lines
+    ), f"the daemon log should say a v2 image cannot hold bitmaps:\n{m.log_text()}"
     assert m.unmount() == 0
     assert qemu_info(img)["format-specific"]["data"]["compat"] == "0.10"
     assert_clean(img)
@@ -601,7 +697,9 @@ def test_listing_and_status_are_always_current(tmp_path, mount):
     m = mount(img)
 
     def ls() -> list:
-        return sorted(run(["ls", "-l", m.bitmaps]).stdout.split("\n")[1:-1])  # drop the "total" line
+        return sorted(
+            run(["ls", "-l", m.bitmaps]).stdout.split("\n")[1:-1]
+        )  # drop the "total" line
 
     def ls_size(name: str) -> int:
         sizes = {e.split()[-1]: int(e.split()[4]) for e in ls()}
@@ -670,12 +768,16 @@ def test_listing_current_after_cli_commands(tmp_path, mount):
     assert os.stat(m.bitmaps / "c0").st_size == size0 + 1  # "recording": true -> false
     assert status(m.bitmaps / "c0")["recording"] is False
     run([*cli, "remove", m.mnt, "c0"])
-    assert errno_of(lambda: os.stat(m.bitmaps / "c0")) == errno.ENOENT, "a removed bitmap is still visible"
+    assert errno_of(lambda: os.stat(m.bitmaps / "c0")) == errno.ENOENT, (
+        "a removed bitmap is still visible"
+    )
     assert os.listdir(m.bitmaps) == []
     run([*cli, "add", m.mnt, "c0"])  # the same name again: a new bitmap, default granularity
     assert status(m.bitmaps / "c0")["granularity"] == 64 * KiB
     assert m.unmount() == 0
-    assert {n: (b["granularity"], b["flags"]) for n, b in qemu_bitmaps(img).items()} == {"c0": (64 * KiB, ["auto"])}
+    assert {n: (b["granularity"], b["flags"]) for n, b in qemu_bitmaps(img).items()} == {
+        "c0": (64 * KiB, ["auto"])
+    }
     assert_clean(img)
 
 
@@ -690,7 +792,10 @@ def test_one_tib_sparse_image_small_rss(tmp_path, mount, qemu_dirty):
     m = mount(img)
     touch(m.bitmaps / "b0")
     step = size // 61
-    w = [(i * step + (i * 4099) % step, 4096 + i) for i in range(60)] + [(size - 3, 3), (size // 2 - 1, 2)]
+    w = [(i * step + (i * 4099) % step, 4096 + i) for i in range(60)] + [
+        (size - 3, 3),
+        (size // 2 - 1, 2),
+    ]
     write_ranges(m, w)
     rss = vm_rss_kib(m.proc.pid)
     assert rss < 100 * 1024, f"daemon VmRSS {rss} KiB on a 1 TiB image"
@@ -698,7 +803,10 @@ def test_one_tib_sparse_image_small_rss(tmp_path, mount, qemu_dirty):
         assert status(m.bitmaps / n)["count"] == expected_count(w, g, size)
     assert m.unmount() == 0
     bms = qemu_bitmaps(img)
-    assert {n: (b["granularity"], b["flags"]) for n, b in bms.items()} == {"big": (g, ["auto"]), "b0": (g, ["auto"])}
+    assert {n: (b["granularity"], b["flags"]) for n, b in bms.items()} == {
+        "big": (g, ["auto"]),
+        "b0": (g, ["auto"]),
+    }
     assert_clean(img)
     assert qemu_dirty(img, "big") == expected_extents(w, g, size)
     assert qemu_dirty(img, "b0") == expected_extents(w, g, size)

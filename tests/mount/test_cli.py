@@ -29,7 +29,9 @@ def test_daemon_mode_and_umount_waits_for_shutdown(tmp_path):
     log = tmp_path / "d.log"
     p = run([*QCOWFS, "mount", "--log", log, img, mnt])
     try:
-        assert p.returncode == 0 and os.path.ismount(mnt), "mount returned before the mount was ready"
+        assert p.returncode == 0 and os.path.ismount(mnt), (
+            "mount returned before the mount was ready"
+        )
         (mnt / ".bitmaps" / "b0").touch()
         with open(mnt / "disk.raw", "r+b") as f:
             f.write(b"y" * 65536)
@@ -40,7 +42,11 @@ def test_daemon_mode_and_umount_waits_for_shutdown(tmp_path):
         mnt2 = tmp_path / "mnt2"
         mnt2.mkdir()
         p2 = run([*QCOWFS, "mount", img, mnt2], check=False)
-        assert p2.returncode == 1 and "in use" in p2.stderr and len(p2.stderr.strip().splitlines()) == 1
+        assert (
+            p2.returncode == 1
+            and "in use" in p2.stderr
+            and len(p2.stderr.strip().splitlines()) == 1
+        )
         assert not os.path.ismount(mnt2)
     finally:
         u = run([*QCOWFS, "umount", mnt], check=False)
@@ -93,8 +99,10 @@ def test_signal_during_the_last_requests_always_ends_the_daemon(tmp_path):
             try:
                 rc = m.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                pytest.fail(f"cycle {i}: the daemon did not exit within 10 s of its stop signal\n"
-                            + m.diagnostics())
+                pytest.fail(
+                    f"cycle {i}: the daemon did not exit within 10 s of its stop signal\n"
+                    + m.diagnostics()
+                )
             assert rc == 0, m.diagnostics()
             wait_for(lambda: not is_mounted(mnt), what="unmount after signal")
         finally:
@@ -116,7 +124,9 @@ def test_corruption_met_while_writing_turns_the_mount_read_only(tmp_path, mount)
             os.pwrite(fd, b"a" * 512, 65536 + 512)
         assert e.value.errno == errno.EIO
         with pytest.raises(OSError) as e:
-            os.pwrite(fd, b"b" * 512, 4 * MiB)  # a healthy range: refused now, the mount is read-only
+            os.pwrite(
+                fd, b"b" * 512, 4 * MiB
+            )  # a healthy range: refused now, the mount is read-only
         assert e.value.errno == errno.EROFS
         assert os.pread(fd, 4, 0) == b"\x07" * 4  # reads go on
     finally:
@@ -125,7 +135,9 @@ def test_corruption_met_while_writing_turns_the_mount_read_only(tmp_path, mount)
     assert "marking image corrupt" in m.log_text()
     incompat = header(img)["incompat"]
     assert incompat & 2, "corrupt bit not set"
-    assert run(["qemu-io", "-c", "read 0 512", img], check=False).returncode != 0  # QEMU refuses rw too
+    assert (
+        run(["qemu-io", "-c", "read 0 512", img], check=False).returncode != 0
+    )  # QEMU refuses rw too
 
 
 @needs_fuse
@@ -147,7 +159,9 @@ def test_corruption_met_during_fsync_is_handled_like_one_met_while_writing(tmp_p
     m = mount(img)
     fd = os.open(m.disk, os.O_RDWR)
     try:
-        os.pwrite(fd, bytes(65536), 0)  # a whole cluster of zeros: becomes a zero cluster, frees data
+        os.pwrite(
+            fd, bytes(65536), 0
+        )  # a whole cluster of zeros: becomes a zero cluster, frees data
         with pytest.raises(OSError) as e:
             os.fsync(fd)
         assert e.value.errno == errno.EIO
@@ -158,7 +172,9 @@ def test_corruption_met_during_fsync_is_handled_like_one_met_while_writing(tmp_p
         os.close(fd)
     assert m.unmount() == 0
     log = m.log_text()
-    assert "marking image corrupt and switching to read-only" in log and "drop below zero" in log, log
+    assert "marking image corrupt and switching to read-only" in log and "drop below zero" in log, (
+        log
+    )
     assert struct.unpack_from(">Q", img.read_bytes(), 72)[0] & 2, "corrupt bit not set"
 
 
@@ -169,8 +185,11 @@ def test_ls_a_lists_dot_and_dot_dot(tmp_path, mount):
     qemu_img("snapshot", "-c", "s1", img)
     m = mount(img)
     env = {**os.environ, "LC_ALL": "C"}
-    for d, names in ((m.mnt, [".bitmaps", ".snapshots", "disk.raw"]), (m.mnt / ".bitmaps", ["b0"]),
-                     (m.mnt / ".snapshots", sorted(os.listdir(m.mnt / ".snapshots")))):
+    for d, names in (
+        (m.mnt, [".bitmaps", ".snapshots", "disk.raw"]),
+        (m.mnt / ".bitmaps", ["b0"]),
+        (m.mnt / ".snapshots", sorted(os.listdir(m.mnt / ".snapshots"))),
+    ):
         assert run(["ls", "-a1", d], env=env).stdout.split() == [".", "..", *names]
         long = run(["ls", "-la", d], env=env).stdout.splitlines()[1:]  # after "total N"
         assert [line.split()[-1] for line in long[:2]] == [".", ".."] and long[0].startswith("d")

@@ -74,7 +74,9 @@ SEED = base_seed(20251207)
 BASE = {A: 0x11, B: 0x22, C: 0x33}  # base content of each area (all zero for a fresh image)
 CRC_JOBS = {"crc8k": (4, 8 * KiB), "crc4k": (5, 4 * KiB)}  # name -> (slot, block size)
 
-pytestmark = pytest.mark.skipif(shutil.which("fio") is None, reason="fio is installed by scripts/setup")
+pytestmark = pytest.mark.skipif(
+    shutil.which("fio") is None, reason="fio is installed by scripts/setup"
+)
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -122,9 +124,18 @@ def crc_blocks(name: str) -> list:
     return [(c + slot * SLOT, bs) for c in range(A[0], A[1], CLUSTER)]
 
 
-def storm_jobfile(d: Path, target: Path, jobs: dict, *, base_a: int, crc: bool = True, reader: bool = True,
-                  replay: tuple = ("p0", "p1", "p2", "zero", "big", "gaps"), end_fsync: bool = False,
-                  tag: str = "storm") -> Path:
+def storm_jobfile(
+    d: Path,
+    target: Path,
+    jobs: dict,
+    *,
+    base_a: int,
+    crc: bool = True,
+    reader: bool = True,
+    replay: tuple = ("p0", "p1", "p2", "zero", "big", "gaps"),
+    end_fsync: bool = False,
+    tag: str = "storm",
+) -> Path:
     """The fio job file of (part of) the storm on TARGET, every job at iodepth 32, O_DIRECT, libaio."""
     d.mkdir(exist_ok=True)
     sections: dict = {}
@@ -135,21 +146,37 @@ def storm_jobfile(d: Path, target: Path, jobs: dict, *, base_a: int, crc: bool =
             opts["zero_buffers"] = 1
         else:
             opts["verify"] = "pattern"  # with a replayed log: fills the buffers, no verify pass
-            opts["verify_pattern"] = f"0x{0xa0 + i:02x}%o"  # the request's offset stamped in it
+            opts["verify_pattern"] = f"0x{0xA0 + i:02x}%o"  # the request's offset stamped in it
         if end_fsync:
             opts["end_fsync"] = 1
         sections[name] = opts
     if crc:
         for name, (slot, bs) in CRC_JOBS.items():
-            sections[name] = {"rw": f"write:{CLUSTER - bs}", "bs": bs, "offset": A[0] + slot * SLOT,
-                              "size": A[1] - A[0] - slot * SLOT, "verify": "crc32c", "verify_backlog": 8,
-                              "verify_fatal": 1}
+            sections[name] = {
+                "rw": f"write:{CLUSTER - bs}",
+                "bs": bs,
+                "offset": A[0] + slot * SLOT,
+                "size": A[1] - A[0] - slot * SLOT,
+                "verify": "crc32c",
+                "verify_backlog": 8,
+                "verify_fatal": 1,
+            }
     if reader:
-        sections["reader"] = {"rw": f"read:{CLUSTER - SLOT}", "bs": SLOT, "offset": A[0] + 6 * SLOT,
-                              "size": A[1] - A[0] - 6 * SLOT, "loops": 4, "verify": "pattern",
-                              "verify_pattern": f"0x{base_a:02x}", "verify_fatal": 1}
-    return job_file(d / f"{tag}.fio", {"filename": target, "ioengine": "libaio", "direct": 1, "iodepth": 32},
-                    sections)
+        sections["reader"] = {
+            "rw": f"read:{CLUSTER - SLOT}",
+            "bs": SLOT,
+            "offset": A[0] + 6 * SLOT,
+            "size": A[1] - A[0] - 6 * SLOT,
+            "loops": 4,
+            "verify": "pattern",
+            "verify_pattern": f"0x{base_a:02x}",
+            "verify_fatal": 1,
+        }
+    return job_file(
+        d / f"{tag}.fio",
+        {"filename": target, "ioengine": "libaio", "direct": 1, "iodepth": 32},
+        sections,
+    )
 
 
 # ----------------------------------------------------------------------------- images
@@ -191,12 +218,15 @@ def check_crc_blocks(got: Path, ref: Path) -> None:
                 data = os.pread(g.fileno(), bs, off)
                 assert fio_header_ok(data, off, bs), (
                     f"{name}: the block at {off} (0x{off:x}, {bs} bytes) is not the one fio wrote there: "
-                    f"{data[:32].hex()}")
+                    f"{data[:32].hex()}"
+                )
                 os.pwrite(r.fileno(), data, off)
 
 
 def written_clusters(jobs: dict) -> set:
-    ranges = [r for ops in jobs.values() for r in ops] + [r for n in CRC_JOBS for r in crc_blocks(n)]
+    ranges = [r for ops in jobs.values() for r in ops] + [
+        r for n in CRC_JOBS for r in crc_blocks(n)
+    ]
     return {c for off, n in ranges for c in range(off // CLUSTER, (off + n - 1) // CLUSTER + 1)}
 
 
@@ -205,7 +235,9 @@ def test_plan_is_deterministic(tmp_path):
     """Two runs of the storm on raw files give the same bytes outside the crc32c blocks; the
     pieces cover their slots exactly once, zero slots read zero, untouched slots keep the base."""
     jobs = plan(SEED)
-    allops = sorted(r for ops in jobs.values() for r in ops)  # no two requests overlap: order-free result
+    allops = sorted(
+        r for ops in jobs.values() for r in ops
+    )  # no two requests overlap: order-free result
     for (o1, n1), (o2, _) in zip(allops, allops[1:]):
         assert o1 + n1 <= o2, f"overlapping requests at {o1}+{n1} and {o2}"
     runs = []
@@ -220,17 +252,23 @@ def test_plan_is_deterministic(tmp_path):
     assert_same(runs[0], runs[1])
     data = runs[0].read_bytes()
     for c in range(A[0], A[1], CLUSTER):
-        assert data[c + 3 * SLOT:c + 4 * SLOT] == bytes(SLOT), f"zero slot at {c + 3 * SLOT}"
-        assert data[c + 6 * SLOT:c + 8 * SLOT] == bytes([BASE[A]]) * 2 * SLOT, f"untouched slots at {c}"
+        assert data[c + 3 * SLOT : c + 4 * SLOT] == bytes(SLOT), f"zero slot at {c + 3 * SLOT}"
+        assert data[c + 6 * SLOT : c + 8 * SLOT] == bytes([BASE[A]]) * 2 * SLOT, (
+            f"untouched slots at {c}"
+        )
         for k in range(3):
-            assert bytes(SLOT) not in data[c + k * SLOT:c + (k + 1) * SLOT], f"pattern slot {k} at {c}"
+            assert bytes(SLOT) not in data[c + k * SLOT : c + (k + 1) * SLOT], (
+                f"pattern slot {k} at {c}"
+            )
 
 
 def assert_same(a: Path, b: Path) -> None:
     x, y = a.read_bytes(), b.read_bytes()
     if x != y:
         i = next(i for i in range(min(len(x), len(y))) if x[i] != y[i])
-        raise AssertionError(f"{a} and {b} differ first at {i} (0x{i:x}): {x[i:i + 16].hex()} != {y[i:i + 16].hex()}")
+        raise AssertionError(
+            f"{a} and {b} differ first at {i} (0x{i:x}): {x[i : i + 16].hex()} != {y[i : i + 16].hex()}"
+        )
 
 
 # Every request that finds another waiting or running goes to the host I/O threads, however
@@ -272,10 +310,17 @@ def test_storm(kind, mount, tmp_path):
 
     # the recording bitmap covers every cluster written, and not the untouched end of the disk
     dirty = dirty_extents(img, "rec")
-    missing = sorted(c for c in written_clusters(jobs)
-                     if not any(o <= c * CLUSTER and c * CLUSTER + CLUSTER <= o + n for o, n in dirty))
-    assert not missing, f"bitmap rec misses {len(missing)} written clusters, first at {missing[0] * CLUSTER}"
-    assert not any(o + n > C[1] for o, n in dirty), f"bitmap rec dirty past the written areas: {dirty[-3:]}"
+    missing = sorted(
+        c
+        for c in written_clusters(jobs)
+        if not any(o <= c * CLUSTER and c * CLUSTER + CLUSTER <= o + n for o, n in dirty)
+    )
+    assert not missing, (
+        f"bitmap rec misses {len(missing)} written clusters, first at {missing[0] * CLUSTER}"
+    )
+    assert not any(o + n > C[1] for o, n in dirty), (
+        f"bitmap rec dirty past the written areas: {dirty[-3:]}"
+    )
     if kind == "snapshot":  # the shared clusters were copied, never written in place
         copy = tmp_path / "copy.qcow2"
         shutil.copyfile(img, copy)
@@ -295,21 +340,52 @@ def test_kill_during_storm_keeps_fsynced_data(mount, tmp_path):
     jobs = plan(SEED)
     m = mount(img, extra=OFFLOAD)
     phase1 = ("p0", "p1", "p2", "zero")
-    run_fio(storm_jobfile(tmp_path / "p1", m.disk, jobs, base_a=base_a, crc=False, reader=False,
-                          replay=phase1, end_fsync=True, tag="phase1"))
+    run_fio(
+        storm_jobfile(
+            tmp_path / "p1",
+            m.disk,
+            jobs,
+            base_a=base_a,
+            crc=False,
+            reader=False,
+            replay=phase1,
+            end_fsync=True,
+            tag="phase1",
+        )
+    )
     ref = tmp_path / "ref.raw"
     shutil.copyfile(before, ref)
-    run_fio(storm_jobfile(tmp_path / "r1", ref, jobs, base_a=base_a, crc=False, reader=False, replay=phase1,
-                          tag="phase1"))
+    run_fio(
+        storm_jobfile(
+            tmp_path / "r1",
+            ref,
+            jobs,
+            base_a=base_a,
+            crc=False,
+            reader=False,
+            replay=phase1,
+            tag="phase1",
+        )
+    )
 
     size1 = img.stat().st_size
-    p2 = storm_jobfile(tmp_path / "p2", m.disk, jobs, base_a=base_a, replay=("big", "gaps"), tag="phase2")
-    fio = subprocess.Popen(["fio", "--output-format=json", str(p2)], cwd=p2.parent, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+    p2 = storm_jobfile(
+        tmp_path / "p2", m.disk, jobs, base_a=base_a, replay=("big", "gaps"), tag="phase2"
+    )
+    fio = subprocess.Popen(
+        ["fio", "--output-format=json", str(p2)],
+        cwd=p2.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         # phase 2 has allocated (copied from backing) a few MiB: kill it in the middle
-        wait_for(lambda: img.stat().st_size > size1 + 2 * MiB or fio.poll() is not None, timeout=60,
-                 what="phase 2 allocating")
+        wait_for(
+            lambda: img.stat().st_size > size1 + 2 * MiB or fio.poll() is not None,
+            timeout=60,
+            what="phase 2 allocating",
+        )
         still_running = fio.poll() is None
         m.kill()
         fio.communicate(timeout=60)
@@ -325,11 +401,15 @@ def test_kill_during_storm_keeps_fsynced_data(mount, tmp_path):
     qemu_img("convert", "-O", "raw", img, got)
     g, r = bytearray(got.read_bytes()), bytearray(ref.read_bytes())
     for off, n in jobs["big"] + jobs["gaps"] + crc_blocks("crc8k") + crc_blocks("crc4k"):
-        g[off:off + n] = r[off:off + n] = bytes(n)  # phase 2's requests: old or new, either is fine
+        g[off : off + n] = r[off : off + n] = bytes(
+            n
+        )  # phase 2's requests: old or new, either is fine
     if g != r:
         i = next(i for i in range(len(r)) if g[i] != r[i])
-        raise AssertionError(f"after kill -9 byte {i} (0x{i:x}) reads {bytes(g[i:i + 16]).hex()}, "
-                             f"phase 1 (fsynced) or the backing file made it {bytes(r[i:i + 16]).hex()}")
+        raise AssertionError(
+            f"after kill -9 byte {i} (0x{i:x}) reads {bytes(g[i : i + 16]).hex()}, "
+            f"phase 1 (fsynced) or the backing file made it {bytes(r[i : i + 16]).hex()}"
+        )
 
     m2 = mount(img)
     with open(m2.disk, "rb") as f:
@@ -356,23 +436,48 @@ def test_slow_host_goes_to_threads(mount, tmp_path):
     qemu_io(img, f"write -P 0x11 0 {16 * MiB}")
     host = tmp_path / "host"
     host.mkdir()
-    slow = subprocess.Popen([sys.executable, str(CEILING),
-                             f"--latency-us={HOST_LATENCY_US}", str(img), str(host)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    slow = subprocess.Popen(
+        [sys.executable, str(CEILING), f"--latency-us={HOST_LATENCY_US}", str(img), str(host)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
-        wait_for(lambda: os.path.ismount(host) or slow.poll() is not None, what="slow host file system")
-        assert os.path.ismount(host), f"ceiling_fs did not mount: {slow.stderr.read() if slow.stderr else ''}"
+        wait_for(
+            lambda: os.path.ismount(host) or slow.poll() is not None, what="slow host file system"
+        )
+        assert os.path.ismount(host), (
+            f"ceiling_fs did not mount: {slow.stderr.read() if slow.stderr else ''}"
+        )
         m = mount(host / "disk.raw")
-        out = subprocess.run(["fio", "--name=qd16", f"--filename={m.disk}", "--direct=1", "--ioengine=libaio",
-                              "--iodepth=16", "--rw=randread", "--bs=4k", f"--size={16 * MiB}", "--runtime=3",
-                              "--time_based", "--output-format=json"], stdout=subprocess.PIPE, text=True,
-                             check=True, timeout=120)
+        out = subprocess.run(
+            [
+                "fio",
+                "--name=qd16",
+                f"--filename={m.disk}",
+                "--direct=1",
+                "--ioengine=libaio",
+                "--iodepth=16",
+                "--rw=randread",
+                "--bs=4k",
+                f"--size={16 * MiB}",
+                "--runtime=3",
+                "--time_based",
+                "--output-format=json",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            check=True,
+            timeout=120,
+        )
         iops = json.loads(out.stdout)["jobs"][0]["read"]["iops"]
         assert m.unmount() == 0
         log = m.log_text()
         assert "host I/O slow" in log, log[-2000:]
         serial_max = 1e6 / HOST_LATENCY_US
-        assert iops > 2 * serial_max, f"{iops:.0f} IOPS at queue depth 16 over a 2 ms host: no overlap"
+        assert iops > 2 * serial_max, (
+            f"{iops:.0f} IOPS at queue depth 16 over a 2 ms host: no overlap"
+        )
         overlapped_jobs = re.search(r"host I/O threads: (\d+) jobs, up to (\d+) at once", log)
         assert overlapped_jobs and int(overlapped_jobs[2]) > 1, log[-2000:]
     finally:

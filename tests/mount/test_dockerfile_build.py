@@ -39,7 +39,9 @@ def _apt_packages(command: str) -> list[str]:
 
 
 def _installed(package: str) -> bool:
-    p = subprocess.run(["dpkg-query", "-W", "-f=${db:Status-Abbrev}", package], capture_output=True, text=True)
+    p = subprocess.run(
+        ["dpkg-query", "-W", "-f=${db:Status-Abbrev}", package], capture_output=True, text=True
+    )
     return p.stdout.startswith("ii")
 
 
@@ -74,11 +76,17 @@ class Replay:
         """The command with every image path it names mapped to the scratch directory (longest
         first; only where a path starts); AssertionError for any other absolute path."""
         named = re.findall(r"(?<![\w./-])/[\w./-]*", command)
-        unmapped = [p for p in named if not any(p == m or p.startswith(m + "/") for m in self.mapped)]
-        assert not unmapped, f"RUN names {unmapped}, which this test does not map: add it to IMAGE_PATHS"
+        unmapped = [
+            p for p in named if not any(p == m or p.startswith(m + "/") for m in self.mapped)
+        ]
+        assert not unmapped, (
+            f"RUN names {unmapped}, which this test does not map: add it to IMAGE_PATHS"
+        )
         for image_path in sorted(self.mapped, key=len, reverse=True):
             host = str(self.root / image_path.lstrip("/"))
-            command = re.sub(rf"(?<![\w./-]){re.escape(image_path)}(?=[/\s'\";&|)]|$)", host, command)
+            command = re.sub(
+                rf"(?<![\w./-]){re.escape(image_path)}(?=[/\s'\";&|)]|$)", host, command
+            )
         return command
 
     def env(self) -> dict[str, str]:
@@ -98,8 +106,12 @@ def _replay_stage(stage: Stage, replay: Replay, context: Path) -> None:
             flags, sources, dest = copy_sources(ins)
             for src in sources:
                 if "from" in flags:  # the same scratch root: it must be there already
-                    assert replay.path(src).exists(), f"line {ins.line}: COPY --from={flags['from']} {src}: not built"
-                    assert replay.path(src) == replay.path(dest), f"line {ins.line}: COPY --from to another path"
+                    assert replay.path(src).exists(), (
+                        f"line {ins.line}: COPY --from={flags['from']} {src}: not built"
+                    )
+                    assert replay.path(src) == replay.path(dest), (
+                        f"line {ins.line}: COPY --from to another path"
+                    )
                     continue
                 source = context / src
                 assert source.exists(), f"line {ins.line}: COPY {src}: not in the build context"
@@ -115,22 +127,37 @@ def _replay_stage(stage: Stage, replay: Replay, context: Path) -> None:
             if "apt-get" in ins.args:
                 # the base image's packages: here they must be installed, by their Debian 12 names
                 missing = [p for p in _apt_packages(ins.args) if not _installed(p)]
-                assert not missing, f"line {ins.line}: Debian packages not installed here: {missing}"
+                assert not missing, (
+                    f"line {ins.line}: Debian packages not installed here: {missing}"
+                )
                 continue
             (replay.root / "usr/local/bin").mkdir(parents=True, exist_ok=True)
             command = replay.substitute(ins.args)
-            p = subprocess.run(["sh", "-c", command], cwd=replay.workdir, env=replay.env(), capture_output=True,
-                               text=True, stdin=subprocess.DEVNULL, timeout=900)
-            assert p.returncode == 0, f"line {ins.line}: RUN failed ({p.returncode}):\n{command}\n{p.stdout}\n{p.stderr}"
+            p = subprocess.run(
+                ["sh", "-c", command],
+                cwd=replay.workdir,
+                env=replay.env(),
+                capture_output=True,
+                text=True,
+                stdin=subprocess.DEVNULL,
+                timeout=900,
+            )
+            assert p.returncode == 0, (
+                f"line {ins.line}: RUN failed ({p.returncode}):\n{command}\n{p.stdout}\n{p.stderr}"
+            )
         elif ins.keyword in ("ENTRYPOINT", "CMD"):
             words = json.loads(ins.args) if ins.args.startswith("[") else ["sh", "-c", ins.args]
             setattr(replay, ins.keyword.lower(), words)
         else:
-            raise AssertionError(f"line {ins.line}: this test does not know how to replay {ins.keyword}; teach it")
+            raise AssertionError(
+                f"line {ins.line}: this test does not know how to replay {ins.keyword}; teach it"
+            )
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not FUSE_AVAILABLE, reason="/dev/fuse or fusermount3 missing: FUSE tests cannot run here")
+@pytest.mark.skipif(
+    not FUSE_AVAILABLE, reason="/dev/fuse or fusermount3 missing: FUSE tests cannot run here"
+)
 def test_dockerfile_steps_build_a_working_qcowfs(tmp_path):
     stages, ignore = load(ROOT)
     context = tmp_path / "context"
@@ -140,14 +167,29 @@ def test_dockerfile_steps_build_a_working_qcowfs(tmp_path):
     python = getattr(sys, "_base_executable", sys.executable)
     replay = Replay(tmp_path / "image", python)
     for stage in stages:
-        assert stage.base == stages[0].base, "every stage starts from the same base image (one python)"
+        assert stage.base == stages[0].base, (
+            "every stage starts from the same base image (one python)"
+        )
         _replay_stage(stage, replay, context)
-    entry = [str(replay.path(replay.entrypoint[0]) if "/" in replay.entrypoint[0]
-                 else replay.path("/usr/local/bin") / replay.entrypoint[0]), *replay.entrypoint[1:], *replay.cmd]
+    entry = [
+        str(
+            replay.path(replay.entrypoint[0])
+            if "/" in replay.entrypoint[0]
+            else replay.path("/usr/local/bin") / replay.entrypoint[0]
+        ),
+        *replay.entrypoint[1:],
+        *replay.cmd,
+    ]
     help_run = run(entry, env=replay.env())
     assert "usage" in help_run.stdout.lower(), help_run.stdout
     qcowfs = entry[0]
-    version = run([replay.path("/opt/qcowfs") / "bin/python", "-c", "import pyfuse3; print(pyfuse3.__version__)"])
+    version = run(
+        [
+            replay.path("/opt/qcowfs") / "bin/python",
+            "-c",
+            "import pyfuse3; print(pyfuse3.__version__)",
+        ]
+    )
     assert "+qcowfs" in version.stdout, version.stdout
 
     # what the image is for: mount, write, unmount (a clean image)

@@ -36,6 +36,7 @@ def test_parallel_readers_get_their_own_data(tmp_path, mount):
         fd = os.open(m.disk, os.O_RDONLY | os.O_DIRECT)
         try:
             import mmap
+
             buf = mmap.mmap(-1, 1 * MiB)
             for _ in range(300):
                 n = rng.choice([4096, 65536, 1 * MiB])
@@ -134,7 +135,9 @@ def test_one_tib_fully_allocated_read_stays_under_150_mib(tmp_path, mount):
     """Issue 6's memory target: every one of the 2048 L2 tables of a 1 TiB image read (through
     4096 reads spread over the disk); the L2 cache is bounded, so the daemon stays small."""
     img = tmp_path / "big.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=65536,preallocation=metadata", img, "1T")
+    qemu_img(
+        "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536,preallocation=metadata", img, "1T"
+    )
     m = mount(img, read_only=True)
     step = (1 << 40) // 4096
     fd = os.open(m.disk, os.O_RDONLY)

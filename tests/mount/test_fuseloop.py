@@ -49,14 +49,17 @@ def test_fast_waiter_serves_the_requests(tmp_path, mount):
     assert UNAVAILABLE not in log, (
         "qcowfs fell back to pyfuse3's own request loop on the installed pyfuse3: read that "
         f"version's internal.pxi (_wait_fuse_readable, _session_loop) against qcowfs/fuse/request_loop.py, "
-        f"then extend fuseloop._VERIFIED\n{log}")
+        f"then extend fuseloop._VERIFIED\n{log}"
+    )
     served = SERVED.findall(log)
     assert len(served) == 1, f"no (or more than one) request loop summary at shutdown:\n{log}"
     assert int(served[0]) >= 200, f"the fast waiter served only {served[0]} of 200+ requests"
     from qcowfs.fuse.request_loop import public_hook
 
     # scripts/setup builds pyfuse3 with the public hook (patches/): the private one is the fallback
-    assert public_hook(), "the installed pyfuse3 lacks main(wait_readable=): run scripts/build-pyfuse3"
+    assert public_hook(), (
+        "the installed pyfuse3 lacks main(wait_readable=): run scripts/build-pyfuse3"
+    )
     assert "public hook" in log, log
 
 
@@ -102,7 +105,7 @@ def test_stop_signal_while_blocked_in_poll_is_seen_when_poll_returns(tmp_path, m
 
 
 # Run in the daemon (PYTHONPATH=<dir>): changes pyfuse3 as a future release might, and nothing else.
-SITECUSTOMIZE = '''
+SITECUSTOMIZE = """
 import builtins, os
 import pyfuse3
 
@@ -123,7 +126,7 @@ if how == "no-hook":
     del pyfuse3._wait_fuse_readable
 elif how == "version":
     pyfuse3.__version__ = "3.99.0"
-'''
+"""
 
 
 @needs_fuse
@@ -148,7 +151,9 @@ def test_unknown_pyfuse3_falls_back_to_its_own_loop(tmp_path, mount, monkeypatch
     assert m.unmount() == 0
     log = m.log_text()
     lines = [line for line in log.splitlines() if UNAVAILABLE in line]
-    assert len(lines) == 1 and reason in lines[0], f"expected one fallback line naming {reason!r}:\n{log}"
+    assert len(lines) == 1 and reason in lines[0], (
+        f"expected one fallback line naming {reason!r}:\n{log}"
+    )
     assert "request loop: pyfuse3's own" in log and not SERVED.search(log), log
     # QEMU reads back what went through the stock loop
     for i in range(0, 64, 9):

@@ -19,10 +19,10 @@ def _add_unknowns(img: Path) -> bytes:
     hl = header(raw)["header_length"]
     assert hl == 112
     # the extensions up to their end marker
-    exts = [bytes(raw[pos: pos + 8 + (length + 7) // 8 * 8]) for _, pos, length in extensions(raw)]
+    exts = [bytes(raw[pos : pos + 8 + (length + 7) // 8 * 8]) for _, pos, length in extensions(raw)]
     payload = b"qcowfs-unknown-extension"
     unknown = struct.pack(">II", 0x7A7A7A7A, len(payload)) + payload
-    new = bytearray(raw[:112]) + b"\xAB" * 8  # 8 unknown header bytes
+    new = bytearray(raw[:112]) + b"\xab" * 8  # 8 unknown header bytes
     struct.pack_into(">I", new, OFF_HEADER_LENGTH, 120)
     autoclear = header(new)["autoclear"] | (1 << 5)
     struct.pack_into(">Q", new, OFF_AUTOCLEAR, autoclear)
@@ -46,7 +46,7 @@ def test_header_rewrite_keeps_unknowns_and_clears_unknown_autoclear(tmp_path, mo
         f.write(b"x" * 4096)
     assert m.unmount() == 0
     raw = img.read_bytes()[:65536]
-    assert header(raw)["header_length"] == 120 and raw[112:120] == b"\xAB" * 8
+    assert header(raw)["header_length"] == 120 and raw[112:120] == b"\xab" * 8
     assert not header(raw)["autoclear"] & (1 << 5), "unknown autoclear bit not cleared"
     assert payload in raw, "unknown header extension lost"
     assert qemu_bitmaps(img)["b0"]["flags"] == ["auto"]

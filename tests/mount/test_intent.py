@@ -27,10 +27,16 @@ G = 64 * KiB  # bitmap granularity used here
 INTENT = ["--bitmap-sync=intent"]
 
 
-def bitmapped_image(tmp_path: Path, size: int = 48 * MiB, bitmaps=("b0",), data: bool = True) -> Path:
+def bitmapped_image(
+    tmp_path: Path, size: int = 48 * MiB, bitmaps=("b0",), data: bool = True
+) -> Path:
     """a.qcow2 with persistent bitmaps of granularity G."""
     # with data, some of the disk already holds data (overwrites as well as first writes)
-    img = create(tmp_path / "a.qcow2", size, writes=["write -P 0x11 0 4M", "write -P 0x22 20M 3M"] if data else ())
+    img = create(
+        tmp_path / "a.qcow2",
+        size,
+        writes=["write -P 0x11 0 4M", "write -P 0x22 20M 3M"] if data else (),
+    )
     for b in bitmaps:
         qemu_img("bitmap", "--add", "-g", str(G), img, b)
     return img
@@ -45,7 +51,11 @@ def granules(extents: list, size: int) -> set:
 
 def changed_granules(before: bytes, after: bytes) -> set:
     mv_b, mv_a = memoryview(before), memoryview(after)
-    return {g for g in range((len(before) + G - 1) // G) if mv_b[g * G:(g + 1) * G] != mv_a[g * G:(g + 1) * G]}
+    return {
+        g
+        for g in range((len(before) + G - 1) // G)
+        if mv_b[g * G : (g + 1) * G] != mv_a[g * G : (g + 1) * G]
+    }
 
 
 def status(m, name: str) -> dict:
@@ -107,10 +117,14 @@ def test_kill9_during_a_write_storm_leaves_valid_bitmaps(tmp_path, mount, k):
     before = qemu_raw(img, tmp_path / "before.raw")
     m = mount(img, extra=INTENT)
     assert status(m, "b0")["crash-safe"] is True
-    storm = Storm(m.disk, 1000 + k, size // 2)  # the upper half stays clean: QEMU writes there below
+    storm = Storm(
+        m.disk, 1000 + k, size // 2
+    )  # the upper half stays clean: QEMU writes there below
     storm.start()
     target = 20 + 60 * k  # different timing each run
-    wait_for(lambda: storm.writes >= target or not storm.is_alive(), timeout=60, what=f"{target} writes")
+    wait_for(
+        lambda: storm.writes >= target or not storm.is_alive(), timeout=60, what=f"{target} writes"
+    )
     crash(m)
     storm.join(30)
     assert storm.writes >= target, storm.error
@@ -120,7 +134,9 @@ def test_kill9_during_a_write_storm_leaves_valid_bitmaps(tmp_path, mount, k):
     assert changed, "the storm changed nothing that reached the disk"
     dirty = granules(dirty_extents(img, "b0"), size)
     missing = sorted(changed - dirty)
-    assert not missing, f"granules changed but not dirty in QEMU's view: {missing[:10]} ({len(missing)})"
+    assert not missing, (
+        f"granules changed but not dirty in QEMU's view: {missing[:10]} ({len(missing)})"
+    )
     # QEMU opens it read-write and goes on recording into it
     clean_g = next(g for g in range(size // G - 1, 0, -1) if g not in dirty)
     qemu_io(img, f"write -P 0x77 {clean_g * G} 4k")
@@ -243,4 +259,8 @@ def test_bad_bitmap_sync_value_is_refused(tmp_path):
     img = bitmapped_image(tmp_path)
     (tmp_path / "m").mkdir()
     p = run([*QCOWFS, "mount", "-o", "bitmap_sync=sometimes", img, tmp_path / "m"], check=False)
-    assert p.returncode == 2 and "bitmap_sync=sometimes" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert (
+        p.returncode == 2
+        and "bitmap_sync=sometimes" in p.stderr
+        and len(p.stderr.strip().splitlines()) == 1
+    )

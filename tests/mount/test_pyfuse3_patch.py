@@ -51,12 +51,17 @@ from qcowfs_dev.proc import wait_for
 KiB = 1024
 HELPER = Path(fs.__file__)
 
-HAS_HANDLERS = all(inspect.iscoroutinefunction(getattr(pyfuse3.Operations, name, None)) for name in ("fallocate", "lseek"))
+HAS_HANDLERS = all(
+    inspect.iscoroutinefunction(getattr(pyfuse3.Operations, name, None))
+    for name in ("fallocate", "lseek")
+)
 HAS_HOOK = "wait_readable" in inspect.signature(pyfuse3.main).parameters
 BUILD = "scripts/build-pyfuse3 VENV/bin/python installs the patched one"
 
 pytestmark = pytest.mark.skipif(
-    not HAS_HANDLERS, reason=f"the installed pyfuse3 has no Operations.fallocate/lseek: {BUILD}")
+    not HAS_HANDLERS, reason=f"the installed pyfuse3 has no Operations.fallocate/lseek: {BUILD}"
+)
+
 
 class OneFileMount:
     """A running patched_pyfuse3_fs.py: its mount, its one file and the calls it recorded."""
@@ -69,11 +74,20 @@ class OneFileMount:
         self.log = tmp_path / "fs.log"
         self.record.touch()
         with open(self.log, "w") as log:
-            self.proc = subprocess.Popen([sys.executable, str(HELPER), str(self.mnt), "--record", str(self.record),
-                                          *flags], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-        wait_for(lambda: os.path.ismount(self.mnt) or self.proc.poll() is not None, timeout=20,
-                 what=f"{HELPER.name} to mount {self.mnt}")
-        assert self.proc.poll() is None, f"{HELPER.name} exited {self.proc.returncode}:\n{self.log.read_text()}"
+            self.proc = subprocess.Popen(
+                [sys.executable, str(HELPER), str(self.mnt), "--record", str(self.record), *flags],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        wait_for(
+            lambda: os.path.ismount(self.mnt) or self.proc.poll() is not None,
+            timeout=20,
+            what=f"{HELPER.name} to mount {self.mnt}",
+        )
+        assert self.proc.poll() is None, (
+            f"{HELPER.name} exited {self.proc.returncode}:\n{self.log.read_text()}"
+        )
 
     def calls(self, op: str) -> list:
         """The recorded calls of `op`, oldest first, without the "op" key."""
@@ -127,12 +141,19 @@ def test_posix_fallocate_reaches_the_handler(onefile):
     fd = m.open()
     try:
         os.posix_fallocate(fd, 100 * KiB, 8 * KiB)
-        assert m.calls("fallocate") == [{"fh": fs.FH, "mode": 0, "offset": 100 * KiB, "length": 8 * KiB}]
+        assert m.calls("fallocate") == [
+            {"fh": fs.FH, "mode": 0, "offset": 100 * KiB, "length": 8 * KiB}
+        ]
         assert os.fstat(fd).st_size == fs.SIZE
 
         # mode 0 past the end grows the file: the kernel takes the new size from the request
         os.posix_fallocate(fd, fs.SIZE - 4 * KiB, 64 * KiB)
-        assert m.calls("fallocate")[-1] == {"fh": fs.FH, "mode": 0, "offset": fs.SIZE - 4 * KiB, "length": 64 * KiB}
+        assert m.calls("fallocate")[-1] == {
+            "fh": fs.FH,
+            "mode": 0,
+            "offset": fs.SIZE - 4 * KiB,
+            "length": 64 * KiB,
+        }
         assert os.fstat(fd).st_size == fs.SIZE + 60 * KiB
     finally:
         os.close(fd)
@@ -147,10 +168,20 @@ def test_fallocate_modes_reach_the_handler(onefile):
         fallocate(fd, FALLOC_FL_ZERO_RANGE, 4 * KiB, 8 * KiB)
         fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, 40 * KiB, 4 * KiB)
         assert m.calls("fallocate") == [
-            {"fh": fs.FH, "mode": FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, "offset": 256 * KiB, "length": 64 * KiB},
+            {
+                "fh": fs.FH,
+                "mode": FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                "offset": 256 * KiB,
+                "length": 64 * KiB,
+            },
             {"fh": fs.FH, "mode": FALLOC_FL_KEEP_SIZE, "offset": fs.SIZE, "length": 1024 * KiB},
             {"fh": fs.FH, "mode": FALLOC_FL_ZERO_RANGE, "offset": 4 * KiB, "length": 8 * KiB},
-            {"fh": fs.FH, "mode": FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, "offset": 40 * KiB, "length": 4 * KiB},
+            {
+                "fh": fs.FH,
+                "mode": FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
+                "offset": 40 * KiB,
+                "length": 4 * KiB,
+            },
         ]
         assert os.fstat(fd).st_size == fs.SIZE  # KEEP_SIZE kept it, and ZERO_RANGE stayed inside
         # the punched extent is gone from the layout (lseek) and reads back as zeroes
@@ -180,8 +211,13 @@ def test_fallocate_modes_the_kernel_refuses_never_reach_the_handler(onefile):
     m = onefile()
     fd = m.open()
     try:
-        for mode in (FALLOC_FL_COLLAPSE_RANGE, FALLOC_FL_INSERT_RANGE, FALLOC_FL_UNSHARE_RANGE,
-                     FALLOC_FL_PUNCH_HOLE, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE):
+        for mode in (
+            FALLOC_FL_COLLAPSE_RANGE,
+            FALLOC_FL_INSERT_RANGE,
+            FALLOC_FL_UNSHARE_RANGE,
+            FALLOC_FL_PUNCH_HOLE,
+            FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE,
+        ):
             assert errno_of(fallocate, fd, mode, 0, 4 * KiB) == errno.EOPNOTSUPP, hex(mode)
         assert m.calls("fallocate") == []
         # and fallocate needs a file open for writing (EBADF before any request)
@@ -204,9 +240,9 @@ SEEKS = [
     (os.SEEK_DATA, 64 * KiB, 256 * KiB),
     (os.SEEK_DATA, 300 * KiB, 300 * KiB),
     (os.SEEK_DATA, 320 * KiB, 768 * KiB),
-    (os.SEEK_DATA, 832 * KiB, ENXIO),      # only a hole follows
-    (os.SEEK_DATA, fs.SIZE, ENXIO),        # at the end
-    (os.SEEK_DATA, 4 * fs.SIZE, ENXIO),    # past it
+    (os.SEEK_DATA, 832 * KiB, ENXIO),  # only a hole follows
+    (os.SEEK_DATA, fs.SIZE, ENXIO),  # at the end
+    (os.SEEK_DATA, 4 * fs.SIZE, ENXIO),  # past it
     (os.SEEK_HOLE, 0, 64 * KiB),
     (os.SEEK_HOLE, 100 * KiB, 100 * KiB),
     (os.SEEK_HOLE, 256 * KiB, 320 * KiB),
@@ -231,7 +267,9 @@ def test_lseek_returns_what_the_handler_said(onefile):
                 assert os.lseek(fd, offset, whence) == want, (name, offset)
                 assert os.lseek(fd, 0, os.SEEK_CUR) == want
         # every one of them reached the handler (past the end too: the kernel does not check)
-        assert m.calls("lseek") == [{"fh": fs.FH, "offset": offset, "whence": whence} for whence, offset, _ in SEEKS]
+        assert m.calls("lseek") == [
+            {"fh": fs.FH, "offset": offset, "whence": whence} for whence, offset, _ in SEEKS
+        ]
     finally:
         os.close(fd)
 
@@ -257,7 +295,10 @@ def test_default_handlers_get_the_kernels_enosys_behaviour(onefile):
         # fallocate: the handler's ENOSYS becomes EOPNOTSUPP, and the kernel does not ask again
         for _ in range(2):
             assert errno_of(fallocate, fd, 0, 0, 4 * KiB) == errno.EOPNOTSUPP
-            assert errno_of(fallocate, fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 4 * KiB) == errno.EOPNOTSUPP
+            assert (
+                errno_of(fallocate, fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 4 * KiB)
+                == errno.EOPNOTSUPP
+            )
         assert m.calls("fallocate") == [{"fh": fs.FH, "mode": 0, "offset": 0, "length": 4 * KiB}]
 
         # lseek: the kernel answers generically (all data, a hole at the end), from the first
@@ -273,7 +314,9 @@ def test_default_handlers_get_the_kernels_enosys_behaviour(onefile):
 
 
 # ----------------------------------------------------------------------------- the hook
-@pytest.mark.skipif(not HAS_HOOK, reason=f"the installed pyfuse3's main() has no wait_readable: {BUILD}")
+@pytest.mark.skipif(
+    not HAS_HOOK, reason=f"the installed pyfuse3's main() has no wait_readable: {BUILD}"
+)
 def test_wait_readable_hook_serves_the_mount(onefile):
     m = onefile("--hook")
     fd = m.open()
@@ -292,7 +335,9 @@ def test_wait_readable_hook_serves_the_mount(onefile):
 HAS_WRITE_VIEW = hasattr(pyfuse3.Operations, "enable_write_view")
 
 
-@pytest.mark.skipif(not HAS_HOOK, reason=f"the installed pyfuse3's main() has no wait_readable: {BUILD}")
+@pytest.mark.skipif(
+    not HAS_HOOK, reason=f"the installed pyfuse3's main() has no wait_readable: {BUILD}"
+)
 def test_wait_readable_hook_with_several_workers(onefile):
     """pyfuse3-3.5.0-workers-write-view.patch: main(wait_readable=..., max_tasks=4) serves (the
     unpatched hook refused max_tasks > 1 with ValueError), requests from 4 threads at once."""
@@ -307,7 +352,9 @@ def test_wait_readable_hook_with_several_workers(onefile):
     assert m.stop() == 0
 
 
-@pytest.mark.skipif(not HAS_WRITE_VIEW, reason=f"the installed pyfuse3 has no Operations.enable_write_view: {BUILD}")
+@pytest.mark.skipif(
+    not HAS_WRITE_VIEW, reason=f"the installed pyfuse3 has no Operations.enable_write_view: {BUILD}"
+)
 @pytest.mark.parametrize("view", [True, False])
 def test_write_view(onefile, view):
     """With enable_write_view the write handler gets a memoryview of the request (no copy),

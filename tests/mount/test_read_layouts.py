@@ -114,7 +114,9 @@ def map_kinds(image: Path) -> set:
     return kinds
 
 
-def basic(d: Path, *opts: str, cluster: int = 65536, vsize: int = 8 * MiB, check_kinds: bool = True) -> dict:
+def basic(
+    d: Path, *opts: str, cluster: int = 65536, vsize: int = 8 * MiB, check_kinds: bool = True
+) -> dict:
     img = create(d / "img.qcow2", vsize, f"cluster_size={cluster}", *opts)
     qemu_io(img, *std_writes(d, cluster, vsize))
     if check_kinds and "compat=0.10" not in opts:
@@ -148,27 +150,43 @@ def compressible_raw(path: Path, size: int, seed: str) -> Path:
     return path
 
 
-def compressed(d: Path, ctype: str, cluster: int = 65536, compat: str = "1.1", vsize: int = 8 * MiB,
-               overwrite: bool = False) -> dict:
+def compressed(
+    d: Path,
+    ctype: str,
+    cluster: int = 65536,
+    compat: str = "1.1",
+    vsize: int = 8 * MiB,
+    overwrite: bool = False,
+) -> dict:
     src = compressible_raw(d / "src.raw.in", vsize, f"{d.name}-src")
     img = d / "img.qcow2"
-    qemu_img("convert", "-c", "-O", "qcow2", "-o",
-             f"compression_type={ctype},cluster_size={cluster},compat={compat}", src, img)
+    qemu_img(
+        "convert",
+        "-c",
+        "-O",
+        "qcow2",
+        "-o",
+        f"compression_type={ctype},cluster_size={cluster},compat={compat}",
+        src,
+        img,
+    )
     if overwrite:
         c = cluster
         rnd = rnd_file(d, "rnd.bin", 2 * c + 8 * KiB)
-        qemu_io(img,
-                f"write -P 0xa1 {c + 100} 300",  # partial overwrite of a compressed cluster
-                f"write -z {3 * c} {c}",  # zero over a compressed cluster
-                f"write -z -u {4 * c} {c}",
-                f"discard {5 * c} {c}",
-                f"write -s {rnd} {7 * c - 1000} 2000",  # across two compressed clusters
-                f"discard {9 * c} {3 * c}",  # write -c needs clusters without a host cluster
-                f"write -c -s {rnd} {9 * c} {c}",  # incompressible data through write -c
-                f"write -c -P 0x5a {11 * c} {c}",  # compressible data through write -c
-                f"write -P 0xa2 {11 * c + 7} 9",  # then partially overwritten
-                f"write -z {13 * c + 5} {c}",  # unaligned zeroes over two compressed clusters
-                f"write -P 0xa3 {vsize - 4 * c - 1} {3 * c}")
+        qemu_io(
+            img,
+            f"write -P 0xa1 {c + 100} 300",  # partial overwrite of a compressed cluster
+            f"write -z {3 * c} {c}",  # zero over a compressed cluster
+            f"write -z -u {4 * c} {c}",
+            f"discard {5 * c} {c}",
+            f"write -s {rnd} {7 * c - 1000} 2000",  # across two compressed clusters
+            f"discard {9 * c} {3 * c}",  # write -c needs clusters without a host cluster
+            f"write -c -s {rnd} {9 * c} {c}",  # incompressible data through write -c
+            f"write -c -P 0x5a {11 * c} {c}",  # compressible data through write -c
+            f"write -P 0xa2 {11 * c + 7} 9",  # then partially overwritten
+            f"write -z {13 * c + 5} {c}",  # unaligned zeroes over two compressed clusters
+            f"write -P 0xa3 {vsize - 4 * c - 1} {3 * c}",
+        )
     return {"image": img, "cluster": cluster}
 
 
@@ -179,33 +197,57 @@ def chain_relative(d: Path) -> dict:
     (d / "mid").mkdir()
     base = d / "base" / "base.raw"
     base.write_bytes(rnd_bytes(f"{d.name}-base", 3 * MiB + 1000))
-    l1 = create(d / "mid" / "l1.qcow2", 6 * MiB, "cluster_size=65536", "compat=1.1",
-                backing="../base/base.raw", backing_fmt="raw")
-    qemu_io(l1,
-            "write -P 0xa1 100000 70000",  # partial clusters: the rest comes from base
-            f"write -z {1 * MiB} 64k",  # zero cluster hiding base data
-            f"write -z {1 * MiB + 128 * KiB + 5} 1000",  # unaligned zeroes over base data
-            f"write -P 0xa2 {3 * MiB - 500} 2000",  # across the end of base
-            f"write -P 0xa3 {5 * MiB + 7} 100",  # beyond the end of base
-            f"discard {2 * MiB} 64k")
-    l2 = create(d / "mid" / "l2.qcow2", 10 * MiB, "cluster_size=4096", "compat=0.10",
-                backing="l1.qcow2", backing_fmt="qcow2")
+    l1 = create(
+        d / "mid" / "l1.qcow2",
+        6 * MiB,
+        "cluster_size=65536",
+        "compat=1.1",
+        backing="../base/base.raw",
+        backing_fmt="raw",
+    )
+    qemu_io(
+        l1,
+        "write -P 0xa1 100000 70000",  # partial clusters: the rest comes from base
+        f"write -z {1 * MiB} 64k",  # zero cluster hiding base data
+        f"write -z {1 * MiB + 128 * KiB + 5} 1000",  # unaligned zeroes over base data
+        f"write -P 0xa2 {3 * MiB - 500} 2000",  # across the end of base
+        f"write -P 0xa3 {5 * MiB + 7} 100",  # beyond the end of base
+        f"discard {2 * MiB} 64k",
+    )
+    l2 = create(
+        d / "mid" / "l2.qcow2",
+        10 * MiB,
+        "cluster_size=4096",
+        "compat=0.10",
+        backing="l1.qcow2",
+        backing_fmt="qcow2",
+    )
     rnd = rnd_file(d, "rnd.bin", 64 * KiB)
-    qemu_io(l2,
-            f"write -P 0xb1 {1 * MiB + 2048} 10000",
-            f"write -z {2 * MiB + 4096} 8192",
-            f"write -P 0xb2 {6 * MiB - 100} 300",  # across the end of l1
-            f"write -s {rnd} {8 * MiB + 3} 5000")
-    top = create(d / "top.qcow2", 16 * MiB, "cluster_size=65536", "compat=1.1",
-                 backing="mid/l2.qcow2", backing_fmt="qcow2")
-    qemu_io(top,
-            "write -P 0xc1 0 4096",  # partial cluster over three lower layers
-            f"write -z -u {1 * MiB + 128 * KiB} 64k",
-            f"write -z {3 * MiB} 64k",  # zero over base data
-            f"write -P 0xc2 {10 * MiB - 1} 2",  # across the end of l2
-            f"write -s {rnd} {15 * MiB + 999} 30000",
-            f"write -P 0xc3 {2 * MiB + 100} 70000",
-            f"write -z {2 * MiB + 64 * KiB} 64k")  # zero-alloc over l2 data
+    qemu_io(
+        l2,
+        f"write -P 0xb1 {1 * MiB + 2048} 10000",
+        f"write -z {2 * MiB + 4096} 8192",
+        f"write -P 0xb2 {6 * MiB - 100} 300",  # across the end of l1
+        f"write -s {rnd} {8 * MiB + 3} 5000",
+    )
+    top = create(
+        d / "top.qcow2",
+        16 * MiB,
+        "cluster_size=65536",
+        "compat=1.1",
+        backing="mid/l2.qcow2",
+        backing_fmt="qcow2",
+    )
+    qemu_io(
+        top,
+        "write -P 0xc1 0 4096",  # partial cluster over three lower layers
+        f"write -z -u {1 * MiB + 128 * KiB} 64k",
+        f"write -z {3 * MiB} 64k",  # zero over base data
+        f"write -P 0xc2 {10 * MiB - 1} 2",  # across the end of l2
+        f"write -s {rnd} {15 * MiB + 999} 30000",
+        f"write -P 0xc3 {2 * MiB + 100} 70000",
+        f"write -z {2 * MiB + 64 * KiB} 64k",
+    )  # zero-alloc over l2 data
     return {"image": top, "cluster": 65536, "backing": [l2, l1, base]}
 
 
@@ -214,17 +256,52 @@ def chain_absolute(d: Path) -> dict:
     absolute backing names."""
     base = d / "base.raw"
     base.write_bytes(rnd_bytes(f"{d.name}-base", 2 * MiB + 512))
-    a = create(d / "a.qcow2", 4 * MiB, "cluster_size=512", "compat=0.10",
-               backing=str(base), backing_fmt="raw")
-    qemu_io(a, "write -P 0x1a 1000 3000", f"write -P 0x1b {2 * MiB - 10} 700", f"write -z {1 * MiB} 4096")
-    b = create(d / "b.qcow2", 6 * MiB, "cluster_size=65536", "extended_l2=on",
-               backing=str(a), backing_fmt="qcow2")
-    qemu_io(b, "write -P 0x2a 2048 2048", "write -z 6144 2048", f"write -P 0x2b {4 * MiB - 1024} 4096",
-            f"write -z -u {1 * MiB} 64k", "write -c -P 0x2c 128k 64k")
-    top = create(d / "top.qcow2", 8 * MiB, "cluster_size=4096", "lazy_refcounts=on",
-                 backing=str(b), backing_fmt="qcow2")
-    qemu_io(top, "write -P 0x3a 4095 2", f"write -z {1 * MiB + 4096} 4096", f"write -P 0x3b {6 * MiB - 5} 10",
-            f"write -P 0x3c {8 * MiB - 4096} 4096", "write -z 2048 1024")
+    a = create(
+        d / "a.qcow2",
+        4 * MiB,
+        "cluster_size=512",
+        "compat=0.10",
+        backing=str(base),
+        backing_fmt="raw",
+    )
+    qemu_io(
+        a,
+        "write -P 0x1a 1000 3000",
+        f"write -P 0x1b {2 * MiB - 10} 700",
+        f"write -z {1 * MiB} 4096",
+    )
+    b = create(
+        d / "b.qcow2",
+        6 * MiB,
+        "cluster_size=65536",
+        "extended_l2=on",
+        backing=str(a),
+        backing_fmt="qcow2",
+    )
+    qemu_io(
+        b,
+        "write -P 0x2a 2048 2048",
+        "write -z 6144 2048",
+        f"write -P 0x2b {4 * MiB - 1024} 4096",
+        f"write -z -u {1 * MiB} 64k",
+        "write -c -P 0x2c 128k 64k",
+    )
+    top = create(
+        d / "top.qcow2",
+        8 * MiB,
+        "cluster_size=4096",
+        "lazy_refcounts=on",
+        backing=str(b),
+        backing_fmt="qcow2",
+    )
+    qemu_io(
+        top,
+        "write -P 0x3a 4095 2",
+        f"write -z {1 * MiB + 4096} 4096",
+        f"write -P 0x3b {6 * MiB - 5} 10",
+        f"write -P 0x3c {8 * MiB - 4096} 4096",
+        "write -z 2048 1024",
+    )
     return {"image": top, "cluster": 4096, "backing": [b, a, base]}
 
 
@@ -280,16 +357,33 @@ def snapshots(d: Path, *opts: str, cluster: int = 65536, resize: bool = False) -
     v = 8 * MiB
     img = create(d / "img.qcow2", v, f"cluster_size={c}", *opts)
     rnd = rnd_file(d, "rnd.bin", 4 * c)
-    qemu_io(img, f"write -P 0x01 0 {8 * c}", f"write -s {rnd} {9 * c + 5} {3 * c}", f"write -P 0x02 {v - c} {c}")
+    qemu_io(
+        img,
+        f"write -P 0x01 0 {8 * c}",
+        f"write -s {rnd} {9 * c + 5} {3 * c}",
+        f"write -P 0x02 {v - c} {c}",
+    )
     qemu_img("snapshot", "-c", "s1", img)
-    qemu_io(img, f"write -P 0x03 {c + 99} {c}",  # COW of clusters shared with s1
-            f"write -z {3 * c} {c}", f"discard {4 * c} {c}", f"write -P 0x04 {20 * c} {c}")
+    qemu_io(
+        img,
+        f"write -P 0x03 {c + 99} {c}",  # COW of clusters shared with s1
+        f"write -z {3 * c} {c}",
+        f"discard {4 * c} {c}",
+        f"write -P 0x04 {20 * c} {c}",
+    )
     qemu_img("snapshot", "-c", "s2", img)
     if resize:
         qemu_img("resize", img, str(12 * MiB))
         v = 12 * MiB
-    qemu_io(img, f"write -P 0x05 {2 * c - 1} 2", f"write -z -u {5 * c} {c}", f"write -z {10 * c} {c}",
-            f"write -P 0x06 {20 * c + 1} 10", f"discard {9 * c} {c}", f"write -P 0x07 {v - 3 * c - 7} {2 * c}")
+    qemu_io(
+        img,
+        f"write -P 0x05 {2 * c - 1} 2",
+        f"write -z -u {5 * c} {c}",
+        f"write -z {10 * c} {c}",
+        f"write -P 0x06 {20 * c + 1} 10",
+        f"discard {9 * c} {c}",
+        f"write -P 0x07 {v - 3 * c - 7} {2 * c}",
+    )
     return {"image": img, "cluster": c}
 
 
@@ -297,8 +391,14 @@ def lazy_dirty(d: Path) -> dict:
     """Lazy refcounts, the process killed after writing: the dirty bit stays set."""
     img = create(d / "img.qcow2", 8 * MiB, "cluster_size=65536", "lazy_refcounts=on")
     qemu_io(img, *std_writes(d, 65536, 8 * MiB))
-    p = qemu_io(img, "write -P 0x77 1M 200k", "write -z 3M 64k", "flush", f"sigraise {int(signal.SIGKILL)}",
-                check=False)
+    p = qemu_io(
+        img,
+        "write -P 0x77 1M 200k",
+        "write -z 3M 64k",
+        "flush",
+        f"sigraise {int(signal.SIGKILL)}",
+        check=False,
+    )
     assert p.returncode != 0
     assert qemu_info(img).get("dirty-flag") is True, "the image should have been left dirty"
     return {"image": img, "cluster": 65536}
@@ -322,11 +422,13 @@ def prealloc(d: Path, mode: str, *opts: str) -> dict:
 LAYOUTS = {}
 for _compat in ("0.10", "1.1"):
     for _cl in (512, 4096, 65536, 2 * MiB):
-        LAYOUTS[f"v{_compat}-c{_cl}"] = (lambda d, compat=_compat, cl=_cl:
-                                        basic(d, f"compat={compat}", cluster=cl,
-                                              vsize=64 * MiB if cl == 2 * MiB else 8 * MiB))
+        LAYOUTS[f"v{_compat}-c{_cl}"] = lambda d, compat=_compat, cl=_cl: basic(
+            d, f"compat={compat}", cluster=cl, vsize=64 * MiB if cl == 2 * MiB else 8 * MiB
+        )
 for _bits in (1, 2, 4, 8, 32, 64):  # refcount_bits=16 (the default) is v1.1-c4096
-    LAYOUTS[f"refcount{_bits}"] = lambda d, bits=_bits: basic(d, f"refcount_bits={bits}", cluster=4096)
+    LAYOUTS[f"refcount{_bits}"] = lambda d, bits=_bits: basic(
+        d, f"refcount_bits={bits}", cluster=4096
+    )
 LAYOUTS["refcount64-c512"] = lambda d: basic(d, "refcount_bits=64", cluster=512)
 LAYOUTS["lazy"] = lambda d: basic(d, "lazy_refcounts=on")
 LAYOUTS["lazy-dirty"] = lazy_dirty
@@ -355,9 +457,21 @@ LAYOUTS["snapshots-resized"] = lambda d: snapshots(d, resize=True)
 LAYOUTS["bitmaps"] = bitmaps
 
 #: the layouts scripts/test --quick mounts (one of each family; the whole matrix is marked slow)
-QUICK_LAYOUTS = ("v0.10-c65536", "v1.1-c512", "refcount1", "lazy-dirty", "zstd-mixed", "chain-relative",
-                 "extl2-c32768", "data-file", "snapshots-resized", "bitmaps")
-MOUNT_LAYOUTS = [x if x in QUICK_LAYOUTS else pytest.param(x, marks=pytest.mark.slow) for x in LAYOUTS]
+QUICK_LAYOUTS = (
+    "v0.10-c65536",
+    "v1.1-c512",
+    "refcount1",
+    "lazy-dirty",
+    "zstd-mixed",
+    "chain-relative",
+    "extl2-c32768",
+    "data-file",
+    "snapshots-resized",
+    "bitmaps",
+)
+MOUNT_LAYOUTS = [
+    x if x in QUICK_LAYOUTS else pytest.param(x, marks=pytest.mark.slow) for x in LAYOUTS
+]
 
 
 @pytest.fixture(scope="module")
@@ -377,8 +491,15 @@ def build(tmp_path_factory):
             qemu_img("convert", "-O", "raw", img, ref)
             vsize = qemu_info(img)["virtual-size"]
             assert ref.stat().st_size == vsize
-            cache[key] = Built(name, img, ref, vsize, spec["cluster"],
-                               backing=spec.get("backing", []), data_files=spec.get("data_files", []))
+            cache[key] = Built(
+                name,
+                img,
+                ref,
+                vsize,
+                spec["cluster"],
+                backing=spec.get("backing", []),
+                data_files=spec.get("data_files", []),
+            )
         return cache[key]
 
     return get
@@ -389,7 +510,9 @@ def build(tmp_path_factory):
 
 def assert_same_as_ref(disk: Path, ref: Path, vsize: int) -> None:
     """Sequential read of the whole disk equals the reference, and ends exactly at vsize."""
-    assert os.stat(disk).st_size == vsize, f"st_size {os.stat(disk).st_size} != virtual size {vsize}"
+    assert os.stat(disk).st_size == vsize, (
+        f"st_size {os.stat(disk).st_size} != virtual size {vsize}"
+    )
     off = 0
     with open(disk, "rb", buffering=0) as f, open(ref, "rb") as r:
         while True:
@@ -399,12 +522,13 @@ def assert_same_as_ref(disk: Path, ref: Path, vsize: int) -> None:
                 n = min(len(a), len(b))
                 first = next((i for i in range(n) if a[i] != b[i]), n)
                 pos = off + first
-                got = a[first:first + 16].hex()
-                want = b[first:first + 16].hex()
+                got = a[first : first + 16].hex()
+                want = b[first : first + 16].hex()
                 raise AssertionError(
                     f"disk.raw differs from qemu-img convert at byte {pos} (0x{pos:x}): "
                     f"read {len(a)} bytes at {off}, expected {len(b)}; "
-                    f"disk.raw has {got!r}, QEMU has {want!r}")
+                    f"disk.raw has {got!r}, QEMU has {want!r}"
+                )
             if not a:
                 break
             off += len(a)
@@ -430,7 +554,14 @@ def unaligned_reads(name: str, c: int, vsize: int) -> list:
     for _ in range(40):
         off = r.randrange(vsize)
         reads.append((off, r.randrange(1, min(3 * c, 300 * KiB))))
-    reads += [(vsize - 5, 100), (vsize - c - 1, c + 10), (vsize, 10), (vsize + 12345, 7), (0, 1), (1, 1)]
+    reads += [
+        (vsize - 5, 100),
+        (vsize - c - 1, c + 10),
+        (vsize, 10),
+        (vsize + 12345, 7),
+        (0, 1),
+        (1, 1),
+    ]
     return reads
 
 
@@ -442,12 +573,15 @@ def assert_preads_match(disk: Path, ref: Path, reads) -> None:
             got = os.pread(fd, n, off)
             want = os.pread(rfd, n, off)
             if got != want:
-                first = next((i for i in range(min(len(got), len(want))) if got[i] != want[i]),
-                             min(len(got), len(want)))
+                first = next(
+                    (i for i in range(min(len(got), len(want))) if got[i] != want[i]),
+                    min(len(got), len(want)),
+                )
                 raise AssertionError(
                     f"pread({n}, offset {off}) returned {len(got)} bytes, QEMU {len(want)}; "
                     f"first difference at byte {off + first} (0x{off + first:x}): "
-                    f"{got[first:first + 8].hex()!r} != {want[first:first + 8].hex()!r}")
+                    f"{got[first : first + 8].hex()!r} != {want[first : first + 8].hex()!r}"
+                )
     finally:
         os.close(fd)
         os.close(rfd)
@@ -489,22 +623,57 @@ def test_read_write_mount_reads_like_qemu(build, mount, layout, tmp_path):
     assert hashes(b.backing) == backing_before, "a read-write mount changed a backing file"
     after = tmp_path / "after.raw"
     qemu_img("convert", "-O", "raw", b.image, after)
-    assert sha256(after) == sha256(b.ref), "a read-write mount without writes changed the guest content"
+    assert sha256(after) == sha256(b.ref), (
+        "a read-write mount without writes changed the guest content"
+    )
 
 
-INFO_LAYOUTS = ["v0.10-c512", "v1.1-c2097152", "refcount1", "refcount64", "lazy", "lazy-dirty", "zlib",
-                "zstd-mixed", "chain-relative", "chain-absolute", "extl2-c32768", "data-file",
-                "data-file-raw", "snapshots-resized", "bitmaps", "odd-vsize"]
+INFO_LAYOUTS = [
+    "v0.10-c512",
+    "v1.1-c2097152",
+    "refcount1",
+    "refcount64",
+    "lazy",
+    "lazy-dirty",
+    "zlib",
+    "zstd-mixed",
+    "chain-relative",
+    "chain-absolute",
+    "extl2-c32768",
+    "data-file",
+    "data-file-raw",
+    "snapshots-resized",
+    "bitmaps",
+    "odd-vsize",
+]
 
-TOP_KEYS = ["virtual-size", "cluster-size", "backing-filename", "backing-filename-format",
-            "full-backing-filename"]
-DATA_KEYS = ["compat", "lazy-refcounts", "refcount-bits", "corrupt", "extended-l2", "compression-type",
-             "data-file", "data-file-raw"]
+TOP_KEYS = [
+    "virtual-size",
+    "cluster-size",
+    "backing-filename",
+    "backing-filename-format",
+    "full-backing-filename",
+]
+DATA_KEYS = [
+    "compat",
+    "lazy-refcounts",
+    "refcount-bits",
+    "corrupt",
+    "extended-l2",
+    "compression-type",
+    "data-file",
+    "data-file-raw",
+]
 
 
 def _bitmaps(data: dict):
-    return sorted(({"name": x["name"], "granularity": x["granularity"], "flags": sorted(x["flags"])}
-                   for x in data.get("bitmaps", [])), key=lambda x: x["name"])
+    return sorted(
+        (
+            {"name": x["name"], "granularity": x["granularity"], "flags": sorted(x["flags"])}
+            for x in data.get("bitmaps", [])
+        ),
+        key=lambda x: x["name"],
+    )
 
 
 @pytest.mark.parametrize("layout", INFO_LAYOUTS)
@@ -520,12 +689,16 @@ def test_info_json_agrees_with_qemu_img(build, layout):
         if k in want:
             assert got.get(k) == want[k], f"{k}: qcowfs {got.get(k)!r}, qemu-img {want[k]!r}"
     if "backing-filename" not in want:
-        assert "backing-filename" not in got, f"qcowfs prints backing-filename {got['backing-filename']!r}, qemu-img none"
+        assert "backing-filename" not in got, (
+            f"qcowfs prints backing-filename {got['backing-filename']!r}, qemu-img none"
+        )
     wd = want["format-specific"]["data"]
     gd = got["format-specific"]["data"]
     assert got["format-specific"]["type"] == "qcow2"
     for k in DATA_KEYS:
         if k in wd:
-            assert gd.get(k) == wd[k], f"format-specific.data.{k}: qcowfs {gd.get(k)!r}, qemu-img {wd[k]!r}"
+            assert gd.get(k) == wd[k], (
+                f"format-specific.data.{k}: qcowfs {gd.get(k)!r}, qemu-img {wd[k]!r}"
+            )
     if "bitmaps" in wd:
         assert _bitmaps(gd) == _bitmaps(wd)

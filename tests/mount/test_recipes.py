@@ -110,8 +110,10 @@ def loop_dio(dev: str) -> str:
 
 def assert_loop_dio(dev: str) -> None:
     dio = loop_dio(dev)
-    assert dio == "1", (f"{dev}: /sys/block/{_loop_name(dev)}/loop/dio says {dio!r}, not '1' "
-                        f"(losetup --direct-io=on was not honoured):\n{run(['losetup', '-l', dev]).stdout}")
+    assert dio == "1", (
+        f"{dev}: /sys/block/{_loop_name(dev)}/loop/dio says {dio!r}, not '1' "
+        f"(losetup --direct-io=on was not honoured):\n{run(['losetup', '-l', dev]).stdout}"
+    )
 
 
 def unmount_clean(m) -> None:
@@ -125,9 +127,11 @@ def first_difference(a: bytes, b: bytes) -> str:
     n = min(len(a), len(b))
     step = 1 << 16
     for base in range(0, n, step):
-        if a[base:base + step] != b[base:base + step]:
+        if a[base : base + step] != b[base : base + step]:
             i = next(i for i in range(base, min(base + step, n)) if a[i] != b[i])
-            return f"first difference at {i} (0x{i:x}): {a[i:i + 16].hex()} != {b[i:i + 16].hex()}"
+            return (
+                f"first difference at {i} (0x{i:x}): {a[i : i + 16].hex()} != {b[i : i + 16].hex()}"
+            )
     return f"lengths differ: {len(a)} != {len(b)}"
 
 
@@ -140,18 +144,40 @@ def build_image(tmp: Path, size: int, backing: bool) -> tuple[Path, list[Path]]:
     img = tmp / "img.qcow2"
     backing_files = []
     if backing:
-        base = create(tmp / "base.qcow2", size, f"cluster_size={CLUSTER}",
-                      writes=["write -P 0x5a 0 4M", "write -P 0x3c 20M 3M", "write -P 0x77 36868k 1M",
-                              f"write -c -P 0x44 {size - 2 * MiB} 512k"])
+        base = create(
+            tmp / "base.qcow2",
+            size,
+            f"cluster_size={CLUSTER}",
+            writes=[
+                "write -P 0x5a 0 4M",
+                "write -P 0x3c 20M 3M",
+                "write -P 0x77 36868k 1M",
+                f"write -c -P 0x44 {size - 2 * MiB} 512k",
+            ],
+        )
         create(img, size, f"cluster_size={CLUSTER}", backing=base, backing_fmt="qcow2")
         backing_files.append(base)
     else:
-        create(img, size, f"cluster_size={CLUSTER}",
-               writes=["write -P 0x5a 0 4M", "write -P 0x3c 20M 3M", f"write -c -P 0x44 {size - 2 * MiB} 512k"])
+        create(
+            img,
+            size,
+            f"cluster_size={CLUSTER}",
+            writes=[
+                "write -P 0x5a 0 4M",
+                "write -P 0x3c 20M 3M",
+                f"write -c -P 0x44 {size - 2 * MiB} 512k",
+            ],
+        )
     # The top image's own data: plain, a zero range (over backing data when there is one),
     # a cluster-unaligned range, the last 96 KiB.
-    qemu_io(img, "write -P 0xa1 1M 2M", "write -z 21M 512k", "write -P 0xa2 30M 1056k",
-            "write -P 0xa3 5124k 12k", f"write -P 0xa4 {size - 96 * KiB} 96k")
+    qemu_io(
+        img,
+        "write -P 0xa1 1M 2M",
+        "write -z 21M 512k",
+        "write -P 0xa2 30M 1056k",
+        "write -P 0xa3 5124k 12k",
+        f"write -P 0xa4 {size - 96 * KiB} 96k",
+    )
     return img, backing_files
 
 
@@ -182,7 +208,9 @@ def _pick_write(rng: random.Random, size: int) -> tuple[int, int]:
     return off, min(ln, size - off)
 
 
-def _pick_read(rng: random.Random, model: bytearray, size: int, used, recent) -> tuple[int, int, int] | None:
+def _pick_read(
+    rng: random.Random, model: bytearray, size: int, used, recent
+) -> tuple[int, int, int] | None:
     """A range whose content is one byte value in the model and that no write of this round touches."""
     for _ in range(40):
         if recent and rng.random() < 0.7:
@@ -201,8 +229,14 @@ def _pick_read(rng: random.Random, model: bytearray, size: int, used, recent) ->
     return None
 
 
-def gen_aio_script(rng: random.Random, model: bytearray, size: int, rounds: list[int], reads: int,
-                   base_ranges: list[tuple[int, int]]):
+def gen_aio_script(
+    rng: random.Random,
+    model: bytearray,
+    size: int,
+    rounds: list[int],
+    reads: int,
+    base_ranges: list[tuple[int, int]],
+):
     """qemu-io commands: rounds of disjoint aio writes (rounds[i] of them) and aio reads (of ranges
     the round leaves alone, each one byte value), shuffled, each round ended by aio_flush. Applies
     the writes to model. Returns (commands, number of writes, number of reads)."""
@@ -217,10 +251,14 @@ def gen_aio_script(rng: random.Random, model: bytearray, size: int, rounds: list
             used.append((off, off + ln))
             k = rng.random()
             if k < 0.08:
-                round_cmds.append(f"aio_write -z {off} {ln}")  # write-zeroes: fallocate, then QEMU's fallback
+                round_cmds.append(
+                    f"aio_write -z {off} {ln}"
+                )  # write-zeroes: fallocate, then QEMU's fallback
                 pat = 0
             else:
-                pat = 0 if k < 0.15 else rng.randrange(1, 256)  # 0: a zero-filled write (zero detection)
+                pat = (
+                    0 if k < 0.15 else rng.randrange(1, 256)
+                )  # 0: a zero-filled write (zero detection)
                 round_cmds.append(f"aio_write -P {pat} {off} {ln}")
             round_writes.append((off, ln, pat))
         for _ in range(reads):
@@ -234,10 +272,10 @@ def gen_aio_script(rng: random.Random, model: bytearray, size: int, rounds: list
         nw += len(round_writes)
         nr += sum(c.startswith("aio_read") for c in round_cmds)
         for off, ln, pat in round_writes:
-            model[off:off + ln] = bytes([pat]) * ln
+            model[off : off + ln] = bytes([pat]) * ln
         recent = [(o, o + n) for o, n, _ in round_writes] + recent[:40]
     # A last round only reads back what the last round wrote.
-    for s, e in recent[:rounds[-1]]:
+    for s, e in recent[: rounds[-1]]:
         if model.count(model[s], s, e) == e - s:
             cmds.append(f"aio_read -P {model[s]} {s} {e - s}")
             nr += 1
@@ -261,36 +299,78 @@ def test_qemu_io_aio_direct(aio, backing, qmount, tmp_path):
     backing_sums = [sha256(b) for b in backing_files]
 
     rng = random.Random(seed)
-    base_ranges = [(0, 1 * MiB), (1 * MiB, 3 * MiB), (20 * MiB, 21 * MiB), (21 * MiB, 21 * MiB + 512 * KiB),
-                   (30 * MiB, 31 * MiB), (size - 2 * MiB, size - 1536 * KiB), (40 * MiB, 41 * MiB)]
+    base_ranges = [
+        (0, 1 * MiB),
+        (1 * MiB, 3 * MiB),
+        (20 * MiB, 21 * MiB),
+        (21 * MiB, 21 * MiB + 512 * KiB),
+        (30 * MiB, 31 * MiB),
+        (size - 2 * MiB, size - 1536 * KiB),
+        (40 * MiB, 41 * MiB),
+    ]
     # One round deeper than io_uring's 128-entry ring (QEMU queues the rest itself).
-    cmds, nw, nr = gen_aio_script(rng, model, size, rounds=[32, 48, 160, 24, 64, 40], reads=24,
-                                  base_ranges=base_ranges)
+    cmds, nw, nr = gen_aio_script(
+        rng, model, size, rounds=[32, 48, 160, 24, 64, 40], reads=24, base_ranges=base_ranges
+    )
     assert nw >= 300 and nr >= 150, f"{what}workload too small: {nw} writes, {nr} reads"
 
     m = qmount(img)
-    p = run(["qemu-io", "-f", "raw", "-t", "none", "-i", aio, *sum((["-c", c] for c in cmds), []), m.disk],
-            check=False)
+    p = run(
+        [
+            "qemu-io",
+            "-f",
+            "raw",
+            "-t",
+            "none",
+            "-i",
+            aio,
+            *sum((["-c", c] for c in cmds), []),
+            m.disk,
+        ],
+        check=False,
+    )
     out = p.stdout + p.stderr
     assert p.returncode == 0, f"{what}qemu-io exited {p.returncode}: {out[-3000:]}"
-    assert "Pattern verification failed" not in out, \
-        f"{what}qemu-io read back wrong data:\n" + "\n".join(line for line in out.splitlines() if "Pattern" in line)[:3000]
+    assert "Pattern verification failed" not in out, (
+        f"{what}qemu-io read back wrong data:\n"
+        + "\n".join(line for line in out.splitlines() if "Pattern" in line)[:3000]
+    )
     assert "failed" not in out.lower(), f"{what}qemu-io reported a failure:\n{out[-3000:]}"
     wrote = len(re.findall(r"^wrote \d+/\d+ bytes", p.stdout, re.M))
     read = len(re.findall(r"^read \d+/\d+ bytes", p.stdout, re.M))
-    assert (wrote, read) == (nw, nr), f"{what}qemu-io completed {wrote} writes, {read} reads; submitted {nw}, {nr}"
+    assert (wrote, read) == (nw, nr), (
+        f"{what}qemu-io completed {wrote} writes, {read} reads; submitted {nw}, {nr}"
+    )
 
     # The detector works on this build and mount: a wrong pattern is reported (exit code stays 0).
     s, e = base_ranges[0]
     wrong = (model[s] + 1) % 256
-    neg = run(["qemu-io", "-f", "raw", "-t", "none", "-i", aio, "-c", f"aio_read -P {wrong} {s} 4096",
-               "-c", "aio_flush", m.disk], check=False)
-    assert "Pattern verification failed" in neg.stdout + neg.stderr, \
+    neg = run(
+        [
+            "qemu-io",
+            "-f",
+            "raw",
+            "-t",
+            "none",
+            "-i",
+            aio,
+            "-c",
+            f"aio_read -P {wrong} {s} 4096",
+            "-c",
+            "aio_flush",
+            m.disk,
+        ],
+        check=False,
+    )
+    assert "Pattern verification failed" in neg.stdout + neg.stderr, (
         f"{what}qemu-io did not flag a wrong pattern: {neg.stdout} {neg.stderr}"
+    )
 
     # Through the mount (buffered reads) and, after unmount, in the image.
     got = m.disk.read_bytes()
-    assert got == bytes(model), f"{what}disk.raw != reference before unmount: {first_difference(got, bytes(model))}"
+    assert got == bytes(model), (
+        f"{what}disk.raw != reference before unmount: {first_difference(got, bytes(model))}"
+    )
     unmount_clean(m)
     ref.write_bytes(model)
     assert_compare(img, ref, what)
@@ -327,7 +407,9 @@ def test_loop_direct_io_ext4(qmount, tmp_path):
             run(["cp", src, fs / "dir" / "payload.bin"])
             run(["sync", "-f", fs / "dir" / "payload.bin"])
         fsck = run(["fsck.ext4", "-n", "-f", dev], check=False)
-        assert fsck.returncode == 0, f"{what}fsck.ext4 -n -f exited {fsck.returncode}:\n{fsck.stdout}{fsck.stderr}"
+        assert fsck.returncode == 0, (
+            f"{what}fsck.ext4 -n -f exited {fsck.returncode}:\n{fsck.stdout}{fsck.stderr}"
+        )
     unmount_clean(m)
     assert_clean(img)
 
@@ -335,7 +417,9 @@ def test_loop_direct_io_ext4(qmount, tmp_path):
     with loop_device(m2.disk, "--direct-io=on", "--read-only") as dev:
         assert_loop_dio(dev)
         fsck = run(["fsck.ext4", "-n", "-f", dev], check=False)
-        assert fsck.returncode == 0, f"{what}fsck.ext4 after remount exited {fsck.returncode}:\n{fsck.stdout}{fsck.stderr}"
+        assert fsck.returncode == 0, (
+            f"{what}fsck.ext4 after remount exited {fsck.returncode}:\n{fsck.stdout}{fsck.stderr}"
+        )
         with mounted_fs(dev, tmp_path / "ext4ro", "-o", "ro,noload") as fs:
             got = fs / "dir" / "payload.bin"
             assert got.stat().st_size == len(payload)
@@ -357,8 +441,9 @@ def test_dd_direct_matches_convert(qmount, tmp_path):
     out = tmp_path / "dd.raw"
     run(["dd", f"if={m.disk}", f"of={out}", "iflag=direct", "bs=1M", "status=none"])
     assert out.stat().st_size == size
-    assert sha256(out) == sha256(ref), \
+    assert sha256(out) == sha256(ref), (
         f"dd of disk.raw != qemu-img convert: {first_difference(out.read_bytes(), ref.read_bytes())}"
+    )
     unmount_clean(m)
     assert_compare(img, ref)
     assert_clean(img)
@@ -369,8 +454,22 @@ def nbdkit_file(path: Path, *plugin_args: str):
     """nbdkit -r file PATH on a private unix socket; yields the NBD URI; always stopped."""
     sockdir = tempfile.mkdtemp(prefix="qcowfs-nbd-", dir="/tmp")  # short: sun_path is 108 bytes
     sock = os.path.join(sockdir, "sock")
-    proc = subprocess.Popen(["nbdkit", "--exit-with-parent", "-f", "-r", "-U", sock, "file", f"file={path}",
-                             *plugin_args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            "nbdkit",
+            "--exit-with-parent",
+            "-f",
+            "-r",
+            "-U",
+            sock,
+            "file",
+            f"file={path}",
+            *plugin_args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
     def ready() -> bool:
         if proc.poll() is not None:
@@ -420,8 +519,9 @@ def test_nbdkit_file_serves_disk(qmount, tmp_path):
         assert export["is_read_only"] is True, f"nbdinfo: {info}"
         run(["nbdcopy", uri, out])
     assert out.stat().st_size == size
-    assert sha256(out) == sha256(ref), \
+    assert sha256(out) == sha256(ref), (
         f"nbdcopy of nbdkit file != qemu-img convert: {first_difference(out.read_bytes(), ref.read_bytes())}"
+    )
     unmount_clean(m)
     assert_compare(img, ref)
     assert_clean(img)

@@ -95,7 +95,7 @@ def test_snapshot_taken_during_a_write_stream_is_one_instant(tmp_path, mount):
     s.stop.set()
     s.join()
     data = (m.mnt / ".snapshots" / "mid").read_bytes()
-    seen = [int.from_bytes(data[b * BLOCK: b * BLOCK + 8], "little") for b in range(nblocks)]
+    seen = [int.from_bytes(data[b * BLOCK : b * BLOCK + 8], "little") for b in range(nblocks)]
     cut = max(seen) + 1  # the snapshot fell between write cut-1 and write cut
     assert 3000 < cut < len(s.log), cut
     want = [0] * nblocks
@@ -127,7 +127,10 @@ def test_snapshot_names_info_and_refusals(tmp_path, mount):
     assert got == qemu_info(img)["snapshots"]
     m = mount(img, read_only=True)
     assert sorted(os.listdir(m.mnt / ".snapshots")) == names
-    for op in (lambda: (m.mnt / ".snapshots" / "new").touch(), lambda: (m.mnt / ".snapshots" / "mine").unlink()):
+    for op in (
+        lambda: (m.mnt / ".snapshots" / "new").touch(),
+        lambda: (m.mnt / ".snapshots" / "mine").unlink(),
+    ):
         with pytest.raises(OSError) as e:
             op()
         assert e.value.errno in (errno.EROFS, errno.EACCES)
@@ -152,16 +155,22 @@ def test_checkpoint_is_atomic_and_durable(tmp_path, mount):
     with open(m.disk, "r+b") as f:
         f.write(b"a" * 65536)
     before = qemu_bitmaps(img)
-    p = run([*QCOWFS, "checkpoint", m.mnt, "c1", "--disable", "b0", "--disable", "nope"], check=False)
+    p = run(
+        [*QCOWFS, "checkpoint", m.mnt, "c1", "--disable", "b0", "--disable", "nope"], check=False
+    )
     assert p.returncode == 1 and "no such bitmap" in p.stderr
     assert os.listdir(m.mnt / ".snapshots") == [] and sorted(os.listdir(m.bitmaps)) == ["b0"]
     assert qemu_bitmaps(img) == before
     done = json.loads(run([*QCOWFS, "checkpoint", m.mnt, "c1", "--disable", "b0", "--json"]).stdout)
-    assert done["snapshot"]["name"] == "c1" and done["bitmap"] == "c1" and done["disabled"] == ["b0"]
+    assert (
+        done["snapshot"]["name"] == "c1" and done["bitmap"] == "c1" and done["disabled"] == ["b0"]
+    )
     m.kill()  # right after it returned: everything is on disk
     assert "c1" in snapshot_names(img)
     assert set(qemu_bitmaps(img)) == {"b0", "c1"}
-    assert qemu_bitmaps(img)["b0"]["flags"] == ["in-use"]  # disabled (close mode: in use while open)
+    assert qemu_bitmaps(img)["b0"]["flags"] == [
+        "in-use"
+    ]  # disabled (close mode: in use while open)
     assert qemu_check(img)["rc"] in (0, 3)
 
 
@@ -191,10 +200,14 @@ def test_backup_recipe_from_the_readme(tmp_path, mount):
     qemu_io(img, "write -P 0x5a 0 8M")
     m = mount(img, extra=["--bitmap-sync=intent"])
     backup = tmp_path / "backup.raw"
-    recipe = readme_block("sh", "backup recipe").replace("MNT=/mnt/vm BACKUP=/backup/vm.raw", f"MNT={m.mnt} BACKUP={backup}")
+    recipe = readme_block("sh", "backup recipe").replace(
+        "MNT=/mnt/vm BACKUP=/backup/vm.raw", f"MNT={m.mnt} BACKUP={backup}"
+    )
     full, incremental = recipe.split("# each incremental backup", 1)
     setting = f"MNT={m.mnt} BACKUP={backup}\n"
-    incremental = setting + "# each incremental backup" + incremental.rsplit("incremental c1 c2", 1)[0]
+    incremental = (
+        setting + "# each incremental backup" + incremental.rsplit("incremental c1 c2", 1)[0]
+    )
     env = dict(os.environ, PATH=f"{Path(QCOWFS[0]).parent}:{os.environ['PATH']}")
     rng = random.Random(11)
 
@@ -217,7 +230,9 @@ def test_backup_recipe_from_the_readme(tmp_path, mount):
     sh(full)
     # the backup is the disk as of checkpoint c1: compare with what was written, through QEMU later
     state = {"c1": (m.mnt / "disk.raw").read_bytes()}  # nothing was written since the checkpoint
-    assert backup.read_bytes() == state["c1"], "the full backup differs from the disk at checkpoint c1"
+    assert backup.read_bytes() == state["c1"], (
+        "the full backup differs from the disk at checkpoint c1"
+    )
     names = ["c1", "c2", "c3", "c4"]
     for prev, new in zip(names, names[1:]):
         touched = writes(60)
@@ -226,12 +241,16 @@ def test_backup_recipe_from_the_readme(tmp_path, mount):
         for e in json.loads(run([*QCOWFS, "bitmap", "extents", m.mnt, prev, "--json"]).stdout):
             if e["dirty"]:
                 dirty.update(range(e["start"] // 65536, (e["start"] + e["length"]) // 65536))
-        assert dirty == touched, f"bitmap {prev} does not hold exactly the writes since checkpoint {prev}"
+        assert dirty == touched, (
+            f"bitmap {prev} does not hold exactly the writes since checkpoint {prev}"
+        )
         sh(incremental + f"\nincremental {prev} {new}\n")
         ref = tmp_path / f"{new}.raw"
         ref.write_bytes(state[new])
         c = run(["qemu-img", "compare", "-f", "raw", "-F", "raw", backup, ref], check=False)
-        assert c.returncode == 0, f"backup after {new} differs from the disk at checkpoint {new}: {c.stdout}"
+        assert c.returncode == 0, (
+            f"backup after {new} differs from the disk at checkpoint {new}: {c.stdout}"
+        )
     after = writes(10)
     st = json.loads((m.bitmaps / "c4").read_text())
     assert st["count"] == len(after) * 65536 and st["recording"]
@@ -245,9 +264,24 @@ def test_snapshot_with_vm_state_from_savevm(tmp_path, mount):
     reads like qemu-img convert -l, and deleting it frees the VM state too."""
     img = create(tmp_path / "a.qcow2", 32 * MiB)
     qemu_io(img, "write -P 0x44 0 2M")
-    p = subprocess.run(["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
-                        "-monitor", "stdio", "-drive", f"if=none,id=d0,file={img},format=qcow2"],
-                       input="savevm vm1\nquit\n", capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [
+            "qemu-system-x86_64",
+            "-machine",
+            "none",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-monitor",
+            "stdio",
+            "-drive",
+            f"if=none,id=d0,file={img},format=qcow2",
+        ],
+        input="savevm vm1\nquit\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stderr
     (snap,) = qemu_info(img)["snapshots"]
     assert snap["name"] == "vm1" and snap["vm-state-size"] > 0

@@ -29,8 +29,9 @@ KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 def _patched_pyfuse3():
     import pyfuse3
 
-    assert hasattr(pyfuse3.Operations, "fallocate") and hasattr(pyfuse3.Operations, "lseek"), \
+    assert hasattr(pyfuse3.Operations, "fallocate") and hasattr(pyfuse3.Operations, "lseek"), (
         "scripts/setup builds pyfuse3 with qcowfs' patch (scripts/build-pyfuse3): fallocate/lseek missing"
+    )
 
 
 def data_extents_by_seek(path: Path) -> list:
@@ -92,10 +93,12 @@ def test_punch_hole_and_zero_range(tmp_path, mount, layout):
     before_actual = os.stat(img).st_blocks
     run(["qemu-img", "convert", "-O", "raw", img, ref])
     m = mount(img)
-    ops = [(PUNCH_HOLE | KEEP_SIZE, 0, 2 * MiB),            # whole clusters
-           (PUNCH_HOLE | KEEP_SIZE, 3 * MiB + 1000, 70000),  # partial ones, across a boundary
-           (ZERO_RANGE, 8 * MiB + 4096, 3 * MiB),            # partial head, whole middle
-           (ZERO_RANGE | KEEP_SIZE, 13 * MiB, 2 * MiB + 512)]  # beyond the data, with a backing file
+    ops = [
+        (PUNCH_HOLE | KEEP_SIZE, 0, 2 * MiB),  # whole clusters
+        (PUNCH_HOLE | KEEP_SIZE, 3 * MiB + 1000, 70000),  # partial ones, across a boundary
+        (ZERO_RANGE, 8 * MiB + 4096, 3 * MiB),  # partial head, whole middle
+        (ZERO_RANGE | KEEP_SIZE, 13 * MiB, 2 * MiB + 512),
+    ]  # beyond the data, with a backing file
     with open(ref, "r+b") as r:
         for mode, off, ln in ops:
             fallocate(m.disk, mode, off, ln)
@@ -118,14 +121,16 @@ def test_punch_hole_and_zero_range(tmp_path, mount, layout):
     # the punched whole clusters as QEMU's discard leaves them: zero clusters where a backing file
     # would show through, unallocated where nothing is below
     first = json.loads(run(["qemu-img", "map", "--output=json", img]).stdout)[0]
-    assert first["start"] == 0 and first["length"] >= 2 * MiB and first["zero"] and not first["data"]
+    assert (
+        first["start"] == 0 and first["length"] >= 2 * MiB and first["zero"] and not first["data"]
+    )
     assert first["present"] == (extra == "raw"), first
     if extra is None:
         assert os.stat(img).st_blocks < before_actual, "the freed clusters went back to the host"
     if extra == "snapshot":  # the snapshot still reads as before
         snap = tmp_path / "s1.raw"
         run(["qemu-img", "convert", "-l", "snapshot.name=s1", "-O", "raw", img, snap])
-        assert snap.read_bytes()[:6 * MiB] == b"\x11" * (6 * MiB)
+        assert snap.read_bytes()[: 6 * MiB] == b"\x11" * (6 * MiB)
 
 
 def data_extents_by_seek_after(img: Path, tmp_path: Path, mount) -> list:
@@ -190,9 +195,13 @@ def test_fstrim_through_a_loop_device_gives_the_space_back(tmp_path, mount):
         run(["mount", dev, mnt])
         mounted = True
         for i in range(4):
-            run(["dd", "if=/dev/urandom", f"of={mnt / f'f{i}'}", "bs=1M", "count=50", "status=none"])
+            run(
+                ["dd", "if=/dev/urandom", f"of={mnt / f'f{i}'}", "bs=1M", "count=50", "status=none"]
+            )
         run(["sync"])
-        full = json.loads(run(["qemu-img", "check", "-U", "--output=json", img], check=False).stdout)
+        full = json.loads(
+            run(["qemu-img", "check", "-U", "--output=json", img], check=False).stdout
+        )
         for i in range(4):
             (mnt / f"f{i}").unlink()
         run(["sync"])  # ext4 frees the blocks at the journal commit
@@ -221,7 +230,9 @@ def test_growing_with_a_recording_bitmap_and_a_snapshot(tmp_path, mount, mode):
     run(["qemu-img", "convert", "-l", "snapshot.name=s1", "-O", "raw", img, snap_before])
     qemu_img("bitmap", "--add", img, "b0")
     m = mount(img, extra=[f"--bitmap-sync={mode}"])
-    run(["truncate", "-s", "700M", m.disk])  # past what the L1 table mapped (64 KiB clusters: 512 MiB per entry)
+    run(
+        ["truncate", "-s", "700M", m.disk]
+    )  # past what the L1 table mapped (64 KiB clusters: 512 MiB per entry)
     assert m.disk.stat().st_size == 700 * MiB
     with open(m.disk, "r+b") as f:
         f.seek(600 * MiB)
@@ -236,12 +247,40 @@ def test_growing_with_a_recording_bitmap_and_a_snapshot(tmp_path, mount, mode):
     assert m.unmount() == 0
     info = qemu_info(img)
     assert info["virtual-size"] == 700 * MiB
-    assert json.loads(run([sys.executable, "-m", "qcowfs", "info", "--json", img]).stdout)["virtual-size"] == 700 * MiB
+    assert (
+        json.loads(run([sys.executable, "-m", "qcowfs", "info", "--json", img]).stdout)[
+            "virtual-size"
+        ]
+        == 700 * MiB
+    )
     assert_clean(img)
     assert qemu_bitmaps(img)["b0"]["flags"] == ["auto"]
-    dirty = [e for e in json.loads(run(["nbdinfo", "--json", "--map=qemu:dirty-bitmap:b0", "--", "[", "qemu-nbd", "-r",
-                                        "-f", "qcow2", "-B", "b0", str(img), "]"]).stdout) if e["type"] & 1]
-    assert [(e["offset"], e["length"]) for e in dirty] == [(600 * MiB, 65536)]  # the bitmap covers the new size
+    dirty = [
+        e
+        for e in json.loads(
+            run(
+                [
+                    "nbdinfo",
+                    "--json",
+                    "--map=qemu:dirty-bitmap:b0",
+                    "--",
+                    "[",
+                    "qemu-nbd",
+                    "-r",
+                    "-f",
+                    "qcow2",
+                    "-B",
+                    "b0",
+                    str(img),
+                    "]",
+                ]
+            ).stdout
+        )
+        if e["type"] & 1
+    ]
+    assert [(e["offset"], e["length"]) for e in dirty] == [
+        (600 * MiB, 65536)
+    ]  # the bitmap covers the new size
     snap_after = tmp_path / "s1-after.raw"
     run(["qemu-img", "convert", "-l", "snapshot.name=s1", "-O", "raw", img, snap_after])
-    assert snap_after.read_bytes()[:64 * MiB] == snap_before.read_bytes()
+    assert snap_after.read_bytes()[: 64 * MiB] == snap_before.read_bytes()

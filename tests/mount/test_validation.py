@@ -56,7 +56,12 @@ CMD_TIMEOUT = 60
 
 def make_image_with_data(path: Path, size: str = "64M", *opts: str) -> Path:
     """A qemu-img image with some allocated clusters, so that reads exercise L1/L2."""
-    return create(path, size, *opts, writes=["write -P 0x5a 0 128k", "write -P 0xa5 1M 64k", "write -P 0x33 3M 4k"])
+    return create(
+        path,
+        size,
+        *opts,
+        writes=["write -P 0x5a 0 128k", "write -P 0xa5 1M 64k", "write -P 0x33 3M 4k"],
+    )
 
 
 def write_feature_table(path: Path, entries) -> None:
@@ -111,7 +116,9 @@ def case_raw_disk(d: Path):
     qemu_img("create", "-q", "-f", "raw", img, "8M")
     data = bytearray(img.read_bytes())
     # one Linux partition starting at sector 2048, boot signature
-    struct.pack_into("<B3sB3sII", data, 446, 0x00, b"\x00\x21\x00", 0x83, b"\xfe\xff\xff", 2048, 14336)
+    struct.pack_into(
+        "<B3sB3sII", data, 446, 0x00, b"\x00\x21\x00", 0x83, b"\xfe\xff\xff", 2048, 14336
+    )
     data[510:512] = b"\x55\xaa"
     data[2048 * 512 : 2048 * 512 + 4096] = b"\xeb" * 4096
     img.write_bytes(bytes(data))
@@ -150,7 +157,9 @@ def case_cluster_bits_22(d: Path):
 
 def case_unknown_incompat_named(d: Path):
     img = make_image_with_data(d / "incompat-named.qcow2")
-    write_feature_table(img, [(0, 0, "dirty bit"), (0, 1, "corrupt bit"), (0, 10, UNKNOWN_FEATURE_NAME)])
+    write_feature_table(
+        img, [(0, 0, "dirty bit"), (0, 1, "corrupt bit"), (0, 10, UNKNOWN_FEATURE_NAME)]
+    )
     set_incompat(img, 1 << 10)
     return img, (UNKNOWN_FEATURE_NAME,), "info"
 
@@ -259,7 +268,9 @@ def case_l1_unaligned(d: Path):
 
 def case_l1_offset_past_int64(d: Path):
     img = make_image_with_data(d / "l1-2e63.qcow2")
-    patch(img, ">Q", OFF_L1_OFFSET, 1 << 63)  # cluster aligned, but no file offset (QEMU: > INT64_MAX)
+    patch(
+        img, ">Q", OFF_L1_OFFSET, 1 << 63
+    )  # cluster aligned, but no file offset (QEMU: > INT64_MAX)
     return img, ("L1",), "info"
 
 
@@ -388,7 +399,9 @@ def case_size_too_big(d: Path):
 
 def case_extension_too_long(d: Path):
     img = make_image_with_data(d / "ext-long.qcow2")
-    patch(img, ">II", header_length(img), 0x12345678, 70000)  # an unknown extension longer than the cluster
+    patch(
+        img, ">II", header_length(img), 0x12345678, 70000
+    )  # an unknown extension longer than the cluster
     return img, ("extension",), "info"
 
 
@@ -461,19 +474,27 @@ def bad_image(request, tmp_path):
     d.mkdir()
     img, keywords, oracle = CASES[request.param](d)
     p = qemu_refuses(img, oracle)
-    assert p.returncode != 0, f"QEMU opened {request.param} ({img}): not a refusal case\n{p.stdout}{p.stderr}"
+    assert p.returncode != 0, (
+        f"QEMU opened {request.param} ({img}): not a refusal case\n{p.stdout}{p.stderr}"
+    )
     return request.param, img, keywords
 
 
 def assert_one_line_refusal(p, img: Path, keywords, what: str) -> str:
     out = p.stdout + p.stderr
-    assert p.returncode != 0, f"{what}: exited 0 on a bad image\nstdout: {p.stdout}\nstderr: {p.stderr}"
+    assert p.returncode != 0, (
+        f"{what}: exited 0 on a bad image\nstdout: {p.stdout}\nstderr: {p.stderr}"
+    )
     assert "Traceback" not in out, f"{what}: traceback\n{out}"
     lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1, f"{what}: expected exactly one line on stderr, got {len(lines)}:\n{p.stderr}"
+    assert len(lines) == 1, (
+        f"{what}: expected exactly one line on stderr, got {len(lines)}:\n{p.stderr}"
+    )
     line = lines[0]
     assert str(img) in line, f"{what}: error line does not name the image {img}: {line!r}"
-    assert any(k.lower() in line.lower() for k in keywords), f"{what}: error line does not mention {keywords}: {line!r}"
+    assert any(k.lower() in line.lower() for k in keywords), (
+        f"{what}: error line does not mention {keywords}: {line!r}"
+    )
     return line
 
 
@@ -504,21 +525,37 @@ def test_info_refuses(bad_image):
 
 
 #: the refusals scripts/test --quick also mounts (qcowfs info refuses every case in the quick run)
-QUICK_MOUNT_CASES = ("bad-magic", "version-4", "unknown-incompat-named", "crypt-aes", "l1-too-large",
-                     "refcount-table-unaligned", "missing-backing", "compression-type-unknown")
+QUICK_MOUNT_CASES = (
+    "bad-magic",
+    "version-4",
+    "unknown-incompat-named",
+    "crypt-aes",
+    "l1-too-large",
+    "refcount-table-unaligned",
+    "missing-backing",
+    "compression-type-unknown",
+)
 
 
 @needs_fuse
 @pytest.mark.parametrize("read_only", [False, True], ids=["rw", "ro"])
-@pytest.mark.parametrize("bad_image", [c if c in QUICK_MOUNT_CASES else pytest.param(c, marks=pytest.mark.slow)
-                                       for c in sorted(CASES)], indirect=True)
+@pytest.mark.parametrize(
+    "bad_image",
+    [
+        c if c in QUICK_MOUNT_CASES else pytest.param(c, marks=pytest.mark.slow)
+        for c in sorted(CASES)
+    ],
+    indirect=True,
+)
 def test_mount_refuses(bad_image, tmp_path, read_only):
     name, img, keywords = bad_image
     mnt = tmp_path / "mnt"
     before = sha256(img)
     p, mounted = mount_attempt(img, mnt, *(["--read-only"] if read_only else []))
     assert not mounted, f"qcowfs mount left {mnt} mounted ({name})"
-    assert_one_line_refusal(p, img, keywords, f"qcowfs mount{' --read-only' if read_only else ''} ({name})")
+    assert_one_line_refusal(
+        p, img, keywords, f"qcowfs mount{' --read-only' if read_only else ''} ({name})"
+    )
     assert sha256(img) == before, f"qcowfs mount changed the image ({name})"
     assert not os.path.ismount(mnt)
 
@@ -532,9 +569,13 @@ def corrupt_image(tmp_path):
     img = make_image_with_data(tmp_path / "corrupt.qcow2")
     set_incompat(img, 1 << 1)
     rw = run(["qemu-io", "-f", "qcow2", "-c", "read 0 512", img], check=False)
-    assert rw.returncode != 0, f"QEMU opened a corrupt-bit image read-write:\n{rw.stdout}{rw.stderr}"
+    assert rw.returncode != 0, (
+        f"QEMU opened a corrupt-bit image read-write:\n{rw.stdout}{rw.stderr}"
+    )
     ro = run(["qemu-io", "-r", "-f", "qcow2", "-c", "read -P 0x5a 0 128k", img], check=False)
-    assert ro.returncode == 0 and "Pattern verification failed" not in ro.stdout, ro.stdout + ro.stderr
+    assert ro.returncode == 0 and "Pattern verification failed" not in ro.stdout, (
+        ro.stdout + ro.stderr
+    )
     return img
 
 
@@ -555,7 +596,9 @@ def test_corrupt_bit_mounts_read_only(corrupt_image, tmp_path, mount):
     qemu_img("convert", "-f", "qcow2", "-O", "raw", corrupt_image, ref)
     before = sha256(corrupt_image)
     m = mount(corrupt_image, read_only=True)
-    assert sha256(m.disk) == sha256(ref), "disk.raw of a read-only mounted corrupt-bit image differs from QEMU's reading"
+    assert sha256(m.disk) == sha256(ref), (
+        "disk.raw of a read-only mounted corrupt-bit image differs from QEMU's reading"
+    )
     with open(m.disk, "rb") as f:
         assert f.read(4) == b"\x5a" * 4
         f.seek(1 << 20)

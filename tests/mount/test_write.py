@@ -74,8 +74,10 @@ def assert_same_files(a: Path, b: Path, what: str = "", length: int | None = Non
             y = os.pread(fb.fileno(), n, off).ljust(n, b"\0")
             if x != y:
                 i = next(i for i in range(n) if x[i] != y[i])
-                raise AssertionError(f"{what}{a} and {b} differ first at offset {off + i} "
-                                     f"(0x{off + i:x}): {x[i:i + 16].hex()} != {y[i:i + 16].hex()}")
+                raise AssertionError(
+                    f"{what}{a} and {b} differ first at offset {off + i} "
+                    f"(0x{off + i:x}): {x[i : i + 16].hex()} != {y[i : i + 16].hex()}"
+                )
             off += n
 
 
@@ -99,8 +101,17 @@ def check_json(img: Path) -> dict:
 # ----------------------------------------------------------------------------- workloads
 
 
-def gen_ops(rng: random.Random, vsize: int, cluster: int, n: int, *, max_len: int = 4 * MiB,
-            sub: int | None = None, hot: list | None = None, dd_every: int = 40) -> list:
+def gen_ops(
+    rng: random.Random,
+    vsize: int,
+    cluster: int,
+    n: int,
+    *,
+    max_len: int = 4 * MiB,
+    sub: int | None = None,
+    hot: list | None = None,
+    dd_every: int = 40,
+) -> list:
     """n writes (offset, data, via_dd) over [0, vsize): a mix of sizes and alignments.
 
     sub: a subcluster size to favour (extended L2); hot: [(start, end)] ranges that get
@@ -172,13 +183,26 @@ def apply_ops(disk: Path, ref: Path, ops: list, scratch: Path, what: str = "") -
             if via_dd:
                 src = scratch / "dd-src.bin"
                 src.write_bytes(data)
-                run(["dd", f"if={src}", f"of={disk}", f"bs={len(data)}", "count=1", f"seek={off}",
-                     "oflag=seek_bytes", "conv=notrunc", "status=none"])
+                run(
+                    [
+                        "dd",
+                        f"if={src}",
+                        f"of={disk}",
+                        f"bs={len(data)}",
+                        "count=1",
+                        f"seek={off}",
+                        "oflag=seek_bytes",
+                        "conv=notrunc",
+                        "status=none",
+                    ]
+                )
             else:
                 try:
                     n = os.pwrite(fd, data, off)
                 except OSError as e:
-                    raise AssertionError(f"{what}write #{i} ({len(data)} bytes at {off}) failed: {e}") from e
+                    raise AssertionError(
+                        f"{what}write #{i} ({len(data)} bytes at {off}) failed: {e}"
+                    ) from e
                 assert n == len(data), f"{what}write #{i}: short write {n} of {len(data)} at {off}"
             os.pwrite(rfd, data, off)
     finally:
@@ -186,8 +210,17 @@ def apply_ops(disk: Path, ref: Path, ops: list, scratch: Path, what: str = "") -
         os.close(rfd)
 
 
-def workload_roundtrip(mount, img: Path, tmp: Path, name: str, *, n: int = 250, backing_files=(),
-                       ref: Path | None = None, **gen) -> Path:
+def workload_roundtrip(
+    mount,
+    img: Path,
+    tmp: Path,
+    name: str,
+    *,
+    n: int = 250,
+    backing_files=(),
+    ref: Path | None = None,
+    **gen,
+) -> Path:
     """Reference from QEMU, random writes through a mount and to the reference, unmount,
     then disk content, qemu-img compare and qemu-img check. Returns the reference."""
     seed = seed_for(name, BASE_SEED)
@@ -220,9 +253,12 @@ def workload_roundtrip(mount, img: Path, tmp: Path, name: str, *, n: int = 250, 
 def initial_data(img: Path, vsize: int, cluster: int) -> None:
     """Some data before the mount, so that writes also land on allocated clusters."""
     c = cluster
-    qemu_io(img, f"write -P 0x11 0 {min(8 * c, vsize // 4)}",
-            f"write -P 0x22 {vsize // 2 + 3 * c // 2} {3 * c}",
-            f"write -P 0x33 {vsize - 2 * c} {2 * c}")
+    qemu_io(
+        img,
+        f"write -P 0x11 0 {min(8 * c, vsize // 4)}",
+        f"write -P 0x22 {vsize // 2 + 3 * c // 2} {3 * c}",
+        f"write -P 0x33 {vsize - 2 * c} {2 * c}",
+    )
 
 
 SIMPLE = {
@@ -244,7 +280,9 @@ QUICK_SIMPLE = ("v3-64k", "v2", "rc1")
 
 
 @needs_fuse
-@pytest.mark.parametrize("layout", [x if x in QUICK_SIMPLE else pytest.param(x, marks=pytest.mark.slow) for x in SIMPLE])
+@pytest.mark.parametrize(
+    "layout", [x if x in QUICK_SIMPLE else pytest.param(x, marks=pytest.mark.slow) for x in SIMPLE]
+)
 def test_random_writes(layout, mount, tmp_path):
     vsize, opts = SIMPLE[layout]
     img = create(tmp_path / "img.qcow2", vsize, *opts)
@@ -273,8 +311,14 @@ def test_refcount_table_growth(mount, tmp_path):
     ref = to_raw(img, tmp_path / "ref.raw")
     rng = random.Random(seed)
     slots = rng.sample(range(vsize // (4 * MiB)), 36)  # 144 MiB in distinct 4 MiB slots
-    ops = [(s * 4 * MiB + (rng.randrange(512) if rng.random() < 0.3 else 0), rng.randbytes(4 * MiB - 512), False)
-           for s in slots]
+    ops = [
+        (
+            s * 4 * MiB + (rng.randrange(512) if rng.random() < 0.3 else 0),
+            rng.randbytes(4 * MiB - 512),
+            False,
+        )
+        for s in slots
+    ]
     ops += gen_ops(rng, vsize, 512, 200, max_len=256 * KiB)
     rng.shuffle(ops)
     m = mount(img)
@@ -294,14 +338,36 @@ def test_backing_chain(mount, tmp_path):
     seed = seed_for("chain-base", BASE_SEED)
     base = tmp_path / "base.raw"
     base.write_bytes(random.Random(seed).randbytes(40 * MiB + 1000))  # smaller than the overlays
-    mid = create(tmp_path / "mid.qcow2", 48 * MiB, "cluster_size=4096", backing=base, backing_fmt="raw")
-    qemu_io(mid, "write -P 0xa1 100000 70000", f"write -z {1 * MiB} 64k", f"write -P 0xa2 {40 * MiB - 500} 2000",
-            f"write -P 0xa3 {44 * MiB + 7} 100000", f"write -z {10 * MiB + 5} 3000")
-    top = create(tmp_path / "top.qcow2", 64 * MiB, "cluster_size=65536", backing=mid, backing_fmt="qcow2")
-    qemu_io(top, "write -P 0xc1 0 4096", f"write -z {3 * MiB} 64k", f"write -P 0xc2 {48 * MiB - 1} 2")
-    workload_roundtrip(mount, top, tmp_path, "chain", backing_files=(base, mid), max_len=1 * MiB,
-                       hot=[(0, 2 * MiB), (40 * MiB - 128 * KiB, 40 * MiB + 128 * KiB),
-                            (48 * MiB - 128 * KiB, 48 * MiB + 128 * KiB)])
+    mid = create(
+        tmp_path / "mid.qcow2", 48 * MiB, "cluster_size=4096", backing=base, backing_fmt="raw"
+    )
+    qemu_io(
+        mid,
+        "write -P 0xa1 100000 70000",
+        f"write -z {1 * MiB} 64k",
+        f"write -P 0xa2 {40 * MiB - 500} 2000",
+        f"write -P 0xa3 {44 * MiB + 7} 100000",
+        f"write -z {10 * MiB + 5} 3000",
+    )
+    top = create(
+        tmp_path / "top.qcow2", 64 * MiB, "cluster_size=65536", backing=mid, backing_fmt="qcow2"
+    )
+    qemu_io(
+        top, "write -P 0xc1 0 4096", f"write -z {3 * MiB} 64k", f"write -P 0xc2 {48 * MiB - 1} 2"
+    )
+    workload_roundtrip(
+        mount,
+        top,
+        tmp_path,
+        "chain",
+        backing_files=(base, mid),
+        max_len=1 * MiB,
+        hot=[
+            (0, 2 * MiB),
+            (40 * MiB - 128 * KiB, 40 * MiB + 128 * KiB),
+            (48 * MiB - 128 * KiB, 48 * MiB + 128 * KiB),
+        ],
+    )
     assert qemu_info(top)["full-backing-filename"] == str(mid)
 
 
@@ -330,32 +396,56 @@ def compressible(rng: random.Random, size: int) -> bytes:
 def test_compressed(ctype, mount, tmp_path):
     vsize = 24 * MiB
     src = tmp_path / "src.raw"
-    src.write_bytes(compressible(random.Random(seed_for(f"compressed-src-{ctype}", BASE_SEED)), vsize))
+    src.write_bytes(
+        compressible(random.Random(seed_for(f"compressed-src-{ctype}", BASE_SEED)), vsize)
+    )
     img = tmp_path / "img.qcow2"
-    qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", "-o", f"compression_type={ctype},cluster_size=65536",
-             src, img)
+    qemu_img(
+        "convert",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "-o",
+        f"compression_type={ctype},cluster_size=65536",
+        src,
+        img,
+    )
     before = check_json(img)
     assert before.get("compressed-clusters", 0) > 100, before
     workload_roundtrip(mount, img, tmp_path, f"compressed-{ctype}", ref=src, max_len=1 * MiB, n=300)
     after = check_json(img)
-    assert after.get("compressed-clusters", 0) < before["compressed-clusters"], "no compressed cluster was overwritten"
+    assert after.get("compressed-clusters", 0) < before["compressed-clusters"], (
+        "no compressed cluster was overwritten"
+    )
 
 
 @needs_fuse
 def test_zero_clusters_overwritten(mount, tmp_path):
     c = 65536
     img = create(tmp_path / "img.qcow2", 32 * MiB, f"cluster_size={c}")
-    qemu_io(img, "write -P 0x11 0 8M",
-            "write -z 1M 2M",  # zero-alloc: the host clusters still hold 0x11
-            "write -z -u 4M 2M",  # zero-plain
-            "write -z 10M 2M",  # zero-plain over unallocated
-            "write -P 0x22 20M 1M", "write -z 20M 512k")
+    qemu_io(
+        img,
+        "write -P 0x11 0 8M",
+        "write -z 1M 2M",  # zero-alloc: the host clusters still hold 0x11
+        "write -z -u 4M 2M",  # zero-plain
+        "write -z 10M 2M",  # zero-plain over unallocated
+        "write -P 0x22 20M 1M",
+        "write -z 20M 512k",
+    )
     entries = map_entries(img)
     za, zp = map_at(entries, 1 * MiB), map_at(entries, 4 * MiB)
     assert za["zero"] and not za["data"] and "offset" in za, za
     assert zp["zero"] and not zp["data"] and "offset" not in zp, zp
-    workload_roundtrip(mount, img, tmp_path, "zero-clusters", max_len=256 * KiB,
-                       hot=[(1 * MiB, 3 * MiB), (4 * MiB, 6 * MiB), (10 * MiB, 12 * MiB), (20 * MiB, 21 * MiB)])
+    workload_roundtrip(
+        mount,
+        img,
+        tmp_path,
+        "zero-clusters",
+        max_len=256 * KiB,
+        hot=[(1 * MiB, 3 * MiB), (4 * MiB, 6 * MiB), (10 * MiB, 12 * MiB), (20 * MiB, 21 * MiB)],
+    )
 
 
 @needs_fuse
@@ -363,14 +453,35 @@ def test_zero_clusters_overwritten(mount, tmp_path):
 def test_extended_l2(cluster, mount, tmp_path):
     sc = cluster // 32
     base = tmp_path / "base.raw"
-    base.write_bytes(random.Random(seed_for(f"extl2-base-{cluster}", BASE_SEED)).randbytes(20 * MiB))
-    img = create(tmp_path / "img.qcow2", 24 * MiB, "extended_l2=on", f"cluster_size={cluster}",
-                 backing=base, backing_fmt="raw")
-    qemu_io(img, f"write -P 0x10 {sc} {sc}", f"write -P 0x11 {cluster + 5 * sc} {3 * sc}",
-            f"write -z {2 * cluster + sc} {sc}", f"write -P 0x12 {4 * cluster} {cluster}",
-            f"write -c -P 0x13 {6 * cluster} {cluster}")
-    workload_roundtrip(mount, img, tmp_path, f"extl2-{cluster}", backing_files=(base,), sub=sc,
-                       max_len=512 * KiB, hot=[(0, 8 * cluster), (20 * MiB - 4 * cluster, 20 * MiB + 4 * cluster)])
+    base.write_bytes(
+        random.Random(seed_for(f"extl2-base-{cluster}", BASE_SEED)).randbytes(20 * MiB)
+    )
+    img = create(
+        tmp_path / "img.qcow2",
+        24 * MiB,
+        "extended_l2=on",
+        f"cluster_size={cluster}",
+        backing=base,
+        backing_fmt="raw",
+    )
+    qemu_io(
+        img,
+        f"write -P 0x10 {sc} {sc}",
+        f"write -P 0x11 {cluster + 5 * sc} {3 * sc}",
+        f"write -z {2 * cluster + sc} {sc}",
+        f"write -P 0x12 {4 * cluster} {cluster}",
+        f"write -c -P 0x13 {6 * cluster} {cluster}",
+    )
+    workload_roundtrip(
+        mount,
+        img,
+        tmp_path,
+        f"extl2-{cluster}",
+        backing_files=(base,),
+        sub=sc,
+        max_len=512 * KiB,
+        hot=[(0, 8 * cluster), (20 * MiB - 4 * cluster, 20 * MiB + 4 * cluster)],
+    )
 
 
 @needs_fuse
@@ -395,8 +506,9 @@ def test_internal_snapshots(mount, tmp_path):
     qemu_io(img, "write -P 0x04 100000 100000", "write -z 2M 1M", "write -P 0x05 24M 64k")
     qemu_img("snapshot", "-c", "s2", img)
     ref_s2 = to_raw(img, tmp_path / "ref-s2.raw")
-    workload_roundtrip(mount, img, tmp_path, "snapshots", max_len=2 * MiB,
-                       hot=[(0, 5 * MiB), (20 * MiB, 25 * MiB)])
+    workload_roundtrip(
+        mount, img, tmp_path, "snapshots", max_len=2 * MiB, hot=[(0, 5 * MiB), (20 * MiB, 25 * MiB)]
+    )
     snaps = qemu_img("snapshot", "-l", img).stdout
     assert "s1" in snaps and "s2" in snaps, snaps
     for name, ref in (("s1", ref_s1), ("s2", ref_s2)):
@@ -422,7 +534,18 @@ def test_zero_detection_frees_clusters(mount, tmp_path):
     ref = to_raw(img, tmp_path / "ref.raw")
     alloc0 = allocated_clusters(img)
     m = mount(img)
-    run(["dd", "if=/dev/zero", f"of={m.disk}", "bs=1M", "count=4", "seek=8", "conv=notrunc", "status=none"])
+    run(
+        [
+            "dd",
+            "if=/dev/zero",
+            f"of={m.disk}",
+            "bs=1M",
+            "count=4",
+            "seek=8",
+            "conv=notrunc",
+            "status=none",
+        ]
+    )
     # zeros that do not cover a whole cluster: written as data
     fd = os.open(m.disk, os.O_RDWR)
     try:
@@ -461,7 +584,9 @@ def test_zero_detection_frees_clusters(mount, tmp_path):
     with open(ref, "r+b") as f:
         f.seek(40 * MiB)
         f.write(data)
-    assert os.path.getsize(img) <= size1, f"file grew from {size1} to {os.path.getsize(img)}: freed clusters not reused"
+    assert os.path.getsize(img) <= size1, (
+        f"file grew from {size1} to {os.path.getsize(img)}: freed clusters not reused"
+    )
     assert_compare(img, ref)
     assert allocated_clusters(img) == alloc0
 
@@ -473,7 +598,18 @@ def test_zero_detection_v2_unallocates(mount, tmp_path):
     qemu_io(img, "write -P 0x55 0 16M")
     alloc0 = allocated_clusters(img)
     m = mount(img)
-    run(["dd", "if=/dev/zero", f"of={m.disk}", "bs=1M", "count=2", "seek=4", "conv=notrunc", "status=none"])
+    run(
+        [
+            "dd",
+            "if=/dev/zero",
+            f"of={m.disk}",
+            "bs=1M",
+            "count=2",
+            "seek=4",
+            "conv=notrunc",
+            "status=none",
+        ]
+    )
     with open(m.disk, "rb") as f:
         f.seek(4 * MiB)
         assert f.read(2 * MiB) == bytes(2 * MiB)
@@ -502,9 +638,16 @@ def test_fallocate_modes_qcowfs_does_not_support(mount, tmp_path):
     m = mount(img)
     fd = os.open(m.disk, os.O_RDWR)
     try:
-        for mode in (0x08, 0x20, 0x40, FALLOC_FL_PUNCH_HOLE):  # collapse, insert, unshare; punch without keep-size
+        for mode in (
+            0x08,
+            0x20,
+            0x40,
+            FALLOC_FL_PUNCH_HOLE,
+        ):  # collapse, insert, unshare; punch without keep-size
             err = errno_of(fallocate, fd, mode, 0, MiB)
-            assert err == errno.EOPNOTSUPP, f"fallocate mode 0x{mode:x}: {errno.errorcode.get(err, err)}"
+            assert err == errno.EOPNOTSUPP, (
+                f"fallocate mode 0x{mode:x}: {errno.errorcode.get(err, err)}"
+            )
         assert os.pread(fd, MiB, 0) == b"\x66" * MiB, "fallocate changed the data"
         # the mount keeps working
         assert os.pwrite(fd, b"after fallocate", 12345) == 15
@@ -524,9 +667,15 @@ def test_fallocate_modes_qcowfs_does_not_support(mount, tmp_path):
 
 
 @needs_fuse
-@pytest.mark.parametrize("opts", [("cluster_size=65536",), ("cluster_size=512", "refcount_bits=1"),
-                                  ("cluster_size=65536", "lazy_refcounts=on")],
-                         ids=["64k", "c512-rc1", "lazy"])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        ("cluster_size=65536",),
+        ("cluster_size=512", "refcount_bits=1"),
+        ("cluster_size=65536", "lazy_refcounts=on"),
+    ],
+    ids=["64k", "c512-rc1", "lazy"],
+)
 def test_fsync_survives_kill(opts, mount, tmp_path):
     seed = seed_for("fsync-" + "-".join(opts), BASE_SEED)
     print(f"seed {seed}")
@@ -537,11 +686,13 @@ def test_fsync_survives_kill(opts, mount, tmp_path):
     ref = to_raw(img, tmp_path / "ref.raw")
     m = mount(img)
     fd = os.open(m.disk, os.O_RDWR)
-    synced = [(100, rng.randbytes(1000)),  # in place
-              (5 * MiB + 3, rng.randbytes(300 * KiB)),  # new clusters
-              (20 * MiB, rng.randbytes(2 * MiB)),
-              (31 * MiB + 511, rng.randbytes(4096)),
-              (8 * MiB + 1000, bytes(200))]
+    synced = [
+        (100, rng.randbytes(1000)),  # in place
+        (5 * MiB + 3, rng.randbytes(300 * KiB)),  # new clusters
+        (20 * MiB, rng.randbytes(2 * MiB)),
+        (31 * MiB + 511, rng.randbytes(4096)),
+        (8 * MiB + 1000, bytes(200)),
+    ]
     try:
         for off, data in synced:
             assert os.pwrite(fd, data, off) == len(data)
@@ -568,8 +719,12 @@ def test_fsync_survives_kill(opts, mount, tmp_path):
         assert a == b
         g.seek(12 * MiB + 64 * KiB), r.seek(12 * MiB + 64 * KiB)
         assert g.read() == r.read()
-    qemu_io(img, f"read -P 0x12 {8 * MiB} 1000", f"read -P 0 {8 * MiB + 1000} 200",
-            f"read -P 0x12 {8 * MiB + 1200} {64 * KiB - 1200}")
+    qemu_io(
+        img,
+        f"read -P 0x12 {8 * MiB} 1000",
+        f"read -P 0 {8 * MiB + 1000} 200",
+        f"read -P 0x12 {8 * MiB + 1200} {64 * KiB - 1200}",
+    )
 
 
 # ----------------------------------------------------------------------------- read-only
@@ -585,7 +740,10 @@ def test_read_only_mount_refuses_writes(mount, tmp_path):
         with pytest.raises(OSError) as ei:
             os.close(os.open(m.disk, flags))
         assert ei.value.errno == errno.EROFS, ei.value
-    p = run(["dd", "if=/dev/zero", f"of={m.disk}", "bs=4k", "count=1", "conv=notrunc", "status=none"], check=False)
+    p = run(
+        ["dd", "if=/dev/zero", f"of={m.disk}", "bs=4k", "count=1", "conv=notrunc", "status=none"],
+        check=False,
+    )
     assert p.returncode != 0 and "Read-only file system" in p.stderr, p.stderr
     fd = os.open(m.disk, os.O_RDONLY)
     try:
@@ -648,7 +806,7 @@ def test_enospc(case, small_fs, mount, tmp_path):
         rng.shuffle(slots)
     try:
         err = None
-        for s in slots[:2 * 8 * MiB // wsize]:
+        for s in slots[: 2 * 8 * MiB // wsize]:
             data = rng.randbytes(wsize)
             off = s * wsize
             try:
@@ -680,7 +838,9 @@ def test_enospc(case, small_fs, mount, tmp_path):
     rc = m.unmount()
     res = qemu_check(img)
     assert res["rc"] in (0, 3), f"qemu-img check after ENOSPC: {res}"
-    print(f"unmount exit {rc}, fsync {'ok' if synced else 'ENOSPC'}, {len(acked)} writes acknowledged")
+    print(
+        f"unmount exit {rc}, fsync {'ok' if synced else 'ENOSPC'}, {len(acked)} writes acknowledged"
+    )
     if synced:
         # fsync succeeded: every acknowledged write is on disk
         got = to_raw(img, tmp_path / "got.raw")
@@ -693,7 +853,9 @@ def test_enospc(case, small_fs, mount, tmp_path):
     # could not be saved), not a crash of the daemon.
     err = m.proc.stderr.read()
     m.assert_no_traceback()
-    assert "Traceback" not in err, f"daemon (exit {rc}) died with a traceback at unmount:\n{err[-1500:]}"
+    assert "Traceback" not in err, (
+        f"daemon (exit {rc}) died with a traceback at unmount:\n{err[-1500:]}"
+    )
 
 
 # ----------------------------------------------------------------------------- corrupt at run time
@@ -718,11 +880,22 @@ def test_metadata_past_eof_gives_eio(mount, tmp_path):
     m = mount(img)
     fd = os.open(m.disk, os.O_RDONLY)
     try:
-        for off, n in ((10 * c, c), (10 * c + 100, 10), (9 * c, 2 * c), (4 * MiB, 4096), (5 * MiB + 7, 100)):
+        for off, n in (
+            (10 * c, c),
+            (10 * c + 100, 10),
+            (9 * c, 2 * c),
+            (4 * MiB, 4096),
+            (5 * MiB + 7, 100),
+        ):
             with pytest.raises(OSError) as ei:
                 os.pread(fd, n, off)
             assert ei.value.errno == errno.EIO, f"read {n} at {off}: {ei.value!r}"
-        for off, n in ((0, 10 * c), (11 * c, 4 * MiB - 11 * c), (6 * MiB, 2 * MiB), (3 * MiB, 4096)):
+        for off, n in (
+            (0, 10 * c),
+            (11 * c, 4 * MiB - 11 * c),
+            (6 * MiB, 2 * MiB),
+            (3 * MiB, 4096),
+        ):
             assert os.pread(fd, n, off) == b"\x11" * n, f"good range {off}+{n}"
         with pytest.raises(OSError) as ei:
             os.pread(fd, c, 10 * c)

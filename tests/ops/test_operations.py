@@ -133,7 +133,9 @@ def test_lookup_and_getattr_of_disk_raw(tmp_path, operations):
     d = call(ops.lookup, ROOT, b".bitmaps", CTX)
     assert d.st_ino == BITMAPS_DIR and stat.S_ISDIR(d.st_mode) and stat.S_IMODE(d.st_mode) == 0o700
     r = call(ops.getattr, ROOT, CTX)
-    assert stat.S_ISDIR(r.st_mode) and stat.S_IMODE(r.st_mode) == 0o500  # nothing is ever created at the root
+    assert (
+        stat.S_ISDIR(r.st_mode) and stat.S_IMODE(r.st_mode) == 0o500
+    )  # nothing is ever created at the root
     assert errno_of(ops.lookup, ROOT, b"nosuch", CTX) == errno.ENOENT
     assert errno_of(ops.lookup, BITMAPS_DIR, b"nosuch", CTX) == errno.ENOENT
     assert errno_of(ops.lookup, DISK, b"x", CTX) == errno.ENOENT
@@ -167,12 +169,24 @@ def test_readdir_of_root_and_bitmaps(tmp_path, operations, listing):
     ops = operations(img)
     fh = call(ops.opendir, ROOT, CTX)
     root = listing(ops, fh)
-    assert [(n, ino) for n, ino, _, _ in root] == [(".", ROOT), ("..", ROOT), ("disk.raw", DISK),
-                                                   (".bitmaps", BITMAPS_DIR), (".snapshots", SNAPSHOTS_DIR)]
+    assert [(n, ino) for n, ino, _, _ in root] == [
+        (".", ROOT),
+        ("..", ROOT),
+        ("disk.raw", DISK),
+        (".bitmaps", BITMAPS_DIR),
+        (".snapshots", SNAPSHOTS_DIR),
+    ]
     assert all(stat.S_ISDIR(mode) for n, _, mode, _ in root if n != "disk.raw")
     assert stat.S_ISREG(root[2][2])
-    assert [n for n, *_ in listing(ops, fh, start=root[2][3])] == [".bitmaps", ".snapshots"]  # resumed after disk.raw
-    assert [n for n, *_ in listing(ops, fh, limit=3)] == [".", "..", "disk.raw"]  # a full buffer stops the listing
+    assert [n for n, *_ in listing(ops, fh, start=root[2][3])] == [
+        ".bitmaps",
+        ".snapshots",
+    ]  # resumed after disk.raw
+    assert [n for n, *_ in listing(ops, fh, limit=3)] == [
+        ".",
+        "..",
+        "disk.raw",
+    ]  # a full buffer stops the listing
     call(ops.releasedir, fh)
     bfh = call(ops.opendir, BITMAPS_DIR, CTX)
     entries = listing(ops, bfh)
@@ -181,7 +195,9 @@ def test_readdir_of_root_and_bitmaps(tmp_path, operations, listing):
     assert [n for n, *_ in entries] == ["alpha", "zeta"]
     for n, ino, mode, _ in entries:
         assert stat.S_ISREG(mode)
-        assert call(ops.lookup, BITMAPS_DIR, n.encode(), CTX).st_ino == ino  # the same inode both ways
+        assert (
+            call(ops.lookup, BITMAPS_DIR, n.encode(), CTX).st_ino == ino
+        )  # the same inode both ways
     assert errno_of(ops.opendir, DISK, CTX) == errno.ENOTDIR
 
 
@@ -198,7 +214,9 @@ def test_read_and_write_disk_raw(tmp_path, operations):
     assert bytes(call(ops.read, fi.fh, size - 10, 100)) == bytes(10)  # short at the end of the disk
     assert call(ops.write, fi.fh, 1 * MiB, b"\xa5" * 65536) == 65536
     assert call(ops.write, fi.fh, 100, b"\x11" * 1000) == 1000  # unaligned, over QEMU's data
-    assert call(ops.write, fi.fh, size - 2, b"\x61\x62\x63\x64") == 2  # clipped at the end of the disk
+    assert (
+        call(ops.write, fi.fh, size - 2, b"\x61\x62\x63\x64") == 2
+    )  # clipped at the end of the disk
     assert call(ops.write, fi.fh, size, b"x") == 0
     assert bytes(call(ops.read, fi.fh, 1 * MiB - 1, 3)) == b"\0\xa5\xa5"
     call(ops.fsync, fi.fh, False)
@@ -207,9 +225,16 @@ def test_read_and_write_disk_raw(tmp_path, operations):
     assert call(ops.getattr, DISK, CTX).st_blocks > 0
     close(ops)
     assert_clean(img)
-    qemu_io(img, "read -P 0x5a 0 100", "read -P 0x11 100 1000", "read -P 0x5a 1100 64436",
-            f"read -P 0xa5 {1 * MiB} 64k", "read -P 0x33 3M 4k", f"read -P 0x61 {size - 2} 1",
-            f"read -P 0x62 {size - 1} 1")
+    qemu_io(
+        img,
+        "read -P 0x5a 0 100",
+        "read -P 0x11 100 1000",
+        "read -P 0x5a 1100 64436",
+        f"read -P 0xa5 {1 * MiB} 64k",
+        "read -P 0x33 3M 4k",
+        f"read -P 0x61 {size - 2} 1",
+        f"read -P 0x62 {size - 1} 1",
+    )
     out = qemu_io(img, f"read -P 0xa5 {1 * MiB} 64k").stdout
     assert "Pattern verification failed" not in out, out
 
@@ -222,7 +247,9 @@ def test_eio_for_metadata_past_the_end(tmp_path, operations):
     ops = operations(img, read_only=True)
     fi = call(ops.open, DISK, os.O_RDONLY, CTX)
     assert errno_of(ops.read, fi.fh, 65536, 4096) == errno.EIO
-    assert bytes(call(ops.read, fi.fh, 0, 4096)) == b"\x77" * 4096  # the healthy cluster still reads
+    assert (
+        bytes(call(ops.read, fi.fh, 0, 4096)) == b"\x77" * 4096
+    )  # the healthy cluster still reads
 
 
 # ----------------------------------------------------------------------------- .bitmaps entries
@@ -232,11 +259,23 @@ def test_bitmap_files_create_command_status_unlink(tmp_path, operations):
     ops = operations(img)
     fi, attr = call(ops.create, BITMAPS_DIR, b"b0", 0o644, os.O_WRONLY | os.O_CREAT, CTX)
     call(ops.release, fi.fh)
-    assert stat.S_ISREG(attr.st_mode) and call(ops.lookup, BITMAPS_DIR, b"b0", CTX).st_ino == attr.st_ino
+    assert (
+        stat.S_ISREG(attr.st_mode)
+        and call(ops.lookup, BITMAPS_DIR, b"b0", CTX).st_ino == attr.st_ino
+    )
     st = status(ops, attr.st_ino)
-    assert st == {**st, "name": "b0", "granularity": 64 * KiB, "count": 0, "persistent": True, "recording": True,
-                  "inconsistent": False}
-    assert call(ops.getattr, attr.st_ino, CTX).st_size == len(json.dumps(st)) + 1  # the status file's length
+    assert st == {
+        **st,
+        "name": "b0",
+        "granularity": 64 * KiB,
+        "count": 0,
+        "persistent": True,
+        "recording": True,
+        "inconsistent": False,
+    }
+    assert (
+        call(ops.getattr, attr.st_ino, CTX).st_size == len(json.dumps(st)) + 1
+    )  # the status file's length
 
     dfh = call(ops.open, DISK, os.O_RDWR, CTX).fh
     assert call(ops.write, dfh, 5 * MiB + 3, b"w" * 10) == 10
@@ -250,9 +289,15 @@ def test_bitmap_files_create_command_status_unlink(tmp_path, operations):
         assert errno_of(command, ops, attr.st_ino, bad) == errno.EINVAL, bad
     assert status(ops, attr.st_ino) == {**st, "count": 64 * KiB}
 
-    assert errno_of(ops.create, BITMAPS_DIR, b"b0", 0o644, os.O_WRONLY | os.O_CREAT, CTX) == errno.EEXIST
+    assert (
+        errno_of(ops.create, BITMAPS_DIR, b"b0", 0o644, os.O_WRONLY | os.O_CREAT, CTX)
+        == errno.EEXIST
+    )
     assert errno_of(ops.create, ROOT, b"file", 0o644, os.O_WRONLY | os.O_CREAT, CTX) == errno.EPERM
-    assert errno_of(ops.create, BITMAPS_DIR, b"n" * 1024, 0o644, os.O_WRONLY | os.O_CREAT, CTX) == errno.ENAMETOOLONG
+    assert (
+        errno_of(ops.create, BITMAPS_DIR, b"n" * 1024, 0o644, os.O_WRONLY | os.O_CREAT, CTX)
+        == errno.ENAMETOOLONG
+    )
     fi, gone = call(ops.create, BITMAPS_DIR, b"gone", 0o644, os.O_WRONLY | os.O_CREAT, CTX)
     call(ops.release, fi.fh)
     call(ops.unlink, BITMAPS_DIR, b"gone", CTX)
@@ -266,8 +311,10 @@ def test_bitmap_files_create_command_status_unlink(tmp_path, operations):
     close(ops)
 
     bms = qemu_bitmaps(img)
-    assert {n: (b["granularity"], b["flags"]) for n, b in bms.items()} == {"b0": (64 * KiB, ["auto"]),
-                                                                          "keep": (64 * KiB, ["auto"])}
+    assert {n: (b["granularity"], b["flags"]) for n, b in bms.items()} == {
+        "b0": (64 * KiB, ["auto"]),
+        "keep": (64 * KiB, ["auto"]),
+    }
     assert_clean(img)
     assert dirty_extents(img, "b0") == [(5 * MiB, 64 * KiB)]
     assert dirty_extents(img, "keep") == [(5 * MiB, 64 * KiB), (9 * MiB, 64 * KiB)]
@@ -292,15 +339,27 @@ def test_setxattr_command_channel(tmp_path, operations):
     xattr_command(ops, op="remove", name="t")
     assert errno_of(ops.lookup, BITMAPS_DIR, b"t", CTX) == errno.ENOENT
 
-    malformed = [b"{not json", b"[]", b'{"op": "add"}', b'{"name": "z"}', b'{"op": "add", "name": 5}',
-                 b'{"op": "frobnicate", "name": "x"}', b'{"op": "add", "name": "z", "granularity": "big"}',
-                 b'{"op": "merge", "name": "x"}', b'{"op": "add", "name": "z", "granularity": 1000}', b"\xff\xfe"]
+    malformed = [
+        b"{not json",
+        b"[]",
+        b'{"op": "add"}',
+        b'{"name": "z"}',
+        b'{"op": "add", "name": 5}',
+        b'{"op": "frobnicate", "name": "x"}',
+        b'{"op": "add", "name": "z", "granularity": "big"}',
+        b'{"op": "merge", "name": "x"}',
+        b'{"op": "add", "name": "z", "granularity": 1000}',
+        b"\xff\xfe",
+    ]
     for value in malformed:
         assert errno_of(ops.setxattr, BITMAPS_DIR, COMMAND_XATTR, value, CTX) == errno.EINVAL, value
     assert errno_of(ops.lookup, BITMAPS_DIR, b"z", CTX) == errno.ENOENT  # nothing half-done
     assert errno_of(xattr_command, ops, op="clear", name="nosuch") == errno.ENOENT
     assert errno_of(xattr_command, ops, op="add", name="x") == errno.EEXIST
-    assert errno_of(ops.setxattr, ROOT, COMMAND_XATTR, b'{"op": "clear", "name": "x"}', CTX) == errno.ENOTSUP
+    assert (
+        errno_of(ops.setxattr, ROOT, COMMAND_XATTR, b'{"op": "clear", "name": "x"}', CTX)
+        == errno.ENOTSUP
+    )
     assert errno_of(ops.setxattr, BITMAPS_DIR, b"user.other", b"1", CTX) == errno.ENOTSUP
     assert call(ops.getxattr, ROOT, PID_XATTR, CTX) == str(os.getpid()).encode()
     assert errno_of(ops.getxattr, DISK, PID_XATTR, CTX) == errno.ENODATA
@@ -308,7 +367,10 @@ def test_setxattr_command_channel(tmp_path, operations):
     close(ops)
 
     bms = qemu_bitmaps(img)
-    assert {n: (b["granularity"], b["flags"]) for n, b in bms.items()} == {"x": (4096, []), "y": (64 * KiB, [])}
+    assert {n: (b["granularity"], b["flags"]) for n, b in bms.items()} == {
+        "x": (4096, []),
+        "y": (64 * KiB, []),
+    }
     assert_clean(img)
     assert dirty_extents(img, "x") == [(0, 4096)]
     assert dirty_extents(img, "y") == []
@@ -329,10 +391,15 @@ def test_read_only_image_is_erofs(tmp_path, operations):
     qb = call(ops.lookup, BITMAPS_DIR, b"qb", CTX).st_ino
     assert status(ops, qb)["recording"] is True
     assert errno_of(ops.open, qb, os.O_WRONLY, CTX) == errno.EROFS
-    assert errno_of(ops.create, BITMAPS_DIR, b"new", 0o644, os.O_WRONLY | os.O_CREAT, CTX) == errno.EROFS
+    assert (
+        errno_of(ops.create, BITMAPS_DIR, b"new", 0o644, os.O_WRONLY | os.O_CREAT, CTX)
+        == errno.EROFS
+    )
     assert errno_of(ops.unlink, BITMAPS_DIR, b"qb", CTX) == errno.EROFS
     assert errno_of(xattr_command, ops, op="add", name="new") == errno.EROFS
-    assert errno_of(ops.setxattr, BITMAPS_DIR, COMMAND_XATTR, b"{bad", CTX) == errno.EINVAL  # parsed first
+    assert (
+        errno_of(ops.setxattr, BITMAPS_DIR, COMMAND_XATTR, b"{bad", CTX) == errno.EINVAL
+    )  # parsed first
     close(ops)
     assert sha256(img) == before, "a read-only Disk changed the image"
     assert qemu_bitmaps(img)["qb"]["flags"] == ["auto"]
@@ -343,10 +410,14 @@ def test_refused_operations(tmp_path, operations):
     qemu_img("bitmap", "--add", img, "b0")
     ops = operations(img)
     b0 = call(ops.lookup, BITMAPS_DIR, b"b0", CTX).st_ino
-    for fn, args in ((ops.mkdir, (BITMAPS_DIR, b"d", 0o755, CTX)), (ops.mknod, (ROOT, b"n", 0o644, 0, CTX)),
-                     (ops.symlink, (BITMAPS_DIR, b"s", b"b0", CTX)), (ops.link, (DISK, ROOT, b"l", CTX)),
-                     (ops.rename, (BITMAPS_DIR, b"b0", BITMAPS_DIR, b"b1", 0, CTX)),
-                     (ops.rmdir, (ROOT, b".bitmaps", CTX))):
+    for fn, args in (
+        (ops.mkdir, (BITMAPS_DIR, b"d", 0o755, CTX)),
+        (ops.mknod, (ROOT, b"n", 0o644, 0, CTX)),
+        (ops.symlink, (BITMAPS_DIR, b"s", b"b0", CTX)),
+        (ops.link, (DISK, ROOT, b"l", CTX)),
+        (ops.rename, (BITMAPS_DIR, b"b0", BITMAPS_DIR, b"b1", 0, CTX)),
+        (ops.rmdir, (ROOT, b".bitmaps", CTX)),
+    ):
         assert errno_of(fn, *args) == errno.EPERM, fn.__name__
     assert errno_of(ops.open, ROOT, os.O_RDONLY, CTX) == errno.EISDIR
     assert errno_of(ops.open, BITMAPS_DIR, os.O_RDONLY, CTX) == errno.EISDIR
@@ -356,18 +427,33 @@ def test_refused_operations(tmp_path, operations):
         attr = pyfuse3.EntryAttributes()
         if size is not None:
             attr.st_size = size
-        flags = dict(update_size=size is not None, update_mode=False, update_uid=False, update_gid=False,
-                     update_atime=False, update_mtime=False, update_ctime=False)
+        flags = dict(
+            update_size=size is not None,
+            update_mode=False,
+            update_uid=False,
+            update_gid=False,
+            update_atime=False,
+            update_mtime=False,
+            update_ctime=False,
+        )
         flags.update(fields)
         return ino, attr, SimpleNamespace(**flags), None, CTX
 
     assert errno_of(ops.setattr, *setattr_args(DISK, update_mode=True)) == errno.EPERM  # chmod
     assert errno_of(ops.setattr, *setattr_args(DISK, update_uid=True)) == errno.EPERM  # chown
-    assert errno_of(ops.setattr, *setattr_args(DISK, size=1 * MiB)) == errno.EPERM  # the disk's size is the image's
-    assert call(ops.setattr, *setattr_args(DISK, size=4 * MiB)).st_size == 4 * MiB  # the same size: nothing to do
+    assert (
+        errno_of(ops.setattr, *setattr_args(DISK, size=1 * MiB)) == errno.EPERM
+    )  # the disk's size is the image's
+    assert (
+        call(ops.setattr, *setattr_args(DISK, size=4 * MiB)).st_size == 4 * MiB
+    )  # the same size: nothing to do
     assert errno_of(ops.setattr, *setattr_args(BITMAPS_DIR, size=0)) == errno.EISDIR
-    assert call(ops.setattr, *setattr_args(b0, size=0)).st_ino == b0  # echo CMD > NAME truncates first: accepted
-    assert call(ops.setattr, *setattr_args(DISK, update_mtime=True)).st_ino == DISK  # touch: accepted, not stored
+    assert (
+        call(ops.setattr, *setattr_args(b0, size=0)).st_ino == b0
+    )  # echo CMD > NAME truncates first: accepted
+    assert (
+        call(ops.setattr, *setattr_args(DISK, update_mtime=True)).st_ino == DISK
+    )  # touch: accepted, not stored
     s = call(ops.statfs, CTX)
     assert s.f_files == 3 and s.f_namemax == 1023
     close(ops)

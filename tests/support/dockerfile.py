@@ -165,4 +165,6 @@ def _parents(path: str) -> list[str]:
 def load(root: Path) -> tuple[list[Stage], DockerIgnore]:
     """The repository's Dockerfile and .dockerignore."""
     ignore = root / ".dockerignore"
-    return parse_dockerfile((root / "Dockerfile").read_text()), DockerIgnore(ignore.read_text() if ignore.exists() else "")
+    return parse_dockerfile((root / "Dockerfile").read_text()), DockerIgnore(
+        ignore.read_text() if ignore.exists() else ""
+    )

@@ -12,8 +12,15 @@ from qcowfs_dev.oracles import qemu_img, qemu_io
 MiB = 1 << 20
 
 
-def create(path, size=None, *opts: str, backing=None, backing_fmt: Optional[str] = None, writes=(),
-           timeout: Optional[float] = None) -> Path:
+def create(
+    path,
+    size=None,
+    *opts: str,
+    backing=None,
+    backing_fmt: Optional[str] = None,
+    writes=(),
+    timeout: Optional[float] = None,
+) -> Path:
     """qemu-img create -q -f qcow2 [-o OPT]... [-b BACKING -F BACKING_FMT] PATH [SIZE], then qemu-io
     runs `writes` on it ("write -P 0x5a 0 64k", ...). Each of opts is one -o value
     ("cluster_size=4096,compat=0.10"; an empty one is left out); without a size an image with a
@@ -38,9 +45,21 @@ def mixed_image(tmp: Path) -> Path:
     clusters, unallocated clusters (the backing file's data shows), a compressed cluster."""
     base = tmp / "base.raw"
     base.write_bytes(random.Random(1).randbytes(8 * MiB))
-    return create(tmp / "mixed.qcow2", "16M", "cluster_size=65536", backing=base, backing_fmt="raw",
-                  writes=("write -P 0x5a 0 1M", "write -z 1M 256k", "write -P 0x11 3M 64k",
-                          "write -c -P 0x22 4M 64k", "write -z 9M 1M", "write -P 0x33 15M 1M"))
+    return create(
+        tmp / "mixed.qcow2",
+        "16M",
+        "cluster_size=65536",
+        backing=base,
+        backing_fmt="raw",
+        writes=(
+            "write -P 0x5a 0 1M",
+            "write -z 1M 256k",
+            "write -P 0x11 3M 64k",
+            "write -c -P 0x22 4M 64k",
+            "write -z 9M 1M",
+            "write -P 0x33 15M 1M",
+        ),
+    )
 
 
 class Blobs(dict):

@@ -153,12 +153,12 @@ class OneFile(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=FH, direct_io=True)
 
     async def read(self, fh, off, size):
-        return bytes(self.content[off:min(off + size, self.size)])
+        return bytes(self.content[off : min(off + size, self.size)])
 
     async def write(self, fh, off, buf):
         # what pyfuse3 hands over: bytes (a copy), or with enable_write_view a memoryview
         self.record(op="write", type=type(buf).__name__, off=off, size=len(buf))
-        self.content[off:off + len(buf)] = buf
+        self.content[off : off + len(buf)] = buf
         return len(buf)
 
     async def release(self, fh):
@@ -176,10 +176,10 @@ class OneFile(pyfuse3.Operations):
             self.extents = merge(self.extents + [(offset, end)])
         elif mode == FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE:
             self.extents = subtract(self.extents, offset, end)
-            self.content[offset:min(end, self.size)] = bytes(max(0, min(end, self.size) - offset))
+            self.content[offset : min(end, self.size)] = bytes(max(0, min(end, self.size) - offset))
         elif mode & ~FALLOC_FL_KEEP_SIZE == FALLOC_FL_ZERO_RANGE:
             self.extents = merge(self.extents + [(offset, end)])
-            self.content[offset:min(end, self.size)] = bytes(max(0, min(end, self.size) - offset))
+            self.content[offset : min(end, self.size)] = bytes(max(0, min(end, self.size) - offset))
         else:
             raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         if not mode & FALLOC_FL_KEEP_SIZE and end > self.size:
@@ -220,11 +220,19 @@ class CountingWaiter:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("mountpoint")
-    parser.add_argument("--record", required=True, help="append one JSON line per handler call here")
-    parser.add_argument("--defaults", action="store_true", help="defer to pyfuse3's default handlers")
-    parser.add_argument("--hook", action="store_true", help="serve through pyfuse3.main(wait_readable=...)")
+    parser.add_argument(
+        "--record", required=True, help="append one JSON line per handler call here"
+    )
+    parser.add_argument(
+        "--defaults", action="store_true", help="defer to pyfuse3's default handlers"
+    )
+    parser.add_argument(
+        "--hook", action="store_true", help="serve through pyfuse3.main(wait_readable=...)"
+    )
     parser.add_argument("--workers", type=int, default=1, help="max_tasks behind the hook")
-    parser.add_argument("--write-view", action="store_true", help="set Operations.enable_write_view")
+    parser.add_argument(
+        "--write-view", action="store_true", help="set Operations.enable_write_view"
+    )
     args = parser.parse_args(argv)
 
     ops = OneFile(args.record, args.defaults)
@@ -235,7 +243,11 @@ def main(argv=None) -> int:
     waiter = CountingWaiter()
     try:
         if args.hook:
-            trio.run(functools.partial(pyfuse3.main, min_tasks=1, max_tasks=args.workers, wait_readable=waiter))
+            trio.run(
+                functools.partial(
+                    pyfuse3.main, min_tasks=1, max_tasks=args.workers, wait_readable=waiter
+                )
+            )
         else:
             trio.run(pyfuse3.main)
     finally:

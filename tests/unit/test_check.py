@@ -22,9 +22,20 @@ MiB = 1 << 20
 
 
 #: every key of qemu-img check's JSON (QAPI ImageCheck)
-QEMU_KEYS = ("filename", "format", "check-errors", "image-end-offset", "corruptions", "leaks",
-             "corruptions-fixed", "leaks-fixed", "total-clusters", "allocated-clusters",
-             "fragmented-clusters", "compressed-clusters")
+QEMU_KEYS = (
+    "filename",
+    "format",
+    "check-errors",
+    "image-end-offset",
+    "corruptions",
+    "leaks",
+    "corruptions-fixed",
+    "leaks-fixed",
+    "total-clusters",
+    "allocated-clusters",
+    "fragmented-clusters",
+    "compressed-clusters",
+)
 
 
 def qcowfs_check(image, *extra) -> tuple:
@@ -44,7 +55,9 @@ def qemu_check_repair(image, mode) -> dict:
 
 def assert_same_as_qemu(q: dict, rc: int, res: dict, what: str, may_differ=()) -> None:
     """qcowfs' (rc, JSON) equals qemu-img's on the exit code and on every key of qemu-img's JSON."""
-    assert rc == q["rc"], f"{what}: qcowfs exit {rc}, qemu-img exit {q['rc']}\nqemu-img: {q}\nqcowfs: {res}"
+    assert rc == q["rc"], (
+        f"{what}: qcowfs exit {rc}, qemu-img exit {q['rc']}\nqemu-img: {q}\nqcowfs: {res}"
+    )
     if not res and rc == 1:
         # qemu-img check prints no JSON when the check itself fails (qcowfs: one line on stderr)
         assert "format" not in q, f"{what}: qemu-img printed JSON, qcowfs none: {q}"
@@ -53,8 +66,9 @@ def assert_same_as_qemu(q: dict, rc: int, res: dict, what: str, may_differ=()) -
     assert not missing, f"{what}: qcowfs check --json lacks {missing}: {res}"
     unknown = set(q) - set(QEMU_KEYS) - {"rc", "stderr"}
     assert not unknown, f"{what}: qemu-img printed keys this test does not know: {unknown}"
-    diffs = {k: (q.get(k, 0), res[k]) for k in QEMU_KEYS
-             if k not in may_differ and q.get(k, 0) != res[k]}
+    diffs = {
+        k: (q.get(k, 0), res[k]) for k in QEMU_KEYS if k not in may_differ and q.get(k, 0) != res[k]
+    }
     assert not diffs, f"{what}: (qemu-img, qcowfs) differ: {diffs}\nqemu-img: {q}\nqcowfs: {res}"
 
 
@@ -68,8 +82,12 @@ def assert_check_agrees(image, what="", may_differ=()) -> dict:
 
 def base_image(tmp_path: Path) -> Path:
     """What each damage starts from: 64 KiB clusters (16-bit refcounts), 1 MiB + 64 KiB of data."""
-    return create(tmp_path / "img.qcow2", "16M", "cluster_size=65536",
-                  writes=["write -P 0x11 0 1M", "write -P 0x22 4M 64k"])
+    return create(
+        tmp_path / "img.qcow2",
+        "16M",
+        "cluster_size=65536",
+        writes=["write -P 0x11 0 1M", "write -P 0x22 4M 64k"],
+    )
 
 
 def damage_leak(img):
@@ -170,8 +188,10 @@ REPAIR_MAY_DIFFER = {
 QUICK_DAMAGE = ("leak", "reserved-bits", "copied-flag")
 
 
-@pytest.mark.parametrize("case", [c if c in QUICK_DAMAGE else pytest.param(c, marks=pytest.mark.slow)
-                                  for c in sorted(DAMAGE)])
+@pytest.mark.parametrize(
+    "case",
+    [c if c in QUICK_DAMAGE else pytest.param(c, marks=pytest.mark.slow) for c in sorted(DAMAGE)],
+)
 def test_check_agrees_with_qemu_and_repairs(tmp_path, case):
     damage, repairable = DAMAGE[case]
     img = base_image(tmp_path)
@@ -191,16 +211,21 @@ def test_check_agrees_with_qemu_and_repairs(tmp_path, case):
         if "rc" in may_differ:
             assert rc2 in (0, 2, 3), f"{case}: --repair={mode} exits {rc2}: {res2}"
         else:
-            assert_same_as_qemu(qr, rc2, res2, f"{case} --repair={mode}", may_differ + ("filename",))
+            assert_same_as_qemu(
+                qr, rc2, res2, f"{case} --repair={mode}", may_differ + ("filename",)
+            )
         if mode == "all" and repairable:
             assert rc2 == 0, f"{case}: after --repair=all qcowfs check exits {rc2}: {res2}"
         after = qemu_check(fcopy)
         if "rc" not in may_differ:
-            assert after["rc"] == qemu_check(qcopy)["rc"], \
+            assert after["rc"] == qemu_check(qcopy)["rc"], (
                 f"{case}: qemu-img check after --repair={mode}: qcowfs' copy {after}, qemu-img's {qemu_check(qcopy)}"
+            )
         if rc2 == 1:
             # refused (qemu-img -r leaks refuses too: "need to rebuild refcount structures"): untouched
-            assert fcopy.read_bytes() == img.read_bytes(), f"{case}: a refused --repair={mode} wrote to the image"
+            assert fcopy.read_bytes() == img.read_bytes(), (
+                f"{case}: a refused --repair={mode} wrote to the image"
+            )
         else:
             # what qcowfs says after its repair is what qemu-img says of the result
             assert_check_agrees(fcopy, f"{case} after qcowfs --repair={mode}")
@@ -218,14 +243,20 @@ def test_reserved_bits_are_a_corruption_and_still_a_reference(tmp_path):
     q = qemu_check_repair(copy, "all")
     assert q["rc"] == 2 and q.get("corruptions") == 1 and not q.get("corruptions-fixed"), q
     rc, res = qcowfs_check(img, "--repair=all")
-    assert rc == 2 and (res["corruptions"], res["leaks"], res["corruptions-fixed"]) == (1, 0, 0), res
-    assert copy.read_bytes() == img.read_bytes(), "qemu-img -r all and qcowfs --repair=all left different images"
+    assert rc == 2 and (res["corruptions"], res["leaks"], res["corruptions-fixed"]) == (1, 0, 0), (
+        res
+    )
+    assert copy.read_bytes() == img.read_bytes(), (
+        "qemu-img -r all and qcowfs --repair=all left different images"
+    )
 
 
 def test_allocated_clusters_counts_guest_clusters(tmp_path):
     """Issue 11 item 11: 256 KiB written in 64 KiB clusters is 4 allocated clusters (qemu-img counts
     guest clusters with a host cluster, not metadata)."""
-    img = create(tmp_path / "img.qcow2", "16M", "cluster_size=65536", writes=["write -P 0x11 0 256k"])
+    img = create(
+        tmp_path / "img.qcow2", "16M", "cluster_size=65536", writes=["write -P 0x11 0 256k"]
+    )
     res = assert_check_agrees(img)
     assert res["allocated-clusters"] == 4, res
     p = run([*QCOWFS, "check", img], check=False)
@@ -249,13 +280,33 @@ def _layout_simple(img):
 
 
 def _layout_fragmented(img):
-    create(img, "16M", "cluster_size=65536", writes=["write -P 1 1M 64k", "write -P 2 0 64k", "write -P 3 3M 128k",
-                                                     "write -P 4 2M 64k", "write -z 5M 64k", "write -z -u 1M 64k"])
+    create(
+        img,
+        "16M",
+        "cluster_size=65536",
+        writes=[
+            "write -P 1 1M 64k",
+            "write -P 2 0 64k",
+            "write -P 3 3M 128k",
+            "write -P 4 2M 64k",
+            "write -z 5M 64k",
+            "write -z -u 1M 64k",
+        ],
+    )
 
 
 def _layout_compressed(img):
-    create(img, "16M", "cluster_size=65536",
-           writes=["write -c -P 1 0 64k", "write -c -P 2 64k 64k", "write -P 3 128k 64k", "write -c -P 4 1M 64k"])
+    create(
+        img,
+        "16M",
+        "cluster_size=65536",
+        writes=[
+            "write -c -P 1 0 64k",
+            "write -c -P 2 64k 64k",
+            "write -P 3 128k 64k",
+            "write -c -P 4 1M 64k",
+        ],
+    )
 
 
 def _layout_snapshot(img):
@@ -265,16 +316,35 @@ def _layout_snapshot(img):
 
 
 def _layout_v2(img):
-    create(img, "16M", "cluster_size=65536,compat=0.10", writes=["write -P 1 0 1M", "write -P 2 4M 64k"])
+    create(
+        img,
+        "16M",
+        "cluster_size=65536,compat=0.10",
+        writes=["write -P 1 0 1M", "write -P 2 4M 64k"],
+    )
 
 
 def _layout_small_clusters(img):
-    create(img, "8M", "cluster_size=512",
-           writes=["write -P 1 0 100k", "write -P 2 1M 3k", "write -c -P 3 2M 4k", "write -P 4 300k 1k"])
+    create(
+        img,
+        "8M",
+        "cluster_size=512",
+        writes=[
+            "write -P 1 0 100k",
+            "write -P 2 1M 3k",
+            "write -c -P 3 2M 4k",
+            "write -P 4 300k 1k",
+        ],
+    )
 
 
 def _layout_extended_l2(img):
-    create(img, "16M", "cluster_size=65536,extended_l2=on", writes=["write -P 1 0 4k", "write -P 2 1M 64k", "write -z 2M 64k"])
+    create(
+        img,
+        "16M",
+        "cluster_size=65536,extended_l2=on",
+        writes=["write -P 1 0 4k", "write -P 2 1M 64k", "write -z 2M 64k"],
+    )
 
 
 def _layout_refcount_bits_1(img):
@@ -288,7 +358,12 @@ def _layout_bitmap(img):
 
 
 def _layout_data_file(img):
-    create(img, "16M", f"cluster_size=65536,data_file={img}.data", writes=["write -P 1 0 1M", "write -P 2 8M 64k"])
+    create(
+        img,
+        "16M",
+        f"cluster_size=65536,data_file={img}.data",
+        writes=["write -P 1 0 1M", "write -P 2 8M 64k"],
+    )
 
 
 def _layout_file_tail(img):
@@ -304,17 +379,32 @@ def _layout_lazy_dirty(img):
     qemu_io(img, "write -P 1 0 1M", "abort", check=False)
 
 
-LAYOUTS = {name[len("_layout_"):]: fn for name, fn in sorted(globals().items()) if name.startswith("_layout_")}
+LAYOUTS = {
+    name[len("_layout_") :]: fn
+    for name, fn in sorted(globals().items())
+    if name.startswith("_layout_")
+}
 
 
-@pytest.mark.parametrize("layout", [x if x in ("compressed", "snapshot", "data_file") else
-                                    pytest.param(x, marks=pytest.mark.slow) for x in sorted(LAYOUTS)])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        x
+        if x in ("compressed", "snapshot", "data_file")
+        else pytest.param(x, marks=pytest.mark.slow)
+        for x in sorted(LAYOUTS)
+    ],
+)
 def test_check_agrees_with_qemu_on_layouts(tmp_path, layout):
     img = tmp_path / "img.qcow2"
     LAYOUTS[layout](img)
     res = assert_check_agrees(img, layout)
     if layout == "compressed":
-        assert (res["allocated-clusters"], res["compressed-clusters"], res["fragmented-clusters"]) == (4, 3, 3), res
+        assert (
+            res["allocated-clusters"],
+            res["compressed-clusters"],
+            res["fragmented-clusters"],
+        ) == (4, 3, 3), res
 
 
 def test_repair_leaks_only(tmp_path):
@@ -330,7 +420,11 @@ def test_clean_image_and_exit_codes(tmp_path):
     res = assert_check_agrees(img)
     assert res["corruptions"] == 0 and res["leaks"] == 0
     p = run([*QCOWFS, "check", tmp_path / "missing.qcow2"], check=False)
-    assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+    assert (
+        p.returncode == 1
+        and len(p.stderr.strip().splitlines()) == 1
+        and "Traceback" not in p.stderr
+    )
 
 
 def test_in_use_bitmap_is_reported_with_the_fix(tmp_path):

@@ -30,13 +30,25 @@ G, M, K = 1 << 30, 1 << 20, 1 << 10
 def test_every_steady_job_has_a_fresh_variant_and_first_jobs_do_not():
     steady = [j for j in jobs.JOBS if not jobs.JOBS[j].get("fresh")]
     assert jobs.ALL_JOBS == list(jobs.JOBS) + [j + "@fresh" for j in steady]
-    assert "first-write@fresh" not in jobs.ALL_JOBS and "first-rand-write-4k@fresh" not in jobs.ALL_JOBS
+    assert (
+        "first-write@fresh" not in jobs.ALL_JOBS
+        and "first-rand-write-4k@fresh" not in jobs.ALL_JOBS
+    )
     assert all(j.startswith("first-") for j in jobs.JOBS if jobs.JOBS[j].get("fresh"))
 
 
 def test_default_jobs_are_the_psync_ones():
-    assert jobs.DEFAULT_JOBS == ["seq-write", "seq-read", "rand-write-4k", "rand-read-4k", "rand-write-64k",
-                                 "rand-read-64k", "rand-read-4k-x4", "first-write", "first-rand-write-4k"]
+    assert jobs.DEFAULT_JOBS == [
+        "seq-write",
+        "seq-read",
+        "rand-write-4k",
+        "rand-read-4k",
+        "rand-write-64k",
+        "rand-read-64k",
+        "rand-read-4k-x4",
+        "first-write",
+        "first-rand-write-4k",
+    ]
     assert all(jobs.JOBS[j].get("ioengine", "psync") == "psync" for j in jobs.DEFAULT_JOBS)
 
 
@@ -50,14 +62,30 @@ def test_issue15_preset_is_ten_jobs_filled_and_fresh_against_both_qemus():
 
 def test_job_spec_of_a_fresh_job_is_the_steady_one_on_a_fresh_image():
     spec = jobs.job_spec("rand-write-4k-qd16@fresh")
-    assert spec == dict(rw="randwrite", bs="4k", ioengine="libaio", iodepth=16, fresh=True,
-                        fresh_of="rand-write-4k-qd16")
+    assert spec == dict(
+        rw="randwrite",
+        bs="4k",
+        ioengine="libaio",
+        iodepth=16,
+        fresh=True,
+        fresh_of="rand-write-4k-qd16",
+    )
     assert "fresh" not in jobs.JOBS["rand-write-4k-qd16"]  # the table itself is left alone
     assert jobs.job_spec("first-write") is jobs.JOBS["first-write"]
 
 
-@pytest.mark.parametrize("text,size", [("1G", G), ("512M", 512 * M), ("512MiB", 512 * M), ("64k", 64 * K),
-                                       ("1.5G", 1536 * M), ("65536", 64 * K), (" 2g ", 2 * G)])
+@pytest.mark.parametrize(
+    "text,size",
+    [
+        ("1G", G),
+        ("512M", 512 * M),
+        ("512MiB", 512 * M),
+        ("64k", 64 * K),
+        ("1.5G", 1536 * M),
+        ("65536", 64 * K),
+        (" 2g ", 2 * G),
+    ],
+)
 def test_parse_size(text, size):
     assert jobs.parse_size(text) == size
 
@@ -69,15 +97,23 @@ def test_parse_size_refuses(text):
 
 
 def test_human_and_writes():
-    assert [jobs.human(n) for n in (G, 3 * G, 512 * M, 64 * K, 1000)] == ["1G", "3G", "512M", "64K", "1000"]
+    assert [jobs.human(n) for n in (G, 3 * G, 512 * M, 64 * K, 1000)] == [
+        "1G",
+        "3G",
+        "512M",
+        "64K",
+        "1000",
+    ]
     assert jobs.writes(jobs.JOBS["rand-rw-4k-qd16"]) and jobs.writes(jobs.JOBS["seq-write"])
     assert not jobs.writes(jobs.JOBS["seq-read"])
 
 
 def test_fio_desc_names_queue_depth_only_when_a_job_has_it():
     assert jobs.fio_desc(["rand-read-4k", "seq-write@fresh"]) == "fio O_DIRECT, psync"
-    assert jobs.fio_desc(["rand-read-4k", "seq-read-qd8"]) == \
-        "fio O_DIRECT, psync (*-qdN: libaio or io_uring at iodepth N)"
+    assert (
+        jobs.fio_desc(["rand-read-4k", "seq-read-qd8"])
+        == "fio O_DIRECT, psync (*-qdN: libaio or io_uring at iodepth N)"
+    )
 
 
 # ----------------------------------------------------------------------------- bench: fio command lines
@@ -89,8 +125,18 @@ def _cmd(job, runtime=2.0, size=G, fw=512 * M):
 
 
 def test_fio_command_of_a_steady_job_is_time_based_over_the_disk():
-    assert _cmd("rand-read-4k") == ["fio", "--name=rand-read-4k", "--filename=/m/disk.raw", "--rw=randread", "--bs=4k",
-                                    "--ioengine=psync", *BASE, f"--size={G}", "--time_based", "--runtime=2000ms"]
+    assert _cmd("rand-read-4k") == [
+        "fio",
+        "--name=rand-read-4k",
+        "--filename=/m/disk.raw",
+        "--rw=randread",
+        "--bs=4k",
+        "--ioengine=psync",
+        *BASE,
+        f"--size={G}",
+        "--time_based",
+        "--runtime=2000ms",
+    ]
 
 
 def test_fio_command_queue_depth_mix_and_jobs():
@@ -110,38 +156,86 @@ def test_fio_command_fresh_writes_make_one_pass_and_fresh_reads_are_timed():
 
 def test_fio_command_first_write_passes_over_its_size_with_a_budget():
     assert _cmd("first-write", runtime=2)[-2:] == [f"--size={512 * M}", "--runtime=20"]
-    assert _cmd("first-write", runtime=0.5)[-2:] == [f"--size={512 * M}", "--runtime=10"]  # at least 10 s
-    assert _cmd("first-rand-write-4k", runtime=3)[-3:] == [f"--size={512 * M}", "--time_based", "--runtime=3000ms"]
+    assert _cmd("first-write", runtime=0.5)[-2:] == [
+        f"--size={512 * M}",
+        "--runtime=10",
+    ]  # at least 10 s
+    assert _cmd("first-rand-write-4k", runtime=3)[-3:] == [
+        f"--size={512 * M}",
+        "--time_based",
+        "--runtime=3000ms",
+    ]
 
 
 def _side(iops, bw, io, runtime, mean_ns, p99_ns, ios=0):
-    return {"iops": iops, "bw_bytes": bw, "io_bytes": io, "runtime": runtime, "total_ios": ios,
-            "clat_ns": {"mean": mean_ns, "percentile": {"99.000000": p99_ns}}}
+    return {
+        "iops": iops,
+        "bw_bytes": bw,
+        "io_bytes": io,
+        "runtime": runtime,
+        "total_ios": ios,
+        "clat_ns": {"mean": mean_ns, "percentile": {"99.000000": p99_ns}},
+    }
 
 
 def test_fio_result_reads_the_measured_side_after_notes():
-    doc = {"jobs": [{"read": _side(100, 409600, 819200, 2000, 5000, 20000), "write": _side(0, 0, 0, 0, 0, 0)}]}
-    res = jobs.fio_result("rand-read-4k", jobs.JOBS["rand-read-4k"], "f", 0, "fio: note\n" + json.dumps(doc), "")
-    assert res == {"iops": 100, "bw_bytes": 409600, "io_bytes": 819200, "runtime_ms": 2000,
-                   "clat_mean_us": 5.0, "clat_p99_us": 20.0}
+    doc = {
+        "jobs": [
+            {
+                "read": _side(100, 409600, 819200, 2000, 5000, 20000),
+                "write": _side(0, 0, 0, 0, 0, 0),
+            }
+        ]
+    }
+    res = jobs.fio_result(
+        "rand-read-4k", jobs.JOBS["rand-read-4k"], "f", 0, "fio: note\n" + json.dumps(doc), ""
+    )
+    assert res == {
+        "iops": 100,
+        "bw_bytes": 409600,
+        "io_bytes": 819200,
+        "runtime_ms": 2000,
+        "clat_mean_us": 5.0,
+        "clat_p99_us": 20.0,
+    }
 
 
 def test_fio_result_of_a_mix_sums_both_sides():
     r = _side(70, 700, 7000, 1000, 1000, 5000, ios=70)
     w = _side(30, 300, 3000, 1100, 3000, 4000, ios=30)
-    assert jobs.mixed(r, w) == {"iops": 100, "bw_bytes": 1000, "io_bytes": 10000, "runtime": 1100,
-                                "clat_ns": {"mean": 1600.0, "percentile": {"99.000000": 5000}}}
-    res = jobs.fio_result("m", jobs.JOBS["rand-rw-4k-qd16"], "f", 0, json.dumps({"jobs": [{"read": r, "write": w}]}), "")
-    assert (res["iops"], res["bw_bytes"], res["clat_mean_us"], res["clat_p99_us"]) == (100, 1000, 1.6, 5.0)
+    assert jobs.mixed(r, w) == {
+        "iops": 100,
+        "bw_bytes": 1000,
+        "io_bytes": 10000,
+        "runtime": 1100,
+        "clat_ns": {"mean": 1600.0, "percentile": {"99.000000": 5000}},
+    }
+    res = jobs.fio_result(
+        "m",
+        jobs.JOBS["rand-rw-4k-qd16"],
+        "f",
+        0,
+        json.dumps({"jobs": [{"read": r, "write": w}]}),
+        "",
+    )
+    assert (res["iops"], res["bw_bytes"], res["clat_mean_us"], res["clat_p99_us"]) == (
+        100,
+        1000,
+        1.6,
+        5.0,
+    )
 
 
-@pytest.mark.parametrize("rc,out,what", [
-    (1, json.dumps({"jobs": [{"write": _side(1, 1, 1, 1, 1, 1)}]}), "failed (exit 1)"),
-    (0, "no json here", "failed (exit 0)"),
-    (0, json.dumps({"jobs": []}), "failed (exit 0)"),
-    (0, json.dumps({"jobs": [{"error": 5, "write": _side(1, 1, 1, 1, 1, 1)}]}), "error 5"),
-    (0, json.dumps({"jobs": [{"write": _side(0, 0, 0, 1, 0, 0)}]}), "did no I/O"),
-])
+@pytest.mark.parametrize(
+    "rc,out,what",
+    [
+        (1, json.dumps({"jobs": [{"write": _side(1, 1, 1, 1, 1, 1)}]}), "failed (exit 1)"),
+        (0, "no json here", "failed (exit 0)"),
+        (0, json.dumps({"jobs": []}), "failed (exit 0)"),
+        (0, json.dumps({"jobs": [{"error": 5, "write": _side(1, 1, 1, 1, 1, 1)}]}), "error 5"),
+        (0, json.dumps({"jobs": [{"write": _side(0, 0, 0, 1, 0, 0)}]}), "did no I/O"),
+    ],
+)
 def test_fio_result_refuses_failed_runs(rc, out, what):
     with pytest.raises(BenchError, match=re.escape(what)):
         jobs.fio_result("seq-write", jobs.JOBS["seq-write"], "f", rc, out, "stderr text")
@@ -149,27 +243,51 @@ def test_fio_result_refuses_failed_runs(rc, out, what):
 
 # ----------------------------------------------------------------------------- bench: statistics
 def _run(iops, bw=0.0):
-    return {"iops": iops, "bw_bytes": bw, "io_bytes": 1, "runtime_ms": 1, "clat_mean_us": iops / 10, "clat_p99_us": 1.0}
+    return {
+        "iops": iops,
+        "bw_bytes": bw,
+        "io_bytes": 1,
+        "runtime_ms": 1,
+        "clat_mean_us": iops / 10,
+        "clat_p99_us": 1.0,
+    }
 
 
 def test_medians_of_the_repeats():
-    res = {"j": {"qcowfs": [_run(1, 10), _run(3, 30), _run(2, 20)], "qemu": [_run(1), _run(4), _run(2), _run(3)],
-                 "ceiling": []}}
+    res = {
+        "j": {
+            "qcowfs": [_run(1, 10), _run(3, 30), _run(2, 20)],
+            "qemu": [_run(1), _run(4), _run(2), _run(3)],
+            "ceiling": [],
+        }
+    }
     med = stats.medians(res)
-    assert med == {"j": {"qcowfs": {"iops": 2, "bw_bytes": 20, "clat_mean_us": 0.2, "clat_p99_us": 1.0},
-                         "qemu": {"iops": 2.5, "bw_bytes": 0.0, "clat_mean_us": 0.25, "clat_p99_us": 1.0}}}
+    assert med == {
+        "j": {
+            "qcowfs": {"iops": 2, "bw_bytes": 20, "clat_mean_us": 0.2, "clat_p99_us": 1.0},
+            "qemu": {"iops": 2.5, "bw_bytes": 0.0, "clat_mean_us": 0.25, "clat_p99_us": 1.0},
+        }
+    }
 
 
 def test_rotated_starts_each_repeat_with_the_next_target():
     t = ["qcowfs", "qemu", "ceiling"]
-    assert [stats.rotated(t, r) for r in range(4)] == [t, ["qemu", "ceiling", "qcowfs"], ["ceiling", "qcowfs", "qemu"], t]
+    assert [stats.rotated(t, r) for r in range(4)] == [
+        t,
+        ["qemu", "ceiling", "qcowfs"],
+        ["ceiling", "qcowfs", "qemu"],
+        t,
+    ]
     assert stats.rotated(("a",), 5) == ["a"]
 
 
 def test_ratio_pairs_and_bw_ratio():
     pairs = stats.ratio_pairs(["qcowfs", "intent", "qemu", "ceiling"], {"qemu": "qsd 7.2"})
-    assert pairs == [("qcowfs/qsd 7.2", "qcowfs", "qemu"), ("qcowfs/ceiling", "qcowfs", "ceiling"),
-                     ("intent/close", "intent", "qcowfs")]
+    assert pairs == [
+        ("qcowfs/qsd 7.2", "qcowfs", "qemu"),
+        ("qcowfs/ceiling", "qcowfs", "ceiling"),
+        ("intent/close", "intent", "qcowfs"),
+    ]
     assert stats.ratio_pairs(["qemu", "ceiling"], {}) == []
     per = {"qcowfs": {"bw_bytes": 300.0}, "qemu": {"bw_bytes": 200.0}, "ceiling": {"bw_bytes": 0.0}}
     assert stats.bw_ratio(per, "qcowfs", "qemu") == 1.5
@@ -178,13 +296,27 @@ def test_ratio_pairs_and_bw_ratio():
 
 
 # ----------------------------------------------------------------------------- bench: report
-MED = {"rand-read-4k": {"qcowfs": {"iops": 1000.4, "bw_bytes": 4_096_000.0, "clat_mean_us": 1.0, "clat_p99_us": 2.0},
-                        "qemu": {"iops": 500.0, "bw_bytes": 2_048_000.0, "clat_mean_us": 2.0, "clat_p99_us": 4.0}},
-       "seq-write@fresh": {"qcowfs": {"iops": 12.0, "bw_bytes": 12_582_912.0, "clat_mean_us": 1.0, "clat_p99_us": 2.0}}}
+MED = {
+    "rand-read-4k": {
+        "qcowfs": {
+            "iops": 1000.4,
+            "bw_bytes": 4_096_000.0,
+            "clat_mean_us": 1.0,
+            "clat_p99_us": 2.0,
+        },
+        "qemu": {"iops": 500.0, "bw_bytes": 2_048_000.0, "clat_mean_us": 2.0, "clat_p99_us": 4.0},
+    },
+    "seq-write@fresh": {
+        "qcowfs": {"iops": 12.0, "bw_bytes": 12_582_912.0, "clat_mean_us": 1.0, "clat_p99_us": 2.0}
+    },
+}
 
 
 def test_qsd_label():
-    assert report.qsd_label("qemu-storage-daemon version 10.0.2 (Debian 1:10.0.2+ds-1~bpo12+1)", "x") == "qsd 10.0"
+    assert (
+        report.qsd_label("qemu-storage-daemon version 10.0.2 (Debian 1:10.0.2+ds-1~bpo12+1)", "x")
+        == "qsd 10.0"
+    )
     assert report.qsd_label("qemu-storage-daemon version 7.2.15", "x") == "qsd 7.2"
     assert report.qsd_label(None, "qemu10") == "qemu10"
 
@@ -192,39 +324,82 @@ def test_qsd_label():
 def test_table_rows_ratios_and_missing_values():
     mem = {"qcowfs": {"steady_VmHWM": 50 * M, "rss_1t_VmHWM": 60 * M}}
     lines = report.table(MED, ["qemu", "qcowfs"], mem, {"qemu": "qsd 7.2"}).splitlines()
-    assert lines[0].split() == ["job", "qcowfs", "qsd", "7.2", "qcowfs/qsd", "7.2"]  # columns in ALL_TARGETS order
+    assert lines[0].split() == [
+        "job",
+        "qcowfs",
+        "qsd",
+        "7.2",
+        "qcowfs/qsd",
+        "7.2",
+    ]  # columns in ALL_TARGETS order
     assert lines[1].split() == ["IOPS", "MB/s", "IOPS", "MB/s"]
     assert set(lines[2]) == {"-"} and len(lines[2]) == len(lines[0])
     assert lines[3].split() == ["rand-read-4k", "1000", "4.1", "500", "2.0", "2.00"]
     assert lines[4].split() == ["seq-write@fresh", "12", "12.6", "-", "-", "-"]
-    assert lines[5:] == ["", "peak RSS (VmHWM) of the daemons:", "  qcowfs   steady 50.0 MiB, rss-1t 60.0 MiB"]
+    assert lines[5:] == [
+        "",
+        "peak RSS (VmHWM) of the daemons:",
+        "  qcowfs   steady 50.0 MiB, rss-1t 60.0 MiB",
+    ]
     assert all(len(x) == len(lines[0]) for x in lines[:5])  # fixed-width columns
 
 
 def test_chart_title_and_run_header():
-    cfg = {"targets": ["qcowfs", "ceiling"], "jobs": {"rand-read-4k": {}, "seq-write@fresh": {}}, "size": G, "repeat": 3,
-           "host_latency_us": 1000}
-    assert report.chart_title(cfg, 2, {}) == ("qcowfs vs pyfuse3 ceiling: fio O_DIRECT, psync, 1G disk (@fresh: a new "
-                                              "empty image per run), host I/O latency 1000 us, median of 3, 2 CPUs")
-    head = report.run_header(["rand-read-4k", "first-write", "seq-write@fresh"], G, 2.0, 3, 512 * M, 7, 61.4)
-    assert head[0] == ("fio O_DIRECT, psync, 1G disk, 2s runs, median of 3 (first-write: 512M once per fresh image, "
-                       "median of 7); MB/s = 10^6 B/s; ratios of MB/s; total 61s")
-    assert head[1].startswith("NAME@fresh: on a fresh empty image and mount per repeat") and len(head) == 2
+    cfg = {
+        "targets": ["qcowfs", "ceiling"],
+        "jobs": {"rand-read-4k": {}, "seq-write@fresh": {}},
+        "size": G,
+        "repeat": 3,
+        "host_latency_us": 1000,
+    }
+    assert report.chart_title(cfg, 2, {}) == (
+        "qcowfs vs pyfuse3 ceiling: fio O_DIRECT, psync, 1G disk (@fresh: a new "
+        "empty image per run), host I/O latency 1000 us, median of 3, 2 CPUs"
+    )
+    head = report.run_header(
+        ["rand-read-4k", "first-write", "seq-write@fresh"], G, 2.0, 3, 512 * M, 7, 61.4
+    )
+    assert head[0] == (
+        "fio O_DIRECT, psync, 1G disk, 2s runs, median of 3 (first-write: 512M once per fresh image, "
+        "median of 7); MB/s = 10^6 B/s; ratios of MB/s; total 61s"
+    )
+    assert (
+        head[1].startswith("NAME@fresh: on a fresh empty image and mount per repeat")
+        and len(head) == 2
+    )
     assert len(report.run_header(["rand-read-4k"], G, 0.5, 1, G, 1, 3)) == 1
 
 
 def test_result_doc_is_json_and_report_prints_the_runs_table(tmp_path, capsys):
-    a = cli.parse_args(["--jobs", "rand-read-4k,seq-write@fresh", "--targets", "qemu,qcowfs", "--runtime", "1",
-                        "--repeat", "2"])
+    a = cli.parse_args(
+        [
+            "--jobs",
+            "rand-read-4k,seq-write@fresh",
+            "--targets",
+            "qemu,qcowfs",
+            "--runtime",
+            "1",
+            "--repeat",
+            "2",
+        ]
+    )
     labels = {"qemu": "qsd 7.2", "qemu10": "qemu10"}
     runs = {"rand-read-4k": {"qcowfs": [_run(1), _run(2)], "qemu": [_run(3), _run(4)]}}
     mem = {"qemu": {"steady_VmHWM": 10 * M}}
     doc = report.result_doc(a, labels, {"cpus": 2, "qemu": None}, 12.34, MED, runs, mem)
     assert doc["elapsed_s"] == 12.3 and doc["median"] is MED and doc["runs"] is runs
     cfg = doc["config"]
-    assert cfg["jobs"] == {"rand-read-4k": jobs.JOBS["rand-read-4k"], "seq-write@fresh": jobs.job_spec("seq-write@fresh")}
-    assert (cfg["targets"], cfg["runtime_s"], cfg["repeat"], cfg["size"], cfg["cluster_size"]) == \
-        (["qcowfs", "qemu"], 1.0, 2, G, 65536)
+    assert cfg["jobs"] == {
+        "rand-read-4k": jobs.JOBS["rand-read-4k"],
+        "seq-write@fresh": jobs.job_spec("seq-write@fresh"),
+    }
+    assert (cfg["targets"], cfg["runtime_s"], cfg["repeat"], cfg["size"], cfg["cluster_size"]) == (
+        ["qcowfs", "qemu"],
+        1.0,
+        2,
+        G,
+        65536,
+    )
     path = tmp_path / "bench-1.json"
     path.write_text(json.dumps(doc, indent=1))
     assert report.report(str(path)) == 0
@@ -245,7 +420,13 @@ def test_parse_args_defaults():
     a = cli.parse_args([])
     assert a.jobs == jobs.DEFAULT_JOBS
     assert a.targets == ["qcowfs", "intent", "qemu", "ceiling"]
-    assert (a.runtime, a.repeat, a.size, a.first_write_size, a.first_write_repeat) == (2, 3, G, 512 * M, 7)
+    assert (a.runtime, a.repeat, a.size, a.first_write_size, a.first_write_repeat) == (
+        2,
+        3,
+        G,
+        512 * M,
+        7,
+    )
     assert a.rss_1t and not a.fresh and a.report is None
 
 
@@ -253,8 +434,13 @@ def test_parse_args_presets_all_and_order():
     a = cli.parse_args(["--preset", "issue15"])
     assert a.targets == ["qcowfs", "qemu", "qemu10"]
     assert sorted(a.jobs) == sorted(jobs.PRESETS["issue15"]["jobs"])
-    assert a.jobs == [j for j in jobs.ALL_JOBS if j in a.jobs]  # fixed order, whatever the preset lists
-    assert cli.parse_args(["--preset", "issue15", "--targets", "qemu,qcowfs"]).targets == ["qcowfs", "qemu"]
+    assert a.jobs == [
+        j for j in jobs.ALL_JOBS if j in a.jobs
+    ]  # fixed order, whatever the preset lists
+    assert cli.parse_args(["--preset", "issue15", "--targets", "qemu,qcowfs"]).targets == [
+        "qcowfs",
+        "qemu",
+    ]
     assert cli.parse_args(["--jobs", "seq-read,all"]).jobs == list(jobs.JOBS)
     b = cli.parse_args(["--baseline", "HEAD~1", "--targets", "qcowfs"])
     assert b.targets == ["qcowfs", "baseline"]
@@ -262,13 +448,25 @@ def test_parse_args_presets_all_and_order():
 
 def test_parse_args_sizes():
     assert cli.parse_args(["--size", "256M"]).first_write_size == 256 * M
-    assert cli.parse_args(["--size", "512M", "--first-write-size", "1G"]).first_write_size == 512 * M
+    assert (
+        cli.parse_args(["--size", "512M", "--first-write-size", "1G"]).first_write_size == 512 * M
+    )
     assert cli.parse_args(["--first-write-size", "64M"]).first_write_size == 64 * M
 
 
-@pytest.mark.parametrize("argv", [["--targets", "baseline"], ["--jobs", "nope"], ["--targets", "xfs"],
-                                  ["--jobs", "first-write@fresh"], ["--runtime", "0"], ["--repeat", "0"],
-                                  ["--jobs", ","], ["--size", "1000"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--targets", "baseline"],
+        ["--jobs", "nope"],
+        ["--targets", "xfs"],
+        ["--jobs", "first-write@fresh"],
+        ["--runtime", "0"],
+        ["--repeat", "0"],
+        ["--jobs", ","],
+        ["--size", "1000"],
+    ],
+)
 def test_parse_args_refuses(argv, capsys):
     with pytest.raises(SystemExit) as e:
         cli.parse_args(argv)
@@ -281,7 +479,10 @@ def test_intervals_merge_and_complement():
     iv = Intervals()
     for s, e in ((10, 20), (30, 40), (15, 35), (40, 50), (60, 70), (5, 5)):
         iv.add(s, e)
-    assert iv.iv == [[10, 50], [60, 70]]  # overlapping and touching ranges merged, empty ones ignored
+    assert iv.iv == [
+        [10, 50],
+        [60, 70],
+    ]  # overlapping and touching ranges merged, empty ones ignored
     assert iv.complement(100) == [(0, 10), (50, 60), (70, 100)]
     assert iv.complement(65) == [(0, 10), (50, 60)]
     assert iv.total() == 50
@@ -299,7 +500,10 @@ def test_bitmap_model_marks_granules_and_merges_extents():
     bm.mark(3 * g, g)
     bm.mark(5 * g, 0)  # nothing written: nothing marked
     assert bm.dirty == {0, 1, 3} and bm.count() == 3 * g
-    assert bm.extents(4 * g - 100) == [(0, 2 * g), (3 * g, g - 100)]  # the last one clipped to the disk
+    assert bm.extents(4 * g - 100) == [
+        (0, 2 * g),
+        (3 * g, g - 100),
+    ]  # the last one clipped to the disk
     bm.recording = False
     bm.mark(6 * g, g)
     assert bm.dirty == {0, 1, 3}
@@ -308,7 +512,10 @@ def test_bitmap_model_marks_granules_and_merges_extents():
 def test_soak_messages():
     assert _first_diff(b"abc", b"abd", 100) == "first at byte 102: 0x63 instead of 0x64"
     assert _first_diff(b"ab", b"abc", 0) == "(got 2 bytes, expected 3)"
-    assert _first_diff(b"x" * 9000, b"x" * 8999 + b"y", 0) == "first at byte 8999: 0x78 instead of 0x79"
+    assert (
+        _first_diff(b"x" * 9000, b"x" * 8999 + b"y", 0)
+        == "first at byte 8999: 0x78 instead of 0x79"
+    )
     assert _short([(1, 2)] * 13) == "[" + ", ".join(["(1, 2)"] * 12) + ", ...] (13 ranges)"
     assert _short([[0, 4]]) == "[(0, 4)] (1 ranges)"
 
@@ -323,18 +530,32 @@ def test_fuzz_parse_args():
     assert fuzz.parse_args(["--minutes", "x", "-h"]).help  # help where it stands, before the check
 
 
-@pytest.mark.parametrize("argv", [["--minutes", "x"], ["--minutes="], ["--minutes", "-1"], ["--seed"], ["--minutes"]])
+@pytest.mark.parametrize(
+    "argv", [["--minutes", "x"], ["--minutes="], ["--minutes", "-1"], ["--seed"], ["--minutes"]]
+)
 def test_fuzz_parse_args_refuses(argv):
     with pytest.raises(fuzz.UsageError):
         fuzz.parse_args(argv)
 
 
 def test_fuzz_time_split():
-    assert [fuzz.minutes_value(m) for m in ("1.5", "2.", "1.2.3", ".", "10")] == [1.5, 2.0, 1.2, 0.0, 10.0]
+    assert [fuzz.minutes_value(m) for m in ("1.5", "2.", "1.2.3", ".", "10")] == [
+        1.5,
+        2.0,
+        1.2,
+        0.0,
+        10.0,
+    ]
     assert fuzz.seconds_per_image("10", 7) == 85  # 600 / 7, truncated
     assert fuzz.seconds_per_image("0.1", 12) == 0
-    out = "\n".join(["tests/test_fuzz_images.py::test_damaged_image[v2-c64k]",
-                     "tests/test_fuzz_images.py::test_damaged_image[v3-c512]", "", "2 tests collected in 0.5s"])
+    out = "\n".join(
+        [
+            "tests/test_fuzz_images.py::test_damaged_image[v2-c64k]",
+            "tests/test_fuzz_images.py::test_damaged_image[v3-c512]",
+            "",
+            "2 tests collected in 0.5s",
+        ]
+    )
     assert fuzz.count_items(out) == 2 and fuzz.count_items("no tests ran") == 0
 
 
@@ -378,7 +599,9 @@ def test_choices_enumerate_every_subset_of_a_small_epoch():
     assert len(full) == 8 and len(set(sets)) == 8
     assert all(secs is None for c in full for _, secs in c)
     without = explore._choices(random.Random(0), [0, 1, 2], ents, Bounds(), want_full=False)
-    assert len(without) == 7 and frozenset({0, 1, 2}) not in {frozenset(i for i, _ in c) for c in without}
+    assert len(without) == 7 and frozenset({0, 1, 2}) not in {
+        frozenset(i for i, _ in c) for c in without
+    }
     assert explore._choices(random.Random(0), [], ents, Bounds(), want_full=True) == [[]]
     assert explore._choices(random.Random(0), [], ents, Bounds(), want_full=False) == []
 
@@ -388,17 +611,27 @@ def test_choices_sample_a_large_epoch_by_the_bounds():
     opt = [0, 1, 2, 3, 4]
     b = Bounds()  # 2**5 > exhaustive 16: sampled
     out = explore._choices(random.Random(1), opt, ents, b, want_full=True)
-    assert len(out) == 1 + 5 + b.drop_one + b.singles + b.random  # no multi-sector write: nothing torn
+    assert (
+        len(out) == 1 + 5 + b.drop_one + b.singles + b.random
+    )  # no multi-sector write: nothing torn
     idx = [[i for i, _ in c] for c in out]
     assert idx[0] == opt  # everything written
-    assert idx[1:6] == [opt[:k] for k in range(5)]  # the disk stopped after k writes, in issue order
-    drop = idx[6:6 + b.drop_one]
+    assert idx[1:6] == [
+        opt[:k] for k in range(5)
+    ]  # the disk stopped after k writes, in issue order
+    drop = idx[6 : 6 + b.drop_one]
     assert all(len(c) == 4 and set(c) < set(opt) for c in drop)
-    singles = idx[6 + b.drop_one:6 + b.drop_one + b.singles]
+    singles = idx[6 + b.drop_one : 6 + b.drop_one + b.singles]
     assert all(len(c) == 1 for c in singles)
     assert all(c == sorted(c) for c in idx)  # subsets keep the log's order
-    fewer = explore._choices(random.Random(1), list(range(10)), _writes(*[512] * 10), Bounds(prefixes=3), want_full=False)
-    assert [[i for i, _ in c] for c in fewer[:3]] == [[], list(range(4)), list(range(9))]  # evenly spaced prefixes
+    fewer = explore._choices(
+        random.Random(1), list(range(10)), _writes(*[512] * 10), Bounds(prefixes=3), want_full=False
+    )
+    assert [[i for i, _ in c] for c in fewer[:3]] == [
+        [],
+        list(range(4)),
+        list(range(9)),
+    ]  # evenly spaced prefixes
 
 
 def test_choices_tear_multi_sector_writes_into_proper_sector_subsets():
@@ -412,16 +645,27 @@ def test_choices_tear_multi_sector_writes_into_proper_sector_subsets():
 
 
 def test_total_line():
-    assert explore.total_line(7357, 23, 220.4) == \
-        "power-loss total: 7357 distinct crash states checked across 23 workloads in 220s"
+    assert (
+        explore.total_line(7357, 23, 220.4)
+        == "power-loss total: 7357 distinct crash states checked across 23 workloads in 220s"
+    )
     assert explore.total_line(10, 3, 1.6, 4, ["intent-a", "intent-b"]) == (
         "power-loss total: 10 distinct crash states checked across 3 workloads (4 of them in 2 intent-mode bitmap "
-        "workloads: intent-a, intent-b) in 2s")
+        "workloads: intent-a, intent-b) in 2s"
+    )
 
 
 def test_bounds_scaled():
     b = Bounds().scaled(2)
-    assert (b.exhaustive, b.prefixes, b.drop_one, b.singles, b.random, b.torn, b.max_states) == (64, 12, 6, 6, 16, 6, 0)
+    assert (b.exhaustive, b.prefixes, b.drop_one, b.singles, b.random, b.torn, b.max_states) == (
+        64,
+        12,
+        6,
+        6,
+        16,
+        6,
+        0,
+    )
     assert Bounds(max_states=10).scaled(0.1) == Bounds(16, 1, 1, 1, 1, 0, 1)
 
 

@@ -35,7 +35,11 @@ def _missing_copy_sources(stages: list[Stage], ignore: DockerIgnore, files: list
         ("scripts", "scripts/build-pyfuse3", True),
         ("scripts\n!scripts/build-pyfuse3", "scripts/build-pyfuse3", False),
         ("scripts\n!scripts/build-pyfuse3", "scripts/bench", True),
-        ("!scripts/build-pyfuse3\nscripts", "scripts/build-pyfuse3", True),  # the last match decides
+        (
+            "!scripts/build-pyfuse3\nscripts",
+            "scripts/build-pyfuse3",
+            True,
+        ),  # the last match decides
         ("*.qcow2", "a.qcow2", True),
         ("*.qcow2", "d/a.qcow2", False),  # anchored at the context's root, as Docker does
         ("**/*.pyc", "a/b/c.pyc", True),
@@ -57,7 +61,9 @@ def test_every_copy_source_survives_dockerignore():
     files = tracked_files()
     assert _missing_copy_sources(stages, ignore, files) == []
     # the check can fail: the .dockerignore that broke `podman build` (it excluded scripts/ whole)
-    broken = DockerIgnore((ROOT / ".dockerignore").read_text().replace("!scripts/build-pyfuse3", ""))
+    broken = DockerIgnore(
+        (ROOT / ".dockerignore").read_text().replace("!scripts/build-pyfuse3", "")
+    )
     assert _missing_copy_sources(stages, broken, files) == [
         f"line {ins.line}: scripts/build-pyfuse3"
         for ins in stages[0].steps

@@ -63,12 +63,12 @@ def test_write_fast_paths_match_qemu(tmp_path):
         return rng.randbytes(n)
 
     ops = [
-        (0, data(256 * KiB)),             # fresh whole-cluster run: fast path
-        (0, data(256 * KiB)),             # contiguous overwrite: fast path
-        (1 * MiB, data(1 * MiB)),         # fresh run over one allocated cluster: general path
+        (0, data(256 * KiB)),  # fresh whole-cluster run: fast path
+        (0, data(256 * KiB)),  # contiguous overwrite: fast path
+        (1 * MiB, data(1 * MiB)),  # fresh run over one allocated cluster: general path
         (1 * MiB + 2048, data(8 * KiB)),  # unaligned overwrite, in place
         (2 * MiB - 64 * KiB, data(128 * KiB)),  # crosses an L2 table: general path
-        (5 * MiB, data(3 * KiB)),         # partial fresh cluster: general path (copy on write)
+        (5 * MiB, data(3 * KiB)),  # partial fresh cluster: general path (copy on write)
     ]
     # host-noncontiguous clusters: allocate 6M+8k, then 6M, then overwrite both at once
     ops += [(6 * MiB + 8 * KiB, data(4 * KiB)), (6 * MiB, data(4 * KiB)), (6 * MiB, data(12 * KiB))]

@@ -23,7 +23,9 @@ from qcowfs.format.header import Header, parse_header
 from qcowfs_dev.oracles import qemu_img, qemu_io
 from qcowfs_dev.probes import BITMAPS_MAGIC, OFFSET_MASK, u32, u64
 
-SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 
 MAGIC = b"QFI\xfb"
 HEADER_BYTES = 64 * 1024
@@ -47,17 +49,33 @@ def images(tmp_path_factory):
     d = tmp_path_factory.mktemp("fuzz-src")
     out = {
         "v3-4k": create(d / "v3-4k.qcow2", "8M", "cluster_size=4096", writes=DATA_WRITES),
-        "v3-16k-extl2-zstd": create(d / "v3-extl2.qcow2", "8M", "cluster_size=16384,extended_l2=on,compression_type=zstd",
-                                    writes=DATA_WRITES),
-        "v2-512": create(d / "v2-512.qcow2", "8M", "compat=0.10,cluster_size=512", writes=DATA_WRITES),
-        "v3-refcount1": create(d / "v3-rc1.qcow2", "8M", "cluster_size=4096,refcount_bits=1", writes=DATA_WRITES),
+        "v3-16k-extl2-zstd": create(
+            d / "v3-extl2.qcow2",
+            "8M",
+            "cluster_size=16384,extended_l2=on,compression_type=zstd",
+            writes=DATA_WRITES,
+        ),
+        "v2-512": create(
+            d / "v2-512.qcow2", "8M", "compat=0.10,cluster_size=512", writes=DATA_WRITES
+        ),
+        "v3-refcount1": create(
+            d / "v3-rc1.qcow2", "8M", "cluster_size=4096,refcount_bits=1", writes=DATA_WRITES
+        ),
         "v3-64k": create(d / "v3-64k.qcow2", "8M", writes=DATA_WRITES),
     }
     base = create(d / "base.qcow2", "8M", "cluster_size=4096", writes=["write -P 0x42 0 1M"])
-    overlay = create(d / "overlay.qcow2", "8M", "cluster_size=4096", backing=base.name, backing_fmt="qcow2",
-                     writes=["write -P 0x24 512k 8k"])
+    overlay = create(
+        d / "overlay.qcow2",
+        "8M",
+        "cluster_size=4096",
+        backing=base.name,
+        backing_fmt="qcow2",
+        writes=["write -P 0x24 512k 8k"],
+    )
     qemu_img("bitmap", "--add", overlay, "bm0")
-    qemu_io(overlay, "write -P 0x99 2M 4k")  # dirties bm0: bitmap tables and data on disk after close
+    qemu_io(
+        overlay, "write -P 0x99 2M 4k"
+    )  # dirties bm0: bitmap tables and data on disk after close
     out["v3-4k-backing-bitmap"] = overlay
     return out
 
@@ -108,25 +126,48 @@ def mutations_for(data: bytes):
     byte_mut = st.tuples(position, st.integers(0, 255)).map(lambda t: ("byte", t[0], t[1]))
     cs = 1 << u32(data, 20)
     word_value = st.one_of(
-        st.sampled_from([0, 1, 1 << 63, 1 << 62, (1 << 64) - 1, 0x00FFFFFFFFFFFE00, len(data), len(data) + cs]),
+        st.sampled_from(
+            [0, 1, 1 << 63, 1 << 62, (1 << 64) - 1, 0x00FFFFFFFFFFFE00, len(data), len(data) + cs]
+        ),
         st.integers(0, (1 << 64) - 1),
         # a cluster-aligned offset inside the file, with the COPIED / COMPRESSED / ZERO flags in any mix
-        st.tuples(st.integers(0, len(data) // cs), st.sampled_from([0, 1, 1 << 63, 1 << 62, (1 << 63) | 1])).map(
-            lambda t: (t[0] * cs) | t[1]
-        ),
+        st.tuples(
+            st.integers(0, len(data) // cs),
+            st.sampled_from([0, 1, 1 << 63, 1 << 62, (1 << 63) | 1]),
+        ).map(lambda t: (t[0] * cs) | t[1]),
         st.integers(0, len(data)),
     )
-    word_mut = st.tuples(position.map(lambda p: p & ~7), word_value).map(lambda t: ("word", t[0], t[1]))
-    field_mut = st.sampled_from(HEADER_FIELDS).flatmap(
-        lambda f: st.tuples(st.just(f), field_values(f[1] * 8, len(data), cs))
-    ).map(lambda t: ("field", t[0][0], (t[0][1], t[1])))
+    word_mut = st.tuples(position.map(lambda p: p & ~7), word_value).map(
+        lambda t: ("word", t[0], t[1])
+    )
+    field_mut = (
+        st.sampled_from(HEADER_FIELDS)
+        .flatmap(lambda f: st.tuples(st.just(f), field_values(f[1] * 8, len(data), cs)))
+        .map(lambda t: ("field", t[0][0], (t[0][1], t[1])))
+    )
     return st.lists(st.one_of(byte_mut, word_mut, field_mut), min_size=1, max_size=12)
 
 
 # (offset, width in bytes) of the header fields (qcow2.txt "Header")
 HEADER_FIELDS = [
-    (4, 4), (8, 8), (16, 4), (20, 4), (24, 8), (32, 4), (36, 4), (40, 8), (48, 8), (56, 4), (60, 4), (64, 8),
-    (72, 8), (80, 8), (88, 8), (96, 4), (100, 4), (104, 1),
+    (4, 4),
+    (8, 8),
+    (16, 4),
+    (20, 4),
+    (24, 8),
+    (32, 4),
+    (36, 4),
+    (40, 8),
+    (48, 8),
+    (56, 4),
+    (60, 4),
+    (64, 8),
+    (72, 8),
+    (80, 8),
+    (88, 8),
+    (96, 4),
+    (100, 4),
+    (104, 1),
 ]
 
 
@@ -134,9 +175,9 @@ def field_values(bits: int, file_size: int, cs: int):
     top = (1 << bits) - 1
     return st.one_of(
         st.sampled_from([0, 1, 2, 3, 4, top, top - 1, 1 << (bits - 1), (1 << (bits - 1)) - 1]),
-        st.sampled_from([file_size, file_size + cs, file_size - cs, cs, 2 * cs, 1 << 62, (1 << 63) - cs]).map(
-            lambda v: max(0, v) & top
-        ),
+        st.sampled_from(
+            [file_size, file_size + cs, file_size - cs, cs, 2 * cs, 1 << 62, (1 << 63) - cs]
+        ).map(lambda v: max(0, v) & top),
         st.integers(0, 64).map(lambda b: (1 << b) & top),
         st.integers(0, top),
     )
@@ -159,7 +200,9 @@ def apply(data: bytes, muts) -> bytes:
 
 def check_error(e: QcowError, record: bool = True) -> None:
     if record:
-        event(type(e).__name__)  # pytest --hypothesis-show-statistics shows which errors the inputs reach
+        event(
+            type(e).__name__
+        )  # pytest --hypothesis-show-statistics shows which errors the inputs reach
     assert isinstance(e, QcowError)
     assert str(e).strip(), "a QcowError with an empty message"
     assert "\n" not in str(e).strip(), f"a QcowError message of several lines: {str(e)!r}"
@@ -216,10 +259,14 @@ def structured_headers(draw):
     offset = st.one_of(
         st.integers(0, 64).map(lambda k: k * csz),
         st.integers(0, 64).map(lambda k: k * csz + 8),
-        st.sampled_from([(1 << 63) - csz, 1 << 63, (1 << 64) - csz, (1 << 56) - csz, 0x00FFFFFFFFFFFE00]),
+        st.sampled_from(
+            [(1 << 63) - csz, 1 << 63, (1 << 64) - csz, (1 << 56) - csz, 0x00FFFFFFFFFFFE00]
+        ),
         _u(64),
     )
-    small = st.one_of(st.integers(0, 2100), st.sampled_from([(1 << 22) + 1, 1 << 31, (1 << 32) - 1]), _u(32))
+    small = st.one_of(
+        st.integers(0, 2100), st.sampled_from([(1 << 22) + 1, 1 << 31, (1 << 32) - 1]), _u(32)
+    )
     version = pick(3, st.sampled_from([2, 3]))
     backing_offset = pick(0, st.one_of(st.integers(72, 70000), _u(64)))
     fields = [
@@ -228,7 +275,12 @@ def structured_headers(draw):
         backing_offset,
         pick(8 if backing_offset else 0, small),  # backing_file_size
         cb,
-        pick(1 << 30, st.one_of(st.integers(0, 1 << 40), st.sampled_from([(1 << 63) - 1, 1 << 63, (1 << 64) - 1]))),
+        pick(
+            1 << 30,
+            st.one_of(
+                st.integers(0, 1 << 40), st.sampled_from([(1 << 63) - 1, 1 << 63, (1 << 64) - 1])
+            ),
+        ),
         pick(0, st.one_of(st.integers(0, 3), _u(32))),  # crypt_method
         pick(64, small),  # l1_size
         pick(3 * csz, offset),  # l1_table_offset
@@ -240,8 +292,12 @@ def structured_headers(draw):
     head = struct.pack(">4sIQIIQIIQQIIQ", *fields)
     if version == 3:
         bits = st.one_of(st.integers(0, 31), st.integers(0, 63).map(lambda b: 1 << b), _u(64))
-        hl = pick(112, st.one_of(st.sampled_from([0, 72, 96, 100, 104, 108, 120, 4096, 65536]), _u(32)))
-        head += struct.pack(">QQQII", pick(0, bits), pick(0, bits), pick(0, bits), pick(4, st.integers(0, 8)), hl)
+        hl = pick(
+            112, st.one_of(st.sampled_from([0, 72, 96, 100, 104, 108, 120, 4096, 65536]), _u(32))
+        )
+        head += struct.pack(
+            ">QQQII", pick(0, bits), pick(0, bits), pick(0, bits), pick(4, st.integers(0, 8)), hl
+        )
         head += bytes([pick(0, st.integers(0, 2))]) + bytes(7)
     exts = b""
     for _ in range(draw(st.integers(0, 4))):
@@ -325,7 +381,15 @@ def work_dir(images, tmp_path_factory):
     return d
 
 
-READS = [(0, 4096), (0, 96 * 1024), (1 << 20, 8192), ((1 << 20) - 100, 300), (2 << 20, 65536), (3 << 20, 4096), (7 << 20, 4096)]
+READS = [
+    (0, 4096),
+    (0, 96 * 1024),
+    (1 << 20, 8192),
+    ((1 << 20) - 100, 300),
+    (2 << 20, 65536),
+    (3 << 20, 4096),
+    (7 << 20, 4096),
+]
 
 
 @SETTINGS
@@ -348,7 +412,9 @@ def test_open_and_read_mutated_image(image_bytes, work_dir, data):
                 except QcowError as e:
                     check_error(e)
                     continue
-                assert len(got) == max(0, min(length, img.size - off)), f"read({off}, {length}) returned {len(got)} bytes"
+                assert len(got) == max(0, min(length, img.size - off)), (
+                    f"read({off}, {length}) returned {len(got)} bytes"
+                )
     except QcowError as e:
         check_error(e)
     assert _sha(path.read_bytes()) == before, "a read-only open changed the image file"
@@ -359,8 +425,38 @@ def test_open_and_read_mutated_image(image_bytes, work_dir, data):
 
 def boundary_values(bits: int, file_size: int, cs: int) -> list:
     top = (1 << bits) - 1
-    vals = {0, 1, 2, 3, 4, 7, 8, 9, 16, 21, 22, 31, 32, 63, 64, top, top - 1, 1 << (bits - 1), (1 << (bits - 1)) - 1}
-    vals |= {file_size, file_size + cs, max(0, file_size - cs), cs, 2 * cs, cs + 8, 1 << 62, (1 << 63) - cs, 1 << 56}
+    vals = {
+        0,
+        1,
+        2,
+        3,
+        4,
+        7,
+        8,
+        9,
+        16,
+        21,
+        22,
+        31,
+        32,
+        63,
+        64,
+        top,
+        top - 1,
+        1 << (bits - 1),
+        (1 << (bits - 1)) - 1,
+    }
+    vals |= {
+        file_size,
+        file_size + cs,
+        max(0, file_size - cs),
+        cs,
+        2 * cs,
+        cs + 8,
+        1 << 62,
+        (1 << 63) - cs,
+        1 << 56,
+    }
     vals |= {1 << b for b in range(bits)}
     return sorted(v & top for v in vals)
 
@@ -370,7 +466,9 @@ def test_open_every_header_field_boundary(image_bytes, work_dir, name, caplog):
     """Each header field alone set to each boundary value (0, 1, powers of two, all ones, 2^63, file size, ...):
     open read-only and read answers or raises QcowError, never another exception. Deterministic, so a
     crash found here does not depend on a random seed."""
-    caplog.set_level(logging.CRITICAL, logger="qcowfs")  # hundreds of expected "corrupt entry" log lines
+    caplog.set_level(
+        logging.CRITICAL, logger="qcowfs"
+    )  # hundreds of expected "corrupt entry" log lines
     original = image_bytes[name]
     cs = 1 << u32(original, 20)
     path = work_dir / f"fields-{name}.qcow2"
@@ -402,7 +500,10 @@ def test_open_every_header_field_boundary(image_bytes, work_dir, name, caplog):
                 f.seek(off)
                 f.write(original[off : off + width])
     assert _sha(path.read_bytes()) == _sha(original), "the read-only opens changed the file"
-    assert not failures, f"{len(failures)} header values raised something other than QcowError:\n" + "\n".join(failures)
+    assert not failures, (
+        f"{len(failures)} header values raised something other than QcowError:\n"
+        + "\n".join(failures)
+    )
 
 
 def table_entry_positions(data: bytes) -> list:
@@ -423,7 +524,11 @@ def table_entry_positions(data: bytes) -> list:
         elif i and u64(data, l1_off + 8 * (i - 1)):
             out.append(l1_off + 8 * i)
     for t in l2_tables:
-        used = [t + j for j in range(0, cs, step) if u64(data, t + j) or (extended and u64(data, t + j + 8))]
+        used = [
+            t + j
+            for j in range(0, cs, step)
+            if u64(data, t + j) or (extended and u64(data, t + j + 8))
+        ]
         for pos in used[:6] + used[-2:]:
             out.append(pos)
             if extended:
@@ -441,17 +546,38 @@ def entry_values(data: bytes, original_entry: int) -> list:
     cs = 1 << u32(data, 20)
     off = original_entry & 0x00FFFFFFFFFFFE00
     size = len(data)
-    return sorted({
-        0, 1, (1 << 64) - 1, 1 << 63, 1 << 62, (1 << 63) | (1 << 62), 0x00FFFFFFFFFFFE00,
-        (1 << 63) | 0x00FFFFFFFFFFFE00, 1 << 55, (1 << 63) - cs,
-        original_entry | 1, original_entry ^ (1 << 62), original_entry ^ (1 << 63), original_entry | (1 << 56),
-        off + 512 if off else 512, (off + 512) | (1 << 63) if off else 512 | (1 << 63),
-        size & ~(cs - 1), (size & ~(cs - 1)) | (1 << 63), size + cs, (size + cs) | (1 << 63),
-        (1 << 63) | (size & ~(cs - 1) - cs), 0xFFFFFFFF00000000, 0x00000000FFFFFFFF,
-    })
+    return sorted(
+        {
+            0,
+            1,
+            (1 << 64) - 1,
+            1 << 63,
+            1 << 62,
+            (1 << 63) | (1 << 62),
+            0x00FFFFFFFFFFFE00,
+            (1 << 63) | 0x00FFFFFFFFFFFE00,
+            1 << 55,
+            (1 << 63) - cs,
+            original_entry | 1,
+            original_entry ^ (1 << 62),
+            original_entry ^ (1 << 63),
+            original_entry | (1 << 56),
+            off + 512 if off else 512,
+            (off + 512) | (1 << 63) if off else 512 | (1 << 63),
+            size & ~(cs - 1),
+            (size & ~(cs - 1)) | (1 << 63),
+            size + cs,
+            (size + cs) | (1 << 63),
+            (1 << 63) | (size & ~(cs - 1) - cs),
+            0xFFFFFFFF00000000,
+            0x00000000FFFFFFFF,
+        }
+    )
 
 
-@pytest.mark.parametrize("name", ["v3-4k", "v2-512", "v3-16k-extl2-zstd", "v3-refcount1", "v3-4k-backing-bitmap"])
+@pytest.mark.parametrize(
+    "name", ["v3-4k", "v2-512", "v3-16k-extl2-zstd", "v3-refcount1", "v3-4k-backing-bitmap"]
+)
 def test_open_every_table_entry_boundary(image_bytes, work_dir, name, caplog):
     """Each L1 / L2 / refcount table / refcount block entry in use, alone set to each boundary value
     (0, flags only, all ones, past EOF, unaligned, its own value with a flag flipped): open read-only
@@ -490,4 +616,7 @@ def test_open_every_table_entry_boundary(image_bytes, work_dir, name, caplog):
                 f.seek(pos)
                 f.write(original[pos : pos + 8])
     assert _sha(path.read_bytes()) == _sha(original), "the read-only opens changed the file"
-    assert not failures, f"{len(failures)} table entries raised something other than QcowError:\n" + "\n".join(failures)
+    assert not failures, (
+        f"{len(failures)} table entries raised something other than QcowError:\n"
+        + "\n".join(failures)
+    )

@@ -7,8 +7,18 @@ from __future__ import annotations
 import pytest
 
 
-@pytest.mark.parametrize("version, ok", [("3.2.0", True), ("3.5.0", True), ("3.5.1rc1", True),
-                                         ("3.1.1", False), ("3.6.0", False), ("4.0.0", False), ("?", False)])
+@pytest.mark.parametrize(
+    "version, ok",
+    [
+        ("3.2.0", True),
+        ("3.5.0", True),
+        ("3.5.1rc1", True),
+        ("3.1.1", False),
+        ("3.6.0", False),
+        ("4.0.0", False),
+        ("?", False),
+    ],
+)
 def test_only_verified_pyfuse3_releases_get_the_hook(monkeypatch, version, ok):
     import pyfuse3
 

@@ -72,7 +72,9 @@ def open_fd():
 
 def start_daemon(cmd, pidfile: Path) -> subprocess.Popen:
     """Start a QEMU daemon that writes pidfile once its block devices are open (locks taken)."""
-    p = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
     def ready():
         try:
@@ -110,10 +112,18 @@ def qsd(daemons, tmp_path):
     def start(img, read_only=False):
         ro = "on" if read_only else "off"
         pidfile = tmp_path / f"qsd{len(daemons)}.pid"
-        p = start_daemon(["qemu-storage-daemon",
-                          "--blockdev", f"driver=file,node-name=f0,filename={img},read-only={ro}",
-                          "--blockdev", f"driver=qcow2,node-name=q0,file=f0,read-only={ro}",
-                          "--pidfile", pidfile], pidfile)
+        p = start_daemon(
+            [
+                "qemu-storage-daemon",
+                "--blockdev",
+                f"driver=file,node-name=f0,filename={img},read-only={ro}",
+                "--blockdev",
+                f"driver=qcow2,node-name=q0,file=f0,read-only={ro}",
+                "--pidfile",
+                pidfile,
+            ],
+            pidfile,
+        )
         daemons.append(p)
         return p
 
@@ -127,8 +137,20 @@ def qemu_nbd_ro(daemons, tmp_path):
     def start(img):
         n = len(daemons)
         pidfile = tmp_path / f"nbd{n}.pid"
-        p = start_daemon(["qemu-nbd", "-r", "-f", "qcow2", "-k", tmp_path / f"nbd{n}.sock",
-                          "--pid-file", pidfile, img], pidfile)
+        p = start_daemon(
+            [
+                "qemu-nbd",
+                "-r",
+                "-f",
+                "qcow2",
+                "-k",
+                tmp_path / f"nbd{n}.sock",
+                "--pid-file",
+                pidfile,
+                img,
+            ],
+            pidfile,
+        )
         daemons.append(p)
         return p
 
@@ -138,7 +160,11 @@ def qemu_nbd_ro(daemons, tmp_path):
 def stop(proc, img):
     proc.kill()
     proc.communicate()
-    wait_for(lambda: probe_conflict(str(img), write=True) is None, what="the killed process's locks to go", **LOCK_WAIT)
+    wait_for(
+        lambda: probe_conflict(str(img), write=True) is None,
+        what="the killed process's locks to go",
+        **LOCK_WAIT,
+    )
 
 
 def qemu_img_info(img, force_share=False):
@@ -186,7 +212,9 @@ def test_rw_lock_keeps_qemu_out(image, open_fd):
     assert qemu_img_info(image, force_share=True).returncode == 0
     assert_lock_failure(qemu_io(image, "write 0 512"), 'Failed to get "write" lock')
     # QEMU's own read-only open refuses a writer too
-    assert_lock_failure(qemu_io(image, "read 0 512", read_only=True), 'Failed to get shared "write" lock')
+    assert_lock_failure(
+        qemu_io(image, "read 0 512", read_only=True), 'Failed to get shared "write" lock'
+    )
     assert_lock_failure(qemu_img("check", image, check=False, timeout=TIMEOUT), "lock")
 
 

@@ -43,9 +43,12 @@ def test_offline_bitmap_commands_match_qemu(tmp_path):
     assert ours == qemu_dirty_extents(img, "g4k", tmp_path)
     # merge into the disabled one, then clear, enable, remove
     qcowfs("bitmap", "merge", img, "g4k", "off")
-    assert qemu_dirty_extents(img, "off", tmp_path) == [(0, 64 * KiB, True), (64 * KiB, MiB - 64 * KiB, False),
-                                                         (MiB, 128 * KiB, True),
-                                                         (MiB + 128 * KiB, 32 * MiB - MiB - 128 * KiB, False)]
+    assert qemu_dirty_extents(img, "off", tmp_path) == [
+        (0, 64 * KiB, True),
+        (64 * KiB, MiB - 64 * KiB, False),
+        (MiB, 128 * KiB, True),
+        (MiB + 128 * KiB, 32 * MiB - MiB - 128 * KiB, False),
+    ]
     qcowfs("bitmap", "clear", img, "g4k")
     assert all(not d for _, _, d in qemu_dirty_extents(img, "g4k", tmp_path))
     qcowfs("bitmap", "enable", img, "off")
@@ -60,8 +63,12 @@ def test_offline_errors_are_one_line_and_change_nothing(tmp_path):
     qemu_img("create", "-q", "-f", "qcow2", img, "8M")
     qcowfs("bitmap", "add", img, "b0")
     before = img.read_bytes()
-    for args in (["add", img, "b0"], ["remove", img, "nope"], ["add", img, "x", "--granularity", "1000"],
-                 ["clear", img, "nope"]):
+    for args in (
+        ["add", img, "b0"],
+        ["remove", img, "nope"],
+        ["add", img, "x", "--granularity", "1000"],
+        ["clear", img, "nope"],
+    ):
         p = qcowfs("bitmap", *args, check=False)
         assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1, (args, p.stderr)
     assert img.read_bytes() == before
@@ -72,15 +79,31 @@ def test_offline_commands_refuse_an_image_in_use(tmp_path):
     qemu_img("create", "-q", "-f", "qcow2", img, "8M")
     # qemu-storage-daemon with the image open read-write holds QEMU's write lock
     pidfile = tmp_path / "qsd.pid"
-    qsd = subprocess.Popen(["qemu-storage-daemon", "--blockdev", f"driver=file,node-name=f0,filename={img}",
-                            "--blockdev", "driver=qcow2,node-name=q0,file=f0", "--pidfile", str(pidfile)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    qsd = subprocess.Popen(
+        [
+            "qemu-storage-daemon",
+            "--blockdev",
+            f"driver=file,node-name=f0,filename={img}",
+            "--blockdev",
+            "driver=qcow2,node-name=q0,file=f0",
+            "--pidfile",
+            str(pidfile),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), what="qemu-storage-daemon")
+        wait_for(
+            lambda: pidfile.exists() and pidfile.read_text().strip(), what="qemu-storage-daemon"
+        )
         before = img.read_bytes()
         for args in (["add", img, "b0"], ["list", img]):
             p = qcowfs("bitmap", *args, check=False)
-            assert p.returncode == 1 and "in use" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+            assert (
+                p.returncode == 1
+                and "in use" in p.stderr
+                and len(p.stderr.strip().splitlines()) == 1
+            ), p.stderr
         p = qcowfs("check", img, check=False)
         assert p.returncode == 1 and "in use" in p.stderr
         assert img.read_bytes() == before

@@ -61,7 +61,9 @@ def _resolve(mod: str, is_package: bool, node: ast.ImportFrom, known: set[str]) 
         here = mod.split(".") if is_package else mod.split(".")[:-1]
         if mod == "__init__":
             here = []
-        base = here[: len(here) - (node.level - 1)] + (node.module.split(".") if node.module else [])
+        base = here[: len(here) - (node.level - 1)] + (
+            node.module.split(".") if node.module else []
+        )
     out = set()
     for alias in node.names:
         sub = ".".join(base + [alias.name])
@@ -80,7 +82,9 @@ def imports(pkg: Path) -> dict[str, set[str]]:
             if isinstance(node, ast.ImportFrom):
                 found |= _resolve(mod, path.name == "__init__.py", node, known)
             elif isinstance(node, ast.Import):
-                found |= {a.name.split(".", 1)[1] for a in node.names if a.name.startswith("qcowfs.")}
+                found |= {
+                    a.name.split(".", 1)[1] for a in node.names if a.name.startswith("qcowfs.")
+                }
         graph[mod] = {m for m in found if m in known} - {mod}
     return graph
 
@@ -184,7 +188,15 @@ def _tool(name: str) -> str:
     return found
 
 
-@pytest.mark.parametrize("cmd", [["ruff", "check", "qcowfs", "qcowfs_dev", "tests"], ["mypy"]], ids=["ruff", "mypy"])
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        ["ruff", "check", "qcowfs", "qcowfs_dev", "tests"],
+        ["ruff", "format", "--check", "qcowfs", "qcowfs_dev", "tests"],
+        ["mypy"],
+    ],
+    ids=["ruff", "ruff-format", "mypy"],
+)
 def test_linters_are_clean(cmd):
     p = subprocess.run([_tool(cmd[0]), *cmd[1:]], cwd=PKG.parent, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
