@@ -48,7 +48,6 @@ from pathlib import Path
 import pytest
 from conftest import needs_fuse
 from support.images import create
-from support.repo import ROOT
 from support.seeds import base_seed
 
 from qcowfs_dev.fio import fio_header_ok, job_file, run_fio, write_iolog
@@ -420,14 +419,13 @@ def test_kill_during_storm_keeps_fsynced_data(mount, tmp_path):
     qemu_io(img, "write -P 0x5a 0 512", "read -P 0x5a 0 512")
 
 
-CEILING = ROOT / "scripts" / "ceiling_fs.py"
 HOST_LATENCY_US = 2000
 
 
 @needs_fuse
 def test_slow_host_goes_to_threads(mount, tmp_path):
     """By default (offload=auto) requests go to the host I/O threads only once the host keeps
-    them waiting: here every read of the image file waits 2 ms (scripts/ceiling_fs.py
+    them waiting: here every read of the image file waits 2 ms (qcowfs_dev/ceiling_fs.py
     --latency-us, many at once, like a disk or network storage). One request at a time that is
     at most 500 reads a second; at queue depth 16 the threads must do clearly better, the daemon
     must say the host turned slow, and the image stays clean."""
@@ -437,7 +435,14 @@ def test_slow_host_goes_to_threads(mount, tmp_path):
     host = tmp_path / "host"
     host.mkdir()
     slow = subprocess.Popen(
-        [sys.executable, str(CEILING), f"--latency-us={HOST_LATENCY_US}", str(img), str(host)],
+        [
+            sys.executable,
+            "-m",
+            "qcowfs_dev.ceiling_fs",
+            f"--latency-us={HOST_LATENCY_US}",
+            str(img),
+            str(host),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
