@@ -45,7 +45,9 @@ Jobs (fio --ioengine=psync --direct=1 --size=<disk>, --time_based --runtime=S):
   no warm-up, R repeats: reads read holes (time-based); writes allocate, at most one pass
   over the disk (fio writes every block once, stopping at S seconds or the disk's end).
   --preset issue15: the ten jobs of issue 15 (rand-read-4k, rand-write-4k, seq-write and the
-  seven queue-depth jobs), each on the filled image and @fresh, targets qcowfs,qemu,qemu10.
+  seven queue-depth jobs) and issue 21's four synchronous clients (rand-write-4k-x4,
+  rand-write-64k-x4, rand-read-4k-x4, rand-rw-4k-x4: psync, numjobs=4), each on the filled
+  image and @fresh, targets qcowfs,qemu,qemu10.
 
 Every measurement is repeated R times and the median reported; the repeats of the
 targets are interleaved and rotated (qcowfs, qemu, ceiling; qemu, ceiling, qcowfs; ...), so
@@ -54,12 +56,14 @@ warm-up write. By default one filled image per target is mounted for all steady-
 (--fresh: a newly filled image and mount for every job). Dirty host page cache is
 synced before each fio run, so writeback does not land inside another measurement.
 
-Output: a table (IOPS, MB/s = 10^6 B/s, ratios of MB/s of qcowfs to each other target), the
+Output: a table (IOPS, MB/s = 10^6 B/s, busy% = how busy the whole machine was during the job,
+fio and the kernel included, in percent of all CPUs, from /proc/stat; ratios of MB/s of qcowfs to
+each other target), the
 daemons' peak RSS (VmHWM after the read jobs), OUT/bench-<time>.json and, if matplotlib imports
 (or --install-plot installs it into this interpreter's environment), OUT/bench-<time>.png:
 horizontal bars per job, MB/s on a log scale and the ratios (bars from 1).
 Defaults (runtime 2 s, 3 repeats, the psync jobs and default targets: 72 fio runs) take about 4
-minutes on 2 cores; --preset issue15 (20 jobs x 3 targets x 3 repeats) about 11.
+minutes on 2 cores; --preset issue15 (28 jobs x 3 targets x 3 repeats) about 15.
 """
 
 from __future__ import annotations
@@ -129,8 +133,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument(
         "--preset",
         choices=sorted(PRESETS),
-        help="a set of jobs and targets (issue15: the ten jobs of issue 15 "
-        "on filled and fresh images, qcowfs against QEMU 7.2 and 10.0); --jobs/--targets override",
+        help="a set of jobs and targets (issue15: the ten jobs of issue 15 and the four-client "
+        "jobs of issue 21 on filled and fresh images, qcowfs against QEMU 7.2 and 10.0); "
+        "--jobs/--targets override",
     )
     p.add_argument(
         "--qemu10-dir",

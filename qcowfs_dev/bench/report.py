@@ -33,15 +33,19 @@ def table(
     mem: Mapping[str, Mapping[str, int]],
     labels: Mapping[str, str],
 ) -> str:
-    """The run's table: IOPS and MB/s of each target per job, the ratios of MB/s, then the daemons' peak RSS."""
+    """The run's table: IOPS and MB/s of each target per job (and, in runs that measured it, how
+    busy the whole machine was, in percent of all CPUs), the ratios of MB/s, then the daemons'
+    peak RSS."""
     cols = [t for t in ALL_TARGETS if t in targets]
     w = max([17] + [len(j) + 1 for j in med])
-    head1 = f"{'job':{w}}" + "".join(f"{labels.get(t, t):>22}" for t in cols)
+    busy = any("cpu_busy" in m for per in med.values() for m in per.values())
+    cw = 29 if busy else 22
+    head1 = f"{'job':{w}}" + "".join(f"{labels.get(t, t):>{cw}}" for t in cols)
     ratios = ratio_pairs(cols, labels)
     head1 += "".join(f"{lbl:>16}" for lbl, _, _ in ratios)
     head2 = (
         f"{'':{w}}"
-        + "".join(f"{'IOPS':>11}{'MB/s':>11}" for _ in cols)
+        + "".join(f"{'IOPS':>11}{'MB/s':>11}" + (f"{'busy%':>7}" if busy else "") for _ in cols)
         + "".join(f"{'':>16}" for _ in ratios)
     )
     lines = [head1, head2, "-" * len(head1)]
@@ -50,6 +54,9 @@ def table(
         for t in cols:
             m = per.get(t)
             row += f"{m['iops']:11.0f}{m['bw_bytes'] / 1e6:11.1f}" if m else f"{'-':>11}{'-':>11}"
+            if busy:
+                b = m.get("cpu_busy") if m else None
+                row += f"{100 * b:7.0f}" if b is not None else f"{'-':>7}"
         for _, num, den in ratios:
             r = bw_ratio(per, num, den)
             row += f"{r:16.2f}" if r is not None else f"{'-':>16}"

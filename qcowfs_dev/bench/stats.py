@@ -14,8 +14,9 @@ T = TypeVar("T")
 Results = dict[str, dict[str, list[dict[str, float]]]]
 Medians = dict[str, dict[str, dict[str, float]]]
 
-#: what the median is taken of (a run's other numbers, io_bytes and runtime_ms, stay in "runs")
-MEDIAN_KEYS = ("iops", "bw_bytes", "clat_mean_us", "clat_p99_us")
+#: what the median is taken of (a run's other numbers, io_bytes and runtime_ms, stay in "runs");
+#: cpu_busy only where every run has it (runs from before issue 21 do not)
+MEDIAN_KEYS = ("iops", "bw_bytes", "clat_mean_us", "clat_p99_us", "cpu_busy")
 
 
 def rotated(targets: Sequence[T], r: int) -> list[T]:
@@ -31,7 +32,11 @@ def medians(results: Mapping[str, Mapping[str, Sequence[Mapping[str, float]]]]) 
         out[job] = {}
         for t, runs in per.items():
             if runs:
-                out[job][t] = {k: statistics.median(r[k] for r in runs) for k in MEDIAN_KEYS}
+                out[job][t] = {
+                    k: statistics.median(r[k] for r in runs)
+                    for k in MEDIAN_KEYS
+                    if all(k in r for r in runs)
+                }
     return out
 
 

@@ -15,7 +15,7 @@ import re
 import pytest
 
 from qcowfs_dev import fuzz
-from qcowfs_dev.bench import cli, jobs, report, stats
+from qcowfs_dev.bench import cli, cpu, jobs, report, stats
 from qcowfs_dev.bench.chart import plot
 from qcowfs_dev.bench.host import BenchError
 from qcowfs_dev.mounts import _unescape
@@ -52,9 +52,13 @@ def test_default_jobs_are_the_psync_ones():
     assert all(jobs.JOBS[j].get("ioengine", "psync") == "psync" for j in jobs.DEFAULT_JOBS)
 
 
-def test_issue15_preset_is_ten_jobs_filled_and_fresh_against_both_qemus():
+def test_issue15_preset_is_its_jobs_filled_and_fresh_against_both_qemus():
+    """Issue 15's ten jobs and issue 21's four synchronous clients (numjobs=4, psync)."""
     p = jobs.PRESETS["issue15"]
-    assert len(jobs.ISSUE15) == 10 and len(set(jobs.ISSUE15)) == 10
+    assert len(jobs.ISSUE15) == 14 and len(set(jobs.ISSUE15)) == 14
+    x4 = [j for j in jobs.ISSUE15 if j.endswith("-x4")]
+    assert x4 == ["rand-write-4k-x4", "rand-write-64k-x4", "rand-read-4k-x4", "rand-rw-4k-x4"]
+    assert all(jobs.JOBS[j]["numjobs"] == 4 and "ioengine" not in jobs.JOBS[j] for j in x4)
     assert p["jobs"] == jobs.ISSUE15 + [j + "@fresh" for j in jobs.ISSUE15]
     assert p["targets"] == ["qcowfs", "qemu", "qemu10"]
     assert set(p["jobs"]) <= set(jobs.ALL_JOBS)
@@ -310,6 +314,36 @@ MED = {
         "qcowfs": {"iops": 12.0, "bw_bytes": 12_582_912.0, "clat_mean_us": 1.0, "clat_p99_us": 2.0}
     },
 }
+
+
+def test_cpu_busy_fraction_from_proc_stat():
+    # user nice system idle iowait irq softirq steal guest guest_nice
+    a = cpu.parse_cpu_line("cpu  100 0 50 800 50 0 0 0 40 0")
+    b = cpu.parse_cpu_line("cpu  300 0 150 900 50 0 0 0 90 0\n")
+    assert a == (150, 1000) and b == (450, 1400)  # guest time is in user already
+    assert cpu.busy_fraction(a, b) == pytest.approx(300 / 400)
+    assert cpu.busy_fraction(a, a) == 0.0
+    with pytest.raises(ValueError):
+        cpu.parse_cpu_line("cpu0 1 2 3 4")
+    busy, total = cpu.cpu_times()
+    assert 0 < busy < total
+
+
+def test_table_shows_cpu_busy_when_the_run_measured_it():
+    med = {"rand-write-4k-x4": {"qcowfs": dict(MED["rand-read-4k"]["qcowfs"], cpu_busy=0.561)}}
+    med["rand-write-4k-x4"]["qemu"] = MED["rand-read-4k"]["qemu"]  # an older run's numbers
+    lines = report.table(med, ["qemu", "qcowfs"], {}, {"qemu": "qsd 7.2"}).splitlines()
+    assert lines[1].split() == ["IOPS", "MB/s", "busy%", "IOPS", "MB/s", "busy%"]
+    assert lines[3].split() == ["rand-write-4k-x4", "1000", "4.1", "56", "500", "2.0", "-", "2.00"]
+    runs = {
+        "j": {
+            "t": [
+                {"iops": 1, "bw_bytes": 2, "clat_mean_us": 3, "clat_p99_us": 4, "cpu_busy": c}
+                for c in (0.2, 0.9, 0.5)
+            ]
+        }
+    }
+    assert stats.medians(runs)["j"]["t"]["cpu_busy"] == 0.5
 
 
 def test_qsd_label():
