@@ -9,6 +9,7 @@ directory under /tmp (pytest's own tmp directories are 0700).
 from __future__ import annotations
 
 import configparser
+import contextlib
 import json
 import os
 import shlex
@@ -17,6 +18,7 @@ import stat
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import pytest
 from conftest import needs_fuse
@@ -443,6 +445,7 @@ _PRIVATE_MOUNTS = (
 )
 CONTAINER = [
     "unshare",
+    "--kill-child",
     "--pid",
     "--fork",
     "--mount",
@@ -486,30 +489,18 @@ def _pid1_of(unshare: subprocess.Popen) -> int:
     return int(Path(f"/proc/{unshare.pid}/task/{unshare.pid}/children").read_text().split()[0])
 
 
-@pytest.mark.parametrize(
-    "init", [None, "docker-init", "tini", "podman-init", "catatonit", "dumb-init", "sandbox-init"]
-)
-def test_umount_in_a_container_whose_init_is_the_daemon(tmp_path, init):
-    """docker/podman run [--init] ... mount --foreground: the daemon is the PID namespace's init, or
-    the one child of a minimal init that exits with it; its exit kills everything left in the
-    namespace, and `docker exec ... qcowfs umount` was killed (137; podman's podman-init too)."""
+@contextlib.contextmanager
+def _container(tmp_path: Path, init: str | None, command: Callable[[Path, Path, Path], list]):
+    """A container-like namespace running init (or nothing) and command(img, mnt, log), once the
+    mount is up: yields (unshare's process, the namespace's pid 1 seen from here, img, mnt, log).
+    Whatever is left of the namespace is killed afterwards (unshare --kill-child)."""
     img = private_image(tmp_path)
     qemu_img("bitmap", "--add", img, "b0")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     log = tmp_path / "ns.log"
     ns = subprocess.Popen(
-        [
-            *CONTAINER,
-            *_init_command(tmp_path, init),
-            *QCOWFS,
-            "mount",
-            "--foreground",
-            "--log",
-            log,
-            img,
-            mnt,
-        ],
+        [*CONTAINER, *_init_command(tmp_path, init), *command(img, mnt, log)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -521,33 +512,38 @@ def test_umount_in_a_container_whose_init_is_the_daemon(tmp_path, init):
             what="the namespaced mount",
         )
         assert ns.poll() is None, ns.communicate()
-        inner = _pid1_of(ns)
-        if init is not None:
-            assert Path(f"/proc/{inner}/comm").read_text().strip() == init[:15]
-        u = run(
-            [
-                "nsenter",
-                "-t",
-                inner,
-                "--pid",
-                "--mount",
-                "--root",
-                "--wd",
-                "--",
-                *QCOWFS,
-                "umount",
-                mnt,
-            ],
-            check=False,
-        )
-        assert u.returncode == 0, u
-        assert "not waiting" in u.stderr
-        ns.wait(timeout=60)
-        assert ns.returncode == 0, ns.communicate()
+        yield ns, _pid1_of(ns), img, mnt, log
     finally:
         if ns.poll() is None:
             ns.kill()
             ns.wait()
+
+
+def _umount_inside(pid1: int, mnt: Path) -> subprocess.CompletedProcess:
+    """`qcowfs umount` run inside the namespace, as `docker exec` / `podman exec` run it."""
+    enter = ["nsenter", "-t", pid1, "--pid", "--mount", "--root", "--wd", "--"]
+    return run([*enter, *QCOWFS, "umount", mnt], check=False)
+
+
+@pytest.mark.parametrize(
+    "init", [None, "docker-init", "tini", "podman-init", "catatonit", "dumb-init", "sandbox-init"]
+)
+def test_umount_in_a_container_whose_init_is_the_daemon(tmp_path, init):
+    """docker/podman run [--init] ... mount --foreground: the daemon is the PID namespace's init, or
+    the one child of a minimal init that exits with it; its exit kills everything left in the
+    namespace, and `docker exec ... qcowfs umount` was killed (137; podman's podman-init too)."""
+
+    def foreground(img: Path, mnt: Path, log: Path) -> list:
+        return [*QCOWFS, "mount", "--foreground", "--log", log, img, mnt]
+
+    with _container(tmp_path, init, foreground) as (ns, inner, img, mnt, log):
+        if init is not None:
+            assert Path(f"/proc/{inner}/comm").read_text().strip() == init[:15]
+        u = _umount_inside(inner, mnt)
+        assert u.returncode == 0, u
+        assert "not waiting" in u.stderr
+        ns.wait(timeout=60)
+        assert ns.returncode == 0, ns.communicate()
     assert "unmounted cleanly" in log.read_text()
     assert _bitmap_flags(img) == {"b0": ["auto"]}
     assert_clean(img)
@@ -557,60 +553,26 @@ def test_umount_in_a_container_waits_when_the_init_outlives_the_daemon(tmp_path)
     """The container's main process is something else (here `sleep`) and the daemon was started
     later (`docker exec ... qcowfs mount`): pid 1 has two children and stays when the daemon goes,
     so umount waits for the daemon's clean shutdown, as everywhere else."""
-    img = private_image(tmp_path)
-    qemu_img("bitmap", "--add", img, "b0")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    log = tmp_path / "ns.log"
-    # tini runs sh, which starts the daemon in the background (it is re-parented to pid 1) and
-    # then becomes `sleep`
-    script = (
-        f"{shlex.join(map(str, QCOWFS))} mount --log {shlex.quote(str(log))} {shlex.quote(str(img))} "
-        f"{shlex.quote(str(mnt))} && exec sleep 300"
-    )
-    ns = subprocess.Popen(
-        [*CONTAINER, *_init_command(tmp_path, "docker-init"), "sh", "-c", script],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        wait_for(
-            lambda: (
-                "mounted on" in (log.read_text() if log.exists() else "") or ns.poll() is not None
-            ),
-            what="the namespaced mount",
+
+    def daemon_then_sleep(img: Path, mnt: Path, log: Path) -> list:
+        # sh starts the daemon in the background (it is re-parented to pid 1), then becomes sleep
+        q = shlex.quote
+        mount = (
+            f"{shlex.join(map(str, QCOWFS))} mount --log {q(str(log))} {q(str(img))} {q(str(mnt))}"
         )
-        assert ns.poll() is None, ns.communicate()
-        inner = _pid1_of(ns)
+        return ["sh", "-c", f"{mount} && exec sleep 300"]
+
+    with _container(tmp_path, "docker-init", daemon_then_sleep) as (ns, inner, img, mnt, log):
         # `qcowfs mount` returns once mounted; then sh becomes sleep beside the re-parented daemon
         wait_for(
             lambda: len(Path(f"/proc/{inner}/task/{inner}/children").read_text().split()) == 2,
             what="pid 1 with two children, sleep and the daemon",
         )
-        u = run(
-            [
-                "nsenter",
-                "-t",
-                inner,
-                "--pid",
-                "--mount",
-                "--root",
-                "--wd",
-                "--",
-                *QCOWFS,
-                "umount",
-                mnt,
-            ],
-            check=False,
-        )
+        u = _umount_inside(inner, mnt)
         assert u.returncode == 0, u
         assert "not waiting" not in u.stderr
         # it waited: the daemon had finished (the image is unlocked) when umount returned
         assert "unmounted cleanly" in log.read_text()
         assert ns.poll() is None  # the container goes on
-    finally:
-        if ns.poll() is None:
-            ns.kill()
-            ns.wait()
     assert _bitmap_flags(img) == {"b0": ["auto"]}
     assert_clean(img)
