@@ -468,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="mount options: ro, rw, allow_other, default_permissions (always on), uid=N, gid=N, "
         "umask=NNN (default 077: only the owner may open the disk), log=FILE, debug, foreground, "
         "backing=POLICY, bitmap_sync=MODE, io_threads=N (default 4; 0: one request at a time), "
-        "offload=auto|always; "
+        "offload=auto|always, lanes=N|auto (request threads, default one per CPU; 0: none); "
         "mount(8)'s own (dev, suid, noauto, nofail, x-*, ...) are accepted",
     )
     m.set_defaults(func=cmd_mount)

@@ -95,6 +95,10 @@ class BitmapStore:
         self.intents: list[DirtyBitmap] = []
         self.dir_offset = 0
         self.dir_size = 0
+        #: called before a change that can leave a written granule clean in a recording bitmap
+        #: (a new or re-enabled bitmap, a clear, a resize): what writes without marking because
+        #: the bits were set (fuse/lanes.py, engine/host_map.py) must stop and drain first
+        self.on_change: Optional[Callable[[], None]] = None
         self._load()
 
     # ------------------------------------------------------------------ loading
@@ -428,6 +432,7 @@ class BitmapStore:
             raise BitmapError(
                 f"an image holds at most {fmt.MAX_BITMAPS} bitmaps", img.path, errno.ENOSPC
             )
+        self._changing()
         bm = DirtyBitmap(name, granularity, img.size, persistent=persistent, enabled=enabled)
         if persistent:
             # Write the entry now, with an all-zero table of the right size: a crash leaves a
@@ -474,6 +479,7 @@ class BitmapStore:
 
     def clear(self, name: str) -> None:
         self._writable()
+        self._changing()
         bm = self._usable(name)
         bm.data().setall(0)
         if bm.durable is not None:
@@ -482,6 +488,7 @@ class BitmapStore:
 
     def enable(self, name: str) -> None:
         self._writable()
+        self._changing()
         bm = self._usable(name)
         bm.enabled = True
         self._set_auto_flag(bm)
@@ -498,6 +505,7 @@ class BitmapStore:
         """The disk grows to new_size through grow() (resize.py). Intent-mode bitmaps cannot stay
         valid on disk while their tables change size, so for the duration they follow QEMU's
         protocol (in_use), and are stored for the new size, valid again, right after."""
+        self._changing()
         intents = [b for b in self._on_disk() if b.durable is not None and not b.inconsistent]
         if intents:
             self._mark_in_use_on_disk()
@@ -540,6 +548,22 @@ class BitmapStore:
         if d.durable is not None:
             d.durable |= d.data()  # on disk: still a superset of the merged bits
             self._rewrite_data(d)
+
+    def _changing(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
+    def all_marked(self, offset: int, length: int) -> bool:
+        """Whether every recording bitmap has every granule of [offset, offset+length) dirty
+        already (in intent mode durably too: mark() makes `durable` a superset before it
+        returns): a write there changes no bitmap."""
+        for bm in self.recording:
+            gb = bm.granularity_bits
+            g0, g1 = offset >> gb, ((offset + length - 1) >> gb) + 1
+            for bits in (bm.bits, bm.durable) if bm.durable is not None else (bm.bits,):
+                if bits is None or bits.find(0, g0, g1) >= 0:
+                    return False
+        return True
 
     def mark(self, offset: int, length: int) -> None:
         """Record a write / write-zeroes / discard in every recording bitmap."""

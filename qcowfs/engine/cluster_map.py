@@ -174,6 +174,10 @@ class ActiveMap(ClusterMap):
         self.pending_frees: list[int] = []
         #: something (L1, L2 entries, frees) waits for the next flush
         self.metadata_dirty = False
+        #: called with (first guest cluster, count) before the mapping of those clusters changes
+        #: in memory, count 0 for all of them: what serves requests from a copy of the mapping
+        #: (fuse/lanes.py) forgets it, and waits until nothing uses the old host clusters
+        self.on_change: Optional[Callable[[int, int], None]] = None
 
     def l2_for_write(self, l1_index: int) -> array:
         """The active L2 table for l1_index, allocated or copied (if shared with a snapshot) as needed."""
@@ -197,28 +201,39 @@ class ActiveMap(ClusterMap):
         self.set_l1_entry(l1_index, new | _COPIED)
         return t
 
-    def l2_location(self, ci: int) -> tuple[array, int]:
+    def l2_location(self, ci: int, count: int = 1) -> tuple[array, int]:
         """The writable L2 table holding guest cluster ci's entry, and the entry's index; the
-        table counts as changed."""
+        table counts as changed, and so do the `count` entries from ci on (within the table)."""
+        if self.on_change is not None:
+            self.on_change(ci, count)
         l1i = ci >> self.l2_bits
         t = self.l2_for_write(l1i)
         self.cache.mark_dirty(self.l1[l1i] & _OFFSET)
         self.metadata_dirty = True
         return t, ci & (self.l2_entries - 1)
 
+    def changed_all(self) -> None:
+        """Every cluster's mapping is about to change (snapshots): on_change(0, 0)."""
+        if self.on_change is not None:
+            self.on_change(0, 0)
+
     def set_l1_entry(self, l1_index: int, value: int) -> None:
+        if self.on_change is not None:
+            self.on_change(l1_index << self.l2_bits, self.l2_entries)
         self.l1[l1_index] = value
         self.l1_dirty.add(l1_index)
         self.metadata_dirty = True
 
     def changed_l2(self, offset: int) -> None:
         """A cached table at offset was changed in place (snapshots move COPIED flags)."""
+        self.changed_all()  # which guest clusters the table maps is not known here
         self.cache.mark_dirty(offset)
         self.metadata_dirty = True
 
     def resized(self, size: int, l1: Optional[array] = None) -> None:
         """The disk grew to size (resize.py), with a new L1 table already on disk when the old
         one was too small (after a flush: nothing of the old one was dirty)."""
+        self.changed_all()
         if l1 is not None:
             assert not self.l1_dirty, "the L1 table moved with entries not yet written"
             self.l1 = l1
@@ -226,6 +241,8 @@ class ActiveMap(ClusterMap):
 
     def l1_entry_written(self, l1_index: int, value: int) -> None:
         """An L1 entry repair wrote to the disk itself: memory follows, nothing to write."""
+        if self.on_change is not None:
+            self.on_change(l1_index << self.l2_bits, self.l2_entries)
         self.l1[l1_index] = value
 
     def free_later(self, clusters: list[int]) -> None:

@@ -107,7 +107,7 @@ class Qcow2Image:
         self._closed = False
         self._corrupt_logged: set = set()
         #: called when the image turns read-only after corruption (the mount drops its write lock)
-        self.on_read_only = None
+        self.on_read_only: Optional[Callable[[], Any]] = None
         try:
             self._open(_chain, _depth, cache_bytes)
         except BaseException:

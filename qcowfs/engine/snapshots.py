@@ -184,6 +184,9 @@ def check_can_create(img: Qcow2Image, name: str) -> list:
 def create(img: Qcow2Image, name: str, *, now: Any = None) -> Snapshot:
     """Take an internal snapshot NAME of the active disk, durable when this returns."""
     snaps = check_can_create(img, name)
+    # one instant: whatever serves writes from a copy of the mapping (fuse/lanes.py) stops
+    # here, and the writes it was serving are complete before the copy is taken
+    img.active.changed_all()
     img.flush()  # every acknowledged write is in the metadata the copy is taken from
     cs, cb = img.geo.cluster_size, img.geo.cluster_bits
     rc = img.refcounts

@@ -459,7 +459,7 @@ class Writer:
 
     def _commit_fresh(self, first_ci: int, count: int, base: int) -> None:
         cs = self.geo.cluster_size
-        t, i = self.m.l2_location(first_ci)
+        t, i = self.m.l2_location(first_ci, count)
         first = base | _COPIED
         t[i : i + count] = array("Q", range(first, first + count * cs, cs))
 

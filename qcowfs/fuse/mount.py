@@ -28,9 +28,10 @@ from ..engine.disk import Disk
 from ..engine.image import Qcow2Image
 from ..engine.locks import ImageLock
 from ..errors import MountError, QcowError
+from . import lanes
 from .concurrent_io import ConcurrentIo
 from .io_threads import IoThreads
-from .operations import HAS_FALLOCATE, QcowOperations
+from .operations import DISK, HAS_FALLOCATE, QcowOperations
 from .options import MountOptions
 from .request_loop import FastLoop
 
@@ -105,7 +106,32 @@ class Mounted:
             stack.callback(self._close_fuse)
             if self.options.io_threads:
                 self._start_io(ops, disk, stack)
+            self._start_lanes(ops, disk, stack)
             self.stack = stack.pop_all()
+
+    def _start_lanes(self, ops: QcowOperations, disk: Disk, stack: contextlib.ExitStack) -> None:
+        """Request lanes (fuse/lanes.py): one per CPU unless lanes=N says otherwise. They stop
+        before the FUSE session closes and before the image does (the stack unwinds them
+        first)."""
+        count = self.options.lanes
+        if count is None:
+            count = len(os.sched_getaffinity(0))
+        if count == 0:
+            return
+        why = lanes.available() or lanes.unsupported(disk)
+        if why is not None:
+            log.info("no request lanes: %s; the metadata thread serves every request", why)
+            return
+        fast = lanes.Lanes(disk, DISK, count)
+        if not self.loop.attach_lanes(fast):
+            log.info(
+                "no request lanes: this pyfuse3 has no main(wait_readable) hook "
+                "(scripts/build-pyfuse3 builds one)"
+            )
+            return
+        fast.start()
+        stack.callback(fast.stop)
+        ops.lanes = fast
 
     def _start_io(self, ops: QcowOperations, disk: Disk, stack: contextlib.ExitStack) -> None:
         """Host data I/O threads, so several requests are served at once (fuse/concurrent_io.py); only

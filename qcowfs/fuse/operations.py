@@ -53,6 +53,7 @@ from ..engine import allocation, bitmap_commands
 from ..engine.disk import Disk
 from ..errors import BitmapError, CorruptImage, QcowError, SnapshotError
 from .concurrent_io import ConcurrentIo
+from .lanes import Lanes
 from .options import MountOptions
 from .snapshot_files import SnapshotDir
 
@@ -170,6 +171,9 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
         self.last_result: Optional[dict] = None  # what the last checkpoint did (RESULT_XATTR)
         #: several guest reads and writes in flight (fuse/concurrent_io.py); None: each served inline
         self.cio: Optional[ConcurrentIo] = None
+        #: request lanes (lanes.py): what this thread serves of disk.raw tells them what they
+        #: may serve themselves next time
+        self.lanes: Optional[Lanes] = None
 
     # ------------------------------------------------------------------ attributes
     def _bitmap_inode(self, name: str) -> int:
@@ -388,10 +392,15 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
                 cio = self.cio
                 if cio is not None:
                     if cio.offload_read():
-                        return await cio.read(off, size)
-                    return cio.read_inline(off, size)
-                # a reused buffer: pyfuse3 sends the reply before it reads the next request
-                return self._read_view(off, size)
+                        data = await cio.read(off, size)
+                    else:
+                        data = cio.read_inline(off, size)
+                else:
+                    # a reused buffer: pyfuse3 sends the reply before it reads the next request
+                    data = self._read_view(off, size)
+                if self.lanes is not None:
+                    self.lanes.touched(off, size)
+                return data
             except Exception as e:
                 raise pyfuse3.FUSEError(_errno_for(self, "read", e)) from None
         try:
@@ -424,9 +433,14 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
                 cio = self.cio
                 if cio is not None:
                     if cio.write_must_wait():
-                        return await cio.write(off, buf)
-                    return cio.write_inline(off, buf)
-                return self.disk.write(off, buf)
+                        n = await cio.write(off, buf)
+                    else:
+                        n = cio.write_inline(off, buf)
+                else:
+                    n = self.disk.write(off, buf)
+                if self.lanes is not None:
+                    self.lanes.touched(off, n)
+                return n
             except Exception as e:
                 raise pyfuse3.FUSEError(_errno_for(self, "write", e)) from None
         try:

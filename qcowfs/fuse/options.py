@@ -18,7 +18,9 @@ The conventions are those of sshfs, s3ql and libfuse's own options:
   `bitmap_sync=close|intent`, `io_threads=N` (host data I/O threads serving several
   requests at once, fuse/concurrent_io.py; 0 serves one request at a time), `offload=auto|always`
   (auto: to the threads only while the host keeps requests waiting; always: whenever
-  another request is waiting or running).
+  another request is waiting or running), `lanes=N|auto` (request lanes: threads that each
+  read their own clone of the FUSE device and serve reads and in-place writes without the
+  metadata thread, fuse/lanes.py; auto: one per CPU; 0: none).
 Anything else is refused with one line.
 """
 
@@ -65,11 +67,13 @@ _MOUNT8_ONLY = frozenset(
 
 KNOWN = (
     "ro, rw, allow_other, default_permissions, uid=N, gid=N, umask=NNN, log=FILE, debug, "
-    "foreground, backing=follow|same-dir|none, bitmap_sync=close|intent, io_threads=N, offload=auto|always"
+    "foreground, backing=follow|same-dir|none, bitmap_sync=close|intent, io_threads=N, offload=auto|always, "
+    "lanes=N|auto"
 )
 OFFLOAD_MODES = ("auto", "always")
 DEFAULT_IO_THREADS = 4
 MAX_IO_THREADS = 64
+MAX_LANES = 32  # pyfuse3's lanes.h LANES_MAX
 
 
 @dataclasses.dataclass
@@ -86,6 +90,7 @@ class MountOptions:
     bitmap_sync: str = "close"  # "intent": crash-proof bitmaps (bitmap_intent.py)
     io_threads: int = DEFAULT_IO_THREADS  # 0: one request at a time (fuse/concurrent_io.py)
     offload: str = "auto"  # "always": to the threads under load, however fast the host
+    lanes: Optional[int] = None  # request lanes (fuse/lanes.py); None: one per CPU; 0: none
     kernel_flags: list = dataclasses.field(default_factory=list)
 
     def fuse_options(self, fsname: str) -> set:
@@ -174,6 +179,15 @@ def parse_into(opts: MountOptions, specs: Iterable[str]) -> MountOptions:
                         f"mount option io_threads={value}: expected a number from 0 to {MAX_IO_THREADS}"
                     )
                 opts.io_threads = int(value)
+            elif key == "lanes" and eq:
+                if value == "auto":
+                    opts.lanes = None
+                elif value.isdigit() and int(value) <= MAX_LANES:
+                    opts.lanes = int(value)
+                else:
+                    raise OptionError(
+                        f"mount option lanes={value}: expected auto or a number from 0 to {MAX_LANES}"
+                    )
             elif key == "offload" and eq:
                 if value not in OFFLOAD_MODES:
                     raise OptionError(

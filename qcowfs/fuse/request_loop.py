@@ -69,6 +69,7 @@ import pyfuse3
 import trio
 
 from .io_threads import IoThreads
+from .lanes import Lanes
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +173,9 @@ class FastLoop:
         self._device_busy = False
         self._turns = trio.lowlevel.ParkingLot()
         self._device_poll = select.poll()  # /dev/fuse alone, for pending()
+        # Request lanes (lanes.py) read the device instead: this loop then waits for what they
+        # hand over (their eventfd, and lanes.pending()), never for the device itself.
+        self.lanes: Optional[Lanes] = None
 
     # ------------------------------------------------------------------ setup
     def install(self) -> bool:
@@ -247,11 +251,28 @@ class FastLoop:
         """Stop serving (from the trio thread): the loop returns after the current request."""
         self.exiting = True
         pyfuse3.terminate()
+        if self.lanes is not None and self.fd is not None:
+            trio.lowlevel.notify_closing(self.fd)  # a worker parked on the lanes' eventfd
         self._turns.unpark_all()
 
     def pending(self) -> bool:
         """Whether another request waits at the device (one poll(0), about a microsecond)."""
+        if self.lanes is not None:
+            return self.lanes.pending()
         return bool(self._device_poll.poll(0))
+
+    def attach_lanes(self, lanes: Lanes) -> bool:
+        """Serve what request lanes hand over instead of reading the device; only through the
+        public hook. False if not possible. Call before run(); the lanes start here."""
+        if not self.fast and not self.install():
+            return False
+        if not self.public:
+            return False
+        self.lanes = lanes
+        # no spinning: the lanes need the CPU the spin would burn, and a hand-off is already
+        # the slow path
+        self.spin_ns = 0
+        return True
 
     def attach_io(self, io: IoThreads, workers: int) -> bool:
         """Deliver io's completions and serve up to `workers` requests at once; only through
@@ -268,6 +289,8 @@ class FastLoop:
     async def _wait_on(self, fd: int) -> bool:
         """The public hook's form: pyfuse3 passes the session's descriptor."""
         if self.fd is None:
+            if self.lanes is not None:
+                fd = self.lanes.efd  # the lanes read the device; they signal hand-offs here
             self.fd = fd
             self._poll.register(fd, select.POLLIN)
             self._device_poll.register(fd, select.POLLIN)
@@ -314,7 +337,10 @@ class FastLoop:
         # whose eventfd is in the same poll set.
         poll = self._poll.poll
         io = self.io
+        lanes = self.lanes
         while True:
+            if lanes is not None and lanes.pending():
+                return True  # a hand-off to serve (or the end of the session)
             ready = poll(0)
             # no spinning while a thread is at work: the spin holds the GIL between its polls,
             # and the thread needs it to hand its completion over (a blocking poll releases it)
@@ -341,6 +367,14 @@ class FastLoop:
                         if self.exiting:
                             return await self._leave()
                         continue  # poll again: another worker may have run meanwhile
+            if ready and lanes is not None and any(fd == self.fd for fd, _ in ready):
+                # reset the eventfd, then look (a hand-off queued after the look signals again)
+                lanes.clear_signal()
+                if lanes.pending():
+                    return True
+                ready = [r for r in ready if r[0] != self.fd]
+                if not ready:
+                    continue
             if ready:
                 if io is not None and (len(ready) > 1 or ready[0][0] != self.fd):
                     if io.deliver():

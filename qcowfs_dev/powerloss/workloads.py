@@ -581,9 +581,10 @@ def wl_intent_lazy() -> Workload:
 def wl_intent_minimal() -> Workload:
     """The smallest intent-mode workload where the order of intent and data matters: QEMU wrote data
     first and added bitmap q afterwards (clean); one guest write over allocated clusters (no allocation,
-    so nothing but the intent's own fdatasync separates intent and data), a flush, close. Every subset
-    of each flush epoch is enumerated. Not in workloads(): the negative controls of test_powerloss run
-    it against a qcowfs broken on purpose (and once unbroken)."""
+    so nothing but the intent's own fdatasync separates intent and data), a second write into the
+    first one's granule (its bit durable already: served as a request lane serves it, Driver._lane_write),
+    a flush, close. Every subset of each flush epoch is enumerated. Not in workloads(): the negative
+    controls of test_powerloss run it against a qcowfs broken on purpose (and once unbroken)."""
 
     def create(dirname: str) -> dict[str, Any]:
         img = os.path.join(dirname, "disk.qcow2")
@@ -595,6 +596,7 @@ def wl_intent_minimal() -> Workload:
     def body(d: Driver, rng: random.Random) -> None:
         d.write(64 * KiB + 512, rng.randbytes(4096))
         d.write(9 * MiB + 3000, rng.randbytes(700))
+        d.write(64 * KiB + 8192, rng.randbytes(1024))
         d.flush()
         d.close()
 

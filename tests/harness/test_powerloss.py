@@ -151,6 +151,21 @@ def test_intent_minimal_passes(tmp_path):
     assert ex.stats.intent_bitmaps and ex.stats.intent_landed and ex.stats.nbd_views, (
         ex.stats.line()
     )
+    # the third write went the request lanes' way (its granule's bit durable already)
+    assert [op for op in ex.rec.model.ops if op.endswith("(as a lane)")], ex.rec.model.ops
+
+
+def test_harness_catches_lane_write_past_clean_bits(tmp_path, monkeypatch):
+    """Negative control for the request lanes (qcowfs/fuse/lanes.py): if the map let a lane write in
+    place where a granule's bit is not set yet (here: BitmapStore.all_marked always says yes), the
+    write escapes the bitmap (its data reaches the disk with no intent before it), and the harness must
+    say so: the Driver's own check of the in-memory bits against the model fails at the close, before
+    any crash state is explored."""
+    from qcowfs.engine.bitmaps import BitmapStore
+
+    monkeypatch.setattr(BitmapStore, "all_marked", lambda self, offset, length: True)
+    with pytest.raises(AssertionError, match="in-memory bitmap q differs from the guest writes"):
+        _intent_failures(tmp_path, "lanes")
 
 
 def test_harness_catches_intents_not_written(tmp_path, monkeypatch):

@@ -274,6 +274,13 @@ def assert_same(a: Path, b: Path) -> None:
 # fast the host (by default only a slow host sends them there: qcowfs/fuse/concurrent_io.py), so the storms
 # run the concurrent paths: plans, copies on threads, commits, waits for allocations, drains.
 OFFLOAD = ("-o", "offload=always")
+#: the request lanes' summary at unmount (qcowfs/fuse/lanes.py)
+LANES_SUMMARY = re.compile(
+    r"request lanes: (?P<lanes>\d+) lanes served (?P<reads>\d+) reads and (?P<writes>\d+) writes "
+    r"themselves, handed (?P<handed>\d+) requests to the metadata thread; (?P<overlapped>\d+) "
+    r"requests began while another lane was serving one \(at most (?P<max_active>\d+) lanes at "
+    r"once\); lanes added (?P<grown>\d+) times"
+)
 
 
 def overlapped(log: str) -> None:
@@ -423,12 +430,16 @@ HOST_LATENCY_US = 2000
 
 
 @needs_fuse
-def test_slow_host_goes_to_threads(mount, tmp_path):
-    """By default (offload=auto) requests go to the host I/O threads only once the host keeps
-    them waiting: here every read of the image file waits 2 ms (qcowfs_dev/ceiling_fs.py
-    --latency-us, many at once, like a disk or network storage). One request at a time that is
-    at most 500 reads a second; at queue depth 16 the threads must do clearly better, the daemon
-    must say the host turned slow, and the image stays clean."""
+@pytest.mark.parametrize("lanes", ["0", "auto"])
+def test_slow_host_goes_to_threads(mount, tmp_path, lanes):
+    """Every read of the image file waits 2 ms (qcowfs_dev/ceiling_fs.py --latency-us, many at
+    once, like a disk or network storage). One request at a time that is at most 500 reads a
+    second; at queue depth 16 qcowfs must do clearly better, and the image stays clean. Without
+    request lanes (lanes=0), by default (offload=auto) requests go to the host I/O threads only
+    once the host keeps them waiting: the daemon must say the host turned slow, and the threads
+    ran jobs at once. With lanes (one per CPU), a lane waiting for a slow host makes another one
+    read the device (pyfuse3's lanes.h): the summary must say lanes were added, and more lanes
+    than CPUs served at once."""
     img = tmp_path / "img.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", img, str(16 * MiB))
     qemu_io(img, f"write -P 0x11 0 {16 * MiB}")
@@ -454,7 +465,7 @@ def test_slow_host_goes_to_threads(mount, tmp_path):
         assert os.path.ismount(host), (
             f"ceiling_fs did not mount: {slow.stderr.read() if slow.stderr else ''}"
         )
-        m = mount(host / "disk.raw")
+        m = mount(host / "disk.raw", extra=("-o", f"lanes={lanes}"))
         out = subprocess.run(
             [
                 "fio",
@@ -478,13 +489,19 @@ def test_slow_host_goes_to_threads(mount, tmp_path):
         iops = json.loads(out.stdout)["jobs"][0]["read"]["iops"]
         assert m.unmount() == 0
         log = m.log_text()
-        assert "host I/O slow" in log, log[-2000:]
         serial_max = 1e6 / HOST_LATENCY_US
         assert iops > 2 * serial_max, (
             f"{iops:.0f} IOPS at queue depth 16 over a 2 ms host: no overlap"
         )
-        overlapped_jobs = re.search(r"host I/O threads: (\d+) jobs, up to (\d+) at once", log)
-        assert overlapped_jobs and int(overlapped_jobs[2]) > 1, log[-2000:]
+        if lanes == "0":
+            assert "host I/O slow" in log, log[-2000:]
+            overlapped_jobs = re.search(r"host I/O threads: (\d+) jobs, up to (\d+) at once", log)
+            assert overlapped_jobs and int(overlapped_jobs[2]) > 1, log[-2000:]
+        else:
+            summary = LANES_SUMMARY.search(log)
+            assert summary, f"no request lanes summary:\n{log[-2000:]}"
+            cpus = len(os.sched_getaffinity(0))
+            assert int(summary["grown"]) > 0 and int(summary["max_active"]) > cpus, summary[0]
     finally:
         subprocess.run(["fusermount3", "-u", str(host)], check=False)
         slow.wait(timeout=30)

@@ -37,7 +37,8 @@ FILL = ["write -P 0x3c 0 4M"]
 @needs_fuse
 def test_fast_waiter_serves_the_requests(tmp_path, mount):
     img = create(tmp_path / "f.qcow2", "8M", writes=FILL)
-    m = mount(img, read_only=True)
+    # without request lanes (lanes.py), which would serve these reads before the waiter sees them
+    m = mount(img, read_only=True, extra=("-o", "lanes=0"))
     fd = os.open(m.disk, os.O_RDONLY)  # disk.raw is direct_io: every pread is one FUSE read
     try:
         for i in range(200):
