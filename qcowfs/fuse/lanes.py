@@ -125,7 +125,8 @@ class Lanes:
             "request lanes: %d lanes served %d reads and %d writes themselves, handed %d "
             "requests to the metadata thread; %d requests began while another lane was serving "
             "one (at most %d lanes at once); lanes added %d times for a slow host; %d map "
-            "withdrawals waited for a lane",
+            "withdrawals waited for a lane; map: %d chunks held, %d freed to stay within its "
+            "bound",
             stats.get("lanes", 0),
             stats.get("reads", 0),
             stats.get("writes", 0),
@@ -134,6 +135,8 @@ class Lanes:
             stats.get("max_active", 0),
             stats.get("grown", 0),
             self.waits,
+            stats.get("chunks", 0),
+            stats.get("evicted", 0),
         )
         if stats.get("error"):
             log.warning("request lanes: a lane stopped on %s", os.strerror(int(stats["error"])))
