@@ -271,6 +271,12 @@ class BaselineTarget(QcowfsTarget):
         env["PYTHONPATH"] = self.source
         return env
 
+    def cwd(self) -> str | None:
+        # `python -m` puts its working directory first on sys.path, ahead of PYTHONPATH: run from
+        # the bench's (a checkout) it imported that checkout's qcowfs, and "baseline" measured the
+        # code under test again (caught on 2026-12-04: a baseline daemon logging request lanes)
+        return self.source
+
 
 class QemuTarget(Target):
     """The system's qemu-storage-daemon (Debian bookworm: QEMU 7.2), default aio (threads)."""
