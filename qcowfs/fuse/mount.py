@@ -123,14 +123,23 @@ class Mounted:
             log.info("no request lanes: %s; the metadata thread serves every request", why)
             return
         fast = lanes.Lanes(disk, DISK, count)
-        if not self.loop.attach_lanes(fast):
+        if not self.loop.can_attach_lanes():
             log.info(
                 "no request lanes: this pyfuse3 has no main(wait_readable) hook "
                 "(scripts/build-pyfuse3 builds one)"
             )
             return
-        fast.start()
+        try:
+            fast.start()
+        except OSError as e:
+            # e.g. a kernel without FUSE_DEV_IOC_CLONE (before 4.2), or no /dev/fuse to open
+            log.warning(
+                "no request lanes: %s; the metadata thread serves every request",
+                e.strerror or e,
+            )
+            return
         stack.callback(fast.stop)
+        self.loop.attach_lanes(fast)
         ops.lanes = fast
 
     def _start_io(self, ops: QcowOperations, disk: Disk, stack: contextlib.ExitStack) -> None:

@@ -261,18 +261,20 @@ class FastLoop:
             return self.lanes.pending()
         return bool(self._device_poll.poll(0))
 
-    def attach_lanes(self, lanes: Lanes) -> bool:
-        """Serve what request lanes hand over instead of reading the device; only through the
-        public hook. False if not possible. Call before run(); the lanes start here."""
+    def can_attach_lanes(self) -> bool:
+        """Whether attach_lanes() can work: only through the public hook."""
         if not self.fast and not self.install():
             return False
-        if not self.public:
-            return False
+        return self.public
+
+    def attach_lanes(self, lanes: Lanes) -> None:
+        """Serve what request lanes (started, can_attach_lanes() true) hand over instead of
+        reading the device. Call before run()."""
+        assert self.public, "request lanes need the public hook (can_attach_lanes)"
         self.lanes = lanes
         # no spinning: the lanes need the CPU the spin would burn, and a hand-off is already
         # the slow path
         self.spin_ns = 0
-        return True
 
     def attach_io(self, io: IoThreads, workers: int) -> bool:
         """Deliver io's completions and serve up to `workers` requests at once; only through

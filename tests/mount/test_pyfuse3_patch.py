@@ -26,6 +26,7 @@ import errno
 import inspect
 import json
 import os
+import signal
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -370,3 +371,50 @@ def test_write_view(onefile, view):
     assert m.stop() == 0
     writes = m.calls("write")
     assert writes and {w["type"] for w in writes} == {"memoryview" if view else "bytes"}, writes
+
+
+# ----------------------------------------------------------------------------- request lanes
+HAS_LANES = hasattr(pyfuse3, "lanes_start")
+
+
+@pytest.mark.skipif(not HAS_LANES, reason=f"the installed pyfuse3 has no request lanes: {BUILD}")
+def test_request_lanes_serve_the_published_blocks(onefile, tmp_path):
+    """pyfuse3-3.5.0-request-lanes.patch: reads and writes of published blocks never reach the
+    Python handlers and land at the host offsets the map gave; zero blocks read zeros; the rest
+    goes to the handlers (through the main loop, replies back on the lane's descriptor); a
+    withdrawn block goes to the handlers again."""
+    block = 1 << fs.LANE_BLOCK_BITS
+    host = tmp_path / "host"
+    host_bytes = bytearray(fs.LANE_HOST_BASE + fs.SIZE)
+    for b in range(16):
+        off = fs.LANE_HOST_BASE + b * block
+        host_bytes[off : off + block] = bytes([0x40 + b]) * block
+    host.write_bytes(bytes(host_bytes))
+    m = onefile("--lanes", str(host))
+    fd = m.open()
+    try:
+        for b in range(8):  # READ|WRITE blocks: served by the lanes
+            assert os.pread(fd, 4 * KiB, b * block + 512) == bytes([0x40 + b]) * 4 * KiB
+        assert os.pread(fd, 8 * KiB, 9 * block) == bytes(8 * KiB)  # READ|ZERO
+        assert m.calls("read") == []
+        assert os.pwrite(fd, b"lane" * 1024, 3 * block + 4 * KiB) == 4 * KiB
+        assert m.calls("write") == []
+        with open(host, "rb") as h:
+            h.seek(fs.LANE_HOST_BASE + 3 * block + 4 * KiB)
+            assert h.read(4 * KiB) == b"lane" * 1024
+        # unpublished: the handlers, and their reply reaches the caller
+        assert os.pread(fd, 4 * KiB, 13 * block) == bytes([0x40 + 13]) * 4 * KiB
+        assert os.pwrite(fd, b"py" * 2048, 14 * block) == 4 * KiB
+        assert [c["off"] for c in m.calls("read")] == [13 * block]
+        assert [c["off"] for c in m.calls("write")] == [14 * block]
+        # withdrawn (SIGUSR1: blocks 0-3): the handlers again
+        m.proc.send_signal(signal.SIGUSR1)
+        wait_for(lambda: m.calls("invalidated"), timeout=10, what="the withdrawal")
+        assert os.pread(fd, 4 * KiB, 3 * block + 4 * KiB) == b"lane" * 1024
+        assert [c["off"] for c in m.calls("read")] == [13 * block, 3 * block + 4 * KiB]
+    finally:
+        os.close(fd)
+    assert m.stop() == 0
+    (lanes,) = m.calls("lanes")
+    assert lanes["lanes"] == 2 and lanes["reads"] >= 9 and lanes["writes"] >= 1, lanes
+    assert lanes["handed"] >= 4 and lanes["ended"], lanes

@@ -18,6 +18,13 @@ With --defaults the two handlers record the call and then defer to pyfuse3.Opera
 pyfuse3.main(wait_readable=...) (patches/pyfuse3-3.5.0-wait-readable-hook.patch), whose waiter
 counts its calls; the count is recorded at exit ({"op": "exit", "waits": N}).
 
+With --lanes HOST the file's bytes live in the file HOST at offset LANE_HOST_BASE + offset (the
+handlers read and write there too, recording each read), and request lanes
+(patches/pyfuse3-3.5.0-request-lanes.patch) serve it from a map of 64 KiB blocks: blocks 0-7
+READ|WRITE at their host offsets, 8-11 READ|ZERO, 12-15 unpublished. SIGUSR1 withdraws blocks
+0-3 (recorded as {"op": "invalidated"}); the lanes' figures are recorded at exit
+({"op": "lanes", ...}).
+
 Every call is one JSON line in CALLS.jsonl, written before the reply reaches the kernel, so a
 test reads it as soon as its system call returns. Needs only pyfuse3 and trio (no pytest), and
 runs in the foreground until unmounted.
@@ -105,6 +112,7 @@ class OneFile(pyfuse3.Operations):
         self.content = bytearray(SIZE)
         for s, e in DATA:
             self.content[s:e] = b"\xab" * (e - s)
+        self.host_fd: int | None = None  # --lanes: the host file
 
     def record(self, **call) -> None:
         self.record_file.write(json.dumps(call) + "\n")
@@ -153,11 +161,16 @@ class OneFile(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=FH, direct_io=True)
 
     async def read(self, fh, off, size):
+        if self.host_fd is not None:
+            self.record(op="read", off=off, size=size)
+            return os.pread(self.host_fd, min(size, self.size - off), LANE_HOST_BASE + off)
         return bytes(self.content[off : min(off + size, self.size)])
 
     async def write(self, fh, off, buf):
         # what pyfuse3 hands over: bytes (a copy), or with enable_write_view a memoryview
         self.record(op="write", type=type(buf).__name__, off=off, size=len(buf))
+        if self.host_fd is not None:
+            return os.pwrite(self.host_fd, buf, LANE_HOST_BASE + off)
         self.content[off : off + len(buf)] = buf
         return len(buf)
 
@@ -201,6 +214,59 @@ class OneFile(pyfuse3.Operations):
         return found
 
 
+LANE_BLOCK_BITS = 16
+LANE_HOST_BASE = 1 << 20  # the host file holds byte x of `disk` at LANE_HOST_BASE + x
+
+
+def lane_map() -> list:
+    """(first block, entries) to publish: blocks 0-7 READ|WRITE, 8-11 READ|ZERO."""
+    from array import array
+
+    rw = pyfuse3.LANE_READ | pyfuse3.LANE_WRITE
+    data = array("Q", [LANE_HOST_BASE + (b << LANE_BLOCK_BITS) | rw for b in range(8)])
+    zero = array("Q", [pyfuse3.LANE_READ | pyfuse3.LANE_ZERO] * 4)
+    return [(0, data), (8, zero)]
+
+
+class LaneWaiter:
+    """The wait_readable hook of a main loop behind request lanes: their hand-offs, not the
+    device (which the lanes read)."""
+
+    def __init__(self, efd: int):
+        self.efd = efd
+        self.waits = 0
+
+    async def __call__(self, fd: int) -> bool:
+        self.waits += 1
+        while True:
+            if pyfuse3.lanes_pending():
+                return True
+            pyfuse3.lanes_clear_signal()
+            if pyfuse3.lanes_pending():
+                return True
+            try:
+                await trio.lowlevel.wait_readable(self.efd)
+            except trio.ClosedResourceError:
+                return False
+
+
+async def serve_with_lanes(ops: "OneFile", efd: int) -> None:
+    waiter = LaneWaiter(efd)
+
+    async def on_usr1() -> None:
+        import signal
+
+        with trio.open_signal_receiver(signal.SIGUSR1) as signals:
+            async for _ in signals:
+                waited = pyfuse3.lanes_invalidate(0, 4)
+                ops.record(op="invalidated", waited=waited)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(on_usr1)
+        await pyfuse3.main(min_tasks=1, max_tasks=1, wait_readable=waiter)
+        nursery.cancel_scope.cancel()
+
+
 class CountingWaiter:
     """A wait_readable hook: pyfuse3's wait (trio parks until the fd is readable), counted."""
 
@@ -233,6 +299,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--write-view", action="store_true", help="set Operations.enable_write_view"
     )
+    parser.add_argument("--lanes", metavar="HOST", help="serve through request lanes over HOST")
     args = parser.parse_args(argv)
 
     ops = OneFile(args.record, args.defaults)
@@ -242,7 +309,19 @@ def main(argv=None) -> int:
     pyfuse3.init(ops, args.mountpoint, options)
     waiter = CountingWaiter()
     try:
-        if args.hook:
+        if args.lanes:
+            ops.host_fd = os.open(args.lanes, os.O_RDWR)
+            efd = pyfuse3.lanes_start(
+                2, INODE, ops.host_fd, LANE_BLOCK_BITS, SIZE, SIZE, True, False
+            )
+            for first, entries in lane_map():
+                pyfuse3.lanes_publish(first, entries)
+            try:
+                trio.run(serve_with_lanes, ops, efd)
+            finally:
+                pyfuse3.lanes_stop()
+                ops.record(op="lanes", **pyfuse3.lanes_stats())
+        elif args.hook:
             trio.run(
                 functools.partial(
                     pyfuse3.main, min_tasks=1, max_tasks=args.workers, wait_readable=waiter
