@@ -38,6 +38,8 @@ from ..engine.disk import Disk
 
 log = logging.getLogger(__name__)
 
+#: touched ranges kept before they are published on the request path after all
+MAX_TOUCHED = 256
 #: the map's reach past the disk's size at mount, for growth (truncate) while mounted; clusters
 #: beyond it are served by the trio thread
 GROWTH_FACTOR = 4
@@ -74,7 +76,10 @@ class Lanes:
         self.count = count
         self.efd = -1
         self.size = image.size
-        self.published: set[int] = set()  # L2 table indexes published whole
+        self.published: set[int] = set()
+        self._touched: list[
+            tuple[int, int]
+        ] = []  # ranges to publish (publish_touched)  # L2 table indexes published whole
         self.waits = 0  # invalidations that had to wait for a lane
         geo = image.geo
         self.cluster_bits = geo.cluster_bits
@@ -145,10 +150,26 @@ class Lanes:
 
     # ------------------------------------------------------------------ publishing
     def touched(self, offset: int, length: int) -> None:
-        """A request handed over touched [offset, offset+length): publish what the lanes may
-        now serve there (the whole L2 table the first time)."""
+        """A request handed over touched [offset, offset+length): what the lanes may serve
+        there is published before the request loop next waits (publish_touched), not on this
+        request's path: measured, publishing on it cost 1 MiB first writes 17% (a request
+        stream of first writes leaves the loop a moment between two of them anyway)."""
         if length <= 0 or self.efd < 0:
             return
+        self._touched.append((offset, length))
+        if len(self._touched) >= MAX_TOUCHED:
+            self.publish_touched()
+
+    def publish_touched(self) -> None:
+        """Publish what the requests handed over since the last call touched (from the mapping
+        as it is now)."""
+        touched, self._touched = self._touched, []
+        if self.efd < 0:
+            return
+        for offset, length in touched:
+            self._publish_range(offset, length)
+
+    def _publish_range(self, offset: int, length: int) -> None:
         size = self.image.size
         if size != self.size:  # grown (truncate): the lanes serve up to the new end
             self.size = size
@@ -206,6 +227,9 @@ class Lanes:
             self._prev_read_only()
 
     # ------------------------------------------------------------------ the request loop's side
+    def has_touched(self) -> bool:
+        return bool(self._touched)
+
     @staticmethod
     def pending() -> bool:
         return bool(pyfuse3.lanes_pending())
