@@ -201,6 +201,7 @@ def test_lanes_serve_requests_concurrently(tmp_path, mount):
     assert dirty and dirty[0][0] == 0 and dirty[0][1] >= 16 * MiB, dirty[:3]
 
 
+@pytest.mark.slow  # storms: in the full run, not in --quick
 @pytest.mark.parametrize("how", ["checkpoint", "snapshot"])
 def test_checkpoint_in_a_storm_is_one_instant(tmp_path, mount, how):
     """Four writers overwrite 4 KiB blocks through the lanes while `qcowfs checkpoint` (an
@@ -259,6 +260,7 @@ def test_checkpoint_in_a_storm_is_one_instant(tmp_path, mount, how):
                 assert read_stamp(cur, i) == last[i], f"block {i} lost its last write"
 
 
+@pytest.mark.slow  # storms: in the full run, not in --quick
 def test_discard_zero_and_grow_while_lanes_write(tmp_path, mount):
     """Writers overwrite area A and area B through the lanes while B's clusters are discarded
     and zeroed at random and the disk grows: no lane write ever lands in a cluster that was
@@ -331,6 +333,7 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(e, os.strerror(e))
 
 
+@pytest.mark.slow  # storms: in the full run, not in --quick
 def test_fsync_holds_after_kill(tmp_path, mount):
     """Lane writes, an fsync, more lane writes, kill -9: every block holds at least the version
     acknowledged before the fsync returned; qemu-img check finds leaks at worst."""
@@ -372,6 +375,7 @@ def test_fsync_holds_after_kill(tmp_path, mount):
             )
 
 
+@pytest.mark.slow  # storms: in the full run, not in --quick
 @pytest.mark.parametrize("sig", ["TERM", "INT"])
 def test_stop_signal_during_a_lane_storm(tmp_path, mount, sig):
     """SIGTERM/SIGINT while every lane is busy: the daemon unmounts, stores the bitmaps and exits
