@@ -204,22 +204,26 @@ class ActiveMap(ClusterMap):
     def l2_location(self, ci: int, count: int = 1) -> tuple[array, int]:
         """The writable L2 table holding guest cluster ci's entry, and the entry's index; the
         table counts as changed, and so do the `count` entries from ci on (within the table)."""
-        if self.on_change is not None:
-            self.on_change(ci, count)
+        self.changing(ci, count)
         l1i = ci >> self.l2_bits
         t = self.l2_for_write(l1i)
         self.cache.mark_dirty(self.l1[l1i] & _OFFSET)
         self.metadata_dirty = True
         return t, ci & (self.l2_entries - 1)
 
-    def changed_all(self) -> None:
-        """Every cluster's mapping is about to change (snapshots): on_change(0, 0)."""
+    def changing(self, first: int, count: int) -> None:
+        """The mapping of guest clusters [first, first+count) (count 0: all) is about to
+        change: on_change, before it does. A caller about to change many entries one by one
+        (zeroing a range) says so once first; the per-entry calls then find nothing to wait for."""
         if self.on_change is not None:
-            self.on_change(0, 0)
+            self.on_change(first, count)
+
+    def changed_all(self) -> None:
+        """Every cluster's mapping is about to change (snapshots)."""
+        self.changing(0, 0)
 
     def set_l1_entry(self, l1_index: int, value: int) -> None:
-        if self.on_change is not None:
-            self.on_change(l1_index << self.l2_bits, self.l2_entries)
+        self.changing(l1_index << self.l2_bits, self.l2_entries)
         self.l1[l1_index] = value
         self.l1_dirty.add(l1_index)
         self.metadata_dirty = True
@@ -241,8 +245,7 @@ class ActiveMap(ClusterMap):
 
     def l1_entry_written(self, l1_index: int, value: int) -> None:
         """An L1 entry repair wrote to the disk itself: memory follows, nothing to write."""
-        if self.on_change is not None:
-            self.on_change(l1_index << self.l2_bits, self.l2_entries)
+        self.changing(l1_index << self.l2_bits, self.l2_entries)
         self.l1[l1_index] = value
 
     def free_later(self, clusters: list[int]) -> None:

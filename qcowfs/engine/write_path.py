@@ -307,6 +307,10 @@ class Writer:
         m = self.m
         cb = self.geo.cluster_bits
         extended = self.geo.extended
+        # one withdrawal (and at most one wait for the request lanes) for the whole range,
+        # rather than one per cluster in l2_location below
+        if end - start >= 1 << cb:
+            m.changing(start >> cb, (end - start) >> cb)
         for ci in range(start >> cb, end >> cb):
             shows_backing = self.backing is not None and (ci << cb) < self.backing_size
             l2 = m.l2_for_read(ci >> m.l2_bits)

@@ -76,10 +76,8 @@ class Lanes:
         self.count = count
         self.efd = -1
         self.size = image.size
-        self.published: set[int] = set()
-        self._touched: list[
-            tuple[int, int]
-        ] = []  # ranges to publish (publish_touched)  # L2 table indexes published whole
+        self.published: set[int] = set()  # L2 table indexes published whole
+        self._touched: list[tuple[int, int]] = []  # ranges to publish (publish_touched)
         self.waits = 0  # invalidations that had to wait for a lane
         geo = image.geo
         self.cluster_bits = geo.cluster_bits
