@@ -112,3 +112,7 @@ class WriteBeyondEnd(QcowError):
 
 class RepairImpossible(QcowError):
     """check --repair met damage it cannot mend (qemu-img check -r all may)."""
+
+
+class BackupError(QcowError):
+    """`qcowfs backup` could not make, list or verify a backup (the chain is left as it was)."""

@@ -22,6 +22,7 @@ from .. import __version__
 from ..engine.bitmap_commands import PID_XATTR
 from ..errors import OptionError, QcowError
 from ..fuse.options import BACKING_POLICIES, BITMAP_SYNC_MODES, MountOptions, parse_into
+from .backup import add_parser as add_backup_parser
 from .pidns import exit_ends_pid_namespace
 
 log = logging.getLogger("qcowfs")
@@ -604,10 +605,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     k.add_argument("--json", action="store_true", help="print what was done as JSON")
     k.set_defaults(func=cmd_checkpoint)
+    add_backup_parser(sub)
     return p
 
 
-COMMANDS = ("mount", "umount", "info", "check", "bitmap", "checkpoint")
+COMMANDS = ("mount", "umount", "info", "check", "bitmap", "checkpoint", "backup")
 
 
 def _mount_helper_form(argv: list) -> list:

@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 COMMAND_XATTR = "user.qcowfs.command"
 #: the xattr on MNT that tells the daemon's pid (qcowfs umount waits for it)
 PID_XATTR = "user.qcowfs.pid"
+#: `user.qcowfs.image` on MNT: JSON {"path", "dev", "ino", "backing"} of the mounted image, for
+#: `qcowfs backup`, which reads a checkpoint's snapshot from the image file itself
+IMAGE_XATTR = "user.qcowfs.image"
 #: `user.qcowfs.extents@START` on MNT/.bitmaps/NAME: up to EXTENTS_PER_CALL dirty/clean runs
 #: from guest offset START, as JSON {"extents": [[start, length, dirty], ...], "next": N or null}
 #: (an xattr value holds at most 64 KiB: long maps come in pieces)

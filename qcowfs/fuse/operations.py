@@ -76,6 +76,7 @@ BITMAPS_NAME = b".bitmaps"
 SNAPSHOTS_NAME = b".snapshots"
 DIRS = (ROOT, BITMAPS_DIR, SNAPSHOTS_DIR)
 PID_XATTR = bitmap_commands.PID_XATTR.encode()
+IMAGE_XATTR = bitmap_commands.IMAGE_XATTR.encode()
 COMMAND_XATTR = bitmap_commands.COMMAND_XATTR.encode()
 COMMANDS = bitmap_commands.FILE_COMMANDS
 FALLOC_KEEP_SIZE, FALLOC_PUNCH_HOLE, FALLOC_ZERO_RANGE = 0x01, 0x02, 0x10  # <linux/falloc.h>
@@ -619,6 +620,17 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
     ) -> bytes:
         if inode == ROOT and name == PID_XATTR:
             return str(os.getpid()).encode()
+        if inode == ROOT and name == IMAGE_XATTR:
+            img = self.disk.image
+            st = os.fstat(img.file.fd)
+            return json.dumps(
+                {
+                    "path": os.path.abspath(img.path),
+                    "dev": st.st_dev,
+                    "ino": st.st_ino,
+                    "backing": img.backing_policy,
+                }
+            ).encode()
         if inode == BITMAPS_DIR and name == RESULT_XATTR and self.last_result is not None:
             return json.dumps(self.last_result).encode()
         if name.startswith(EXTENTS_XATTR) and inode in self.inode_names:

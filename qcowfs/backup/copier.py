@@ -1,0 +1,296 @@
+"""Copy a snapshot's clusters into a new qcow2 file (format/new_image.py lays it out).
+
+Plan, then copy, then metadata, then fsync:
+- plan() walks the snapshot's L1/L2 tables once and turns the wanted guest clusters into runs:
+  COPY (data clusters contiguous on the host: one preadv), READ (compressed, subclustered or
+  reached through the source's backing file: the engine's read path) and ZERO (clusters that
+  read as zeros: an incremental records them as zero clusters over its backing file, a full
+  backup leaves them out). Runs are at most RUN_BYTES long.
+- copy() runs them on a few threads: each reads a run into its own buffer, takes a crc32 of
+  every cluster (the point's table, table.py), leaves out clusters that hold only zeros, and
+  writes the rest with one pwritev into the slots the layout gave the run. preadv, crc32 and
+  pwritev release the GIL, so two cores copy at once; a READ run goes through the engine under
+  one lock (its L2 cache is not shared between threads).
+- Then the L2 tables, L1, refcounts and the header, and one fsync: the file is complete and
+  durable before run.py gives it its final name.
+
+The snapshot's clusters do not change while they are read: a snapshot's L2 tables and data
+clusters have refcount > 1 or belong to the snapshot alone, and the engine (ours and QEMU's)
+copies a cluster before writing to it unless its refcount is 1 (qcow2.txt, "COPIED").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import zlib
+from array import array
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Callable, Optional
+
+from bitarray import bitarray
+
+from ..engine.snapshots import SnapshotView
+from ..format import new_image
+from ..format.entries import COMPRESSED, COPIED, OFFSET_MASK, ZERO_FLAG
+from . import table as tables
+
+COPY, READ, ZERO = 0, 1, 2
+RUN_BYTES = 8 << 20
+#: runs in flight per thread (each thread's buffer is one run)
+WORKERS = 3
+
+
+@dataclasses.dataclass
+class Run:
+    first: int  # guest cluster
+    count: int
+    kind: int
+    host: int = 0  # COPY: host offset of the first cluster
+
+
+@dataclasses.dataclass
+class CopyResult:
+    layout: new_image.Layout
+    data_clusters: int  # clusters written as data
+    zero_clusters: int  # clusters recorded as zeros (incremental)
+    bytes_copied: int
+    table: array
+
+
+def plan(view: SnapshotView, wanted: Optional[bitarray], zeros: bool) -> list[Run]:
+    """The runs that cover the wanted guest clusters (None: all of them) of the snapshot;
+    zeros: include ZERO runs (an incremental needs them, a full backup leaves them out)."""
+    m = view.mapping
+    cb = m.cluster_bits
+    cs = m.cluster_size
+    size = view.size
+    nclusters = -(-size // cs)
+    backing_clusters = -(-view.backing_size // cs) if view.backing is not None else 0
+    per_l2 = m.l2_entries
+    max_run = max(1, RUN_BYTES // cs)
+    runs: list[Run] = []
+    cur: Optional[Run] = None
+
+    def add(ci: int, kind: int, host: int) -> None:
+        nonlocal cur
+        if kind == ZERO and not zeros:
+            return
+        if (
+            cur is not None
+            and cur.kind == kind
+            and cur.first + cur.count == ci
+            and cur.count < max_run
+            and (kind != COPY or cur.host + (cur.count << cb) == host)
+        ):
+            cur.count += 1
+            return
+        cur = Run(ci, 1, kind, host)
+        runs.append(cur)
+
+    def unallocated(ci: int) -> int:
+        return READ if ci < backing_clusters else ZERO
+
+    data_file_copied = m.geo.has_data_file
+    for l1i in range(-(-nclusters // per_l2)):
+        a = l1i * per_l2
+        b = min(a + per_l2, nclusters)
+        if wanted is not None and not wanted[a:b].any():
+            continue
+        l2 = m.l2_for_read(l1i)
+        if l2 is None and a >= backing_clusters and not zeros:
+            continue  # nothing but zeros here
+        for ci in range(a, b):
+            if wanted is not None and not wanted[ci]:
+                continue
+            if l2 is None:
+                add(ci, unallocated(ci), 0)
+                continue
+            if m.extended:
+                pos = ci << cb
+                want = min(cs, size - pos)
+                kind, host, n = m.map(pos, pos + want)
+                if n < want or kind == 3:  # mixed subclusters, or compressed
+                    add(ci, READ, 0)
+                elif kind == 2:
+                    add(ci, COPY, host)
+                elif kind == 1:
+                    add(ci, ZERO, 0)
+                else:
+                    add(ci, unallocated(ci), 0)
+                continue
+            e = l2[ci - a]
+            if e & COMPRESSED:
+                add(ci, READ, 0)
+            elif e & ZERO_FLAG:
+                add(ci, ZERO, 0)
+            else:
+                off = e & OFFSET_MASK
+                if off == 0 and not (data_file_copied and e & COPIED):
+                    add(ci, unallocated(ci), 0)
+                elif off & (cs - 1):
+                    raise m.corrupt(f"L2 entry for guest cluster {ci} is not cluster aligned")
+                else:
+                    add(ci, COPY, off)
+    return runs
+
+
+class _Worker:
+    """What the copy threads share: the files, the layout, the read path's lock."""
+
+    def __init__(self, view: SnapshotView, out_fd: int, cluster_bits: int):
+        self.view = view
+        self.data_fd = view.data_file.fd
+        self.out_fd = out_fd
+        self.cb = cluster_bits
+        self.cs = 1 << cluster_bits
+        self.size = view.size
+        self.zero = bytes(self.cs)
+        self.zero_crc = tables.zero_crc(self.cs)
+        self.view_lock = threading.Lock()
+        self.local = threading.local()
+
+    def buffer(self, n: int) -> memoryview:
+        buf = getattr(self.local, "buf", None)
+        if buf is None or len(buf) < n:
+            buf = self.local.buf = memoryview(bytearray(max(n, RUN_BYTES)))
+        return buf[:n]
+
+    def run(self, run: Run, first_slot: int, slot_offset: Callable[[int], int]) -> list[int]:
+        """Copy one run; the crc32 of each of its clusters, -1 for one that holds only zeros
+        (not written)."""
+        cb = self.cb
+        n = run.count << cb
+        mv = self.buffer(n)
+        guest = run.first << cb
+        if run.kind == COPY:
+            got = os.preadv(self.data_fd, [mv], run.host)
+            if got < n:  # the file ends inside the last cluster: the rest reads as zeros
+                mv[got:] = bytes(n - got)
+        else:
+            with self.view_lock:
+                data = self.view.read(guest, n)
+            mv[: len(data)] = data
+            if len(data) < n:
+                mv[len(data) :] = bytes(n - len(data))
+        visible = self.size - guest
+        if visible < n:  # bytes past the end of the disk count as zeros (table.py)
+            mv[visible:] = bytes(n - visible)
+        crcs = []
+        start = -1  # first cluster of the current stretch of data clusters to write
+        for i in range(run.count):
+            c = mv[i << cb : (i + 1) << cb]
+            crc = zlib.crc32(c)
+            if crc == self.zero_crc and c == self.zero:
+                crc = -1
+                if start >= 0:
+                    os.pwritev(
+                        self.out_fd, [mv[start << cb : i << cb]], slot_offset(first_slot + start)
+                    )
+                    start = -1
+            elif start < 0:
+                start = i
+            crcs.append(crc)
+        if start >= 0:
+            os.pwritev(self.out_fd, [mv[start << cb : n]], slot_offset(first_slot + start))
+        return crcs
+
+
+def copy(
+    view: SnapshotView,
+    runs: list[Run],
+    out_fd: int,
+    *,
+    incremental: bool,
+    base_table: Optional[array],
+    backing_file: Optional[str],
+    progress: Optional[Callable[[int, int], None]] = None,
+    workers: int = WORKERS,
+) -> CopyResult:
+    """Write the image for `runs` of `view` to out_fd (an empty file) and fsync it.
+
+    incremental: ZERO runs become zero clusters (they hide the backing file); a full backup
+    leaves them out. base_table is the previous point's table (incremental), which the result's
+    table starts from."""
+    m = view.mapping
+    cb, cs = m.cluster_bits, m.cluster_size
+    size = view.size
+    nclusters = -(-size // cs)
+    per_l2 = cs // 8
+    data_runs = [r for r in runs if r.kind != ZERO]
+    slots = sum(r.count for r in data_runs)
+    held_l2 = {
+        c // per_l2 for r in runs if r.kind != ZERO or incremental for c in _l2_span(r, per_l2)
+    }
+    layout = new_image.plan(size, cb, slots, held_l2)
+    os.ftruncate(out_fd, layout.file_size)
+    l2: dict[int, array] = {i: array("Q", bytes(cs)) for i in layout.l2_indexes}
+    table = (
+        tables.resized(base_table, nclusters, cs)
+        if base_table is not None
+        else tables.new(nclusters, cs)
+    )
+    zero_crc = tables.zero_crc(cs)
+    zero_clusters = 0
+    for r in runs:
+        if r.kind == ZERO:
+            for ci in range(r.first, r.first + r.count):
+                table[ci] = zero_crc
+                if incremental:
+                    l2[ci // per_l2][ci % per_l2] = new_image.ZERO_ENTRY
+                    zero_clusters += 1
+    total = slots << cb
+    done = 0
+    used: list[int] = []
+    worker = _Worker(view, out_fd, cb)
+    slot_of = []
+    s = 0
+    for r in data_runs:
+        slot_of.append(s)
+        s += r.count
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="backup-copy") as pool:
+        pending: dict[Future, int] = {}
+        it = iter(range(len(data_runs)))
+        exhausted = False
+        while pending or not exhausted:
+            while not exhausted and len(pending) < 2 * workers:
+                try:
+                    k = next(it)
+                except StopIteration:
+                    exhausted = True
+                    break
+                fut = pool.submit(worker.run, data_runs[k], slot_of[k], layout.slot_offset)
+                pending[fut] = k
+            if not pending:
+                break
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                k = pending.pop(fut)
+                crcs = fut.result()  # an I/O error ends the copy (the pool is shut down)
+                r = data_runs[k]
+                for i, crc in enumerate(crcs):
+                    ci = r.first + i
+                    if crc < 0:
+                        table[ci] = zero_crc
+                        if incremental:
+                            l2[ci // per_l2][ci % per_l2] = new_image.ZERO_ENTRY
+                            zero_clusters += 1
+                    else:
+                        table[ci] = crc
+                        slot = slot_of[k] + i
+                        l2[ci // per_l2][ci % per_l2] = new_image.data_entry(layout, slot)
+                        used.append(slot)
+                done += r.count << cb
+                if progress is not None:
+                    progress(done, total)
+    for off, data in new_image.metadata(layout, l2, used, backing_file):
+        os.pwrite(out_fd, data, off)
+    os.fsync(out_fd)
+    return CopyResult(layout, len(used), zero_clusters, len(used) << cb, table)
+
+
+def _l2_span(r: Run, per_l2: int) -> range:
+    """Guest clusters of a run, one per L2 table it touches (for the set of tables needed)."""
+    first = r.first - r.first % per_l2
+    return range(first, r.first + r.count, per_l2)

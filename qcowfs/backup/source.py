@@ -1,0 +1,262 @@
+"""The disk a backup is taken of: a running qcowfs mount, or an unmounted image.
+
+Both answer the same questions (which bitmaps and snapshots exist, take a checkpoint, the
+dirty clusters of some bitmaps, a reader of a checkpoint's snapshot, drop bitmaps and
+snapshots). The snapshot is always read from the image file itself, not through FUSE: its
+clusters cannot change while it exists (copier.py), and reading the file directly is what makes
+a full backup as fast as qemu-img convert.
+
+- LiveSource: commands go to the daemon as `qcowfs bitmap`/`checkpoint` send them; the image's
+  path comes from the mount (IMAGE_XATTR) and must still be the same file (device, inode).
+  The image is opened read-only without locks, as `qemu-img -U` does: the daemon owns it.
+- OfflineSource: QEMU's locks are taken as `qcowfs bitmap` takes them. Each change (the
+  checkpoint, the drops) opens the image as a writer for just that step, in intent mode
+  (docs/crash-ordering.md: bitmaps valid on disk at every instant), so a kill -9 of the command
+  never leaves bitmaps inconsistent; the copy holds a reader's lock (writers wait, as for
+  qemu-img convert).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from typing import Any, Iterator
+
+from bitarray import bitarray
+
+from ..engine import offline
+from ..engine import snapshots as snapshot_ops
+from ..engine.bitmap_commands import IMAGE_XATTR
+from ..engine.bitmaps import BitmapStore
+from ..engine.disk import Disk
+from ..engine.image import Qcow2Image
+from ..engine.snapshots import SnapshotView
+from ..errors import BackupError, QcowError
+
+
+def add_extents(dirty: bitarray, extents: list[tuple[int, int, bool]], cluster_bits: int) -> None:
+    """Mark the clusters that the dirty ones of [(start, length, dirty)] touch."""
+    cs = 1 << cluster_bits
+    n = len(dirty)
+    for start, length, is_dirty in extents:
+        if not is_dirty:
+            continue
+        a = start >> cluster_bits
+        b = min(n, -(-(start + length) // cs))
+        if a < b:
+            dirty[a:b] = 1
+
+
+class Source:
+    """What run.py needs of a disk (see the module docstring)."""
+
+    live = False
+    label = ""
+    image_path = ""
+
+    def bitmaps(self) -> dict[str, dict[str, Any]]:
+        raise NotImplementedError
+
+    def snapshot_names(self) -> set[str]:
+        raise NotImplementedError
+
+    def checkpoint(self, name: str, disable: list[str]) -> None:
+        raise NotImplementedError
+
+    def dirty(self, names: list[str], cluster_bits: int, clusters: int) -> tuple[bitarray, int]:
+        """The union of the bitmaps' dirty clusters, and how many dirty extents they listed."""
+        raise NotImplementedError
+
+    def reader(self, snapshot: str) -> contextlib.AbstractContextManager[SnapshotView]:
+        raise NotImplementedError
+
+    def drop(self, bitmaps: list[str], snapshots: list[str]) -> list[str]:
+        """Remove what exists of these bitmaps and snapshots; what could not be removed."""
+        raise NotImplementedError
+
+
+def _find(view_image: Qcow2Image, name: str) -> Any:
+    for s in snapshot_ops.read_all(view_image):
+        if s.name == name:
+            return s
+    raise BackupError(f"snapshot {name!r} is gone (deleted during the backup?)", view_image.path)
+
+
+class LiveSource(Source):
+    live = True
+
+    def __init__(self, mountpoint: str):
+        self.mnt = mountpoint
+        self.label = mountpoint
+        try:
+            info = json.loads(os.getxattr(mountpoint, IMAGE_XATTR))
+        except OSError:
+            raise BackupError(
+                "this qcowfs daemon does not say which image it serves (an older version?): "
+                "unmount it and back up the image",
+                mountpoint,
+            ) from None
+        self.image_path = str(info["path"])
+        self.backing_policy = str(info.get("backing", "follow"))
+        try:
+            st = os.stat(self.image_path)
+        except OSError as e:
+            raise BackupError(
+                f"the mounted image {self.image_path} cannot be opened: {e.strerror}", mountpoint
+            ) from None
+        if (st.st_dev, st.st_ino) != (info["dev"], info["ino"]):
+            raise BackupError(
+                f"the mounted image was moved or replaced since the mount ({self.image_path} is "
+                "another file now)",
+                mountpoint,
+            )
+
+    def bitmaps(self) -> dict[str, dict[str, Any]]:
+        d = os.path.join(self.mnt, ".bitmaps")
+        out = {}
+        for n in os.listdir(d):
+            with open(os.path.join(d, n)) as f:
+                out[n] = json.load(f)
+        return out
+
+    def snapshot_names(self) -> set[str]:
+        return set(os.listdir(os.path.join(self.mnt, ".snapshots")))
+
+    def checkpoint(self, name: str, disable: list[str]) -> None:
+        offline.live_checkpoint(self.mnt, name, disable, True)
+
+    def dirty(self, names: list[str], cluster_bits: int, clusters: int) -> tuple[bitarray, int]:
+        bits = bitarray(clusters)
+        bits.setall(0)
+        count = 0
+        for n in names:
+            ext = [(e["start"], e["length"], e["dirty"]) for e in offline.live_extents(self.mnt, n)]
+            count += sum(1 for e in ext if e[2])
+            add_extents(bits, ext, cluster_bits)
+        return bits, count
+
+    @contextlib.contextmanager
+    def reader(self, snapshot: str) -> Iterator[SnapshotView]:
+        img = Qcow2Image(self.image_path, read_only=True, backing_policy=self.backing_policy)
+        try:
+            snap = _find(img, snapshot)
+            yield SnapshotView(img, snap)
+            # the daemon may have deleted it meanwhile (rm .snapshots/NAME): then what was read
+            # may be clusters reused for other data; a fresh look at the snapshot table says
+            check = Qcow2Image(self.image_path, read_only=True, backing_policy="deny")
+            try:
+                again = _find(check, snapshot)
+            finally:
+                check.close(flush=False)
+            if (again.id, again.l1_table_offset) != (snap.id, snap.l1_table_offset):
+                raise BackupError(
+                    f"snapshot {snapshot!r} was replaced during the backup", self.image_path
+                )
+        finally:
+            img.close(flush=False)
+
+    def drop(self, bitmaps: list[str], snapshots: list[str]) -> list[str]:
+        try:
+            return self._drop(bitmaps, snapshots)
+        except OSError as e:  # the mount died (the daemon was killed)
+            return [f"the mount answers {e.strerror}"]
+
+    def _drop(self, bitmaps: list[str], snapshots: list[str]) -> list[str]:
+        failed = []
+        have = self.bitmaps()
+        for b in bitmaps:
+            if b in have:
+                try:
+                    offline.live_command(self.mnt, "remove", b)
+                except QcowError as e:
+                    failed.append(f"bitmap {b}: {e.message}")
+        names = self.snapshot_names()
+        for s in snapshots:
+            if s in names:
+                try:
+                    os.unlink(os.path.join(self.mnt, ".snapshots", s))
+                except OSError as e:
+                    failed.append(f"snapshot {s}: {e.strerror}")
+        return failed
+
+
+class OfflineSource(Source):
+    def __init__(self, path: str, backing_policy: str = "follow"):
+        self.image_path = os.path.abspath(path)
+        self.label = path
+        self.backing_policy = backing_policy
+
+    @contextlib.contextmanager
+    def _writer(self) -> Iterator[Disk]:
+        with offline.locked_image(
+            self.image_path, write=True, backing_policy=self.backing_policy
+        ) as img:
+            disk = Disk(img, bitmap_sync="intent")
+            try:
+                yield disk
+            finally:
+                disk.close()
+
+    def bitmaps(self) -> dict[str, dict[str, Any]]:
+        with offline.locked_image(
+            self.image_path, write=False, backing_policy=self.backing_policy
+        ) as img:
+            return {n: bm.status() for n, bm in BitmapStore(img).bitmaps.items()}
+
+    def snapshot_names(self) -> set[str]:
+        with offline.locked_image(
+            self.image_path, write=False, backing_policy=self.backing_policy
+        ) as img:
+            return {s.name for s in snapshot_ops.read_all(img)}
+
+    def checkpoint(self, name: str, disable: list[str]) -> None:
+        with self._writer() as disk:
+            disk.checkpoint(name, disable, True)
+
+    def dirty(self, names: list[str], cluster_bits: int, clusters: int) -> tuple[bitarray, int]:
+        bits = bitarray(clusters)
+        bits.setall(0)
+        count = 0
+        with offline.locked_image(
+            self.image_path, write=False, backing_policy=self.backing_policy
+        ) as img:
+            store = BitmapStore(img)
+            for n in names:
+                ext = store.get(n).extents()
+                count += sum(1 for e in ext if e[2])
+                add_extents(bits, ext, cluster_bits)
+        return bits, count
+
+    @contextlib.contextmanager
+    def reader(self, snapshot: str) -> Iterator[SnapshotView]:
+        with offline.locked_image(
+            self.image_path, write=False, backing_policy=self.backing_policy
+        ) as img:
+            yield SnapshotView(img, _find(img, snapshot))
+
+    def drop(self, bitmaps: list[str], snapshots: list[str]) -> list[str]:
+        failed: list[str] = []
+        try:
+            with self._writer() as disk:
+                for b in bitmaps:
+                    if b in disk.bitmaps.bitmaps:
+                        disk.bitmaps.remove(b)
+                for s in disk.snapshots():
+                    if s.name in snapshots:
+                        disk.delete_snapshot(s.id)
+        except QcowError as e:
+            failed.append(e.message)
+        return failed
+
+
+def open_source(path: str, backing_policy: str = "follow") -> Source:
+    if offline.is_qcowfs_mount(path):
+        return LiveSource(path)
+    if os.path.isdir(path):
+        raise BackupError(
+            "a directory that is not a qcowfs mount: give a mount point or an image", path
+        )
+    if not os.path.exists(path):
+        raise BackupError("no such file or mount point", path)
+    return OfflineSource(path, backing_policy)
