@@ -22,6 +22,7 @@ copies a cluster before writing to it unless its refcount is 1 (qcow2.txt, "COPI
 from __future__ import annotations
 
 import dataclasses
+import mmap
 import os
 import threading
 import zlib
@@ -38,8 +39,10 @@ from . import table as tables
 
 COPY, READ, ZERO = 0, 1, 2
 RUN_BYTES = 8 << 20
-#: runs in flight per thread (each thread's buffer is one run)
-WORKERS = 3
+#: copy threads: measured on 2 cores, a 4 GiB full backup took 3.1-3.4 s with 2, 3.6-3.7 s with 4
+WORKERS = max(2, os.cpu_count() or 2)
+#: measured: the final fsync of a 4 GiB backup went from 0.9-1.2 s to 0.001 s, 3.9 -> 3.1 s in all
+WRITEBACK_EARLY = True
 
 
 @dataclasses.dataclass
@@ -154,32 +157,43 @@ class _Worker:
     def buffer(self, n: int) -> memoryview:
         buf = getattr(self.local, "buf", None)
         if buf is None or len(buf) < n:
-            buf = self.local.buf = memoryview(bytearray(max(n, RUN_BYTES)))
+            # page aligned (anonymous mmap): the kernel copies into and out of it faster
+            buf = self.local.buf = memoryview(mmap.mmap(-1, max(n, RUN_BYTES)))
         return buf[:n]
 
-    def run(self, run: Run, first_slot: int, slot_offset: Callable[[int], int]) -> list[int]:
-        """Copy one run; the crc32 of each of its clusters, -1 for one that holds only zeros
-        (not written)."""
+    def batch(
+        self, runs: list[Run], first_slot: int, slot_offset: Callable[[int], int]
+    ) -> list[int]:
+        """Copy consecutive runs, whose slots follow each other from first_slot: each run read
+        into its place in one buffer, one pwritev for all of it (split only around clusters that
+        hold only zeros, which are not written). The crc32 of each cluster in order, -1 for a
+        zero one."""
         cb = self.cb
-        n = run.count << cb
-        mv = self.buffer(n)
-        guest = run.first << cb
-        if run.kind == COPY:
-            got = os.preadv(self.data_fd, [mv], run.host)
-            if got < n:  # the file ends inside the last cluster: the rest reads as zeros
-                mv[got:] = bytes(n - got)
-        else:
-            with self.view_lock:
-                data = self.view.read(guest, n)
-            mv[: len(data)] = data
-            if len(data) < n:
-                mv[len(data) :] = bytes(n - len(data))
-        visible = self.size - guest
-        if visible < n:  # bytes past the end of the disk count as zeros (table.py)
-            mv[visible:] = bytes(n - visible)
+        total = sum(r.count for r in runs) << cb
+        mv = self.buffer(total)
+        at = 0
+        for run in runs:
+            n = run.count << cb
+            part = mv[at : at + n]
+            guest = run.first << cb
+            if run.kind == COPY:
+                got = os.preadv(self.data_fd, [part], run.host)
+                if got < n:  # the file ends inside the last cluster: the rest reads as zeros
+                    part[got:] = bytes(n - got)
+            else:
+                with self.view_lock:
+                    data = self.view.read(guest, n)
+                part[: len(data)] = data
+                if len(data) < n:
+                    part[len(data) :] = bytes(n - len(data))
+            visible = self.size - guest
+            if visible < n:  # bytes past the end of the disk count as zeros (table.py)
+                part[visible:] = bytes(n - visible)
+            at += n
         crcs = []
         start = -1  # first cluster of the current stretch of data clusters to write
-        for i in range(run.count):
+        count = total >> cb
+        for i in range(count):
             c = mv[i << cb : (i + 1) << cb]
             crc = zlib.crc32(c)
             if crc == self.zero_crc and c == self.zero:
@@ -193,8 +207,28 @@ class _Worker:
                 start = i
             crcs.append(crc)
         if start >= 0:
-            os.pwritev(self.out_fd, [mv[start << cb : n]], slot_offset(first_slot + start))
+            os.pwritev(self.out_fd, [mv[start << cb : total]], slot_offset(first_slot + start))
+        if WRITEBACK_EARLY:
+            # start writing this back now (fadvise DONTNEED writes dirty pages out without
+            # waiting, as sync_file_range would): the final fsync then has little left to do
+            os.posix_fadvise(self.out_fd, slot_offset(first_slot), total, os.POSIX_FADV_DONTNEED)
         return crcs
+
+
+def batches(runs: list[Run], cluster_bits: int) -> list[list[Run]]:
+    """Consecutive runs grouped into pieces of about RUN_BYTES (one task of a copy thread)."""
+    out: list[list[Run]] = []
+    cur: list[Run] = []
+    size = 0
+    for r in runs:
+        cur.append(r)
+        size += r.count << cluster_bits
+        if size >= RUN_BYTES:
+            out.append(cur)
+            cur, size = [], 0
+    if cur:
+        out.append(cur)
+    return out
 
 
 def copy(
@@ -244,14 +278,15 @@ def copy(
     done = 0
     used: list[int] = []
     worker = _Worker(view, out_fd, cb)
-    slot_of = []
+    tasks = batches(data_runs, cb)
+    first_slots = []
     s = 0
-    for r in data_runs:
-        slot_of.append(s)
-        s += r.count
+    for t in tasks:
+        first_slots.append(s)
+        s += sum(r.count for r in t)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="backup-copy") as pool:
-        pending: dict[Future, int] = {}
-        it = iter(range(len(data_runs)))
+        pending: dict[Future[list[int]], int] = {}
+        it = iter(range(len(tasks)))
         exhausted = False
         while pending or not exhausted:
             while not exhausted and len(pending) < 2 * workers:
@@ -260,28 +295,29 @@ def copy(
                 except StopIteration:
                     exhausted = True
                     break
-                fut = pool.submit(worker.run, data_runs[k], slot_of[k], layout.slot_offset)
-                pending[fut] = k
+                pending[pool.submit(worker.batch, tasks[k], first_slots[k], layout.slot_offset)] = k
             if not pending:
                 break
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in finished:
                 k = pending.pop(fut)
                 crcs = fut.result()  # an I/O error ends the copy (the pool is shut down)
-                r = data_runs[k]
-                for i, crc in enumerate(crcs):
-                    ci = r.first + i
-                    if crc < 0:
-                        table[ci] = zero_crc
-                        if incremental:
-                            l2[ci // per_l2][ci % per_l2] = new_image.ZERO_ENTRY
-                            zero_clusters += 1
-                    else:
-                        table[ci] = crc
-                        slot = slot_of[k] + i
-                        l2[ci // per_l2][ci % per_l2] = new_image.data_entry(layout, slot)
-                        used.append(slot)
-                done += r.count << cb
+                slot = first_slots[k]
+                i = 0
+                for r in tasks[k]:
+                    for ci in range(r.first, r.first + r.count):
+                        crc = crcs[i]
+                        if crc < 0:
+                            table[ci] = zero_crc
+                            if incremental:
+                                l2[ci // per_l2][ci % per_l2] = new_image.ZERO_ENTRY
+                                zero_clusters += 1
+                        else:
+                            table[ci] = crc
+                            l2[ci // per_l2][ci % per_l2] = new_image.data_entry(layout, slot + i)
+                            used.append(slot + i)
+                        i += 1
+                done += i << cb
                 if progress is not None:
                     progress(done, total)
     for off, data in new_image.metadata(layout, l2, used, backing_file):

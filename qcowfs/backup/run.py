@@ -147,6 +147,7 @@ def backup(
     # 4. checkpoint
     disable = [n for n in chain if bitmaps[n].get("recording")]
     src.checkpoint(name, disable)
+    phases: dict[str, float] = {"prepare": time.monotonic() - t0}
     # 5. copy
     tmp = bdir.part(name, "qcow2")
     try:
@@ -158,6 +159,7 @@ def backup(
         src.drop([], [name])
         raise
     seconds = time.monotonic() - t0
+    phases["copy"] = seconds - phases["prepare"]
     manifest = {
         "qcowfs-backup": MANIFEST_VERSION,
         "name": name,
@@ -183,15 +185,21 @@ def backup(
     except BaseException:
         _discard(tmp)
         raise
+    phases["publish"] = time.monotonic() - t0 - seconds
     # 7. drop what the source no longer needs
     everything = {b.name for b in bdir.backups()} | {n for n, _ in bdir.pending()}
     left = src.drop(sorted(everything - {name}), sorted(everything))
     # 8. the pending markers
     bdir.clear_pending([n for n, _ in bdir.pending()])
-    out = {k: v for k, v in manifest.items() if k != "table" and k != "qcowfs-backup"}
+    out: dict[str, Any] = {
+        k: v for k, v in manifest.items() if k != "table" and k != "qcowfs-backup"
+    }
     out["file"] = os.path.abspath(bdir.image(name))
-    out["seconds"] = round(time.monotonic() - t0, 3)
+    total = time.monotonic() - t0
+    out["seconds"] = round(total, 3)
     out["left_in_source"] = left
+    phases["drop"] = total - sum(phases.values())
+    out["phases"] = {k: round(v, 3) for k, v in phases.items()}
     return out
 
 

@@ -789,6 +789,43 @@ def wl_intent_checkpoint() -> Workload:
     )
 
 
+def wl_backup_source() -> Workload:
+    """What `qcowfs backup` does to its source, twice (backup/run.py steps 4 and 7), intent mode,
+    16 MiB, 64 KiB clusters. Pristine (QEMU): data, and bitmap b0 recording (the previous backup's).
+    Writes; checkpoint b1 disabling b0 (the backup's step 4); writes while it copies (they COW out of
+    snapshot b1); delete snapshot b1, remove bitmap b0 (step 7); writes; checkpoint b2 disabling b1;
+    writes; delete snapshot b2, remove b1; writes; close."""
+    size = 16 * MiB
+
+    def create(dirname: str) -> dict[str, Any]:
+        img = os.path.join(dirname, "disk.qcow2")
+        _create(img, size, cluster_size=65536)
+        qemu_io(img, f"write -P 0x21 0 {4 * MiB}", f"write -P 0x22 {10 * MiB} {2 * MiB}")
+        qemu_img("bitmap", "--add", "-g", "65536", img, "b0")
+        return dict(image="disk.qcow2", pristine_bitmaps=[_pristine_bitmap(img, "b0", 65536)])
+
+    def body(d: Driver, rng: random.Random) -> None:
+        spots = [0, 1 * MiB, 3 * MiB + 900 * KiB, 10 * MiB + 64 * KiB, 14 * MiB]
+        _intent_writes(d, rng, 4, spots)
+        for prev, new in (("b0", "b1"), ("b1", "b2")):
+            d.checkpoint(new, disable=[prev])
+            _intent_writes(d, rng, 4, spots)
+            d.delete_snapshot(new)
+            d.remove_bitmap(prev)
+            _intent_writes(d, rng, 3, spots)
+        d.close()
+
+    return Workload(
+        "backup-source-intent",
+        create,
+        body,
+        bitmap_sync="intent",
+        nbd_every=10,
+        oracle_every=8,
+        bounds=Bounds(exhaustive=16, prefixes=4, drop_one=2, singles=2, random=4, torn=2),
+    )
+
+
 def wl_snapshot_minimal() -> Workload:
     """The smallest snapshot workload: 1 MiB, 4 KiB clusters, QEMU-made data and snapshot q1; one write over
     a shared cluster (copy-on-write), take s1, one write over a cluster s1 shares, delete q1 (its clusters
@@ -932,6 +969,7 @@ def workloads() -> list:
         wl_intent_lazy(),
         wl_snapshot_ops(),
         wl_intent_checkpoint(),
+        wl_backup_source(),
         wl_zero_grow(),
         wl_zero_grow("intent"),
     ]
