@@ -497,9 +497,14 @@ def _copied_mismatch_problem(task: Task, img_path: str) -> str:
     _copy_state(task.dir, rdir, m.files)
     try:
         r = os.path.join(rdir, m.image)
+        end = os.path.getsize(r)
         qemu_check_rc(r, repair="all")
         rc2, out2 = qemu_check_rc(r)
-        if rc2 != 0:
+        # leaks past the crash state's end of file are refcounts that reached the disk before the
+        # clusters they count (legal); the repair's own close can grow the file over them
+        # (_check_dirty_repairs says more). Found by backup-source-intent: the L1 copy of a
+        # checkpoint's snapshot not yet written, its refcount already raised.
+        if rc2 != 0 and not (rc2 == 3 and _leaks_past(r, end)):
             return f"after qemu-img check -r all, qemu-img check exits {rc2}: {json.dumps(out2)}"
     finally:
         shutil.rmtree(rdir, ignore_errors=True)
