@@ -37,9 +37,10 @@ from pathlib import Path
 import pytest
 from conftest import needs_fuse, sha256
 from support.images import create
+from support.loops import _loop_name, loop_device, mounted_fs
 from support.seeds import base_seed, seed_for
 
-from qcowfs_dev.mounts import detach, is_mounted, mount_table
+from qcowfs_dev.mounts import detach, is_mounted
 from qcowfs_dev.oracles import assert_clean, assert_compare, qemu_img, qemu_io, run
 from qcowfs_dev.proc import wait_for
 
@@ -67,41 +68,6 @@ def qmount(mount):
     for m in made:
         if m.proc.poll() is not None and is_mounted(m.mnt):
             detach(m.mnt, lazy_only=True)
-
-
-def _loop_name(dev: str) -> str:
-    return os.path.basename(dev)
-
-
-def _loop_bound(dev: str) -> bool:
-    return os.path.exists(f"/sys/block/{_loop_name(dev)}/loop/backing_file")
-
-
-@contextlib.contextmanager
-def loop_device(backing: Path, *opts: str):
-    """losetup OPTS --find --show BACKING; always detached at exit (mounts of it first)."""
-    dev = run(["losetup", *opts, "--find", "--show", backing]).stdout.strip()
-    assert dev.startswith("/dev/loop"), f"losetup printed {dev!r}"
-    try:
-        yield dev
-    finally:
-        for src, mp, _ in mount_table():
-            if src == dev:
-                if run(["umount", mp], check=False).returncode != 0:
-                    run(["umount", "-l", mp], check=False)
-        run(["losetup", "-d", dev], check=False)
-        wait_for(lambda: not _loop_bound(dev), timeout=30, what=f"{dev} detached")
-
-
-@contextlib.contextmanager
-def mounted_fs(dev: str, where: Path, *opts: str):
-    where.mkdir(exist_ok=True)
-    run(["mount", *opts, dev, where])
-    try:
-        yield where
-    finally:
-        if is_mounted(where) and run(["umount", where], check=False).returncode != 0:
-            run(["umount", "-l", where], check=False)
 
 
 def loop_dio(dev: str) -> str:
