@@ -17,6 +17,7 @@ two renames, which the run's pending marker tells apart).
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import re
@@ -173,6 +174,19 @@ class BackupDir:
         return m
 
     # ------------------------------------------------------------------ changing
+    def lock(self) -> None:
+        """Hold DIR for this process (flock on the directory, released at exit): two runs into one
+        DIR would delete each other's files being written."""
+        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise BackupError(
+                "another qcowfs backup is writing to this directory; wait for it", self.path
+            ) from None
+        self._lock_fd = fd
+
     def mark_pending(self, name: str, seq: int) -> None:
         atomic_write(self.pending_path(name), json.dumps({"seq": seq}).encode())
 

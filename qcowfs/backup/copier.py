@@ -22,6 +22,7 @@ copies a cluster before writing to it unless its refcount is 1 (qcow2.txt, "COPI
 from __future__ import annotations
 
 import dataclasses
+import errno
 import mmap
 import os
 import threading
@@ -43,6 +44,12 @@ RUN_BYTES = 8 << 20
 WORKERS = max(2, os.cpu_count() or 2)
 #: measured: the final fsync of a 4 GiB backup went from 0.9-1.2 s to 0.001 s, 3.9 -> 3.1 s in all
 WRITEBACK_EARLY = True
+#: large data runs copied with copy_file_range, their crc32s taken from a mapping of the source:
+#: measured on a 4 GiB full backup, 3.3-3.4 s against 4.3-4.4 s reading and writing through a buffer
+KERNEL_COPY = True
+#: runs at least this long go through copy_file_range
+KERNEL_COPY_MIN = 1 << 20
+MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
 @dataclasses.dataclass
@@ -153,6 +160,8 @@ class _Worker:
         self.zero_crc = tables.zero_crc(self.cs)
         self.view_lock = threading.Lock()
         self.local = threading.local()
+        self.file_size = os.fstat(self.data_fd).st_size
+        self.kernel_copy = KERNEL_COPY
 
     def buffer(self, n: int) -> memoryview:
         buf = getattr(self.local, "buf", None)
@@ -164,10 +173,104 @@ class _Worker:
     def batch(
         self, runs: list[Run], first_slot: int, slot_offset: Callable[[int], int]
     ) -> list[int]:
-        """Copy consecutive runs, whose slots follow each other from first_slot: each run read
-        into its place in one buffer, one pwritev for all of it (split only around clusters that
-        hold only zeros, which are not written). The crc32 of each cluster in order, -1 for a
-        zero one."""
+        """Copy consecutive runs, whose slots follow each other from first_slot. Large data runs
+        are copied by the kernel (kernel_copy); the others are read into one buffer and written
+        with one pwritev per stretch (split only around clusters that hold only zeros, which are
+        not written). The crc32 of each cluster in order, -1 for a zero one."""
+        cb = self.cb
+        crcs: list[int] = []
+        slot = first_slot
+        small: list[Run] = []
+        small_slot = slot
+        for run in runs:
+            if self.kernel_copy and run.kind == COPY and self._in_file(run):
+                if small:
+                    crcs += self._buffered(small, small_slot, slot_offset)
+                    small = []
+                try:
+                    crcs += self._kernel(run, slot, slot_offset)
+                except OSError as e:
+                    if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                        raise
+                    self.kernel_copy = False  # another file system, or no copy_file_range
+                    crcs += self._buffered([run], slot, slot_offset)
+            else:
+                if not small:
+                    small_slot = slot
+                small.append(run)
+            slot += run.count
+        if small:
+            crcs += self._buffered(small, small_slot, slot_offset)
+        if WRITEBACK_EARLY:
+            # start writing this back now (fadvise DONTNEED writes dirty pages out without
+            # waiting, as sync_file_range would): the final fsync then has little left to do
+            os.posix_fadvise(
+                self.out_fd,
+                slot_offset(first_slot),
+                (slot - first_slot) << cb,
+                os.POSIX_FADV_DONTNEED,
+            )
+        return crcs
+
+    def _in_file(self, run: Run) -> bool:
+        """A run the kernel can copy: large, inside the host file (a cluster past its end would
+        fault in a mapping; the buffered path reads it as zeros) and inside the disk."""
+        n = run.count << self.cb
+        return (
+            n >= KERNEL_COPY_MIN
+            and run.host + n <= self.file_size
+            and (run.first << self.cb) + n <= self.size
+        )
+
+    def _kernel(self, run: Run, slot: int, slot_offset: Callable[[int], int]) -> list[int]:
+        """One data run without copying it through this process: the crc32s from a read-only
+        mapping of the source (no copy at all), the data by copy_file_range (one copy, in the
+        kernel, instead of a read into a buffer and a write out of it; KERNEL_COPY)."""
+        cb = self.cb
+        n = run.count << cb
+        delta = run.host % mmap.ALLOCATIONGRANULARITY
+        mm = mmap.mmap(
+            self.data_fd,
+            n + delta,
+            flags=mmap.MAP_SHARED | MAP_POPULATE,
+            prot=mmap.PROT_READ,
+            offset=run.host - delta,
+        )
+        crcs = []
+        stretches = []
+        start = -1
+        try:
+            mv = memoryview(mm)
+            for i in range(run.count):
+                c = mv[delta + (i << cb) : delta + ((i + 1) << cb)]
+                crc = zlib.crc32(c)
+                if crc == self.zero_crc and c == self.zero:
+                    crc = -1
+                    if start >= 0:
+                        stretches.append((start, i))
+                        start = -1
+                elif start < 0:
+                    start = i
+                c.release()
+                crcs.append(crc)
+            mv.release()
+        finally:
+            mm.close()
+        if start >= 0:
+            stretches.append((start, run.count))
+        for a, b in stretches:
+            src, dst, left = run.host + (a << cb), slot_offset(slot + a), (b - a) << cb
+            while left:
+                k = os.copy_file_range(self.data_fd, self.out_fd, left, src, dst)
+                if k <= 0:
+                    raise OSError(errno.EIO, "copy_file_range copied nothing")
+                src, dst, left = src + k, dst + k, left - k
+        return crcs
+
+    def _buffered(
+        self, runs: list[Run], first_slot: int, slot_offset: Callable[[int], int]
+    ) -> list[int]:
+        """Runs read into one buffer, written with one pwritev per stretch of data clusters."""
         cb = self.cb
         total = sum(r.count for r in runs) << cb
         mv = self.buffer(total)
@@ -208,10 +311,6 @@ class _Worker:
             crcs.append(crc)
         if start >= 0:
             os.pwritev(self.out_fd, [mv[start << cb : total]], slot_offset(first_slot + start))
-        if WRITEBACK_EARLY:
-            # start writing this back now (fadvise DONTNEED writes dirty pages out without
-            # waiting, as sync_file_range would): the final fsync then has little left to do
-            os.posix_fadvise(self.out_fd, slot_offset(first_slot), total, os.POSIX_FADV_DONTNEED)
         return crcs
 
 

@@ -120,6 +120,7 @@ def backup(
 ) -> dict[str, Any]:
     t0 = time.monotonic()
     bdir = BackupDir(directory, create=True)
+    bdir.lock()
     # 1. tidy
     bdir.remove_parts()
     pending = bdir.pending()

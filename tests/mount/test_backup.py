@@ -5,6 +5,7 @@ points; ENOSPC in the backup directory."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
@@ -318,6 +319,14 @@ def test_full_backup_when_the_chain_cannot_continue(tmp_path, mount):
     assert bad["rc"] == 1 and bad["stderr"].count("\n") == 1 and "exists already" in bad["stderr"]
     bad = backup(tmp_path / "nope.qcow2", d, check=False)
     assert bad["rc"] == 1 and "no such file" in bad["stderr"]
+    held = os.open(d, os.O_RDONLY | os.O_DIRECTORY)  # another run holds DIR
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        bad = backup(img, d, check=False)
+        assert bad["rc"] == 1 and "another qcowfs backup is writing" in bad["stderr"], bad
+    finally:
+        os.close(held)
+    assert _complete(d) == ["a", "b", "c", "e", "f"]
 
 
 def _complete(d: Path) -> list[str]:
