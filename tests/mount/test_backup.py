@@ -514,6 +514,7 @@ def test_progress_line_on_a_terminal(tmp_path):
     assert p.stdout.startswith("backup backup-") and "full (no earlier backup" in p.stdout
 
 
+@pytest.mark.slow  # in the full run, not in --quick
 @pytest.mark.parametrize(
     "opts, writes",
     [
@@ -587,6 +588,7 @@ def _read_partition_file(disk: Path, where: Path, name: str) -> bytes:
         return (fs / name).read_bytes()
 
 
+@pytest.mark.slow  # in the full run, not in --quick
 def test_file_level_restore_from_a_backup(tmp_path, mount):
     """A partitioned disk with ext4 on it, backed up twice while mounted; each backup mounted
     read-only with qcowfs, its partition loop-mounted (the README's restore recipe): the files
