@@ -11,6 +11,9 @@ Plan, then copy, then metadata, then fsync:
   writes the rest with one pwritev into the slots the layout gave the run. preadv, crc32 and
   pwritev release the GIL, so two cores copy at once; a READ run goes through the engine under
   one lock (its L2 cache is not shared between threads).
+- The new file's clusters may be smaller than the source's (an incremental over bitmaps of
+  4 KiB granularity has 4 KiB clusters): runs, reads and the table stay in source clusters
+  ("table clusters"), and only the dirty file clusters of each are written (`dirty`).
 - Then the L2 tables, L1, refcounts and the header, and one fsync: the file is complete and
   durable before run.py gives it its final name.
 
@@ -147,21 +150,24 @@ def plan(view: SnapshotView, wanted: Optional[bitarray], zeros: bool) -> list[Ru
 
 
 class _Worker:
-    """What the copy threads share: the files, the layout, the read path's lock."""
+    """What the copy threads share: the files, the geometry, the read path's lock."""
 
-    def __init__(self, view: SnapshotView, out_fd: int, cluster_bits: int):
+    def __init__(self, view: SnapshotView, out_fd: int, file_bits: int, dirty: Optional[bitarray]):
         self.view = view
         self.data_fd = view.data_file.fd
         self.out_fd = out_fd
-        self.cb = cluster_bits
-        self.cs = 1 << cluster_bits
+        self.tcb = view.mapping.cluster_bits  # table (source) clusters
+        self.fcb = file_bits  # the new file's clusters: tcb or finer
+        self.ratio = 1 << (self.tcb - file_bits)
+        self.dirty = dirty  # dirty file clusters (None: all)
         self.size = view.size
-        self.zero = bytes(self.cs)
-        self.zero_crc = tables.zero_crc(self.cs)
+        self.zero = bytes(1 << self.tcb)
+        self.zero_file = memoryview(self.zero)[: 1 << file_bits]
+        self.zero_crc = tables.zero_crc(1 << self.tcb)
         self.view_lock = threading.Lock()
         self.local = threading.local()
         self.file_size = os.fstat(self.data_fd).st_size
-        self.kernel_copy = KERNEL_COPY
+        self.kernel_copy = KERNEL_COPY and self.ratio == 1
 
     def buffer(self, n: int) -> memoryview:
         buf = getattr(self.local, "buf", None)
@@ -170,63 +176,84 @@ class _Worker:
             buf = self.local.buf = memoryview(mmap.mmap(-1, max(n, RUN_BYTES)))
         return buf[:n]
 
+    def file_clusters(self, tc: int) -> list[int]:
+        """The file clusters of table cluster tc to write (dirty ones), in order."""
+        r = self.ratio
+        first = tc * r
+        if self.dirty is None:
+            return list(range(first, first + r))
+        d = self.dirty
+        return [fc for fc in range(first, first + r) if d[fc]]
+
     def batch(
         self, runs: list[Run], first_slot: int, slot_offset: Callable[[int], int]
-    ) -> list[int]:
-        """Copy consecutive runs, whose slots follow each other from first_slot. Large data runs
-        are copied by the kernel (kernel_copy); the others are read into one buffer and written
-        with one pwritev per stretch (split only around clusters that hold only zeros, which are
-        not written). The crc32 of each cluster in order, -1 for a zero one."""
-        cb = self.cb
+    ) -> tuple[list[int], list[bool]]:
+        """Copy consecutive runs, whose file clusters take consecutive slots from first_slot.
+        Large data runs are copied by the kernel (_kernel); the others are read into one buffer
+        and written with one pwritev per stretch (_buffered). Returns the crc32 of each table
+        cluster, and for each file cluster written in order whether it holds data (False: only
+        zeros, not written, its slot left a hole)."""
         crcs: list[int] = []
+        held: list[bool] = []
         slot = first_slot
         small: list[Run] = []
         small_slot = slot
         for run in runs:
+            nfile = sum(
+                len(self.file_clusters(tc)) for tc in range(run.first, run.first + run.count)
+            )
             if self.kernel_copy and run.kind == COPY and self._in_file(run):
                 if small:
-                    crcs += self._buffered(small, small_slot, slot_offset)
+                    self._buffered(small, small_slot, slot_offset, crcs, held)
                     small = []
                 try:
-                    crcs += self._kernel(run, slot, slot_offset)
+                    self._kernel(run, slot, slot_offset, crcs, held)
                 except OSError as e:
                     if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
                         raise
                     self.kernel_copy = False  # another file system, or no copy_file_range
-                    crcs += self._buffered([run], slot, slot_offset)
+                    self._buffered([run], slot, slot_offset, crcs, held)
             else:
                 if not small:
                     small_slot = slot
                 small.append(run)
-            slot += run.count
+            slot += nfile
         if small:
-            crcs += self._buffered(small, small_slot, slot_offset)
-        if WRITEBACK_EARLY:
+            self._buffered(small, small_slot, slot_offset, crcs, held)
+        if WRITEBACK_EARLY and slot > first_slot:
             # start writing this back now (fadvise DONTNEED writes dirty pages out without
             # waiting, as sync_file_range would): the final fsync then has little left to do
             os.posix_fadvise(
                 self.out_fd,
                 slot_offset(first_slot),
-                (slot - first_slot) << cb,
+                (slot - first_slot) << self.fcb,
                 os.POSIX_FADV_DONTNEED,
             )
-        return crcs
+        return crcs, held
 
     def _in_file(self, run: Run) -> bool:
         """A run the kernel can copy: large, inside the host file (a cluster past its end would
         fault in a mapping; the buffered path reads it as zeros) and inside the disk."""
-        n = run.count << self.cb
+        n = run.count << self.tcb
         return (
             n >= KERNEL_COPY_MIN
             and run.host + n <= self.file_size
-            and (run.first << self.cb) + n <= self.size
+            and (run.first << self.tcb) + n <= self.size
         )
 
-    def _kernel(self, run: Run, slot: int, slot_offset: Callable[[int], int]) -> list[int]:
-        """One data run without copying it through this process: the crc32s from a read-only
-        mapping of the source (no copy at all), the data by copy_file_range (one copy, in the
-        kernel, instead of a read into a buffer and a write out of it; KERNEL_COPY)."""
-        cb = self.cb
+    def _kernel(
+        self,
+        run: Run,
+        slot: int,
+        slot_offset: Callable[[int], int],
+        crcs: list[int],
+        held: list[bool],
+    ) -> None:
+        """One data run (file clusters = table clusters) without copying it through this
+        process: the crc32s from a read-only mapping of the source (no copy at all), the data by
+        copy_file_range (one copy, in the kernel, instead of a read into a buffer and a write out
+        of it; KERNEL_COPY)."""
+        cb = self.tcb
         n = run.count << cb
         delta = run.host % mmap.ALLOCATIONGRANULARITY
         mm = mmap.mmap(
@@ -236,7 +263,6 @@ class _Worker:
             prot=mmap.PROT_READ,
             offset=run.host - delta,
         )
-        crcs = []
         stretches = []
         start = -1
         try:
@@ -244,15 +270,16 @@ class _Worker:
             for i in range(run.count):
                 c = mv[delta + (i << cb) : delta + ((i + 1) << cb)]
                 crc = zlib.crc32(c)
-                if crc == self.zero_crc and c == self.zero:
-                    crc = -1
+                is_zero = crc == self.zero_crc and c == self.zero
+                c.release()
+                crcs.append(crc)
+                held.append(not is_zero)
+                if is_zero:
                     if start >= 0:
                         stretches.append((start, i))
                         start = -1
                 elif start < 0:
                     start = i
-                c.release()
-                crcs.append(crc)
             mv.release()
         finally:
             mm.close()
@@ -265,20 +292,25 @@ class _Worker:
                 if k <= 0:
                     raise OSError(errno.EIO, "copy_file_range copied nothing")
                 src, dst, left = src + k, dst + k, left - k
-        return crcs
 
     def _buffered(
-        self, runs: list[Run], first_slot: int, slot_offset: Callable[[int], int]
-    ) -> list[int]:
-        """Runs read into one buffer, written with one pwritev per stretch of data clusters."""
-        cb = self.cb
-        total = sum(r.count for r in runs) << cb
+        self,
+        runs: list[Run],
+        first_slot: int,
+        slot_offset: Callable[[int], int],
+        crcs: list[int],
+        held: list[bool],
+    ) -> None:
+        """Runs read into one buffer; the dirty file clusters of each table cluster written with
+        one pwritev per stretch of consecutive slots (a cluster of zeros ends a stretch)."""
+        tcb, fcb = self.tcb, self.fcb
+        total = sum(r.count for r in runs) << tcb
         mv = self.buffer(total)
         at = 0
         for run in runs:
-            n = run.count << cb
+            n = run.count << tcb
             part = mv[at : at + n]
-            guest = run.first << cb
+            guest = run.first << tcb
             if run.kind == COPY:
                 got = os.preadv(self.data_fd, [part], run.host)
                 if got < n:  # the file ends inside the last cluster: the rest reads as zeros
@@ -293,25 +325,45 @@ class _Worker:
             if visible < n:  # bytes past the end of the disk count as zeros (table.py)
                 part[visible:] = bytes(n - visible)
             at += n
-        crcs = []
-        start = -1  # first cluster of the current stretch of data clusters to write
-        count = total >> cb
-        for i in range(count):
-            c = mv[i << cb : (i + 1) << cb]
-            crc = zlib.crc32(c)
-            if crc == self.zero_crc and c == self.zero:
-                crc = -1
-                if start >= 0:
-                    os.pwritev(
-                        self.out_fd, [mv[start << cb : i << cb]], slot_offset(first_slot + start)
-                    )
-                    start = -1
-            elif start < 0:
-                start = i
-            crcs.append(crc)
-        if start >= 0:
-            os.pwritev(self.out_fd, [mv[start << cb : total]], slot_offset(first_slot + start))
-        return crcs
+        iov: list[memoryview] = []
+        iov_slot = first_slot
+        slot = first_slot
+        i = 0
+        for run in runs:
+            for tc in range(run.first, run.first + run.count):
+                c = mv[i << tcb : (i + 1) << tcb]
+                crc = zlib.crc32(c)
+                whole_zero = crc == self.zero_crc and c == self.zero
+                crcs.append(crc)
+                for fc in self.file_clusters(tc):
+                    off = (fc - tc * self.ratio) << fcb
+                    piece = c[off : off + (1 << fcb)]
+                    if whole_zero or (self.ratio > 1 and piece == self.zero_file):
+                        held.append(False)
+                        if iov:
+                            self._write(iov, slot_offset(iov_slot))
+                            iov = []
+                    else:
+                        held.append(True)
+                        if not iov:
+                            iov_slot = slot
+                        iov.append(piece)
+                    slot += 1
+                i += 1
+        if iov:
+            self._write(iov, slot_offset(iov_slot))
+
+    def _write(self, iov: list[memoryview], offset: int) -> None:
+        """pwritev of consecutive pieces, IOV_MAX at a time, all of each written."""
+        step = 1024
+        for k in range(0, len(iov), step):
+            part = iov[k : k + step]
+            want = sum(len(p) for p in part)
+            done = os.pwritev(self.out_fd, part, offset)
+            if done != want:  # a short write (rare): the rest one piece at a time
+                flat = b"".join(bytes(p) for p in part)[done:]
+                os.pwrite(self.out_fd, flat, offset + done)
+            offset += want
 
 
 def batches(runs: list[Run], cluster_bits: int) -> list[list[Run]]:
@@ -338,6 +390,8 @@ def copy(
     incremental: bool,
     base_table: Optional[array],
     backing_file: Optional[str],
+    file_bits: Optional[int] = None,
+    dirty: Optional[bitarray] = None,
     progress: Optional[Callable[[int, int], None]] = None,
     workers: int = WORKERS,
 ) -> CopyResult:
@@ -345,46 +399,61 @@ def copy(
 
     incremental: ZERO runs become zero clusters (they hide the backing file); a full backup
     leaves them out. base_table is the previous point's table (incremental), which the result's
-    table starts from."""
+    table starts from. file_bits: the new file's cluster bits (default the source's); dirty:
+    which of its clusters to write (None: every one of the runs')."""
     m = view.mapping
-    cb, cs = m.cluster_bits, m.cluster_size
+    tcb, tcs = m.cluster_bits, m.cluster_size
+    fcb = tcb if file_bits is None else file_bits
+    fcs = 1 << fcb
+    if not 0 <= tcb - fcb <= fcb - 3:
+        raise ValueError(f"file clusters of {fcs} bytes for table clusters of {tcs}")
     size = view.size
-    nclusters = -(-size // cs)
-    per_l2 = cs // 8
+    nclusters = -(-size // tcs)
+    per_l2 = fcs // 8
+    worker = _Worker(view, out_fd, fcb, dirty)
     data_runs = [r for r in runs if r.kind != ZERO]
-    slots = sum(r.count for r in data_runs)
-    held_l2 = {
-        c // per_l2 for r in runs if r.kind != ZERO or incremental for c in _l2_span(r, per_l2)
-    }
-    layout = new_image.plan(size, cb, slots, held_l2)
+    # slots: one per file cluster to write, in guest order; tasks take consecutive slots
+    tasks = batches(data_runs, tcb)
+    first_slots = []
+    slots = 0
+    held_l2: set[int] = set()
+    for t in tasks:
+        first_slots.append(slots)
+        for r in t:
+            for tc in range(r.first, r.first + r.count):
+                fcs_of = worker.file_clusters(tc)
+                slots += len(fcs_of)
+                # a table cluster's file clusters lie in one or two L2 tables (the ratio is at
+                # most an L2 table's entries: file clusters are 4 KiB at the smallest)
+                held_l2.update(fc // per_l2 for fc in fcs_of[:1] + fcs_of[-1:])
+    zero_fcs: list[int] = []
+    if incremental:
+        for r in runs:
+            if r.kind == ZERO:
+                for tc in range(r.first, r.first + r.count):
+                    zero_fcs += worker.file_clusters(tc)
+        held_l2.update(fc // per_l2 for fc in zero_fcs)
+    layout = new_image.plan(size, fcb, slots, held_l2)
     os.ftruncate(out_fd, layout.file_size)
-    l2: dict[int, array] = {i: array("Q", bytes(cs)) for i in layout.l2_indexes}
+    l2: dict[int, array] = {i: array("Q", bytes(fcs)) for i in layout.l2_indexes}
     table = (
-        tables.resized(base_table, nclusters, cs)
+        tables.resized(base_table, nclusters, tcs)
         if base_table is not None
-        else tables.new(nclusters, cs)
+        else tables.new(nclusters, tcs)
     )
-    zero_crc = tables.zero_crc(cs)
-    zero_clusters = 0
+    zero_crc = tables.zero_crc(tcs)
     for r in runs:
         if r.kind == ZERO:
-            for ci in range(r.first, r.first + r.count):
-                table[ci] = zero_crc
-                if incremental:
-                    l2[ci // per_l2][ci % per_l2] = new_image.ZERO_ENTRY
-                    zero_clusters += 1
-    total = slots << cb
+            for tc in range(r.first, r.first + r.count):
+                table[tc] = zero_crc
+    for fc in zero_fcs:
+        l2[fc // per_l2][fc % per_l2] = new_image.ZERO_ENTRY
+    zero_clusters = len(zero_fcs)
+    total = slots << fcb
     done = 0
     used: list[int] = []
-    worker = _Worker(view, out_fd, cb)
-    tasks = batches(data_runs, cb)
-    first_slots = []
-    s = 0
-    for t in tasks:
-        first_slots.append(s)
-        s += sum(r.count for r in t)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="backup-copy") as pool:
-        pending: dict[Future[list[int]], int] = {}
+        pending: dict[Future[tuple[list[int], list[bool]]], int] = {}
         it = iter(range(len(tasks)))
         exhausted = False
         while pending or not exhausted:
@@ -400,32 +469,27 @@ def copy(
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in finished:
                 k = pending.pop(fut)
-                crcs = fut.result()  # an I/O error ends the copy (the pool is shut down)
+                crcs, held = fut.result()  # an I/O error ends the copy (the pool is shut down)
                 slot = first_slots[k]
-                i = 0
+                i = j = 0
                 for r in tasks[k]:
-                    for ci in range(r.first, r.first + r.count):
-                        crc = crcs[i]
-                        if crc < 0:
-                            table[ci] = zero_crc
-                            if incremental:
-                                l2[ci // per_l2][ci % per_l2] = new_image.ZERO_ENTRY
-                                zero_clusters += 1
-                        else:
-                            table[ci] = crc
-                            l2[ci // per_l2][ci % per_l2] = new_image.data_entry(layout, slot + i)
-                            used.append(slot + i)
+                    for tc in range(r.first, r.first + r.count):
+                        table[tc] = crcs[i] if crcs[i] >= 0 else zero_crc
                         i += 1
-                done += i << cb
+                        for fc in worker.file_clusters(tc):
+                            entries = l2[fc // per_l2]
+                            if held[j]:
+                                entries[fc % per_l2] = new_image.data_entry(layout, slot)
+                                used.append(slot)
+                            elif incremental:
+                                entries[fc % per_l2] = new_image.ZERO_ENTRY
+                                zero_clusters += 1
+                            j += 1
+                            slot += 1
+                done += j << fcb
                 if progress is not None:
                     progress(done, total)
     for off, data in new_image.metadata(layout, l2, used, backing_file):
         os.pwrite(out_fd, data, off)
     os.fsync(out_fd)
-    return CopyResult(layout, len(used), zero_clusters, len(used) << cb, table)
-
-
-def _l2_span(r: Run, per_l2: int) -> range:
-    """Guest clusters of a run, one per L2 table it touches (for the set of tables needed)."""
-    first = r.first - r.first % per_l2
-    return range(first, r.first + r.count, per_l2)
+    return CopyResult(layout, len(used), zero_clusters, len(used) << fcb, table)

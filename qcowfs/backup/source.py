@@ -61,7 +61,10 @@ class Source:
     def snapshot_names(self) -> set[str]:
         raise NotImplementedError
 
-    def checkpoint(self, name: str, disable: list[str]) -> None:
+    def disk_size(self) -> int:
+        raise NotImplementedError
+
+    def checkpoint(self, name: str, disable: list[str], granularity: int) -> None:
         raise NotImplementedError
 
     def dirty(self, names: list[str], cluster_bits: int, clusters: int) -> tuple[bitarray, int]:
@@ -123,8 +126,11 @@ class LiveSource(Source):
     def snapshot_names(self) -> set[str]:
         return set(os.listdir(os.path.join(self.mnt, ".snapshots")))
 
-    def checkpoint(self, name: str, disable: list[str]) -> None:
-        offline.live_checkpoint(self.mnt, name, disable, True)
+    def disk_size(self) -> int:
+        return os.stat(os.path.join(self.mnt, "disk.raw")).st_size
+
+    def checkpoint(self, name: str, disable: list[str], granularity: int) -> None:
+        offline.live_checkpoint(self.mnt, name, disable, True, granularity)
 
     def dirty(self, names: list[str], cluster_bits: int, clusters: int) -> tuple[bitarray, int]:
         bits = bitarray(clusters)
@@ -210,9 +216,15 @@ class OfflineSource(Source):
         ) as img:
             return {s.name for s in snapshot_ops.read_all(img)}
 
-    def checkpoint(self, name: str, disable: list[str]) -> None:
+    def disk_size(self) -> int:
+        with offline.locked_image(
+            self.image_path, write=False, backing_policy=self.backing_policy
+        ) as img:
+            return img.size
+
+    def checkpoint(self, name: str, disable: list[str], granularity: int) -> None:
         with self._writer() as disk:
-            disk.checkpoint(name, disable, True)
+            disk.checkpoint(name, disable, True, granularity)
 
     def dirty(self, names: list[str], cluster_bits: int, clusters: int) -> tuple[bitarray, int]:
         bits = bitarray(clusters)

@@ -77,6 +77,14 @@ def progress_line(stream: TextIO = sys.stderr) -> Callable[[int, int], None]:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
+    try:
+        return _backup(args)
+    except OSError as e:
+        where = e.filename or (args.words[-1] if args.words else "")
+        raise BackupError(f"backup failed: {e.strerror or e}", str(where)) from None
+
+
+def _backup(args: argparse.Namespace) -> int:
     from ..backup import run, verify
     from ..backup.catalog import BackupDir
     from ..backup.source import open_source
@@ -100,10 +108,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
         return _usage("backup SOURCE DIR")
     src = open_source(w[0], args.backing)
     progress = None if args.json or not sys.stderr.isatty() else progress_line()
-    try:
-        out = run.backup(src, w[1], name=args.name, full=args.full, progress=progress)
-    except OSError as e:
-        raise BackupError(f"backup failed: {e.strerror}", e.filename or w[1]) from None
+    out = run.backup(src, w[1], name=args.name, full=args.full, progress=progress)
     if args.json:
         print(json.dumps(out, indent=4))
     else:

@@ -112,10 +112,17 @@ class Disk:
     def delete_snapshot(self, snap_id: str) -> None:
         snapshot_ops.delete(self.image, snap_id)
 
-    def checkpoint(self, name: str, disable: Iterable[str] = (), snapshot: bool = True) -> dict:
+    def checkpoint(
+        self,
+        name: str,
+        disable: Iterable[str] = (),
+        snapshot: bool = True,
+        granularity: Optional[int] = None,
+    ) -> dict:
         """As one step between two guest requests: internal snapshot NAME, persistent recording
-        bitmap NAME, each bitmap in `disable` stopped. All of it or none of it (a failure undoes
-        what was done); durable when this returns."""
+        bitmap NAME (of `granularity`, default the cluster size), each bitmap in `disable`
+        stopped. All of it or none of it (a failure undoes what was done); durable when this
+        returns."""
         store = self.bitmaps
         if self.image.read_only:
             raise ReadOnlyImage("image is mounted read-only: no checkpoint", self.image.path)
@@ -133,7 +140,7 @@ class Disk:
             snap = snapshot_ops.create(self.image, name) if snapshot else None
             if snap is not None:
                 done.append(lambda: snapshot_ops.delete(self.image, snap.id))
-            store.create(name)
+            store.create(name, granularity)
             done.append(lambda: store.remove(name))
             for b in disable:
                 if store.get(b).enabled:

@@ -144,9 +144,18 @@ def live_extents(mountpoint: str, name: str) -> list:
     return out
 
 
-def live_checkpoint(mountpoint: str, name: str, disable: list, snapshot: bool) -> dict:
+def live_checkpoint(
+    mountpoint: str, name: str, disable: list, snapshot: bool, granularity: Optional[int] = None
+) -> dict:
     """Send a checkpoint to a running daemon; what it did (its JSON)."""
-    live_command(mountpoint, "checkpoint", name, disable=list(disable), snapshot=snapshot)
+    live_command(
+        mountpoint,
+        "checkpoint",
+        name,
+        disable=list(disable),
+        snapshot=snapshot,
+        granularity=granularity,
+    )
     return json.loads(
         os.getxattr(os.path.join(mountpoint, ".bitmaps"), bitmap_commands.RESULT_XATTR)
     )
