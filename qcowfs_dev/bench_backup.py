@@ -30,16 +30,12 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from qcowfs_dev.bench_snapshots import parse_size
 from qcowfs_dev.mounts import Mount
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 ROOT = Path(__file__).resolve().parents[1]
 QCOWFS = [sys.executable, "-m", "qcowfs"]
-
-
-def parse_size(s: str) -> int:
-    units = {"K": KiB, "M": MiB, "G": GiB, "T": 1 << 40}
-    return int(float(s[:-1]) * units[s[-1].upper()]) if s[-1].upper() in units else int(s)
 
 
 def recipe() -> tuple[str, str]:
