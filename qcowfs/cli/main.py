@@ -205,7 +205,9 @@ def image_info(path: str, backing_policy: str = "follow") -> dict:
     from ..engine.offline import locked_image
     from ..format import header as fmt
 
-    with locked_image(path, write=False, lock=False, backing_policy=backing_policy) as img:
+    with locked_image(
+        path, write=False, lock=False, backing_policy=backing_policy, metadata_only=True
+    ) as img:
         h = img.header
         info: dict = {
             "filename": path,
@@ -215,6 +217,8 @@ def image_info(path: str, backing_policy: str = "follow") -> dict:
             "actual-size": img.allocated_host_bytes(),
             "dirty-flag": h.dirty,
         }
+        if h.crypt_method:
+            info["encrypted"] = True
         if h.backing_file:
             info["backing-filename"] = h.backing_file
             # as QEMU combines them: relative to the image's name as given (not made absolute)
@@ -264,6 +268,10 @@ def image_info(path: str, backing_policy: str = "follow") -> dict:
             ],
             "autoclear": [h.feature_name(2, b) for b in range(64) if h.autoclear_features >> b & 1],
         }
+        if img.luks is not None:
+            data["encrypt"] = img.luks.info()
+        elif h.crypt_method == 1:
+            data["encrypt"] = {"format": "aes"}
         data["features"] = feats
         data["snapshots"] = h.nb_snapshots
         if h.nb_snapshots:

@@ -29,6 +29,7 @@ def format_info(info: dict) -> str:
         "file format: qcow2",
         f"virtual size: {human_size(info['virtual-size'])} ({info['virtual-size']} bytes)",
         f"disk size: {human_size(info['actual-size'])}",
+        *(["encrypted: yes"] if info.get("encrypted") else []),
         f"cluster_size: {info['cluster-size']}",
     ]
     if "backing-filename" in info:
@@ -57,6 +58,7 @@ def format_info(info: dict) -> str:
         "lazy-refcounts",
         "bitmaps",
         "refcount-bits",
+        "encrypt",
         "corrupt",
         "extended-l2",
         "data-file",
@@ -70,7 +72,9 @@ def format_info(info: dict) -> str:
                 lines.extend(f"                [{i}]: {flag}" for i, flag in enumerate(bm["flags"]))
                 lines.append(f"            name: {bm['name']}")
                 lines.append(f"            granularity: {bm['granularity']}")
-        elif key in d and key != "bitmaps":
+        elif key == "encrypt" and "encrypt" in d:
+            lines += _encrypt_lines(d["encrypt"])
+        elif key in d and key not in ("bitmaps", "encrypt"):
             v = d[key]
             lines.append(
                 f"    {key.replace('-', ' ')}: {str(v).lower() if isinstance(v, bool) else v}"
@@ -87,6 +91,40 @@ def format_info(info: dict) -> str:
                 f"({c['format']}, {c['type']})"
             )
     return "\n".join(lines)
+
+
+#: qemu-img's order of QCryptoBlockInfoLUKS's fields in its text output
+_ENCRYPT_ORDER = (
+    "ivgen-alg",
+    "hash-alg",
+    "cipher-alg",
+    "uuid",
+    "ivgen-hash-alg",
+    "format",
+    "cipher-mode",
+    "slots",
+    "payload-offset",
+    "master-key-iters",
+)
+
+
+def _encrypt_lines(e: dict) -> list[str]:
+    out = ["    encrypt:"]
+    for key in _ENCRYPT_ORDER:
+        if key not in e:
+            continue
+        if key == "slots":
+            out.append("        slots:")
+            for n, slot in enumerate(e["slots"]):
+                out.append(f"            [{n}]:")
+                for k in ("active", "iters", "key-offset", "stripes"):
+                    if k in slot:
+                        v = slot[k]
+                        v = str(v).lower() if isinstance(v, bool) else v
+                        out.append(f"                {k.replace('-', ' ')}: {v}")
+        else:
+            out.append(f"        {key.replace('-', ' ')}: {e[key]}")
+    return out
 
 
 def format_check(res: CheckResult) -> str:

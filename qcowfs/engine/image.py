@@ -41,6 +41,7 @@ from ..errors import (
     with_path,
 )
 from ..format import header as fmt
+from ..format import luks as luks_fmt
 from ..format.entries import be_array
 from .backing import RawImage, probe_format
 from .backing import vet as vet_named_file
@@ -61,7 +62,12 @@ HEADER_INCOMPATIBLE_FEATURES = fmt.HEADER_FIELD_OFFSETS["incompatible_features"]
 
 
 def open_backing(
-    name: str, fmt_name: Optional[str], chain: tuple, depth: int, policy: str = "follow"
+    name: str,
+    fmt_name: Optional[str],
+    chain: tuple,
+    depth: int,
+    policy: str = "follow",
+    metadata_only: bool = False,
 ) -> Qcow2Image | RawImage:
     real = os.path.realpath(name)
     if real in chain:
@@ -75,7 +81,12 @@ def open_backing(
         return RawImage(name)
     if kind == "qcow2":
         return Qcow2Image(
-            name, read_only=True, _chain=chain + (real,), _depth=depth, backing_policy=policy
+            name,
+            read_only=True,
+            _chain=chain + (real,),
+            _depth=depth,
+            backing_policy=policy,
+            metadata_only=metadata_only,
         )
     raise UnsupportedFeature(f"backing file {name} has format {kind!r}; qcowfs reads qcow2 and raw")
 
@@ -93,9 +104,13 @@ class Qcow2Image:
         cache_bytes: int = 32 << 20,
         file_factory: Callable[..., HostFile] = HostFile,
         backing_policy: str = "follow",
+        metadata_only: bool = False,
     ):
         self.path = path
         self.read_only = read_only
+        #: opened for its metadata only (info, check): an encrypted image is accepted, because
+        #: nothing of its data is read; never for a mount
+        self.metadata_only = metadata_only
         #: which backing and external data files this image may open (backing.py)
         self.backing_policy = backing_policy
         #: makes the HostFile for the image and its external data file; a recording
@@ -122,10 +137,23 @@ class Qcow2Image:
     def _open(self, chain: tuple, depth: int, cache_bytes: int) -> None:
         first = self.file.pread(1 << fmt.MAX_CLUSTER_BITS, 0)
         try:
-            h = fmt.parse_header(first)
+            h = fmt.parse_header(first, allow_encrypted=self.metadata_only)
         except QcowError as e:
             raise with_path(e, self.path) from None
         self.header = h
+        #: the LUKS header of an encrypted image (format/luks.py), for info and check
+        self.luks: Optional[Any] = None
+        if h.crypt_method == 2 and h.crypto_header is not None:
+            off, length = h.crypto_header
+            if off + length > self.file.size:
+                raise FormatError(
+                    f"the encryption header ({length} bytes at {off}) lies past the end of the file",
+                    self.path,
+                )
+            try:
+                self.luks = luks_fmt.parse(self.file.pread(min(length, 4096), off), length)
+            except QcowError as e:
+                raise with_path(e, self.path) from None
         if h.corrupt and not self.read_only:
             raise FormatError(
                 "image is marked corrupt; mount it with --read-only, or repair it "
@@ -158,7 +186,7 @@ class Qcow2Image:
             vet_named_file(self.path, "backing file", name, self.backing_policy)
             try:
                 self.backing = open_backing(
-                    name, h.backing_format, chain, depth + 1, self.backing_policy
+                    name, h.backing_format, chain, depth + 1, self.backing_policy, self.metadata_only
                 )
             except QcowError as e:
                 if e.path is None:

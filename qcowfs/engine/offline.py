@@ -37,12 +37,20 @@ def is_qcowfs_mount(path: str) -> bool:
 
 @contextlib.contextmanager
 def locked_image(
-    path: str, write: bool, *, lock: bool = True, backing_policy: str = "follow"
+    path: str,
+    write: bool,
+    *,
+    lock: bool = True,
+    backing_policy: str = "follow",
+    metadata_only: bool = False,
 ) -> Iterator[Qcow2Image]:
     """Open an unmounted image under QEMU's locks (a writer, or a reader sharing with readers),
     closed without writing anything on the way out. lock=False reads without taking the
-    locks, as `qemu-img info -U` does (info)."""
-    img = Qcow2Image(path, read_only=not write, backing_policy=backing_policy)
+    locks, as `qemu-img info -U` does (info). metadata_only: for info and check, which read no
+    guest data (so an encrypted image opens without its key)."""
+    img = Qcow2Image(
+        path, read_only=not write, backing_policy=backing_policy, metadata_only=metadata_only
+    )
     held = ImageLock(img.file.fd, path, write=write) if lock else None
     try:
         if held is not None:
@@ -76,7 +84,7 @@ def check_image(
 
     Like qemu-img check -r: after a repair the image is checked again and that result is
     returned, with the numbers of leaks and corruptions fixed."""
-    with locked_image(path, write=repair is not None) as img:
+    with locked_image(path, write=repair is not None, metadata_only=True) as img:
         ck = Checker(img, progress, repair=repair)
         res = ck.run()
         if repair and (res.leaks or res.corruptions or res.corruptions_fixed):

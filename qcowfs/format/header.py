@@ -208,6 +208,8 @@ class Header:
     data_file: Optional[str] = None
     feature_names: dict = dataclasses.field(default_factory=dict)
     bitmaps_ext: Optional[dict] = None
+    #: (offset, length) of the full disk encryption header (qcow2.txt, crypt_method 2)
+    crypto_header: Optional[tuple[int, int]] = None
     #: a bitmaps extension found with the autoclear bit clear (to be dropped on a read-write open)
     stale_bitmaps_ext: Optional[dict] = None
 
@@ -350,7 +352,7 @@ def l1_entries_needed(size: int, cluster_bits: int, l2_entry_size: int) -> int:
     return div_round_up(size, 1 << (cluster_bits + l2_bits))
 
 
-def parse_header(data: bytes) -> Header:
+def parse_header(data: bytes, allow_encrypted: bool = False) -> Header:
     """Parse and validate a qcow2 header from the first bytes of an image (at least its first cluster,
     or the whole file if shorter). Raises FormatError or UnsupportedFeature with a one-line reason."""
     if len(data) < 4 or data[:4] != MAGIC:
@@ -434,11 +436,15 @@ def parse_header(data: bytes) -> Header:
         )
     if h.crypt_method:
         kind = {1: "AES", 2: "LUKS"}.get(h.crypt_method, f"method {h.crypt_method}")
-        if h.crypt_method in (1, 2):
+        if h.crypt_method not in (1, 2):
+            _fail(f"invalid encryption method {h.crypt_method}")
+        if not allow_encrypted:
             raise UnsupportedFeature(
-                f"encrypted image ({kind}): qcowfs does not support encryption"
+                f"encrypted image ({kind}): qcowfs does not read or write encrypted data yet "
+                "(qcowfs info and qcowfs check work without the key)"
             )
-        _fail(f"invalid encryption method {h.crypt_method}")
+        if h.crypt_method == 2 and h.crypto_header is None:
+            _fail("LUKS encryption without a full disk encryption header extension")
     if h.size > (1 << 63) - 1:
         _fail("virtual size too large")
     if h.extended_l2 and h.cluster_bits < 14:
@@ -541,6 +547,16 @@ def _parse_extensions(h: Header, data: bytes, start: int, end: int) -> None:
                 h.feature_names[(e.type, e.bit)] = e.name.split(b"\0", 1)[0].decode(
                     "utf-8", "replace"
                 )
+        elif ext.magic == EXT_CRYPTO:
+            # qcow2.txt "Full disk encryption header pointer": offset and length, both u64
+            if ext.length != 16:
+                _fail(f"encryption header extension has invalid length {ext.length} (must be 16)")
+            off, length = int.from_bytes(payload[:8], "big"), int.from_bytes(payload[8:], "big")
+            if off % h.cluster_size or off == 0:
+                _fail(f"encryption header offset {off} is not a cluster boundary past the header")
+            if length == 0 or length > (1 << 40):
+                _fail(f"encryption header length {length} is invalid")
+            h.crypto_header = (off, length)
         elif ext.magic == EXT_BITMAPS:
             if h.version < 3:
                 continue  # QEMU ignores it on v2
