@@ -169,7 +169,12 @@ def backup(
     bdir.mark_pending(name, seq)
     # 4. checkpoint
     disable = [n for n in chain if bitmaps[n].get("recording")]
-    src.checkpoint(name, disable, bitmap_granularity(src.disk_size()))
+    try:
+        src.checkpoint(name, disable, bitmap_granularity(src.disk_size()))
+    except BaseException:
+        # a checkpoint is all or nothing: refused, it left no bitmap to merge later
+        bdir.clear_pending([name])
+        raise
     phases: dict[str, float] = {"prepare": time.monotonic() - t0}
     # 5. copy
     tmp = bdir.part(name, "qcow2")

@@ -186,7 +186,12 @@ class Qcow2Image:
             vet_named_file(self.path, "backing file", name, self.backing_policy)
             try:
                 self.backing = open_backing(
-                    name, h.backing_format, chain, depth + 1, self.backing_policy, self.metadata_only
+                    name,
+                    h.backing_format,
+                    chain,
+                    depth + 1,
+                    self.backing_policy,
+                    self.metadata_only,
                 )
             except QcowError as e:
                 if e.path is None:

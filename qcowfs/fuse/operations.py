@@ -603,7 +603,10 @@ class QcowOperations(SnapshotDir, pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         if cmd["op"] == "checkpoint":
             self.last_result = self.disk.checkpoint(
-                cmd["name"], cmd.get("disable", []), cmd.get("snapshot", True), cmd.get("granularity")
+                cmd["name"],
+                cmd.get("disable", []),
+                cmd.get("snapshot", True),
+                cmd.get("granularity"),
             )
             self.snapshots_changed()
             log.info("%s: checkpoint %s", self.disk.image.path, self.last_result)

@@ -320,6 +320,11 @@ def test_full_backup_when_the_chain_cannot_continue(tmp_path, mount):
     assert bad["rc"] == 1 and bad["stderr"].count("\n") == 1 and "exists already" in bad["stderr"]
     bad = backup(tmp_path / "nope.qcow2", d, check=False)
     assert bad["rc"] == 1 and "no such file" in bad["stderr"]
+    r = mount(img, read_only=True)  # a refused checkpoint leaves nothing behind
+    bad = backup(r.mnt, d, check=False)
+    assert bad["rc"] == 1 and "read-only" in bad["stderr"] and bad["stderr"].count("\n") == 1, bad
+    assert r.unmount() == 0
+    assert not list(d.glob(".*"))
     held = os.open(d, os.O_RDONLY | os.O_DIRECTORY)  # another run holds DIR
     try:
         fcntl.flock(held, fcntl.LOCK_EX)
