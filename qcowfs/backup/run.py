@@ -172,8 +172,15 @@ def backup(
     try:
         src.checkpoint(name, disable, bitmap_granularity(src.disk_size()))
     except BaseException:
-        # a checkpoint is all or nothing: refused, it left no bitmap to merge later
-        bdir.clear_pending([name])
+        # a checkpoint is all or nothing: one that was refused left no bitmap, and its marker
+        # goes. But a daemon killed after taking it and before answering leaves the bitmap (and
+        # the previous one disabled): the marker stays unless the source says NAME is not there.
+        try:
+            taken = name in src.bitmaps()
+        except (OSError, QcowError):
+            taken = True
+        if not taken:
+            bdir.clear_pending([name])
         raise
     phases: dict[str, float] = {"prepare": time.monotonic() - t0}
     # 5. copy
