@@ -116,12 +116,7 @@ class LiveSource(Source):
             )
 
     def bitmaps(self) -> dict[str, dict[str, Any]]:
-        d = os.path.join(self.mnt, ".bitmaps")
-        out = {}
-        for n in os.listdir(d):
-            with open(os.path.join(d, n)) as f:
-                out[n] = json.load(f)
-        return out
+        return {b["name"]: b for b in offline.live_bitmaps(self.mnt)}
 
     def snapshot_names(self) -> set[str]:
         return set(os.listdir(os.path.join(self.mnt, ".snapshots")))

@@ -308,14 +308,7 @@ def cmd_bitmap(args: argparse.Namespace) -> int:
     live = offline.is_qcowfs_mount(target)
     try:
         if args.op == "list":
-            if live:
-                rows = []
-                d = os.path.join(target, ".bitmaps")
-                for n in sorted(os.listdir(d)):
-                    with open(os.path.join(d, n)) as f:
-                        rows.append(json.load(f))
-            else:
-                rows = offline.list_bitmaps(target)
+            rows = offline.live_bitmaps(target) if live else offline.list_bitmaps(target)
             if args.json:
                 print(json.dumps(rows, indent=4))
             else:

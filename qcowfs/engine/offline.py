@@ -132,6 +132,16 @@ def offline_command(path: str, op: str, name: str, **kw: Any) -> None:
         bitmap_commands.apply(disk.bitmaps, cmd, live=False)
 
 
+def live_bitmaps(mountpoint: str) -> list:
+    """The status of each bitmap of a live mount (the JSON each `.bitmaps/NAME` file holds)."""
+    d = os.path.join(mountpoint, ".bitmaps")
+    rows = []
+    for n in sorted(os.listdir(d)):
+        with open(os.path.join(d, n)) as f:
+            rows.append(json.load(f))
+    return rows
+
+
 def live_extents(mountpoint: str, name: str) -> list:
     """`bitmap extents` on a live mount: the daemon's in-memory bitmap, piece by piece."""
     path = os.path.join(mountpoint, ".bitmaps", name)
