@@ -114,5 +114,12 @@ class RepairImpossible(QcowError):
     """check --repair met damage it cannot mend (qemu-img check -r all may)."""
 
 
+class EncryptionError(QcowError):
+    """An encrypted image could not be opened: no passphrase given, none of its key slots accepts
+    the one given, or the key file is missing or readable by others (nothing was written)."""
+
+    errno = errno.EACCES
+
+
 class BackupError(QcowError):
     """`qcowfs backup` could not make, list or verify a backup (the chain is left as it was)."""

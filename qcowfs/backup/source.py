@@ -259,11 +259,25 @@ class OfflineSource(Source):
 
 def open_source(path: str, backing_policy: str = "follow") -> Source:
     if offline.is_qcowfs_mount(path):
-        return LiveSource(path)
+        return _plain(LiveSource(path))
     if os.path.isdir(path):
         raise BackupError(
             "a directory that is not a qcowfs mount: give a mount point or an image", path
         )
     if not os.path.exists(path):
         raise BackupError("no such file or mount point", path)
-    return OfflineSource(path, backing_policy)
+    return _plain(OfflineSource(path, backing_policy))
+
+
+def _plain(source: Source) -> Source:
+    """Refuse an encrypted source: the copier moves host clusters as they lie on disk, and an
+    encrypted image's are ciphertext whose IVs are their host offsets in the source."""
+    with open(source.image_path, "rb") as f:
+        head = f.read(36)
+    if len(head) == 36 and int.from_bytes(head[32:36], "big"):
+        raise BackupError(
+            "an encrypted image: qcowfs backup copies host clusters as they are and does not "
+            "re-encrypt them yet; back it up with qemu-img convert (docs/encryption.md)",
+            source.image_path,
+        )
+    return source

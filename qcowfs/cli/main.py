@@ -70,6 +70,12 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
     parse_into(opts, args.options)
     if args.read_only:
         opts.read_only = True
+    if args.key_file:
+        opts.key_file = os.path.abspath(args.key_file)
+    if args.backing_key_file:
+        opts.backing_key_file = os.path.abspath(args.backing_key_file)
+    if args.allow_shared_key_file:
+        opts.allow_shared_key_file = True
     return opts
 
 
@@ -444,6 +450,23 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="never modify the image; writes fail with EROFS",
     )
+    m.add_argument(
+        "--key-file",
+        metavar="FILE",
+        help="the passphrase of an encrypted image: FILE's bytes exactly, as QEMU's "
+        "--object secret,file=FILE,format=raw; also for encrypted backing images unless "
+        "--backing-key-file. FILE must be readable by its owner only",
+    )
+    m.add_argument(
+        "--backing-key-file",
+        metavar="FILE",
+        help="the passphrase of every encrypted backing image (default: --key-file's)",
+    )
+    m.add_argument(
+        "--allow-shared-key-file",
+        action="store_true",
+        help="accept key files that group or others can read",
+    )
     m.add_argument("--log", metavar="FILE", help="append the daemon's log to FILE")
     m.add_argument("--debug", action="store_true", help="log debug messages")
     m.add_argument(
@@ -470,7 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="mount options: ro, rw, allow_other, default_permissions (always on), uid=N, gid=N, "
         "umask=NNN (default 077: only the owner may open the disk), log=FILE, debug, foreground, "
         "backing=POLICY, bitmap_sync=MODE, io_threads=N (default 4; 0: one request at a time), "
-        "offload=auto|always, lanes=N|auto (request threads, default one per CPU; 0: none); "
+        "offload=auto|always, lanes=N|auto (request threads, default one per CPU; 0: none), "
+        "key_file=FILE, backing_key_file=FILE, allow_shared_key_file; "
         "mount(8)'s own (dev, suid, noauto, nofail, x-*, ...) are accepted",
     )
     m.set_defaults(func=cmd_mount)

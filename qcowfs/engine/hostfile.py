@@ -41,6 +41,10 @@ except (ValueError, OSError):  # pragma: no cover
 class HostFile:
     """A regular file opened by path; positional I/O only (no shared file offset)."""
 
+    #: whether reads and writes go through a sector cipher (encrypted_data.py); the request
+    #: lanes, I/O threads and backups read and write the fd directly only when not
+    encrypted = False
+
     def __init__(self, path: str, writable: bool):
         self.path = path
         self.writable = writable
@@ -55,14 +59,15 @@ class HostFile:
         """Current file size in bytes (kept up to date for our own writes)."""
         return self._size
 
-    def pread(self, length: int, offset: int) -> bytes:
+    def pread(self, length: int, offset: int, guest: int = -1) -> bytes:
         """Up to length bytes at offset; short (possibly empty) past the end of the file.
-        Offsets no file can reach (from damaged metadata) read as past the end too."""
+        Offsets no file can reach (from damaged metadata) read as past the end too. guest: the
+        guest offset these bytes show, for data encrypted by it (legacy AES); ignored here."""
         if offset > _MAX_OFFSET or length > _MAX_OFFSET - offset:
             return b""
         return os.pread(self.fd, length, offset)
 
-    def preadv_into(self, buffers: Sequence, offset: int) -> int:
+    def preadv_into(self, buffers: Sequence, offset: int, guest: int = -1) -> int:
         if offset > _MAX_OFFSET:
             return 0
         return os.preadv(self.fd, buffers, offset)

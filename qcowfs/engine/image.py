@@ -46,6 +46,8 @@ from ..format.entries import be_array
 from .backing import RawImage, probe_format
 from .backing import vet as vet_named_file
 from .cluster_map import ActiveMap
+from .encrypted_data import EncryptedDataFile, LockedDataFile
+from .encryption import Keys, open_cipher
 from .geometry import Geometry
 from .hostfile import HostFile
 from .inflight import Busy, InFlight
@@ -68,6 +70,7 @@ def open_backing(
     depth: int,
     policy: str = "follow",
     metadata_only: bool = False,
+    keys: Optional[Keys] = None,
 ) -> Qcow2Image | RawImage:
     real = os.path.realpath(name)
     if real in chain:
@@ -87,6 +90,7 @@ def open_backing(
             _depth=depth,
             backing_policy=policy,
             metadata_only=metadata_only,
+            keys=keys,
         )
     raise UnsupportedFeature(f"backing file {name} has format {kind!r}; qcowfs reads qcow2 and raw")
 
@@ -105,8 +109,12 @@ class Qcow2Image:
         file_factory: Callable[..., HostFile] = HostFile,
         backing_policy: str = "follow",
         metadata_only: bool = False,
+        keys: Optional[Keys] = None,
     ):
         self.path = path
+        #: passphrases for encrypted images in the chain (encryption.py); held only while
+        #: opening: what stays is the cipher, in the data file's wrapper
+        self._keys = keys
         self.read_only = read_only
         #: opened for its metadata only (info, check): an encrypted image is accepted, because
         #: nothing of its data is read; never for a mount
@@ -137,7 +145,7 @@ class Qcow2Image:
     def _open(self, chain: tuple, depth: int, cache_bytes: int) -> None:
         first = self.file.pread(1 << fmt.MAX_CLUSTER_BITS, 0)
         try:
-            h = fmt.parse_header(first, allow_encrypted=self.metadata_only)
+            h = fmt.parse_header(first, allow_encrypted=True)
         except QcowError as e:
             raise with_path(e, self.path) from None
         self.header = h
@@ -192,6 +200,7 @@ class Qcow2Image:
                     depth + 1,
                     self.backing_policy,
                     self.metadata_only,
+                    self._keys,
                 )
             except QcowError as e:
                 if e.path is None:
@@ -205,13 +214,31 @@ class Qcow2Image:
             if not os.path.exists(name):
                 raise FormatError(f"external data file {h.data_file} not found", self.path)
             self.data_file = self.file_factory(name, writable=not self.read_only)
-        self.reader = Reader(self.active, self.file, self.data_file, self.backing)
+        #: where guest data is read and written: the data file, or for an encrypted image the
+        #: data file through its sector cipher (encrypted_data.py)
+        self.data_io: HostFile = self.data_file
+        if h.crypt_method and not self.metadata_only:
+            cipher = open_cipher(
+                self.path,
+                h.crypt_method,
+                self.luks,
+                h.crypto_header,
+                self.file,
+                self._keys,
+                depth,
+                self.read_only,
+            )
+            self.data_io = EncryptedDataFile(self.data_file, cipher, guest_iv=h.crypt_method == 1)
+        elif h.crypt_method:
+            self.data_io = LockedDataFile(self.data_file)
+        self._keys = None
+        self.reader = Reader(self.active, self.file, self.data_io, self.backing)
         self.writer = Writer(
             self.active,
             self.reader,
             self.refcounts,
             self.file,
-            self.data_file,
+            self.data_io,
             self.inflight,
             self.mark_corrupt,
         )
@@ -221,6 +248,15 @@ class Qcow2Image:
         self.read_view = self.reader.read_view
         self.data_host = self.reader.data_host
         self.map = self.active.map
+
+    def chain_encrypted(self) -> bool:
+        """Whether this image or one below it reads its data through a sector cipher."""
+        level: Any = self
+        while isinstance(level, Qcow2Image):
+            if level.data_io.encrypted:
+                return True
+            level = level.backing
+        return False
 
     @property
     def size(self) -> int:

@@ -65,8 +65,9 @@ def locked_image(
 @contextlib.contextmanager
 def open_locked(path: str, write: bool) -> Iterator:
     """locked_image(), and for a writer a Disk on it (bitmaps loaded and marked in_use, stored
-    and cleared at the end, as a mount does); a reader gets the Qcow2Image."""
-    with locked_image(path, write) as img:
+    and cleared at the end, as a mount does); a reader gets the Qcow2Image. The bitmap
+    commands it serves read and write no guest data, so an encrypted image needs no key."""
+    with locked_image(path, write, metadata_only=True) as img:
         if not write:
             yield img
             return

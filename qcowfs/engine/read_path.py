@@ -40,6 +40,8 @@ class Reader:
         self._zero_cluster = bytes(self.geo.cluster_size)
         self._last_compressed: tuple = (None, b"")
         self._rbuf = memoryview(bytearray(0))  # read_view()'s reply buffer
+        #: data clusters read straight from the file's fd (not through a cipher)
+        self._direct = not data_file.encrypted
 
     @property
     def size(self) -> int:
@@ -61,7 +63,7 @@ class Reader:
         if kind == DATA:
             n = self.mapping.data_run(offset, end, host, n)
             if n == length:
-                return self._pread_data(host, n)
+                return self._pread_data(host, n, offset)
         buf = bytearray(length)
         self._read_into(memoryview(buf), offset, end, (kind, host, n), zeroed=True)
         return buf
@@ -83,7 +85,7 @@ class Reader:
         mv = self._rbuf[:length]
         cs = m.cluster_size
         co = offset & (cs - 1)
-        if co + length <= cs and not m.extended:
+        if co + length <= cs and not m.extended and self._direct:
             # hottest case (a request within one cluster, its L2 table cached): map() inlined
             ci = offset >> m.cluster_bits
             l1i = ci >> m.l2_bits
@@ -106,7 +108,7 @@ class Reader:
             # fast path: the whole request is one contiguous host run
             if n < length:
                 n = self.mapping.data_run(offset, end, host, n)
-            if n == length and self.data_file.preadv_into((mv,), host) == n:
+            if n == length and self.data_file.preadv_into((mv,), host, offset) == n:
                 return mv
         self._read_into(mv, offset, end, first, zeroed=False)
         return mv
@@ -116,7 +118,7 @@ class Reader:
         data clusters, so that an I/O thread can read it with one preadv (fuse/concurrent_io.py); -1 when it
         is not (holes, zeros, compressed, backing, the end of the disk: read_view() then)."""
         end = offset + length
-        if end > self.size or length <= 0:
+        if end > self.size or length <= 0 or not self._direct:
             return -1
         kind, host, n = self.mapping.map(offset, end)
         if kind != DATA:
@@ -136,7 +138,7 @@ class Reader:
             if kind == DATA:
                 # a contiguous DATA run: one preadv
                 n = self.mapping.data_run(pos, end, host, n)
-                got = self.data_file.preadv_into([mv[a : a + n]], host)
+                got = self.data_file.preadv_into([mv[a : a + n]], host, pos)
                 if got < n:
                     if self.geo.data_file_raw:
                         mv[a + got : a + n] = self.zeros(n - got)
@@ -165,8 +167,8 @@ class Reader:
                 mv[a : a + n] = self.zeros(n)
             pos += n
 
-    def _pread_data(self, host: int, n: int) -> bytes:
-        data = self.data_file.pread(n, host)
+    def _pread_data(self, host: int, n: int, guest: int) -> bytes:
+        data = self.data_file.pread(n, host, guest)
         if len(data) < n:
             if self.geo.data_file_raw:
                 return data + bytes(n - len(data))

@@ -91,7 +91,7 @@ class SnapshotView(Reader):
             )
         l1 = be_array(image.file.pread(8 * n, snap.l1_table_offset)) if n else be_array(b"")
         mapping = ClusterMap(image.geo, l1, image.l2, snap.disk_size, image.corrupt)
-        super().__init__(mapping, image.file, image.data_file, image.backing)
+        super().__init__(mapping, image.file, image.data_io, image.backing)
         self.snapshot = snap
         self.path = image.path
         self.read_only = True

@@ -25,6 +25,7 @@ import pyfuse3
 import trio
 
 from ..engine.disk import Disk
+from ..engine.encryption import Keys
 from ..engine.image import Qcow2Image
 from ..engine.locks import ImageLock
 from ..errors import MountError, QcowError
@@ -79,9 +80,13 @@ class Mounted:
         if os.path.ismount(mp):
             raise MountError(f"{mp} is already a mount point")
         with self.stack.pop_all() as stack:  # unwinds everything if set-up fails half-way
+            o = self.options
+            # the passphrases live in this process only, as long as the opening takes
+            keys = Keys.from_files(o.key_file, o.backing_key_file, o.allow_shared_key_file)
             image = Qcow2Image(
-                self.image_path, read_only=self.read_only, backing_policy=self.options.backing
+                self.image_path, read_only=self.read_only, backing_policy=o.backing, keys=keys
             )
+            del keys
             stack.callback(image.close, flush=False)  # no-op after a clean Disk.close
             locks = _locks_for(image, self.read_only)
             for lk in locks:
@@ -104,9 +109,13 @@ class Mounted:
                     hint = " (allow_other for a non-root user needs 'user_allow_other' in /etc/fuse.conf)"
                 raise MountError(f"cannot mount on {mp}: {e}{hint}") from None
             stack.callback(self._close_fuse)
-            if self.options.io_threads:
-                self._start_io(ops, disk, stack)
-            self._start_lanes(ops, disk, stack)
+            if image.chain_encrypted():
+                # the sector cipher is one thread's (engine/encrypted_data.py)
+                log.info("encrypted image: the metadata thread serves every request")
+            else:
+                if self.options.io_threads:
+                    self._start_io(ops, disk, stack)
+                self._start_lanes(ops, disk, stack)
             self.stack = stack.pop_all()
 
     def _start_lanes(self, ops: QcowOperations, disk: Disk, stack: contextlib.ExitStack) -> None:

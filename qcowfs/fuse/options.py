@@ -20,7 +20,9 @@ The conventions are those of sshfs, s3ql and libfuse's own options:
   (auto: to the threads only while the host keeps requests waiting; always: whenever
   another request is waiting or running), `lanes=N|auto` (request lanes: threads that each
   read their own clone of the FUSE device and serve reads and in-place writes without the
-  metadata thread, fuse/lanes.py; auto: one per CPU; 0: none).
+  metadata thread, fuse/lanes.py; auto: one per CPU; 0: none), `key_file=FILE`,
+  `backing_key_file=FILE` and `allow_shared_key_file` (encrypted images: engine/encryption.py;
+  relative names are taken from the directory qcowfs was started in).
 Anything else is refused with one line.
 """
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import grp
+import os
 import pwd
 from typing import Callable, Iterable, Optional
 
@@ -68,7 +71,7 @@ _MOUNT8_ONLY = frozenset(
 KNOWN = (
     "ro, rw, allow_other, default_permissions, uid=N, gid=N, umask=NNN, log=FILE, debug, "
     "foreground, backing=follow|same-dir|none, bitmap_sync=close|intent, io_threads=N, offload=auto|always, "
-    "lanes=N|auto"
+    "lanes=N|auto, key_file=FILE, backing_key_file=FILE, allow_shared_key_file"
 )
 OFFLOAD_MODES = ("auto", "always")
 DEFAULT_IO_THREADS = 4
@@ -92,6 +95,11 @@ class MountOptions:
     offload: str = "auto"  # "always": to the threads under load, however fast the host
     lanes: Optional[int] = None  # request lanes (fuse/lanes.py); None: one per CPU; 0: none
     kernel_flags: list = dataclasses.field(default_factory=list)
+    #: passphrase files of an encrypted image and of its encrypted backing images (the same
+    #: one unless backing_key_file is given): engine/encryption.py
+    key_file: Optional[str] = None
+    backing_key_file: Optional[str] = None
+    allow_shared_key_file: bool = False  # key files readable by group or others are accepted
 
     def fuse_options(self, fsname: str) -> set:
         """The option set for pyfuse3.init (libfuse's fuse_session_new)."""
@@ -188,6 +196,10 @@ def parse_into(opts: MountOptions, specs: Iterable[str]) -> MountOptions:
                     raise OptionError(
                         f"mount option lanes={value}: expected auto or a number from 0 to {MAX_LANES}"
                     )
+            elif key in ("key_file", "backing_key_file") and eq:
+                setattr(opts, key, os.path.abspath(value))
+            elif key == "allow_shared_key_file" and not eq:
+                opts.allow_shared_key_file = True
             elif key == "offload" and eq:
                 if value not in OFFLOAD_MODES:
                     raise OptionError(

@@ -12,35 +12,11 @@ from pathlib import Path
 
 import pytest
 from conftest import QCOWFS, run
+from support.luks import SECRET, luks_image, qemu_timing_pbkdf2
 
 from qcowfs_dev.oracles import qemu_img
 
 MiB = 1 << 20
-SECRET = "secret,id=sec0,file={key},format=raw"
-
-
-def qemu_timing_pbkdf2(*args: object) -> None:
-    """qemu-img create/amend of LUKS key slots. QEMU times PBKDF2 with the thread's CPU clock and
-    gives up when that clock says no time passed ("Unable to get accurate CPU usage"), which this
-    VM's clock does now and then (test_validation meets it too): a QEMU quirk, not the behaviour
-    under test, so it is tried again."""
-    for _attempt in range(12):
-        p = qemu_img(*args, check=False)
-        if p.returncode == 0 or "accurate CPU usage" not in p.stderr:
-            break
-    assert p.returncode == 0, p.stderr
-
-
-def luks_image(tmp: Path, name: str = "vm.qcow2", *opts: str, size: int = 64 * MiB) -> Path:
-    """qemu-img create with LUKS, PBKDF2 timed at 500 ms."""
-    key = tmp / "key"
-    key.write_bytes(b"hunter2")
-    img = tmp / name
-    o = ",".join(["encrypt.format=luks", "encrypt.key-secret=sec0", "encrypt.iter-time=500", *opts])
-    qemu_timing_pbkdf2(
-        "create", "-q", "-f", "qcow2", "--object", SECRET.format(key=key), "-o", o, img, str(size)
-    )
-    return img
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,8 @@
 
     qcowfs/errors.py   the error hierarchy: imports nothing of qcowfs
     qcowfs/format/     on-disk structures, no I/O: imports only format/ and errors
-    qcowfs/engine/     the image and its parts: imports engine/, format/, errors; no pyfuse3, no trio
+    qcowfs/crypto/     sector ciphers and LUKS key slots, computation only: crypto/, format/, errors
+    qcowfs/engine/     the image and its parts: imports engine/, crypto/, format/, errors; no pyfuse3, no trio
     qcowfs/fuse/       FUSE operations, request loop, I/O threads, mount: anything below it;
                        the only folder that may import pyfuse3 or trio
     qcowfs/backup/     backups into qcow2 chains: engine/, format/, errors (a mount is reached
@@ -33,10 +34,11 @@ PKG = ROOT / "qcowfs"
 ALLOWED = {
     "errors": set(),
     "format": {"format", "errors"},
-    "engine": {"engine", "format", "errors"},
-    "fuse": {"fuse", "engine", "format", "errors", "__init__"},
+    "crypto": {"crypto", "format", "errors"},
+    "engine": {"engine", "crypto", "format", "errors"},
+    "fuse": {"fuse", "engine", "crypto", "format", "errors", "__init__"},
     "backup": {"backup", "engine", "format", "errors"},
-    "cli": {"cli", "backup", "fuse", "engine", "format", "errors", "__init__"},
+    "cli": {"cli", "backup", "fuse", "engine", "crypto", "format", "errors", "__init__"},
     "__init__": set(),
     "__main__": {"cli"},
 }
@@ -101,7 +103,9 @@ def layer_violations(pkg: Path) -> list[str]:
     for mod, deps in sorted(imports(pkg).items()):
         allowed = ALLOWED.get(layer(mod))
         if allowed is None:
-            out.append(f"{mod}: in no layer (put it in format/, engine/, fuse/, backup/ or cli/)")
+            out.append(
+                f"{mod}: in no layer (put it in format/, crypto/, engine/, fuse/, backup/ or cli/)"
+            )
             continue
         for dep in sorted(deps):
             if layer(dep) not in allowed and not dep.startswith(mod + "."):
@@ -176,9 +180,9 @@ def test_the_rules_catch_planted_violations(tmp_path):
     plant("format/snapshot_table.py", "from .compression import decompress_cluster  # noqa")
     (tree / "loose.py").write_text("from .errors import QcowError  # noqa\n")
     assert sorted(layer_violations(tree)) == [
-        "engine.resize imports fuse.operations: engine/ may import only ['engine', 'errors', 'format']",
+        "engine.resize imports fuse.operations: engine/ may import only ['crypto', 'engine', 'errors', 'format']",
         "format.entries imports engine.image: format/ may import only ['errors', 'format']",
-        "loose: in no layer (put it in format/, engine/, fuse/, backup/ or cli/)",
+        "loose: in no layer (put it in format/, crypto/, engine/, fuse/, backup/ or cli/)",
     ]
     assert fuse_only_violations(tree) == ["engine.hostfile imports trio: only fuse/ may"]
     assert "format.compression -> format.snapshot_table -> format.compression" in cycles(tree)

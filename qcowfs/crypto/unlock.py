@@ -1,0 +1,106 @@
+"""Opening a LUKS1 key slot with a passphrase (cryptsetup's on-disk format 1.2, section 4; QEMU's
+crypto/block-luks.c qcrypto_block_luks_load_key), and the master key's check.
+
+For each active slot, in order:
+    1. slot key = PBKDF2(hash, passphrase, slot salt, slot iterations, key bytes)
+    2. the slot's key material (key bytes * 4000 stripes, whole sectors) decrypted with the
+       header's cipher, mode and IV generator under the slot key, IV sector numbers from 0
+    3. candidate = AF-merge(material): d = 0; for each stripe but the last d = H(d ^ stripe);
+       candidate = d ^ last stripe, where H is the header hash's "diffuse" (below)
+    4. accepted when PBKDF2(hash, candidate, digest salt, digest iterations, 20) equals the
+       header's master key digest
+PBKDF2 runs in OpenSSL (hashlib.pbkdf2_hmac); a wrong passphrase costs every active slot's
+iterations, as in QEMU and cryptsetup.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import Callable
+
+from ..errors import FormatError, UnsupportedFeature
+from ..format.luks import LuksHeader
+from .sector_cipher import SECTOR, SectorCipher
+
+#: the most PBKDF2 iterations qcowfs runs for one slot or the digest. QEMU's default 2 s makes
+#: about 9 million here (sha256); a header asking billions is hostile (QEMU would spend hours
+#: in it), and is refused before any is run
+MAX_ITERATIONS = 1 << 26
+
+
+def _check_hash(name: str) -> None:
+    try:
+        hashlib.new(name)
+    except ValueError:
+        raise UnsupportedFeature(f"LUKS hash {name!r} is not available in this OpenSSL") from None
+
+
+def diffuse(block: bytes, hash_name: str) -> bytes:
+    """LUKS's diffusion of one AF stripe: the block cut into digest-sized pieces, piece i
+    replaced by H(be32(i) || piece), the last (short) piece by as many bytes of its hash."""
+    size = hashlib.new(hash_name).digest_size
+    out = bytearray()
+    for i in range(0, len(block), size):
+        piece = block[i : i + size]
+        h = hashlib.new(hash_name, (i // size).to_bytes(4, "big") + piece).digest()
+        out += h[: len(piece)]
+    return bytes(out)
+
+
+def af_merge(material: bytes, key_bytes: int, stripes: int, hash_name: str) -> bytes:
+    """The key the anti-forensic split `material` (stripes * key_bytes) holds."""
+    d = bytes(key_bytes)
+    for i in range(stripes):
+        stripe = int.from_bytes(material[i * key_bytes : (i + 1) * key_bytes], "big")
+        x = (int.from_bytes(d, "big") ^ stripe).to_bytes(key_bytes, "big")
+        d = diffuse(x, hash_name) if i < stripes - 1 else x
+    return d
+
+
+def cipher_for(header: LuksHeader, key: bytes) -> SectorCipher:
+    return SectorCipher(header.cipher_name, header.mode, header.ivgen, header.ivgen_hash, key)
+
+
+def check_supported(header: LuksHeader) -> None:
+    """Refuse, before any passphrase is tried, a header whose cipher or hash qcowfs cannot run,
+    or whose iteration counts would keep it busy for hours."""
+    _check_hash(header.hash_spec)
+    cipher_for(header, bytes(header.key_bytes))
+    if header.mk_digest_iter > MAX_ITERATIONS:
+        raise FormatError(
+            f"LUKS header: the master key digest asks {header.mk_digest_iter} PBKDF2 iterations, "
+            f"more than qcowfs runs ({MAX_ITERATIONS})"
+        )
+    for slot in header.slots:
+        if slot.active and slot.iterations > MAX_ITERATIONS:
+            raise FormatError(
+                f"LUKS header: key slot {slot.index} asks {slot.iterations} PBKDF2 iterations, "
+                f"more than qcowfs runs ({MAX_ITERATIONS})"
+            )
+
+
+def unlock(
+    header: LuksHeader, read_area: Callable[[int, int], bytes], passphrase: bytes
+) -> bytes | None:
+    """The master key, or None if no active key slot accepts the passphrase. read_area(offset,
+    length) reads the encryption area (offsets from its start)."""
+    check_supported(header)
+    h = header.hash_spec
+    kb = header.key_bytes
+    nsec = header.split_key_sectors()
+    for slot in header.slots:
+        if not slot.active:
+            continue
+        slot_key = hashlib.pbkdf2_hmac(h, passphrase, slot.salt, slot.iterations, kb)
+        raw = read_area(slot.key_offset, nsec * SECTOR)
+        if len(raw) < nsec * SECTOR:
+            continue  # checked at open: the area holds every slot's material
+        material = bytes(cipher_for(header, slot_key).decrypt(raw, 0))
+        candidate = af_merge(material, kb, slot.stripes, h)
+        digest = hashlib.pbkdf2_hmac(
+            h, candidate, header.mk_digest_salt, header.mk_digest_iter, len(header.mk_digest)
+        )
+        if hmac.compare_digest(digest, header.mk_digest):
+            return candidate
+    return None

@@ -1,0 +1,124 @@
+"""Passphrases and unlocking: what an encrypted image needs before its data can be read.
+
+A passphrase comes from a key file, its bytes exactly (as QEMU's `--object secret,file=FILE,
+format=raw` reads it: no newline is stripped). The file must not be readable by others than its
+owner unless the user says so (allow_shared_key). Keys holds the passphrases of a chain: one for
+the image opened and one for every encrypted image below it (the same one unless given).
+docs/encryption.md tells the user's side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import stat
+from typing import Optional
+
+from ..crypto.sector_cipher import SectorCipher, legacy_aes
+from ..crypto.unlock import check_supported, cipher_for, unlock
+from ..errors import EncryptionError, QcowError, UnsupportedFeature, with_path
+from ..format.luks import LuksHeader
+from .hostfile import HostFile
+
+
+def read_key_file(path: str, allow_shared: bool = False) -> bytes:
+    """The passphrase in key file `path`, refused (EncryptionError, one line) if it is missing,
+    not a regular file, or readable by group or others without allow_shared."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise EncryptionError("key file not found", path) from None
+    except OSError as e:
+        raise EncryptionError(f"cannot open the key file: {e.strerror}", path) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise EncryptionError("the key file is not a regular file", path)
+        if st.st_mode & (stat.S_IRGRP | stat.S_IROTH) and not allow_shared:
+            raise EncryptionError(
+                f"the key file is readable by others than its owner (mode "
+                f"{stat.S_IMODE(st.st_mode):04o}): chmod 600 it, or pass --allow-shared-key-file",
+                path,
+            )
+        chunks = []
+        while True:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+@dataclasses.dataclass(frozen=True)
+class Keys:
+    """The passphrases of an image chain. The image opened uses `top`; encrypted backing images
+    use `backing`, or `top` when no backing passphrase was given. `*_source` name where each came
+    from (a key file), for messages; the passphrases never appear in a repr or a log."""
+
+    top: Optional[bytes] = dataclasses.field(default=None, repr=False)
+    top_source: str = ""
+    backing: Optional[bytes] = dataclasses.field(default=None, repr=False)
+    backing_source: str = ""
+
+    def for_depth(self, depth: int) -> tuple[Optional[bytes], str]:
+        if depth > 0 and self.backing is not None:
+            return self.backing, self.backing_source
+        return self.top, self.top_source
+
+    @classmethod
+    def from_files(
+        cls, key_file: Optional[str], backing_key_file: Optional[str], allow_shared: bool = False
+    ) -> Optional[Keys]:
+        if key_file is None and backing_key_file is None:
+            return None
+        return cls(
+            top=read_key_file(key_file, allow_shared) if key_file else None,
+            top_source=key_file or "",
+            backing=read_key_file(backing_key_file, allow_shared) if backing_key_file else None,
+            backing_source=backing_key_file or "",
+        )
+
+
+def open_cipher(
+    path: str,
+    crypt_method: int,
+    luks: Optional[LuksHeader],
+    area: Optional[tuple[int, int]],
+    file: HostFile,
+    keys: Optional[Keys],
+    depth: int,
+    read_only: bool,
+) -> SectorCipher:
+    """The sector cipher of encrypted image `path` (its data key unlocked with the chain's
+    passphrase for this depth). One-line errors: no passphrase, no slot accepts it, legacy AES
+    opened for writing, a cipher qcowfs cannot run."""
+    if crypt_method == 1 and not read_only:
+        raise UnsupportedFeature(
+            "legacy AES encryption (encrypt.format=aes) is read-only: QEMU lets only its tools "
+            "read it. Mount it with --read-only, or convert it to LUKS with qemu-img convert "
+            "(docs/encryption.md)",
+            path,
+        )
+    if crypt_method == 2 and luks is not None:
+        try:
+            check_supported(luks)
+        except QcowError as e:
+            raise with_path(e, path) from None
+    passphrase, source = keys.for_depth(depth) if keys is not None else (None, "")
+    if passphrase is None:
+        kind = "LUKS" if crypt_method == 2 else "legacy AES"
+        raise EncryptionError(
+            f"encrypted image ({kind}): give its passphrase with --key-file FILE "
+            "(qcowfs info and qcowfs check need none)",
+            path,
+        )
+    if crypt_method == 1:
+        return legacy_aes(passphrase)  # the legacy format has no key check (QEMU's neither)
+    assert luks is not None and area is not None  # the image checked the extension
+    off = area[0]
+    master = unlock(luks, lambda o, n: file.pread(n, off + o), passphrase)
+    if master is None:
+        raise EncryptionError(f"no key slot of {path} accepts the passphrase in {source}")
+    return cipher_for(luks, master)
