@@ -25,6 +25,10 @@ Targets (every one serves a 1 GiB guest disk as a file, fio opens it with O_DIRE
   baseline qcowfs as of git revision --baseline REV (exported from this repository with
            git archive), mounted exactly like qcowfs: a before/after comparison in one run
   serial   qcowfs as above with -o io_threads=0: one request at a time, no host I/O threads
+  luks     qcowfs on a LUKS-encrypted image (aes-256-xts-plain64, made by qemu-img convert or
+           create with a secret; --key-file), not in the default run
+  luks-qemu10  qemu-storage-daemon 10.0 as qemu10 on the same kind of LUKS image, the passphrase
+           from a secret object (encrypt.key-secret)
 
 --host-latency-us N puts every target's image file behind qcowfs_dev/ceiling_fs.py
 --latency-us=N (each host read, write and fsync waits N us, many at once): a slow disk or
@@ -48,6 +52,8 @@ Jobs (fio --ioengine=psync --direct=1 --size=<disk>, --time_based --runtime=S):
   seven queue-depth jobs) and issue 21's four synchronous clients (rand-write-4k-x4,
   rand-write-64k-x4, rand-read-4k-x4, rand-rw-4k-x4: psync, numjobs=4), each on the filled
   image and @fresh, targets qcowfs,qemu,qemu10.
+  --preset issue23: the queue-depth-1 jobs (seq-write, seq-read, rand-write-4k, rand-read-4k,
+  rand-write-64k, rand-read-64k) on the filled image and @fresh, targets luks,luks-qemu10.
 
 Every measurement is repeated R times and the median reported; the repeats of the
 targets are interleaved and rotated (qcowfs, qemu, ceiling; qemu, ceiling, qcowfs; ...), so
@@ -252,7 +258,7 @@ def main(argv: Optional[Sequence[str]]) -> int:
         log("bench: /dev/fuse is missing")
         return 2
     qemu10 = None
-    if "qemu10" in a.targets:
+    if "qemu10" in a.targets or "luks-qemu10" in a.targets:
         qemu10 = Qemu10Target.install = Qemu10(a.qemu10_dir)
         try:
             qemu10.setup()
@@ -267,6 +273,8 @@ def main(argv: Optional[Sequence[str]]) -> int:
     labels = {
         "qemu": qsd_label(versions(None)["qemu"], "qemu") if "qemu" in a.targets else "qemu",
         "qemu10": qsd_label(qemu10.version, "qemu10") if qemu10 else "qemu10",
+        "luks": "qcowfs LUKS",
+        "luks-qemu10": (qsd_label(qemu10.version, "qemu10") if qemu10 else "qemu10") + " LUKS",
     }
     own_workdir = a.workdir is None
     if own_workdir:

@@ -89,14 +89,36 @@ ISSUE15 = [
     "rand-read-4k-x4",
     "rand-rw-4k-x4",
 ]
+#: one synchronous client, one request in flight
+QD1_JOBS = [
+    "seq-write",
+    "seq-read",
+    "rand-write-4k",
+    "rand-read-4k",
+    "rand-write-64k",
+    "rand-read-64k",
+]
 # --preset NAME: jobs and targets (an explicit --jobs or --targets wins)
 PRESETS: dict[str, dict[str, list[str]]] = {
     "issue15": dict(
         jobs=ISSUE15 + [j + FRESH for j in ISSUE15], targets=["qcowfs", "qemu", "qemu10"]
     ),
+    # issue 23: encrypted images, the queue-depth-1 jobs, qcowfs against qsd 10.0
+    "issue23": dict(jobs=QD1_JOBS + [j + FRESH for j in QD1_JOBS], targets=["luks", "luks-qemu10"]),
 }
 TARGETS = ("qcowfs", "intent", "qemu", "ceiling")  # the default run
-ALL_TARGETS = ("qcowfs", "serial", "intent", "baseline", "qemu", "qemu10", "ceiling", "stock")
+ALL_TARGETS = (
+    "qcowfs",
+    "serial",
+    "intent",
+    "baseline",
+    "qemu",
+    "qemu10",
+    "ceiling",
+    "stock",
+    "luks",
+    "luks-qemu10",
+)
 
 
 def parse_size(s: str) -> int:

@@ -47,6 +47,7 @@ def ratio_pairs(cols: Sequence[str], labels: Mapping[str, str]) -> list[tuple[st
         for d in ("qemu", "qemu10", "ceiling", "baseline")
     ]
     pairs.append(("intent/close", "intent", "qcowfs"))
+    pairs.append(("LUKS/qsd LUKS", "luks", "luks-qemu10"))
     return [r for r in pairs if r[1] in cols and r[2] in cols]
 
 

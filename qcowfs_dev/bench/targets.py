@@ -17,11 +17,14 @@ from .host import (
     REPO,
     STOP_TIMEOUT,
     BenchError,
+    key_file,
     log,
+    make_luks_qcow2,
     make_qcow2,
     mounted,
     proc_mem,
     run,
+    secret,
     tail,
     unmount,
     wait_exit,
@@ -39,6 +42,8 @@ __all__ = [
     "CeilingTarget",
     "StockCeilingTarget",
     "SerialTarget",
+    "LuksTarget",
+    "LuksQemu10Target",
     "TARGET_CLASSES",
 ]
 
@@ -404,6 +409,60 @@ class SerialTarget(QcowfsTarget):
         return super().command()[:-2] + ["-o", "io_threads=0", self.image, self.mountpoint]
 
 
+class LuksTarget(QcowfsTarget):
+    """qcowfs on a LUKS-encrypted image (issue 23), its passphrase in a key file."""
+
+    name = "luks"
+    key = ""
+
+    def prepare(self, filled_raw: str | None) -> None:
+        self.image = os.path.join(self.dir, "disk.qcow2")
+        self.mountpoint = os.path.join(self.dir, "mnt")
+        os.makedirs(self.mountpoint, exist_ok=True)
+        self.key = key_file(self.dir)
+        make_luks_qcow2(self.image, self.size, filled_raw, self.key)
+        # the bitmap commands need no key (metadata only)
+        run([sys.executable, "-m", "qcowfs", "bitmap", "add", self.image, "bench0"], env=self.env())
+
+    def command(self) -> list[str]:
+        return super().command()[:-2] + ["--key-file", self.key, self.image, self.mountpoint]
+
+    def after_stop(self) -> None:
+        if self._was_running and os.path.exists(self.image):
+            spec = f"driver=qcow2,file.filename={self.image},encrypt.key-secret=sec0"
+            p = subprocess.run(
+                ["qemu-img", "check", "-q", "--object", secret(self.key), "--image-opts", spec],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            if p.returncode != 0:
+                log(
+                    f"bench: WARNING: qemu-img check {self.image} (exit {p.returncode}): {p.stdout}"
+                )
+
+
+class LuksQemu10Target(Qemu10Target):
+    """qemu-storage-daemon 10.0 (aio=io_uring) on the same kind of LUKS image, the passphrase
+    from a secret object."""
+
+    name = "luks-qemu10"
+    key = ""
+
+    def prepare(self, filled_raw: str | None) -> None:
+        self.image = os.path.join(self.dir, "disk.qcow2")
+        self.mountpoint = os.path.join(self.dir, "export")
+        self.key = key_file(self.dir)
+        make_luks_qcow2(self.image, self.size, filled_raw, self.key)
+        open(self.mountpoint, "a").close()
+
+    def command(self) -> list[str]:
+        cmd = super().command()
+        i = cmd.index("driver=qcow2,node-name=q0,file=f0")
+        cmd[i] += ",encrypt.format=luks,encrypt.key-secret=sec0"
+        return [cmd[0], "--object", secret(self.key), *cmd[1:]]
+
+
 TARGET_CLASSES: dict[str, type[Target]] = {
     "serial": SerialTarget,
     "qcowfs": QcowfsTarget,
@@ -413,4 +472,6 @@ TARGET_CLASSES: dict[str, type[Target]] = {
     "qemu10": Qemu10Target,
     "ceiling": CeilingTarget,
     "stock": StockCeilingTarget,
+    "luks": LuksTarget,
+    "luks-qemu10": LuksQemu10Target,
 }

@@ -296,6 +296,21 @@ def test_refusals_are_one_line_and_write_nothing(tmp_path):
             "key slot 0 asks 4294967295 PBKDF2 iterations",
         ),
         (
+            _patched(img, tmp_path / "stripes.qcow2", slot0 + 44, struct.pack(">I", 1)),
+            ("--key-file", key),
+            "key slot 0 has 1 stripes",
+        ),
+        (
+            _patched(img, tmp_path / "payload.qcow2", area + 104, struct.pack(">I", 1)),
+            ("--key-file", key),
+            "overlaps the payload",
+        ),
+        (
+            _patched(img, tmp_path / "past.qcow2", slot0 + 40, struct.pack(">I", 1 << 30)),
+            ("--key-file", key),
+            "past the encryption area",
+        ),
+        (
             _patched(img, tmp_path / "cipher.qcow2", area + 8, b"twofish".ljust(32, b"\0")),
             ("--key-file", key),
             "cipher twofish-xts",
