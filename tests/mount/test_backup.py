@@ -223,9 +223,13 @@ def test_chain_live_with_a_writer_then_offline(tmp_path, mount):
     v = run([*QCOWFS, "backup", "verify", str(d)], check=False)
     assert v.returncode == 2, v.stdout + v.stderr
     damaged = [line for line in v.stdout.splitlines() if "DAMAGED" in line]
-    assert len(damaged) == 1 and damaged[0].startswith("p2: DAMAGED"), v.stdout
+    # p2 is damaged; a later point is too when it still reads that cluster through its backing
+    # chain (whether a later backup rewrote the cluster depends on the live writer's timing)
+    assert damaged and damaged[0].startswith("p2: DAMAGED"), v.stdout
+    assert v.stdout.startswith("p0: ok") and "\np1: ok" in v.stdout, v.stdout
     # the table has one crc32 per source cluster (64 KiB): verify names the one that holds it
-    assert f"offset {data[0]['start'] // (64 * KiB) * 64 * KiB})" in damaged[0], damaged
+    where = f"offset {data[0]['start'] // (64 * KiB) * 64 * KiB})"
+    assert all(where in line for line in damaged), damaged
     one = run([*QCOWFS, "backup", "verify", str(d), "p1"])
     assert one.returncode == 0 and one.stdout.count(": ok") == 2, one.stdout  # p0, p1
 
