@@ -2,7 +2,8 @@
 
 Modules: iolog (the recording HostFile and the I/O log), driver (the guest model and the Driver),
 workloads (the workloads, their sampling bounds, record()), explore (crash-state enumeration, the
-worker pool, reports), verify (the checks of one crash state). tests/harness/test_powerloss.py and
+worker pool, reports), verify (the checks of one crash state), keyed (QEMU's tools on an encrypted
+workload's images, with the key). tests/harness/test_powerloss.py and
 scripts/crash-states use what this package exports.
 
 How it works
@@ -97,6 +98,17 @@ How it works
    a grow is under way, intent-mode bitmaps may be in_use, or the extension stale (QEMU's in-place in_use
    protocol); nowhere else. QEMU-made snapshots keep their old size (qemu-img convert -l pads them with zeros
    to the grown disk's size: allowed when it does).
+8. Encrypted images: a Workload with a passphrase (luks-cow-c64k: LUKS, aes-xts-plain64, 64 KiB clusters)
+   has create() write it to a key file (keyed.KEY_FILE, mode 0600) in its directory; Model.passphrase /
+   Model.key_file carry it. The Driver opens the image with Model.keys() (qcowfs' Keys), and so does every
+   qcowfs open of a crash state (read-only, and the dirty-bit repair); every QEMU tool that opens its data
+   (qemu-img check incl. -r all and the OFLAG_COPIED / leak checks, convert incl. -l snapshot.name, qemu-io,
+   qemu-nbd) gets the secret object and an --image-opts spec (keyed.py); qemu-img info needs no key. Plain
+   workloads run the very same commands as before. Data is encrypted per 512-byte sector with the host
+   offset as IV, so copy-on-write re-encrypts and sub-sector writes read-modify-write a sector; the
+   checks are the plain ones, on decrypted data (the workload's verify also requires no plaintext on the
+   host and a copied cluster re-encrypted for its new place). The Driver serves no write as a request lane
+   does on an encrypted image (a mount starts none for it).
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from bitarray import bitarray
 
 from qcowfs.engine import host_map
 from qcowfs.engine.disk import Disk
+from qcowfs.engine.encryption import Keys
 from qcowfs.engine.image import Qcow2Image
 
 from .iolog import IOLog, recording_factory
@@ -102,6 +103,16 @@ class Model:
     snap_sizes: dict = dataclasses.field(
         default_factory=dict
     )  # Driver-made snapshot name -> disk size when taken
+    #: an encrypted (LUKS) image's passphrase (Workload.passphrase; None: a plain image), and the key
+    #: file holding it (absolute; QEMU's tools read it: keyed.py); qcowfs gets it as keys()
+    passphrase: Optional[bytes] = dataclasses.field(default=None, repr=False)
+    key_file: str = ""
+
+    def keys(self) -> Optional[Keys]:
+        """What every qcowfs open of the image (or of a crash state) passes: None for a plain image."""
+        if self.passphrase is None:
+            return None
+        return Keys(top=self.passphrase, top_source=self.key_file)
 
 
 class Tracker:
@@ -198,7 +209,12 @@ class Driver:
 
     def _open(self) -> None:
         self._marker("open", self.mode)
-        self.img = Qcow2Image(self.path, read_only=False, file_factory=recording_factory(self.log))
+        self.img = Qcow2Image(
+            self.path,
+            read_only=False,
+            file_factory=recording_factory(self.log),
+            keys=self.model.keys(),
+        )
         # start_writing(); close mode: bitmaps in_use, durably; intent mode: stored, every data cluster allocated
         self.disk = Disk(self.img, bitmap_sync=self.mode)
         self._marker("opened")
@@ -234,9 +250,10 @@ class Driver:
         a lane serves it, from the map the mount would publish (engine/host_map.py) with no
         bitmap or metadata step: straight pwrites of the data. So the crash states check that
         whatever the map lets a lane write in place has its bits durable already. False: the
-        write goes through Disk.write, as a lane hands it over."""
+        write goes through Disk.write, as a lane hands it over. An encrypted image has no lanes
+        (fuse/mount.py: the metadata thread serves it; its sector cipher is one thread's)."""
         img = self.img
-        if img.read_only or img.geo.extended:
+        if img.read_only or img.geo.extended or img.chain_encrypted():
             return False
         geo = img.geo
         cb = geo.cluster_bits

@@ -41,11 +41,12 @@ class IOLog:
     def _caller(self) -> str:
         if not self.record_callers:
             return ""
-        # the qcowfs function that asked for the I/O (skip the HostFile layers and this package)
+        # the qcowfs function that asked for the I/O (skip the HostFile layers, an encrypted
+        # image's sector cipher wrapper around them, and this package)
         f: Optional[FrameType] = sys._getframe(2)
         while f is not None and (
             f.f_code.co_filename.startswith(_PACKAGE_DIR)
-            or f.f_code.co_filename.endswith("hostfile.py")
+            or f.f_code.co_filename.endswith(("hostfile.py", "encrypted_data.py"))
         ):
             f = f.f_back
         if f is None:

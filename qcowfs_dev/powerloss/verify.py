@@ -22,9 +22,10 @@ from qcowfs.engine.bitmap_intent import INTENT_REGION
 from qcowfs.engine.bitmaps import BitmapStore
 from qcowfs.engine.image import Qcow2Image
 from qcowfs.engine.snapshots import SnapshotView, read_all
-from qcowfs_dev.oracles import qemu_bitmaps, qemu_check_rc, qemu_raw, run
+from qcowfs_dev.oracles import qemu_bitmaps, run
 from qcowfs_dev.probes import header_dirty, read_header_field
 
+from . import keyed
 from .driver import BmPhase, BmState, Model, state_bits
 from .iolog import SECTOR, _merge
 
@@ -243,7 +244,7 @@ def _check_state(
             m = dataclasses.replace(m, size=vsize)
     if task.content_new:
         res["qemu_checks"] = 1
-        rc, out = qemu_check_rc(img_path)
+        rc, out = keyed.check_rc(img_path, m.key_file)
         if rc == 3:
             res["leaks"] = 1
         if dirty:
@@ -265,7 +266,7 @@ def _check_state(
                 )
     # qcowfs opens it read-only and reads the guest disk
     try:
-        img = Qcow2Image(img_path, read_only=True)
+        img = Qcow2Image(img_path, read_only=True, keys=m.keys())
     except Exception as e:
         fails.append(f"qcowfs cannot open the state read-only: {e!r}")
         return
@@ -298,7 +299,7 @@ def _check_state(
         fails.append("durable data lost: " + lost)
     if task.oracle:
         res["oracle_reads"] = 1
-        ref = qemu_raw(img_path, os.path.join(task.dir, "ref.raw"))
+        ref = keyed.raw(img_path, os.path.join(task.dir, "ref.raw"), m.key_file)
         if ref != actual:
             k = next(
                 (k for k in range(min(len(ref), len(actual))) if ref[k] != actual[k]),
@@ -436,7 +437,7 @@ def _check_snapshots(
             )
         if task.oracle:
             res["snap_oracle"] = res.get("snap_oracle", 0) + 1
-            q = qemu_raw(img_path, os.path.join(task.dir, "snap.raw"), snapshot=s.name)
+            q = keyed.raw(img_path, os.path.join(task.dir, "snap.raw"), m.key_file, snapshot=s.name)
             if len(q) > len(want) and m.grows and q[len(want) :].count(0) == len(q) - len(want):
                 # QEMU loads a snapshot smaller than the grown disk at the disk's current size (zeros past its own)
                 q = q[: len(want)]
@@ -464,7 +465,7 @@ def _copied_mismatch_problem(task: Task, img_path: str) -> str:
     and nothing else but leaks, and qemu-img check -r all (on a copy) leaves the image clean."""
     m = _MODEL
     assert m is not None, "the worker has no model (Explorer's pool initializer sets it)"
-    p = run(["qemu-img", "check", os.path.abspath(img_path)], check=False, cwd=task.dir)
+    p = keyed.check_text(img_path, m.key_file, cwd=task.dir)
     cb = read_header_field(img_path, 20, 4)
     leaked: dict = {}  # cluster -> references
     mism = []
@@ -498,23 +499,23 @@ def _copied_mismatch_problem(task: Task, img_path: str) -> str:
     try:
         r = os.path.join(rdir, m.image)
         end = os.path.getsize(r)
-        qemu_check_rc(r, repair="all")
-        rc2, out2 = qemu_check_rc(r)
+        keyed.check_rc(r, m.key_file, repair="all")
+        rc2, out2 = keyed.check_rc(r, m.key_file)
         # leaks past the crash state's end of file are refcounts that reached the disk before the
         # clusters they count (legal); the repair's own close can grow the file over them
         # (_check_dirty_repairs says more). Found by backup-source-intent: the L1 copy of a
         # checkpoint's snapshot not yet written, its refcount already raised.
-        if rc2 != 0 and not (rc2 == 3 and _leaks_past(r, end)):
+        if rc2 != 0 and not (rc2 == 3 and _leaks_past(r, end, m.key_file)):
             return f"after qemu-img check -r all, qemu-img check exits {rc2}: {json.dumps(out2)}"
     finally:
         shutil.rmtree(rdir, ignore_errors=True)
     return ""
 
 
-def _leaks_past(path: str, end: int) -> bool:
+def _leaks_past(path: str, end: int, key_file: str = "") -> bool:
     """qemu-img check of path finds leaks only (no errors), every leaked cluster at or past byte `end`."""
     path = os.path.abspath(path)
-    p = run(["qemu-img", "check", path], check=False, cwd=os.path.dirname(path))
+    p = keyed.check_text(path, key_file)
     cs = 1 << read_header_field(path, 20, 4)
     leaked = [int(x.split()[2]) for x in p.stderr.splitlines() if x.startswith("Leaked cluster ")]
     other = [x for x in p.stderr.splitlines() if x.strip() and not x.startswith("Leaked cluster ")]
@@ -528,9 +529,9 @@ def _check_dirty_repairs(m: Model, task: Task, res: dict, fails: list) -> None:
     _copy_state(task.dir, qdir, m.files)
     q = os.path.join(qdir, m.image)
     end = os.path.getsize(q)
-    rc, out = qemu_check_rc(q, repair="all")
-    rc2, out2 = qemu_check_rc(q)
-    if rc2 == 3 and _leaks_past(q, end):
+    rc, out = keyed.check_rc(q, m.key_file, repair="all")
+    rc2, out2 = keyed.check_rc(q, m.key_file)
+    if rc2 == 3 and _leaks_past(q, end, m.key_file):
         # qemu-img check cannot see refcounted clusters past the end of the file (leaks there are
         # legal: refcounts reached the disk, the data not), so -r all leaves them; when the repair's
         # own close grows the file (QEMU stores consistent persistent bitmaps, as intent mode leaves
@@ -546,24 +547,24 @@ def _check_dirty_repairs(m: Model, task: Task, res: dict, fails: list) -> None:
     _copy_state(task.dir, fdir, m.files)
     f = os.path.join(fdir, m.image)
     try:
-        before = Qcow2Image(os.path.join(task.dir, m.image), read_only=True)
+        before = Qcow2Image(os.path.join(task.dir, m.image), read_only=True, keys=m.keys())
         try:
             want = before.read(0, m.size)
         finally:
             before.close(flush=False)
-        img = Qcow2Image(f, read_only=False)
+        img = Qcow2Image(f, read_only=False, keys=m.keys())
         try:
             img.start_writing()
         finally:
             img.close()
-        rc3, out3 = qemu_check_rc(f)
+        rc3, out3 = keyed.check_rc(f, m.key_file)
         if rc3 not in (0, 3):
             fails.append(
                 f"after qcowfs' read-write open (refcount rebuild), qemu-img check exits {rc3}: {json.dumps(out3)}"
             )
         if header_dirty(f):
             fails.append("dirty bit still set after qcowfs' read-write open and close")
-        after = Qcow2Image(f, read_only=True)
+        after = Qcow2Image(f, read_only=True, keys=m.keys())
         try:
             if after.read(0, m.size) != want:
                 fails.append("qcowfs' refcount rebuild changed the guest data")
@@ -756,7 +757,7 @@ def _check_intent_bitmaps(
             )
         if task.nbd:
             res["nbd_views"] = res.get("nbd_views", 0) + 1
-            qbits = nbd_bits(img_path, name, gran, m.size)
+            qbits = nbd_bits(img_path, name, gran, m.size, m.key_file)
             if qbits != bits:
                 k = (qbits ^ bits).find(1)
                 fails.append(
@@ -780,11 +781,12 @@ def _check_intent_bitmaps(
             )
 
 
-def nbd_dirty_map(img_path: str, name: str) -> list:
+def nbd_dirty_map(img_path: str, name: str, key_file: str = "") -> list:
     """qcowfs_dev.oracles.dirty_map (qemu-nbd -r -B NAME served to nbdinfo --map), run in the image's
-    directory: QEMU opens an external data file named relatively from its working directory."""
+    directory: QEMU opens an external data file named relatively from its working directory. An
+    encrypted image is opened with the key in key_file (keyed.py)."""
     img_path = os.path.abspath(img_path)
-    server = ["qemu-nbd", "-r", "-f", "qcow2", "-B", name, img_path]
+    server = keyed.nbd_server(img_path, key_file, bitmap=name)
     p = run(
         ["nbdinfo", "--json", f"--map=qemu:dirty-bitmap:{name}", "--", "[", *server, "]"],
         check=False,
@@ -798,11 +800,11 @@ def nbd_dirty_map(img_path: str, name: str) -> list:
     return [(e["offset"], e["length"], e["type"] & 1 == 1) for e in json.loads(p.stdout)]
 
 
-def nbd_bits(img_path: str, name: str, g: int, size: int) -> bitarray:
+def nbd_bits(img_path: str, name: str, g: int, size: int, key_file: str = "") -> bitarray:
     """Bitmap NAME as QEMU serves it (qemu-nbd -r -B NAME, nbdinfo --map), as bits of granularity g."""
     bits = bitarray(-(-size // g), endian="little")
     bits.setall(0)
-    for off, length, dirty in nbd_dirty_map(img_path, name):
+    for off, length, dirty in nbd_dirty_map(img_path, name, key_file):
         if dirty and length:
             bits[off // g : (off + length - 1) // g + 1] = 1
     return bits

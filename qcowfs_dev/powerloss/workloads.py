@@ -12,9 +12,12 @@ import shutil
 import zlib
 from typing import Any, Callable, Iterable, Optional
 
+from qcowfs.engine.cluster_map import DATA
+from qcowfs.engine.image import Qcow2Image
 from qcowfs_dev.oracles import qemu_img, qemu_io, qemu_raw, run
 from qcowfs_dev.probes import read_header_field
 
+from . import keyed
 from .driver import BitmapSpec, BmState, Driver, Model, state_bits
 from .iolog import IOLog, replay_all
 from .verify import nbd_dirty_map
@@ -61,6 +64,10 @@ class Workload:
     oracle_every: int = 10
     bitmap_sync: str = "close"  # the Driver's Disk(bitmap_sync=...) (reopen may switch it)
     nbd_every: int = 4  # intent mode: QEMU's NBD view of the bitmaps on every Nth new state
+    #: an encrypted (LUKS) image's passphrase, None for a plain one. create() writes it to the key file
+    #: keyed.KEY_FILE in its directory (keyed.write_key_file, mode 0600); the Driver and every check of
+    #: a crash state open the image with it (qcowfs: Keys; QEMU's tools: the secret object, keyed.py)
+    passphrase: Optional[bytes] = dataclasses.field(default=None, repr=False)
 
 
 def _create(path: str, size: int, **opts: object) -> None:
@@ -364,9 +371,12 @@ def wl_refblock_siblings() -> Workload:
     return Workload("refblock-siblings-c512-r64", create, body, bounds=Bounds(exhaustive=64))
 
 
-def _pristine_bitmap(img: str, name: str, granularity: int, enabled: bool = True) -> BitmapSpec:
-    """A bitmap of the pristine image, its dirty ranges as QEMU serves them (qemu-nbd -B)."""
-    initial = tuple((off, n) for off, n, dirty in nbd_dirty_map(img, name) if dirty)
+def _pristine_bitmap(
+    img: str, name: str, granularity: int, enabled: bool = True, key_file: str = ""
+) -> BitmapSpec:
+    """A bitmap of the pristine image, its dirty ranges as QEMU serves them (qemu-nbd -B; an encrypted
+    image opened with the key in key_file)."""
+    initial = tuple((off, n) for off, n, dirty in nbd_dirty_map(img, name, key_file) if dirty)
     return BitmapSpec(name, granularity, 0, True, enabled, initial)
 
 
@@ -948,6 +958,139 @@ def wl_zero_grow(bitmap_sync: str = "close") -> Workload:
     )
 
 
+def wl_luks_cow(lazy: bool = False) -> Workload:
+    """Allocation and copy-on-write on a LUKS image (aes-xts-plain64, QEMU's default; 16 MiB, 64 KiB
+    clusters). qcowfs encrypts each 512-byte sector with the IV of its host offset
+    (engine/encrypted_data.py), so every copy-on-write re-encrypts the data for its new place and
+    every write not covering whole sectors reads, decrypts and re-encrypts its first and last sector.
+    Pristine (QEMU, with the key): data, a partial write into an unallocated cluster, snapshot q1,
+    writes over clusters q1 shares (QEMU's own copy-on-write). Fresh allocations (whole clusters, a
+    run); partial writes into unallocated clusters (the rest written as encrypted zeros), one
+    straddling two; sub-sector writes into allocated clusters of refcount 1 (read-modify-write of a
+    sector in place), across a cluster boundary; writes over clusters q1 shares (QEMU-encrypted data
+    copied to new host offsets); a whole cluster of zeros; random writes of all these kinds, fewer
+    flushes; take s1; writes over clusters s1 shares (partial: copied and re-encrypted; sub-sector:
+    copied, then a sector rewritten; whole: no copy); random writes; delete q1; writes; delete s1
+    (refcounts back to 1); writes in place over formerly shared clusters; close. Every check of a
+    crash state opens it with the key (keyed.py, Model.keys).
+    lazy=True (not in workloads(): scripts or a test may run it) makes the image with lazy refcounts,
+    so crash states with the dirty bit get both repairs (qemu-img check -r all, qcowfs' refcount
+    rebuild at a read-write open), keyed."""
+    size = 16 * MiB
+    cluster = 64 * KiB
+    passphrase = b"powerloss luks-cow"
+
+    def create(dirname: str) -> dict[str, Any]:
+        key = keyed.write_key_file(dirname, passphrase)
+        img = os.path.join(dirname, "disk.qcow2")
+        keyed.create_luks(
+            img, size, key, cluster_size=cluster, lazy_refcounts="on" if lazy else "off"
+        )
+        keyed.qemu_io(
+            img,
+            key,
+            f"write -P 0x21 0 {1 * MiB}",
+            f"write -P 0x22 {4 * MiB} {256 * KiB}",
+            f"write -P 0x23 {6 * MiB + 4 * KiB + 100} 3000",
+        )
+        keyed.qemu_img(key, "snapshot", img, "-c", "q1")
+        keyed.qemu_io(
+            img,
+            key,
+            f"write -P 0x24 {512 * KiB} {128 * KiB}",
+            f"write -P 0x25 {4 * MiB + 70000} 50",
+        )
+        q1 = keyed.raw(img, os.path.join(dirname, "q1.raw"), key, snapshot="q1")
+        return dict(image="disk.qcow2", snapshots={"q1": q1})
+
+    def body(d: Driver, rng: random.Random) -> None:
+        cs = d.cluster_size
+        # fresh allocations: a run of whole clusters, one cluster
+        d.write(8 * MiB, rng.randbytes(3 * cs))
+        d.write(10 * MiB + cs, rng.randbytes(cs))
+        d.flush()
+        # partial writes into unallocated clusters: unaligned head and tail, straddling two clusters,
+        # one whole sector
+        d.write(12 * MiB + 1000, rng.randbytes(5000))
+        d.write(13 * MiB - 700, rng.randbytes(1400))
+        d.write(9 * MiB + 3 * 512, rng.randbytes(512))
+        d.flush()
+        # sub-sector writes into allocated clusters of refcount 1: a sector read, decrypted and
+        # re-encrypted in place; one across a cluster boundary, one over QEMU's copy of a q1 cluster,
+        # one next to the end of the partial write above
+        d.write(8 * MiB + 300, rng.randbytes(20))
+        d.write(8 * MiB + cs - 10, rng.randbytes(20))
+        d.write(512 * KiB + 511, rng.randbytes(2))
+        d.write(12 * MiB + 5998, rng.randbytes(3))
+        d.flush()
+        # over clusters q1 shares (QEMU-encrypted): copied to new host offsets, re-encrypted there
+        d.write(256 * KiB + 123, rng.randbytes(4000))
+        d.write(4 * MiB + 2 * cs + 7, rng.randbytes(100))
+        d.zero(10 * MiB + cs, cs)  # a whole cluster of zeros: its host cluster freed
+        d.flush()
+        # a mix, fewer flushes (bigger epochs: reordered and torn encrypted writes): allocated
+        # clusters, clusters q1 shares, unallocated ones (the freed one among them)
+        _snap_writes(d, rng, 8, [8 * MiB, 12 * MiB, 768 * KiB, 10 * MiB, 14 * MiB], flush_every=4)
+        d.flush()
+        d.take_snapshot("s1")
+        d.write(8 * MiB + cs + 4096, rng.randbytes(8192))  # partial over a cluster s1 shares
+        d.write(12 * MiB + 200, rng.randbytes(33))  # sub-sector over one: copy, then a sector
+        d.write(9 * MiB, rng.randbytes(cs))  # a whole cluster s1 shares: no copy needed
+        d.flush()
+        _snap_writes(d, rng, 8, [0, 8 * MiB, 4 * MiB, 12 * MiB, 15 * MiB], flush_every=4)
+        d.flush()
+        d.write(700 * KiB + 5, rng.randbytes(3000))  # q1's and s1's: copied
+        d.delete_snapshot("q1")
+        d.write(8 * MiB + 2 * cs + 100, rng.randbytes(200))
+        d.write(4 * MiB + 3 * cs - 256, rng.randbytes(512))  # across clusters 66-67, shared with s1
+        d.flush()
+        d.delete_snapshot("s1")
+        d.write(5000, rng.randbytes(1500))  # shared with q1 and s1 before: refcount 1 now, in place
+        d.write(9 * MiB + 77, rng.randbytes(300))
+        d.write(12 * MiB + 64, rng.randbytes(64))
+        d.close()
+
+    def verify(dirname: str, image_path: str, model: Model) -> None:
+        assert read_header_field(image_path, 32, 4) == 2, "the image is not LUKS-encrypted"
+        with open(image_path, "rb") as f:
+            host = f.read()
+        # no plaintext on the host: not QEMU's patterns, not a piece of any guest write
+        assert bytes([0x21]) * 512 not in host, "plaintext of QEMU's data in the image file"
+        for i, (_off, data) in enumerate(model.writes):
+            if len(data) >= 16 and any(data):
+                assert data[:16] not in host, f"plaintext of guest write #{i} in the image file"
+        # copy-on-write re-encrypted: guest cluster 4 (QEMU's, shared with q1 in the pristine image)
+        # moved to another host cluster; a sector the guest never wrote there reads the same through
+        # both, its ciphertext differs (the IV is the host offset)
+        pristine = os.path.join(dirname, "pristine", model.image)
+        imgs = [Qcow2Image(p, read_only=True, keys=model.keys()) for p in (pristine, image_path)]
+        try:
+            guest = 256 * KiB + 32 * KiB
+            hosts = [im.map(guest, guest + 512) for im in imgs]
+            assert [h[0] for h in hosts] == [DATA, DATA], hosts
+            assert hosts[0][1] != hosts[1][1], f"guest cluster 4 was not copied: {hosts}"
+            plain = [im.read(guest, 512) for im in imgs]
+            assert plain[0] == plain[1] == bytes([0x21]) * 512, (
+                "the copied sector reads differently"
+            )
+            cipher = [im.file.pread(512, h[1]) for im, h in zip(imgs, hosts)]
+            assert cipher[0] != cipher[1], "a copied sector kept its ciphertext (not re-encrypted)"
+        finally:
+            for im in imgs:
+                im.close(flush=False)
+
+    return Workload(
+        "luks-cow-c64k" + ("-lazy" if lazy else ""),
+        create,
+        body,
+        verify=verify,
+        lazy=lazy,
+        passphrase=passphrase,
+        oracle_every=5,
+        bounds=Bounds(exhaustive=16, prefixes=4, drop_one=2, singles=2, random=4, torn=2),
+    )
+
+
 def workloads() -> list:
     out = []
     for cluster, size, count in ((512, 2 * MiB, 50), (4096, 4 * MiB, 50), (65536, 16 * MiB, 45)):
@@ -972,6 +1115,7 @@ def workloads() -> list:
         wl_backup_source(),
         wl_zero_grow(),
         wl_zero_grow("intent"),
+        wl_luks_cow(),
     ]
     return out
 
@@ -995,11 +1139,17 @@ def record(
     info = wl.create(pdir)
     image = info["image"]
     files = info.get("files", [image])
+    key_file = ""
+    if wl.passphrase is not None:
+        key_file = os.path.abspath(os.path.join(pdir, keyed.KEY_FILE))
+        with open(key_file, "rb") as f:
+            assert f.read() == wl.passphrase, f"{key_file} does not hold the workload's passphrase"
+        assert os.stat(key_file).st_mode & 0o077 == 0, f"{key_file} is readable by others"
     pristine = {}
     for name in files:
         with open(os.path.join(pdir, name), "rb") as f:
             pristine[name] = f.read()
-    initial = qemu_raw(os.path.join(pdir, image), os.path.join(workdir, "initial.raw"))
+    initial = keyed.raw(os.path.join(pdir, image), os.path.join(workdir, "initial.raw"), key_file)
     size = len(initial)
     specs = tuple(info.get("pristine_bitmaps", []))
     model = Model(
@@ -1015,6 +1165,8 @@ def record(
         bitmap_sync=wl.bitmap_sync,
         pristine_specs=specs,
         nbd_every=wl.nbd_every,
+        passphrase=wl.passphrase,
+        key_file=key_file,
     )
     for spec in specs:
         model.bitmaps[spec.name] = spec

@@ -102,6 +102,25 @@ def test_reftable_growth_really_grows(tmp_path):
     assert growth, "no write came from Refcounts._grow_table"
 
 
+def test_luks_workload_encrypts(tmp_path):
+    """The LUKS workload's premise (its verify callback, run inside record(), checks the image is
+    LUKS-encrypted, holds no plaintext of QEMU's or the guest's writes, and that copy-on-write moved
+    a QEMU-written cluster and re-encrypted it for its new host offset): its passphrase sits in a
+    key file readable by its owner only, and every data write qcowfs made covers whole 512-byte
+    sectors, some of them less than a cluster (the guest's sub-sector writes read-modify-write)."""
+    wl = next(w for w in WORKLOADS if w.name.startswith("luks-cow"))
+    rec = pl.record(wl, str(tmp_path / "rec"))
+    key = tmp_path / "rec" / "pristine" / "key"
+    assert rec.model.keys() is not None and rec.model.key_file == str(key)
+    assert key.read_bytes() == wl.passphrase and key.stat().st_mode & 0o077 == 0
+    assert read_header_field(str(tmp_path / "rec" / "run" / "disk.qcow2"), 32, 4) == 2
+    data = [e for e in rec.log.entries if e[0] == pl.W and e[4].startswith("write_path.py")]
+    assert data and all(e[2] % 512 == 0 and len(e[3]) % 512 == 0 for e in data), [
+        (hex(e[2]), len(e[3])) for e in data
+    ]
+    assert any(len(e[3]) < 65536 for e in data), "no sub-cluster (sector) data write"
+
+
 def test_harness_catches_missing_barriers(tmp_path):
     """Negative control: the same kind of workload with every flush left out of the log (as if the
     disk ignored fdatasync) must produce crash states qemu-img check calls corrupt, and lost data."""
