@@ -97,9 +97,11 @@ def random_writes(disk: Path, mirror: bytearray, seed: int, count: int = 200) ->
 
 LAYOUTS = [
     pytest.param((), id="xts-plain64-64k"),
-    pytest.param(("cluster_size=4096",), id="xts-4k-clusters"),
+    pytest.param(("cluster_size=4096",), id="xts-4k-clusters", marks=pytest.mark.slow),
     pytest.param(("cluster_size=2M",), id="xts-2M-clusters", marks=pytest.mark.slow),
-    pytest.param(("cluster_size=65536", "extended_l2=on"), id="extended-l2"),
+    pytest.param(
+        ("cluster_size=65536", "extended_l2=on"), id="extended-l2", marks=pytest.mark.slow
+    ),
     pytest.param(
         (
             "encrypt.cipher-alg=aes-256",
@@ -108,6 +110,7 @@ LAYOUTS = [
             "encrypt.ivgen-hash-alg=sha256",
         ),
         id="cbc-essiv-sha256",
+        marks=pytest.mark.slow,
     ),
     pytest.param(("encrypt.cipher-alg=aes-128",), id="aes-128-xts", marks=pytest.mark.slow),
     pytest.param(
@@ -142,6 +145,7 @@ def test_qemu_written_data_reads_and_writes_back(tmp_path, mount, opts):
     assert run([*QCOWFS, "check", img]).returncode == 0
 
 
+@pytest.mark.slow  # in the full run, not in --quick
 def test_copy_on_write_discard_grow_bitmaps_and_snapshots(tmp_path, mount):
     """On a LUKS image: a snapshot taken through the mount, writes after it (copy-on-write to
     new host offsets, so re-encrypted), discards, a grow, a bitmap in intent mode; QEMU reads
@@ -183,6 +187,7 @@ def test_copy_on_write_discard_grow_bitmaps_and_snapshots(tmp_path, mount):
     assert '"b0"' in info and "in-use" not in info
 
 
+@pytest.mark.slow  # in the full run, not in --quick
 def test_backing_chains_with_one_or_two_keys(tmp_path, mount):
     """An encrypted overlay over a plain base, and over an encrypted base with its own key
     (--backing-key-file): reads show the base through the overlay; writes land in the overlay
@@ -233,6 +238,7 @@ def test_backing_chains_with_one_or_two_keys(tmp_path, mount):
     assert p.returncode == 0, p.stdout + p.stderr
 
 
+@pytest.mark.slow  # in the full run, not in --quick
 def test_several_key_slots_each_open_it(tmp_path, mount):
     key = key_file(tmp_path)
     img = luks_image(tmp_path, key=key, size=8 * MiB)
@@ -355,6 +361,7 @@ def test_key_file_mount_option(tmp_path):
         run([*QCOWFS, "umount", mnt])
 
 
+@pytest.mark.slow  # in the full run, not in --quick
 def test_legacy_aes_reads_only(tmp_path, mount):
     """encrypt.format=aes: a read-only mount reads what QEMU reads; read-write is refused."""
     key = key_file(tmp_path)
@@ -385,6 +392,7 @@ def test_legacy_aes_reads_only(tmp_path, mount):
     assert hashlib.sha256(img.read_bytes()).hexdigest() == before
 
 
+@pytest.mark.slow  # in the full run, not in --quick
 def test_backup_refuses_an_encrypted_source(tmp_path):
     key = key_file(tmp_path)
     img = luks_image(tmp_path, key=key, size=8 * MiB)
