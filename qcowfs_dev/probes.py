@@ -58,6 +58,7 @@ BACKING_FORMAT_MAGIC = 0xE2792ACA
 FEATURE_TABLE_MAGIC = 0x6803F857
 BITMAPS_MAGIC = 0x23852875
 EXTERNAL_DATA_FILE_MAGIC = 0x44415441
+CRYPTO_HEADER_MAGIC = 0x0537BE77  # "Full disk encryption header pointer": be64 offset, be64 length
 
 # L1/L2/bitmap table entries: the host offset bits, and the flags around them
 OFFSET_MASK = 0x00FFFFFFFFFFFE00
@@ -69,6 +70,37 @@ ZERO = 1 << 0
 # bitmap directory entry flags
 BME_IN_USE = 1 << 0
 BME_AUTO = 1 << 1
+
+# the LUKS1 header (cryptsetup's on-disk format 1.2; QEMU's crypto/block-luks.c) at the start of
+# the encryption area: big-endian fields at these offsets from the area's start
+CRYPT_LUKS = 2  # crypt_method
+LUKS_MAGIC = b"LUKS\xba\xbe"
+LUKS_OFF_VERSION = 6  # u16
+LUKS_OFF_CIPHER_NAME = 8  # 32-byte NUL-padded strings
+LUKS_OFF_CIPHER_MODE = 40
+LUKS_OFF_HASH_SPEC = 72
+LUKS_STRING_SIZE = 32
+LUKS_OFF_PAYLOAD_OFFSET = 104  # u32, sectors
+LUKS_OFF_KEY_BYTES = 108  # u32
+LUKS_OFF_MK_DIGEST = 112  # 20 bytes
+LUKS_OFF_MK_DIGEST_SALT = 132  # 32 bytes
+LUKS_OFF_MK_DIGEST_ITER = 164  # u32
+LUKS_OFF_UUID = 168  # 40 bytes
+LUKS_OFF_SLOTS = 208
+LUKS_SLOT_SIZE = 48
+LUKS_NUM_SLOTS = 8
+LUKS_HEADER_SIZE = LUKS_OFF_SLOTS + LUKS_NUM_SLOTS * LUKS_SLOT_SIZE  # 592
+# in a key slot: active u32, iterations u32, salt 32 bytes, key material offset u32 (sectors from
+# the area's start), stripes u32
+LUKS_SLOT_OFF_ACTIVE = 0
+LUKS_SLOT_OFF_ITERATIONS = 4
+LUKS_SLOT_OFF_SALT = 8
+LUKS_SLOT_OFF_KEY_OFFSET = 40
+LUKS_SLOT_OFF_STRIPES = 44
+LUKS_SLOT_ENABLED = 0x00AC71F3
+LUKS_SLOT_DISABLED = 0x0000DEAD
+LUKS_STRIPES = 4000
+LUKS_SECTOR = 512
 
 
 # ----------------------------------------------------------------------------- bytes
@@ -279,6 +311,70 @@ def bitmap_directory(data: bytes) -> list:
     return out
 
 
+# ----------------------------------------------------------------------------- LUKS
+def luks_area(data: bytes) -> Optional[tuple[int, int]]:
+    """(offset, length) of the encryption area the 0x0537be77 extension points at (whatever
+    crypt_method says), or None without that extension."""
+    found = find_extension(data, CRYPTO_HEADER_MAGIC)
+    if found is None or found[1] < 16:
+        return None
+    return u64(data, found[0] + 8), u64(data, found[0] + 16)
+
+
+def luks_header(data: bytes) -> Optional[dict[str, Any]]:
+    """The LUKS1 header's fields, read with struct at the area's start ("area_offset",
+    "area_length", "magic", "version", "cipher_name", "cipher_mode", "hash_spec",
+    "payload_offset" and "key_bytes" as stored (sectors, bytes), "mk_digest_iter", and "slots":
+    [{"at", "active", "iterations", "key_offset" (sectors), "stripes"}]), or None without the
+    extension. Nothing is validated: a damaged header reads as what it holds."""
+    area = luks_area(data)
+    if area is None:
+        return None
+    a, length = area
+
+    def text(off: int, size: int) -> bytes:
+        return bytes(data[a + off : a + off + size]).split(b"\0", 1)[0]
+
+    slots = []
+    for i in range(LUKS_NUM_SLOTS):
+        at = a + LUKS_OFF_SLOTS + LUKS_SLOT_SIZE * i
+        slots.append(
+            {
+                "at": at,
+                "active": u32(data, at + LUKS_SLOT_OFF_ACTIVE),
+                "iterations": u32(data, at + LUKS_SLOT_OFF_ITERATIONS),
+                "key_offset": u32(data, at + LUKS_SLOT_OFF_KEY_OFFSET),
+                "stripes": u32(data, at + LUKS_SLOT_OFF_STRIPES),
+            }
+        )
+    return {
+        "area_offset": a,
+        "area_length": length,
+        "magic": bytes(data[a : a + 6]),
+        "version": u16(data, a + LUKS_OFF_VERSION),
+        "cipher_name": text(LUKS_OFF_CIPHER_NAME, LUKS_STRING_SIZE),
+        "cipher_mode": text(LUKS_OFF_CIPHER_MODE, LUKS_STRING_SIZE),
+        "hash_spec": text(LUKS_OFF_HASH_SPEC, LUKS_STRING_SIZE),
+        "payload_offset": u32(data, a + LUKS_OFF_PAYLOAD_OFFSET),
+        "key_bytes": u32(data, a + LUKS_OFF_KEY_BYTES),
+        "mk_digest_iter": u32(data, a + LUKS_OFF_MK_DIGEST_ITER),
+        "slots": slots,
+    }
+
+
+def luks_pbkdf2_iterations(data: bytes) -> list[tuple[int, int]]:
+    """[(file offset, count)] of the PBKDF2 iteration counts an unlock would run: the master key
+    digest's and every active key slot's (empty without a LUKS header pointer)."""
+    h = luks_header(data)
+    if h is None:
+        return []
+    out = [(h["area_offset"] + LUKS_OFF_MK_DIGEST_ITER, h["mk_digest_iter"])]
+    for s in h["slots"]:
+        if s["active"] == LUKS_SLOT_ENABLED:
+            out.append((s["at"] + LUKS_SLOT_OFF_ITERATIONS, s["iterations"]))
+    return out
+
+
 # ----------------------------------------------------------------------------- writing (damage on purpose)
 def write_u64(path: StrPath, off: int, value: int) -> None:
     with open(path, "r+b") as f:
@@ -306,7 +402,9 @@ def set_incompat(path: StrPath, bits: int) -> None:
 # ----------------------------------------------------------------------------- every metadata region
 def metadata_regions(data: bytes) -> dict:
     """region name -> sorted list of [start, end) byte ranges inside the file, read from the header
-    of a valid image without any help from qcowfs."""
+    of a valid image without any help from qcowfs. An encrypted image's LUKS area adds
+    "luks_header" (its 592 bytes), "luks_keyslot" (one 48-byte range per slot) and
+    "luks_key_material" (the active slots' anti-forensic key material)."""
     n = len(data)
     version = u32(data, 4)
     cb = u32(data, 20)
@@ -328,6 +426,9 @@ def metadata_regions(data: bytes) -> dict:
             "bitmap_directory",
             "bitmap_table",
             "bitmap_data",
+            "luks_header",
+            "luks_keyslot",
+            "luks_key_material",
         )
     }
     regs["header"].append((0, hl))
@@ -402,6 +503,19 @@ def metadata_regions(data: bytes) -> dict:
                     regs["bitmap_data"].append((e, e + cs))
             o += 24 + extra + name_size
             o = (o + 7) // 8 * 8
+
+    # the LUKS header, its 8 key slots, and the key material of the active slots (what a
+    # passphrase is tried against); offsets in the header count from the area's start
+    luks = luks_header(data)
+    if luks is not None:
+        a = luks["area_offset"]
+        regs["luks_header"].append((a, a + LUKS_HEADER_SIZE))
+        material = -(-luks["key_bytes"] * LUKS_STRIPES // LUKS_SECTOR) * LUKS_SECTOR
+        for s in luks["slots"]:
+            regs["luks_keyslot"].append((s["at"], s["at"] + LUKS_SLOT_SIZE))
+            if s["active"] == LUKS_SLOT_ENABLED and material:
+                start = a + LUKS_SECTOR * s["key_offset"]
+                regs["luks_key_material"].append((start, start + material))
 
     out = {}
     for k, rs in regs.items():
