@@ -21,13 +21,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
-from ..crypto.sector_cipher import SECTOR, SectorCipher
 from ..errors import EncryptionError
 from .hostfile import HostFile
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
+    from ..crypto.sector_cipher import SectorCipher
+
+SECTOR = 512  # the cipher's unit (crypto/sector_cipher.py), QEMU's BDRV_SECTOR_SIZE
 _MASK = SECTOR - 1
 
 

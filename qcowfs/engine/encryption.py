@@ -12,13 +12,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import stat
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-from ..crypto.sector_cipher import SectorCipher, legacy_aes
-from ..crypto.unlock import check_supported, cipher_for, unlock
 from ..errors import EncryptionError, QcowError, UnsupportedFeature, with_path
 from ..format.luks import LuksHeader
 from .hostfile import HostFile
+
+if TYPE_CHECKING:
+    from ..crypto.sector_cipher import SectorCipher
 
 
 def read_key_file(path: str, allow_shared: bool = False) -> bytes:
@@ -94,6 +95,11 @@ def open_cipher(
     """The sector cipher of encrypted image `path` (its data key unlocked with the chain's
     passphrase for this depth). One-line errors: no passphrase, no slot accepts it, legacy AES
     opened for writing, a cipher qcowfs cannot run."""
+    # imported here: numpy and the cryptography library cost every qcowfs process 70 ms at
+    # start-up, and only an encrypted image needs them
+    from ..crypto.sector_cipher import legacy_aes
+    from ..crypto.unlock import check_supported, cipher_for, unlock
+
     if crypt_method == 1 and not read_only:
         raise UnsupportedFeature(
             "legacy AES encryption (encrypt.format=aes) is read-only: QEMU lets only its tools "

@@ -102,6 +102,7 @@ def test_reftable_growth_really_grows(tmp_path):
     assert growth, "no write came from Refcounts._grow_table"
 
 
+@pytest.mark.slow  # in the full run, with the workload itself
 def test_luks_workload_encrypts(tmp_path):
     """The LUKS workload's premise (its verify callback, run inside record(), checks the image is
     LUKS-encrypted, holds no plaintext of QEMU's or the guest's writes, and that copy-on-write moved

@@ -274,53 +274,9 @@ def _patched(src: Path, dst: Path, at: int, value: bytes) -> Path:
     return dst
 
 
-def test_refusals_are_one_line_and_write_nothing(tmp_path):
-    """Wrong key, missing key file, a key file others can read, no key, an unsupported cipher,
-    a damaged key slot, hostile iteration counts: one line, exit 1, the image unchanged."""
-    key = key_file(tmp_path)
-    img = luks_image(tmp_path, key=key, size=8 * MiB)
-    area = _luks_area(img)
-    wrong = key_file(tmp_path, b"hunter3", "wrong")
-    shared = key_file(tmp_path, b"hunter2", "shared")
-    shared.chmod(0o644)
-    slot0 = area + 208
-    key_material = struct.unpack(">I", img.read_bytes()[slot0 + 40 : slot0 + 44])[0] * 512
-    cases = [
-        (img, ("--key-file", wrong), f"no key slot of {img} accepts the passphrase in {wrong}"),
-        (img, ("--key-file", tmp_path / "absent"), "key file not found"),
-        (img, ("--key-file", shared), "readable by others than its owner"),
-        (img, (), "give its passphrase with --key-file"),
-        (
-            _patched(img, tmp_path / "slot.qcow2", area + key_material + 100, b"\0" * 64),
-            ("--key-file", key),
-            "accepts the passphrase",
-        ),
-        (
-            _patched(img, tmp_path / "iter.qcow2", slot0 + 4, struct.pack(">I", 0xFFFFFFFF)),
-            ("--key-file", key),
-            "key slot 0 asks 4294967295 PBKDF2 iterations",
-        ),
-        (
-            _patched(img, tmp_path / "stripes.qcow2", slot0 + 44, struct.pack(">I", 1)),
-            ("--key-file", key),
-            "key slot 0 has 1 stripes",
-        ),
-        (
-            _patched(img, tmp_path / "payload.qcow2", area + 104, struct.pack(">I", 1)),
-            ("--key-file", key),
-            "overlaps the payload",
-        ),
-        (
-            _patched(img, tmp_path / "past.qcow2", slot0 + 40, struct.pack(">I", 1 << 30)),
-            ("--key-file", key),
-            "past the encryption area",
-        ),
-        (
-            _patched(img, tmp_path / "cipher.qcow2", area + 8, b"twofish".ljust(32, b"\0")),
-            ("--key-file", key),
-            "cipher twofish-xts",
-        ),
-    ]
+def _assert_refused(tmp_path: Path, cases: list) -> None:
+    """Each (image, mount arguments, what stderr says): one line, exit 1, nothing mounted, the
+    image's bytes unchanged."""
     for i, (image, args, says) in enumerate(cases):
         before = hashlib.sha256(image.read_bytes()).hexdigest()
         mnt = tmp_path / f"m{i}"
@@ -330,7 +286,25 @@ def test_refusals_are_one_line_and_write_nothing(tmp_path):
         assert says in p.stderr and "Traceback" not in p.stderr, (args, p.stderr)
         assert not os.path.ismount(mnt)
         assert hashlib.sha256(image.read_bytes()).hexdigest() == before
-    # told otherwise, a shared key file is accepted
+
+
+def test_key_refusals_are_one_line_and_write_nothing(tmp_path):
+    """Wrong key, missing key file, a key file others can read, no key: one line, exit 1, the
+    image unchanged; told otherwise, a shared key file is accepted."""
+    key = key_file(tmp_path)
+    img = luks_image(tmp_path, key=key, size=8 * MiB)
+    wrong = key_file(tmp_path, b"hunter3", "wrong")
+    shared = key_file(tmp_path, b"hunter2", "shared")
+    shared.chmod(0o644)
+    _assert_refused(
+        tmp_path,
+        [
+            (img, ("--key-file", wrong), f"no key slot of {img} accepts the passphrase in {wrong}"),
+            (img, ("--key-file", tmp_path / "absent"), "key file not found"),
+            (img, ("--key-file", shared), "readable by others than its owner"),
+            (img, (), "give its passphrase with --key-file"),
+        ],
+    )
     mnt = tmp_path / "ok"
     mnt.mkdir()
     run([*QCOWFS, "mount", "--key-file", shared, "--allow-shared-key-file", "-r", img, mnt])
@@ -340,6 +314,55 @@ def test_refusals_are_one_line_and_write_nothing(tmp_path):
         run([*QCOWFS, "umount", mnt])
 
 
+@pytest.mark.slow  # in the full run, not in --quick
+def test_damaged_headers_are_refused_with_the_key(tmp_path):
+    """With the right key: a damaged key slot, hostile iteration counts and stripes, a payload
+    offset inside the key material, key material past the area, an unsupported cipher: one
+    line each, exit 1, the image unchanged."""
+    key = key_file(tmp_path)
+    img = luks_image(tmp_path, key=key, size=8 * MiB)
+    area = _luks_area(img)
+    slot0 = area + 208
+    key_material = struct.unpack(">I", img.read_bytes()[slot0 + 40 : slot0 + 44])[0] * 512
+    k = ("--key-file", key)
+    _assert_refused(
+        tmp_path,
+        [
+            (
+                _patched(img, tmp_path / "slot.qcow2", area + key_material + 100, b"\0" * 64),
+                k,
+                "accepts the passphrase",
+            ),
+            (
+                _patched(img, tmp_path / "iter.qcow2", slot0 + 4, struct.pack(">I", 0xFFFFFFFF)),
+                k,
+                "key slot 0 asks 4294967295 PBKDF2 iterations",
+            ),
+            (
+                _patched(img, tmp_path / "stripes.qcow2", slot0 + 44, struct.pack(">I", 1)),
+                k,
+                "key slot 0 has 1 stripes",
+            ),
+            (
+                _patched(img, tmp_path / "payload.qcow2", area + 104, struct.pack(">I", 1)),
+                k,
+                "overlaps the payload",
+            ),
+            (
+                _patched(img, tmp_path / "past.qcow2", slot0 + 40, struct.pack(">I", 1 << 30)),
+                k,
+                "past the encryption area",
+            ),
+            (
+                _patched(img, tmp_path / "cipher.qcow2", area + 8, b"twofish".ljust(32, b"\0")),
+                k,
+                "cipher twofish-xts",
+            ),
+        ],
+    )
+
+
+@pytest.mark.slow  # in the full run, not in --quick (test_key_refusals mounts with a key file)
 def test_key_file_mount_option(tmp_path):
     """-o key_file=FILE, as an fstab line gives it."""
     key = key_file(tmp_path)
