@@ -72,8 +72,7 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
         opts.read_only = True
     if args.key_file:
         opts.key_file = os.path.abspath(args.key_file)
-    if args.backing_key_file:
-        opts.backing_key_file = os.path.abspath(args.backing_key_file)
+    opts.backing_key_files += [os.path.abspath(f) for f in args.backing_key_file or ()]
     if args.allow_shared_key_file:
         opts.allow_shared_key_file = True
     return opts
@@ -460,7 +459,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--backing-key-file",
         metavar="FILE",
-        help="the passphrase of every encrypted backing image (default: --key-file's)",
+        action="append",
+        help="the passphrase of the encrypted backing image one level below (default: "
+        "--key-file's); given again, of the next level down, and so on: the last one given "
+        "serves every deeper level",
     )
     m.add_argument(
         "--allow-shared-key-file",

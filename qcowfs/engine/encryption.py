@@ -3,7 +3,7 @@
 A passphrase comes from a key file, its bytes exactly (as QEMU's `--object secret,file=FILE,
 format=raw` reads it: no newline is stripped). The file must not be readable by others than its
 owner unless the user says so (allow_shared_key). Keys holds the passphrases of a chain: one for
-the image opened and one for every encrypted image below it (the same one unless given).
+the image opened, and one per level below it where they differ (the same one unless given).
 docs/encryption.md tells the user's side.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import stat
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from ..errors import EncryptionError, QcowError, UnsupportedFeature, with_path
 from ..format.luks import LuksHeader
@@ -54,31 +54,33 @@ def read_key_file(path: str, allow_shared: bool = False) -> bytes:
 
 @dataclasses.dataclass(frozen=True)
 class Keys:
-    """The passphrases of an image chain. The image opened uses `top`; encrypted backing images
-    use `backing`, or `top` when no backing passphrase was given. `*_source` name where each came
-    from (a key file), for messages; the passphrases never appear in a repr or a log."""
+    """The passphrases of an image chain. The image opened uses `top`; the image N levels below
+    it uses backing[N-1], the deepest one given for every level below that, or `top` when no
+    backing passphrase was given. `*_source(s)` name where each came from (a key file), for
+    messages; the passphrases never appear in a repr or a log."""
 
     top: Optional[bytes] = dataclasses.field(default=None, repr=False)
     top_source: str = ""
-    backing: Optional[bytes] = dataclasses.field(default=None, repr=False)
-    backing_source: str = ""
+    backing: tuple[bytes, ...] = dataclasses.field(default=(), repr=False)
+    backing_sources: tuple[str, ...] = ()
 
     def for_depth(self, depth: int) -> tuple[Optional[bytes], str]:
-        if depth > 0 and self.backing is not None:
-            return self.backing, self.backing_source
+        if depth > 0 and self.backing:
+            i = min(depth, len(self.backing)) - 1
+            return self.backing[i], self.backing_sources[i]
         return self.top, self.top_source
 
     @classmethod
     def from_files(
-        cls, key_file: Optional[str], backing_key_file: Optional[str], allow_shared: bool = False
+        cls, key_file: Optional[str], backing_key_files: Sequence[str], allow_shared: bool = False
     ) -> Optional[Keys]:
-        if key_file is None and backing_key_file is None:
+        if key_file is None and not backing_key_files:
             return None
         return cls(
             top=read_key_file(key_file, allow_shared) if key_file else None,
             top_source=key_file or "",
-            backing=read_key_file(backing_key_file, allow_shared) if backing_key_file else None,
-            backing_source=backing_key_file or "",
+            backing=tuple(read_key_file(f, allow_shared) for f in backing_key_files),
+            backing_sources=tuple(backing_key_files),
         )
 
 

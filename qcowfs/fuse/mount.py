@@ -82,7 +82,7 @@ class Mounted:
         with self.stack.pop_all() as stack:  # unwinds everything if set-up fails half-way
             o = self.options
             # the passphrases live in this process only, as long as the opening takes
-            keys = Keys.from_files(o.key_file, o.backing_key_file, o.allow_shared_key_file)
+            keys = Keys.from_files(o.key_file, o.backing_key_files, o.allow_shared_key_file)
             image = Qcow2Image(
                 self.image_path, read_only=self.read_only, backing_policy=o.backing, keys=keys
             )

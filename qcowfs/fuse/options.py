@@ -21,8 +21,9 @@ The conventions are those of sshfs, s3ql and libfuse's own options:
   another request is waiting or running), `lanes=N|auto` (request lanes: threads that each
   read their own clone of the FUSE device and serve reads and in-place writes without the
   metadata thread, fuse/lanes.py; auto: one per CPU; 0: none), `key_file=FILE`,
-  `backing_key_file=FILE` and `allow_shared_key_file` (encrypted images: engine/encryption.py;
-  relative names are taken from the directory qcowfs was started in).
+  `backing_key_file=FILE` (once per backing level, in order) and `allow_shared_key_file`
+  (encrypted images: engine/encryption.py; relative names are taken from the directory qcowfs
+  was started in).
 Anything else is refused with one line.
 """
 
@@ -98,7 +99,8 @@ class MountOptions:
     #: passphrase files of an encrypted image and of its encrypted backing images (the same
     #: one unless backing_key_file is given): engine/encryption.py
     key_file: Optional[str] = None
-    backing_key_file: Optional[str] = None
+    #: the Nth for the image N levels below the one mounted; the last for every deeper one
+    backing_key_files: list[str] = dataclasses.field(default_factory=list)
     allow_shared_key_file: bool = False  # key files readable by group or others are accepted
 
     def fuse_options(self, fsname: str) -> set:
@@ -196,8 +198,10 @@ def parse_into(opts: MountOptions, specs: Iterable[str]) -> MountOptions:
                     raise OptionError(
                         f"mount option lanes={value}: expected auto or a number from 0 to {MAX_LANES}"
                     )
-            elif key in ("key_file", "backing_key_file") and eq:
-                setattr(opts, key, os.path.abspath(value))
+            elif key == "key_file" and eq:
+                opts.key_file = os.path.abspath(value)
+            elif key == "backing_key_file" and eq:
+                opts.backing_key_files.append(os.path.abspath(value))
             elif key == "allow_shared_key_file" and not eq:
                 opts.allow_shared_key_file = True
             elif key == "offload" and eq:

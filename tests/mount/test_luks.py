@@ -239,6 +239,43 @@ def test_backing_chains_with_one_or_two_keys(tmp_path, mount):
 
 
 @pytest.mark.slow  # in the full run, not in --quick
+def test_a_chain_of_three_encrypted_images_with_three_keys(tmp_path, mount):
+    """--backing-key-file once per level: the top's key, the middle one's, the base's; QEMU
+    opens the same chain with backing.encrypt.key-secret and backing.backing.encrypt.key-secret."""
+    size = 8 * MiB
+    kt, km, kb = (key_file(tmp_path, f"{n} secret".encode(), n) for n in ("top", "mid", "base"))
+    base = luks_image(tmp_path, "base.qcow2", size=size, key=kb)
+    run(["qemu-io", "--object", SECRET.format(key=kb), "--image-opts", qemu_spec(base), "-c", "write -P 0x61 0 2M"])  # fmt: skip
+    mid = luks_image(tmp_path, "mid.qcow2", key=km, backing=base)
+    top = luks_image(tmp_path, "top.qcow2", key=kt, backing=mid)
+    objs = [
+        "--object", SECRET.format(key=kt),
+        "--object", SECRET.format(key=km).replace("sec0", "sec1"),
+        "--object", SECRET.format(key=kb).replace("sec0", "sec2"),
+    ]  # fmt: skip
+    spec = qemu_spec(top) + ",backing.encrypt.key-secret=sec1"
+    spec += ",backing.backing.encrypt.key-secret=sec2"
+    run(["qemu-io", *objs, "--image-opts", spec, "-c", "write -P 0x62 1M 2M"])
+    # two backing keys given: the middle's, then the base's
+    m = mount(top, extra=("--key-file", kt, "--backing-key-file", km, "--backing-key-file", kb))
+    data = bytearray(m.disk.read_bytes())
+    assert data[: 1 * MiB] == b"\x61" * MiB and data[1 * MiB : 3 * MiB] == b"\x62" * (2 * MiB)
+    random_writes(m.disk, data, 7, count=40)
+    assert m.unmount() == 0
+    raw = tmp_path / "mirror.raw"
+    raw.write_bytes(data)
+    p = qemu_img(
+        "compare", *objs, "--image-opts", spec, f"driver=raw,file.filename={raw}", check=False
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    # one backing key short: the base is tried with the middle's key, and refused in one line
+    (tmp_path / "short").mkdir()
+    p = run([*QCOWFS, "mount", "--key-file", kt, "--backing-key-file", km, top, tmp_path / "short"], check=False)  # fmt: skip
+    assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+    assert f"no key slot of {base} accepts the passphrase in {km}" in p.stderr, p.stderr
+
+
+@pytest.mark.slow  # in the full run, not in --quick
 def test_several_key_slots_each_open_it(tmp_path, mount):
     key = key_file(tmp_path)
     img = luks_image(tmp_path, key=key, size=8 * MiB)
