@@ -63,14 +63,18 @@ def qemu_check(image: StrPath) -> dict[str, Any]:
     return data
 
 
-def qemu_check_rc(path: str, repair: Optional[str] = None) -> tuple[int, dict[str, Any]]:
+def qemu_check_rc(
+    path: str, repair: Optional[str] = None, image_args: Optional[list[str]] = None
+) -> tuple[int, dict[str, Any]]:
     """(exit code, parsed JSON or raw text) of qemu-img check [-r REPAIR], run in the image's
-    directory; its stderr kept briefly (the often numerous 'Leaked cluster' lines counted)."""
+    directory; its stderr kept briefly (the often numerous 'Leaked cluster' lines counted).
+    image_args: how qemu-img opens the image (default: its path; an encrypted one needs the
+    secret and --image-opts)."""
     cmd = ["qemu-img", "check", "--output=json"]
     if repair:
         cmd += ["-r", repair]
     path = os.path.abspath(path)
-    p = run(cmd + [path], check=False, cwd=os.path.dirname(path))
+    p = run(cmd + (image_args or [path]), check=False, cwd=os.path.dirname(path))
     try:
         out = json.loads(p.stdout)
     except ValueError:

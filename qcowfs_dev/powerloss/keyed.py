@@ -10,7 +10,6 @@ qemu-img info needs no key (it reads no data) and stays plain everywhere.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 from typing import Any, Optional
@@ -59,27 +58,10 @@ def write_key_file(dirname: str, passphrase: bytes) -> str:
 
 def check_rc(path: str, key_file: str = "", repair: Optional[str] = None) -> tuple[int, Any]:
     """qcowfs_dev.oracles.qemu_check_rc (exit code, parsed JSON), keyed when key_file is given."""
-    if not key_file:
-        return qemu_check_rc(path, repair=repair)
-    cmd = ["qemu-img", "check", "--output=json"]
-    if repair:
-        cmd += ["-r", repair]
     path = os.path.abspath(path)
-    p = run(cmd + image_args(path, key_file), check=False, cwd=os.path.dirname(path))
-    try:
-        out = json.loads(p.stdout)
-    except ValueError:
-        out = {"stdout": p.stdout}
-    if p.stderr.strip():
-        lines = p.stderr.strip().splitlines()
-        leaks = [x for x in lines if x.startswith("Leaked cluster")]
-        other = [x for x in lines if not x.startswith("Leaked cluster")]
-        out["stderr"] = (
-            other[:12]
-            + ([f"... {len(other) - 12} more"] if len(other) > 12 else [])
-            + ([f"({len(leaks)} 'Leaked cluster' lines)"] if leaks else [])
-        )
-    return p.returncode, out
+    return qemu_check_rc(
+        path, repair=repair, image_args=image_args(path, key_file) if key_file else None
+    )
 
 
 def check_text(path: str, key_file: str = "", cwd: str = "") -> subprocess.CompletedProcess[str]:

@@ -76,9 +76,6 @@ def qemu_spec(img: Path, backing_secret: str | None = None) -> str:
     return spec
 
 
-def qemu_with_key(key: Path, *args: object, check: bool = True, extra_objects: tuple = ()):
+def qemu_with_key(key: Path, *args: object, check: bool = True):
     """qemu-img ARGS with the secret object sec0 (from key) in front of them."""
-    objs: list[object] = ["--object", SECRET.format(key=key)]
-    for o in extra_objects:
-        objs += ["--object", o]
-    return qemu_img(args[0], *objs, *args[1:], check=check)
+    return qemu_img(args[0], "--object", SECRET.format(key=key), *args[1:], check=check)
