@@ -72,7 +72,7 @@ def atomic_write(path: str, data: bytes) -> None:
 def header_backing(path: str) -> Optional[str]:
     """The backing file name in a qcow2 file's header (FormatError, OSError)."""
     with open(path, "rb") as f:
-        return parse_header(f.read(64 << 10)).backing_file
+        return parse_header(f.read(64 << 10), allow_encrypted=True).backing_file
 
 
 @dataclasses.dataclass

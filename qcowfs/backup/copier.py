@@ -19,6 +19,13 @@ Plan, then copy, then metadata, then fsync:
 - Then the L2 tables, L1, refcounts and the header, and one fsync: the file is complete and
   durable before run.py gives it its final name.
 
+An encrypted source (LUKS) makes an encrypted backup: the file gets a copy of the source's LUKS
+header (the same key slots: the same passphrase opens it, as QEMU's `encrypt.key-secret`), and
+its data clusters are decrypted where they are read and encrypted again for where they are
+written, because the IV of every 512-byte sector is its host offset (docs/encryption.md). The
+table's crc32s are of the plaintext, as for any backup. The kernel paths (copy_file_range,
+O_DIRECT from a mapping) move bytes as they are, so an encrypted copy goes through a buffer.
+
 The snapshot's clusters do not change while they are read: a snapshot's L2 tables and data
 clusters have refcount > 1 or belong to the snapshot alone, and the engine (ours and QEMU's)
 copies a cluster before writing to it unless its refcount is 1 (qcow2.txt, "COPIED").
@@ -34,7 +41,7 @@ import threading
 import zlib
 from array import array
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from bitarray import bitarray
 
@@ -42,6 +49,9 @@ from ..engine.snapshots import SnapshotView
 from ..format import new_image
 from ..format.entries import COMPRESSED, COPIED, OFFSET_MASK, ZERO_FLAG
 from . import table as tables
+
+if TYPE_CHECKING:
+    from ..crypto.sector_cipher import SectorCipher
 
 COPY, READ, ZERO = 0, 1, 2
 RUN_BYTES = 8 << 20
@@ -69,6 +79,15 @@ class Run:
     host: int = 0  # COPY: host offset of the first cluster
 
 
+@dataclasses.dataclass(frozen=True)
+class Encryption:
+    """An encrypted source's: its LUKS header (and key material), copied into the backup, and
+    its data cipher (the master key the header's slots unlock), cloned for each copy thread."""
+
+    header: bytes = dataclasses.field(repr=False)
+    cipher: SectorCipher
+
+
 @dataclasses.dataclass
 class CopyResult:
     layout: new_image.Layout
@@ -76,6 +95,8 @@ class CopyResult:
     zero_clusters: int  # clusters recorded as zeros (incremental)
     bytes_copied: int
     table: array
+    #: the file is encrypted (LUKS, the source's header)
+    encrypted: bool = False
 
 
 def plan(view: SnapshotView, wanted: Optional[bitarray], zeros: bool) -> list[Run]:
@@ -158,8 +179,16 @@ def plan(view: SnapshotView, wanted: Optional[bitarray], zeros: bool) -> list[Ru
 class _Worker:
     """What the copy threads share: the files, the geometry, the read path's lock."""
 
-    def __init__(self, view: SnapshotView, out_fd: int, file_bits: int, dirty: Optional[bitarray]):
+    def __init__(
+        self,
+        view: SnapshotView,
+        out_fd: int,
+        file_bits: int,
+        dirty: Optional[bitarray],
+        encryption: Optional[Encryption] = None,
+    ):
         self.view = view
+        self.encryption = encryption
         self.data_fd = view.data_file.fd
         self.out_fd = out_fd
         self.tcb = view.mapping.cluster_bits  # table (source) clusters
@@ -173,7 +202,8 @@ class _Worker:
         self.view_lock = threading.Lock()
         self.local = threading.local()
         self.file_size = os.fstat(self.data_fd).st_size
-        self.kernel_copy = KERNEL_COPY and self.ratio == 1
+        # the kernel moves bytes as they are: ciphertext must be decrypted and encrypted again
+        self.kernel_copy = KERNEL_COPY and self.ratio == 1 and encryption is None
         #: out_fd opened again with O_DIRECT (open_direct); -1: none
         self.direct_fd = -1
         #: whether to write with it (False once an alignment was refused)
@@ -202,6 +232,14 @@ class _Worker:
             # page aligned (anonymous mmap): the kernel copies into and out of it faster
             buf = self.local.buf = memoryview(mmap.mmap(-1, max(n, RUN_BYTES)))
         return buf[:n]
+
+    def cipher(self) -> SectorCipher:
+        """This thread's copy of the source's cipher (they are not thread-safe)."""
+        c: Optional[SectorCipher] = getattr(self.local, "cipher", None)
+        if c is None:
+            assert self.encryption is not None
+            c = self.local.cipher = self.encryption.cipher.clone()
+        return c
 
     def file_clusters(self, tc: int) -> list[int]:
         """The file clusters of table cluster tc to write (dirty ones), in order."""
@@ -371,6 +409,9 @@ class _Worker:
             guest = run.first << tcb
             if run.kind == COPY:
                 got = os.preadv(self.data_fd, [part], run.host)
+                if self.encryption is not None:
+                    got &= ~511  # a partial sector cannot be decrypted: it reads as zeros
+                    part[:got] = self.cipher().decrypt(part[:got], run.host >> 9)
                 if got < n:  # the file ends inside the last cluster: the rest reads as zeros
                     part[got:] = bytes(n - got)
             else:
@@ -412,7 +453,10 @@ class _Worker:
             self._write(iov, slot_offset(iov_slot))
 
     def _write(self, iov: list[memoryview], offset: int) -> None:
-        """pwritev of consecutive pieces, IOV_MAX at a time, all of each written."""
+        """pwritev of consecutive pieces, IOV_MAX at a time, all of each written (encrypted
+        first for an encrypted backup: IVs from their offsets in the new file)."""
+        if self.encryption is not None:
+            iov = [memoryview(self.cipher().encrypt(b"".join(iov), offset >> 9))]
         step = 1024
         for k in range(0, len(iov), step):
             part = iov[k : k + step]
@@ -452,13 +496,15 @@ def copy(
     dirty: Optional[bitarray] = None,
     progress: Optional[Callable[[int, int], None]] = None,
     workers: int = WORKERS,
+    encryption: Optional[Encryption] = None,
 ) -> CopyResult:
     """Write the image for `runs` of `view` to out_fd (an empty file) and fsync it.
 
     incremental: ZERO runs become zero clusters (they hide the backing file); a full backup
     leaves them out. base_table is the previous point's table (incremental), which the result's
     table starts from. file_bits: the new file's cluster bits (default the source's); dirty:
-    which of its clusters to write (None: every one of the runs')."""
+    which of its clusters to write (None: every one of the runs'). encryption: the source's, for
+    an encrypted backup (the module docstring)."""
     m = view.mapping
     tcb, tcs = m.cluster_bits, m.cluster_size
     fcb = tcb if file_bits is None else file_bits
@@ -468,7 +514,7 @@ def copy(
     size = view.size
     nclusters = -(-size // tcs)
     per_l2 = fcs // 8
-    worker = _Worker(view, out_fd, fcb, dirty)
+    worker = _Worker(view, out_fd, fcb, dirty, encryption)
     data_runs = [r for r in runs if r.kind != ZERO]
     # slots: one per file cluster to write, in guest order; tasks take consecutive slots
     tasks = batches(data_runs, tcb)
@@ -491,7 +537,8 @@ def copy(
                 for tc in range(r.first, r.first + r.count):
                     zero_fcs += worker.file_clusters(tc)
         held_l2.update(fc // per_l2 for fc in zero_fcs)
-    layout = new_image.plan(size, fcb, slots, held_l2)
+    crypt_header = encryption.header if encryption is not None else None
+    layout = new_image.plan(size, fcb, slots, held_l2, len(crypt_header or b""))
     os.ftruncate(out_fd, layout.file_size)
     l2: dict[int, array] = {i: array("Q", bytes(fcs)) for i in layout.l2_indexes}
     table = (
@@ -553,7 +600,9 @@ def copy(
                         progress(done, total)
     finally:
         worker.close_direct()
-    for off, data in new_image.metadata(layout, l2, used, backing_file):
+    for off, data in new_image.metadata(layout, l2, used, backing_file, crypt_header):
         os.pwrite(out_fd, data, off)
     os.fsync(out_fd)
-    return CopyResult(layout, len(used), zero_clusters, len(used) << fcb, table)
+    return CopyResult(
+        layout, len(used), zero_clusters, len(used) << fcb, table, encryption is not None
+    )

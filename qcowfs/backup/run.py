@@ -41,7 +41,7 @@ from .catalog import (
     header_backing,
     publish,
 )
-from .source import Source
+from .source import Source, encryption_of
 
 Progress = Callable[[int, int], None]
 #: incremental files have clusters as small as the bitmaps' granularity, but not below 4 KiB
@@ -206,6 +206,8 @@ def backup(
         "cluster_size": cs,
         "file_cluster_size": fcs,
         "source": src.image_path,
+        # encrypted with the source's LUKS header: the source's passphrase opens it
+        "encryption": "luks" if result.encrypted else None,
         "bytes": result.bytes_copied,
         "data_clusters": result.data_clusters,
         "zero_clusters": result.zero_clusters,
@@ -294,6 +296,7 @@ def _copy(
                 file_bits=fcb,
                 dirty=dirty,
                 progress=progress,
+                encryption=encryption_of(view),
             )
         finally:
             os.close(fd)

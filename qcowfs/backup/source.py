@@ -14,6 +14,11 @@ a full backup as fast as qemu-img convert.
   (docs/crash-ordering.md: bitmaps valid on disk at every instant), so a kill -9 of the command
   never leaves bitmaps inconsistent; the copy holds a reader's lock (writers wait, as for
   qemu-img convert).
+
+An encrypted (LUKS) source needs its passphrase (keys, as for mount): it is checked when the
+source is opened, before anything changes in it, and only the reader of the snapshot uses it;
+the other steps touch no guest data and open the image for its metadata only. The backup is
+encrypted with the source's own LUKS header (copier.py).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from bitarray import bitarray
 
@@ -30,9 +35,12 @@ from ..engine import snapshots as snapshot_ops
 from ..engine.bitmap_commands import IMAGE_XATTR
 from ..engine.bitmaps import BitmapStore
 from ..engine.disk import Disk
+from ..engine.encrypted_data import EncryptedDataFile
+from ..engine.encryption import Keys
 from ..engine.image import Qcow2Image
 from ..engine.snapshots import SnapshotView
 from ..errors import BackupError, QcowError
+from .copier import Encryption
 
 
 def add_extents(dirty: bitarray, extents: list[tuple[int, int, bool]], cluster_bits: int) -> None:
@@ -54,6 +62,9 @@ class Source:
     live = False
     label = ""
     image_path = ""
+    backing_policy = "follow"
+    #: passphrases of an encrypted source (open_source checked them)
+    keys: Optional[Keys] = None
 
     def bitmaps(self) -> dict[str, dict[str, Any]]:
         raise NotImplementedError
@@ -79,6 +90,21 @@ class Source:
         raise NotImplementedError
 
 
+def encryption_of(view: SnapshotView) -> Optional[Encryption]:
+    """What an encrypted backup of this view needs (copier.Encryption); None for a plain source
+    (an encrypted backing file below a plain image is read through the chain, as plaintext)."""
+    data = view.data_file
+    if not isinstance(data, EncryptedDataFile):
+        return None
+    h = view.image.header
+    assert h.crypto_header is not None  # crypt_method 2 (legacy AES was refused at open)
+    off, length = h.crypto_header
+    raw = view.file.pread(length, off)
+    if len(raw) != length:
+        raise BackupError("the LUKS header lies past the end of the file", view.path)
+    return Encryption(raw, data.cipher)
+
+
 def _find(view_image: Qcow2Image, name: str) -> Any:
     for s in snapshot_ops.read_all(view_image):
         if s.name == name:
@@ -89,8 +115,9 @@ def _find(view_image: Qcow2Image, name: str) -> Any:
 class LiveSource(Source):
     live = True
 
-    def __init__(self, mountpoint: str):
+    def __init__(self, mountpoint: str, keys: Optional[Keys] = None):
         self.mnt = mountpoint
+        self.keys = keys
         self.label = mountpoint
         try:
             info = json.loads(os.getxattr(mountpoint, IMAGE_XATTR))
@@ -139,13 +166,22 @@ class LiveSource(Source):
 
     @contextlib.contextmanager
     def reader(self, snapshot: str) -> Iterator[SnapshotView]:
-        img = Qcow2Image(self.image_path, read_only=True, backing_policy=self.backing_policy)
+        img = Qcow2Image(
+            self.image_path, read_only=True, backing_policy=self.backing_policy, keys=self.keys
+        )
         try:
             snap = _find(img, snapshot)
             yield SnapshotView(img, snap)
             # the daemon may have deleted it meanwhile (rm .snapshots/NAME): then what was read
             # may be clusters reused for other data; a fresh look at the snapshot table says
-            check = Qcow2Image(self.image_path, read_only=True, backing_policy="deny")
+            # (its metadata only, the chain as the mount opened it: "deny" was no policy, and
+            # failed every live backup of an image with a backing file)
+            check = Qcow2Image(
+                self.image_path,
+                read_only=True,
+                backing_policy=self.backing_policy,
+                metadata_only=True,
+            )
             try:
                 again = _find(check, snapshot)
             finally:
@@ -183,16 +219,21 @@ class LiveSource(Source):
 
 
 class OfflineSource(Source):
-    def __init__(self, path: str, backing_policy: str = "follow"):
+    def __init__(self, path: str, backing_policy: str = "follow", keys: Optional[Keys] = None):
         self.image_path = os.path.abspath(path)
         self.label = path
         self.backing_policy = backing_policy
+        self.keys = keys
+
+    def _metadata(self, write: bool) -> contextlib.AbstractContextManager[Qcow2Image]:
+        """The image opened for a step that reads or writes no guest data (no key needed)."""
+        return offline.locked_image(
+            self.image_path, write=write, backing_policy=self.backing_policy, metadata_only=True
+        )
 
     @contextlib.contextmanager
     def _writer(self) -> Iterator[Disk]:
-        with offline.locked_image(
-            self.image_path, write=True, backing_policy=self.backing_policy
-        ) as img:
+        with self._metadata(write=True) as img:
             disk = Disk(img, bitmap_sync="intent")
             try:
                 yield disk
@@ -200,21 +241,15 @@ class OfflineSource(Source):
                 disk.close()
 
     def bitmaps(self) -> dict[str, dict[str, Any]]:
-        with offline.locked_image(
-            self.image_path, write=False, backing_policy=self.backing_policy
-        ) as img:
+        with self._metadata(write=False) as img:
             return {n: bm.status() for n, bm in BitmapStore(img).bitmaps.items()}
 
     def snapshot_names(self) -> set[str]:
-        with offline.locked_image(
-            self.image_path, write=False, backing_policy=self.backing_policy
-        ) as img:
+        with self._metadata(write=False) as img:
             return {s.name for s in snapshot_ops.read_all(img)}
 
     def disk_size(self) -> int:
-        with offline.locked_image(
-            self.image_path, write=False, backing_policy=self.backing_policy
-        ) as img:
+        with self._metadata(write=False) as img:
             return img.size
 
     def checkpoint(self, name: str, disable: list[str], granularity: int) -> None:
@@ -225,9 +260,7 @@ class OfflineSource(Source):
         bits = bitarray(clusters)
         bits.setall(0)
         count = 0
-        with offline.locked_image(
-            self.image_path, write=False, backing_policy=self.backing_policy
-        ) as img:
+        with self._metadata(write=False) as img:
             store = BitmapStore(img)
             for n in names:
                 ext = store.get(n).extents()
@@ -238,7 +271,7 @@ class OfflineSource(Source):
     @contextlib.contextmanager
     def reader(self, snapshot: str) -> Iterator[SnapshotView]:
         with offline.locked_image(
-            self.image_path, write=False, backing_policy=self.backing_policy
+            self.image_path, write=False, backing_policy=self.backing_policy, keys=self.keys
         ) as img:
             yield SnapshotView(img, _find(img, snapshot))
 
@@ -257,27 +290,38 @@ class OfflineSource(Source):
         return failed
 
 
-def open_source(path: str, backing_policy: str = "follow") -> Source:
+def open_source(path: str, backing_policy: str = "follow", keys: Optional[Keys] = None) -> Source:
+    source: Source
     if offline.is_qcowfs_mount(path):
-        return _plain(LiveSource(path))
-    if os.path.isdir(path):
+        source = LiveSource(path, keys)
+    elif os.path.isdir(path):
         raise BackupError(
             "a directory that is not a qcowfs mount: give a mount point or an image", path
         )
-    if not os.path.exists(path):
+    elif not os.path.exists(path):
         raise BackupError("no such file or mount point", path)
-    return _plain(OfflineSource(path, backing_policy))
+    else:
+        source = OfflineSource(path, backing_policy, keys)
+    _check_keys(source)
+    return source
 
 
-def _plain(source: Source) -> Source:
-    """Refuse an encrypted source: the copier moves host clusters as they lie on disk, and an
-    encrypted image's are ciphertext whose IVs are their host offsets in the source."""
+def _check_keys(source: Source) -> None:
+    """An encrypted source: refuse legacy AES (QEMU writes no such image, and a backup is one),
+    and unlock it now with the passphrases given, so that a missing or wrong key fails the run
+    before the checkpoint changes anything (the master key is kept in the Keys: the reader's
+    open later costs no second PBKDF2)."""
     with open(source.image_path, "rb") as f:
         head = f.read(36)
-    if len(head) == 36 and int.from_bytes(head[32:36], "big"):
+    method = int.from_bytes(head[32:36], "big") if len(head) == 36 else 0
+    if method == 1:
         raise BackupError(
-            "an encrypted image: qcowfs backup copies host clusters as they are and does not "
-            "re-encrypt them yet; back it up with qemu-img convert (docs/encryption.md)",
+            "legacy AES encryption (encrypt.format=aes): qcowfs backup writes LUKS images only; "
+            "convert the image to LUKS first (qemu-img convert, docs/encryption.md)",
             source.image_path,
         )
-    return source
+    # a plain image is opened too: an encrypted backing file needs its key (the open says so)
+    img = Qcow2Image(
+        source.image_path, read_only=True, backing_policy=source.backing_policy, keys=source.keys
+    )
+    img.close(flush=False)

@@ -6,6 +6,10 @@ For each backup file X (NAME.qcow2) with backing file P (by X's header):
      zero clusters as zeros);
   3. every cluster X does not hold records the same crc32 in X's table as in P's (it reads
      through to P; past P's end, or without P, it reads as zeros).
+An encrypted backup (LUKS, copier.py) is read with its passphrase (keys): data is decrypted
+before its crc32 is taken, since the tables are of the plaintext; the files of one chain carry
+copies of one header, so one PBKDF2 unlock serves them all (Keys.unlocked). Without keys an
+encrypted backup is refused before anything is read.
 Given 3 for X and 2-3 for each file below it, X's whole chain reads exactly as the disk did at
 checkpoint X: each cluster of the disk is checked once, in the file that holds it (table.py says
 why the tables are of points, not files). Reading cost: the size of the files, once.
@@ -20,9 +24,10 @@ from array import array
 from typing import Any, Optional
 
 from ..engine.cluster_map import DATA, UNALLOCATED
+from ..engine.encryption import Keys
 from ..engine.image import Qcow2Image
 from ..engine.offline import check_image
-from ..errors import BackupError, QcowError
+from ..errors import BackupError, EncryptionError, QcowError
 from . import table as tables
 from .catalog import BackupDir, header_backing
 
@@ -49,7 +54,7 @@ def _table_of(bdir: BackupDir, name: str) -> tuple[array, int, int]:
     return tables.decode(str(m["table"]), -(-size // cs)), size, cs
 
 
-def verify_file(bdir: BackupDir, name: str) -> Verdict:
+def verify_file(bdir: BackupDir, name: str, keys: Optional[Keys] = None) -> Verdict:
     v = Verdict(name, True, [])
     path = bdir.image(name)
 
@@ -69,7 +74,9 @@ def verify_file(bdir: BackupDir, name: str) -> Verdict:
     if res.corruptions or res.leaks:
         bad(f"qcow2 check finds {res.corruptions} corruptions and {res.leaks} leaked clusters")
     try:
-        img = Qcow2Image(path, read_only=True, backing_policy="same-dir")
+        img = Qcow2Image(path, read_only=True, backing_policy="same-dir", keys=keys)
+    except EncryptionError:
+        raise  # no key, or a wrong one: the run stops with its one line
     except (QcowError, OSError) as e:
         return bad(f"cannot be opened ({e})")
     try:
@@ -102,7 +109,7 @@ def _compare(img: Qcow2Image, mine: array, parent: Optional[array], cs: int, v: 
     cb = cs.bit_length() - 1
     size = img.size
     zero_crc = tables.zero_crc(cs)
-    fd = img.data_file.fd
+    data_io = img.data_io  # the data file, or it through its cipher (an encrypted backup)
     wrong: list[int] = []
     c = 0
     n = len(mine)
@@ -116,7 +123,7 @@ def _compare(img: Qcow2Image, mine: array, parent: Optional[array], cs: int, v: 
         whole = n - c if pos + length >= size else length >> cb  # table clusters fully covered
         if kind == DATA and whole:
             mv = buf[: whole << cb]
-            got = os.preadv(fd, [mv], host)
+            got = data_io.preadv_into([mv], host)
             if got < len(mv):
                 mv[got:] = bytes(len(mv) - got)
             visible = size - pos
@@ -157,8 +164,11 @@ def _all_unallocated(m: Any, pos: int, end: int) -> bool:
     return True
 
 
-def verify(directory: str, name: Optional[str] = None) -> list[Verdict]:
-    """Verdicts for every complete backup in DIR, or for NAME and the files its chain reads."""
+def verify(
+    directory: str, name: Optional[str] = None, keys: Optional[Keys] = None
+) -> list[Verdict]:
+    """Verdicts for every complete backup in DIR, or for NAME and the files its chain reads;
+    keys: the passphrase of encrypted backups."""
     bdir = BackupDir(directory)
     complete = [b.name for b in bdir.backups() if b.has_image]
     if name is None:
@@ -180,4 +190,4 @@ def verify(directory: str, name: Optional[str] = None) -> list[Verdict]:
         names.reverse()
     if not names:
         raise BackupError("no backups here", directory)
-    return [verify_file(bdir, n) for n in names]
+    return [verify_file(bdir, n, keys) for n in names]

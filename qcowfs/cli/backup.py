@@ -9,12 +9,13 @@ import time
 from typing import Any, Callable, Optional, TextIO
 
 from ..errors import BackupError
+from .keys import add_key_options, keys_from
 from .report import human_size
 
 USAGE = """\
-qcowfs backup SOURCE DIR [--full] [--name NAME] [--json] [--backing POLICY]
+qcowfs backup SOURCE DIR [--full] [--name NAME] [--json] [--backing POLICY] [--key-file FILE]
 qcowfs backup list DIR [--json]
-qcowfs backup verify DIR [NAME] [--json]"""
+qcowfs backup verify DIR [NAME] [--json] [--key-file FILE]"""
 
 DESCRIPTION = (
     "Back up a qcow2 disk into DIR as a chain of qcow2 files QEMU reads: the first backup (or "
@@ -22,7 +23,8 @@ DESCRIPTION = (
     "since the previous backup, with the previous one as its backing file. SOURCE is the mount "
     "point of a running qcowfs or an unmounted image. `list` shows the chain, `verify` re-reads "
     "it and checks it against the checksums recorded at backup time (exit code 2 when a backup "
-    "is damaged)."
+    "is damaged). The backup of an encrypted (LUKS) disk is encrypted with the disk's own LUKS "
+    "header: --key-file gives the passphrase, to back it up and to verify it."
 )
 
 
@@ -48,6 +50,7 @@ def add_parser(sub: Any) -> None:
         choices=("follow", "same-dir", "none"),
         help="which backing files an unmounted source image may open (as for mount)",
     )
+    add_key_options(b)
     b.set_defaults(func=cmd_backup)
 
 
@@ -97,7 +100,7 @@ def _backup(args: argparse.Namespace) -> int:
     if w[0] == "verify":
         if len(w) not in (2, 3):
             return _usage("backup verify DIR [NAME]")
-        verdicts = verify.verify(w[1], w[2] if len(w) == 3 else None)
+        verdicts = verify.verify(w[1], w[2] if len(w) == 3 else None, keys_from(args))
         if args.json:
             print(json.dumps([dataclass_dict(v) for v in verdicts], indent=4))
         else:
@@ -106,7 +109,7 @@ def _backup(args: argparse.Namespace) -> int:
         return 0 if all(v.ok for v in verdicts) else 2
     if len(w) != 2:
         return _usage("backup SOURCE DIR")
-    src = open_source(w[0], args.backing)
+    src = open_source(w[0], args.backing, keys_from(args))
     progress = None if args.json or not sys.stderr.isatty() else progress_line()
     out = run.backup(src, w[1], name=args.name, full=args.full, progress=progress)
     if args.json:

@@ -23,6 +23,7 @@ from ..engine.bitmap_commands import PID_XATTR
 from ..errors import OptionError, QcowError
 from ..fuse.options import BACKING_POLICIES, BITMAP_SYNC_MODES, MountOptions, parse_into
 from .backup import add_parser as add_backup_parser
+from .keys import add_key_options
 from .pidns import exit_ends_pid_namespace
 
 log = logging.getLogger("qcowfs")
@@ -449,26 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="never modify the image; writes fail with EROFS",
     )
-    m.add_argument(
-        "--key-file",
-        metavar="FILE",
-        help="the passphrase of an encrypted image: FILE's bytes exactly, as QEMU's "
-        "--object secret,file=FILE,format=raw; also for encrypted backing images unless "
-        "--backing-key-file. FILE must be readable by its owner only",
-    )
-    m.add_argument(
-        "--backing-key-file",
-        metavar="FILE",
-        action="append",
-        help="the passphrase of the encrypted backing image one level below (default: "
-        "--key-file's); given again, of the next level down, and so on: the last one given "
-        "serves every deeper level",
-    )
-    m.add_argument(
-        "--allow-shared-key-file",
-        action="store_true",
-        help="accept key files that group or others can read",
-    )
+    add_key_options(m)
     m.add_argument("--log", metavar="FILE", help="append the daemon's log to FILE")
     m.add_argument("--debug", action="store_true", help="log debug messages")
     m.add_argument(

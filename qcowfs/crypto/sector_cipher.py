@@ -62,6 +62,8 @@ class SectorCipher:
             raise UnsupportedFeature(f"IV generator {ivgen!r} is not one qcowfs supports")
         self.mode = mode
         self.ivgen = ivgen
+        #: what clone() needs (the key is in the library's contexts anyway)
+        self._args = (cipher_name, mode, ivgen, ivgen_hash, key)
         if mode == "xts":
             half = len(key) // 2
             self._data_enc, self._data_dec = _ecb(key[:half])
@@ -91,6 +93,14 @@ class SectorCipher:
         else:
             self.encrypt = lambda data, sector: self._data_enc.update(data)
             self.decrypt = lambda data, sector: self._data_dec.update(data)
+
+    def __repr__(self) -> str:
+        return f"SectorCipher({self._args[0]}-{self.mode}-{self.ivgen})"  # never the key
+
+    def clone(self) -> SectorCipher:
+        """A cipher with the same key and its own contexts, for another thread (this one is not
+        thread-safe): a backup's copy threads each take one."""
+        return SectorCipher(*self._args)
 
     # ------------------------------------------------------------------ IVs
     def _ivs(self, sector: int, n: int) -> np.ndarray:

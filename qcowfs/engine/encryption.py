@@ -63,6 +63,12 @@ class Keys:
     top_source: str = ""
     backing: tuple[bytes, ...] = dataclasses.field(default=(), repr=False)
     backing_sources: tuple[str, ...] = ()
+    #: master keys unlocked so far, by what identifies them in a LUKS header (cipher, key size,
+    #: the master key digest and its salt): a backup chain's files all carry a copy of the
+    #: source's header, and each would otherwise cost a PBKDF2 unlock (seconds) to open
+    unlocked: dict[tuple, bytes] = dataclasses.field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     def for_depth(self, depth: int) -> tuple[Optional[bytes], str]:
         if depth > 0 and self.backing:
@@ -126,7 +132,15 @@ def open_cipher(
         return legacy_aes(passphrase)  # the legacy format has no key check (QEMU's neither)
     assert luks is not None and area is not None  # the image checked the extension
     off = area[0]
-    master = unlock(luks, lambda o, n: file.pread(n, off + o), passphrase)
+    # the digest is PBKDF2 of the master key with its salt: a header with the same digest, salt
+    # and cipher names the same master key, whichever slots it has
+    known = (luks.cipher_name, luks.cipher_mode, luks.key_bytes, luks.mk_digest,
+             luks.mk_digest_salt, luks.mk_digest_iter)  # fmt: skip
+    master = keys.unlocked.get(known) if keys is not None else None
     if master is None:
-        raise EncryptionError(f"no key slot of {path} accepts the passphrase in {source}")
+        master = unlock(luks, lambda o, n: file.pread(n, off + o), passphrase)
+        if master is None:
+            raise EncryptionError(f"no key slot of {path} accepts the passphrase in {source}")
+        if keys is not None:
+            keys.unlocked[known] = master
     return cipher_for(luks, master)

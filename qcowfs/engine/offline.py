@@ -20,6 +20,7 @@ from ..errors import BitmapError, QcowError
 from . import bitmap_commands
 from .consistency import Checker, CheckResult
 from .disk import Disk
+from .encryption import Keys
 from .image import Qcow2Image
 from .locks import ImageLock
 from .repair import apply_repair
@@ -43,13 +44,19 @@ def locked_image(
     lock: bool = True,
     backing_policy: str = "follow",
     metadata_only: bool = False,
+    keys: Optional[Keys] = None,
 ) -> Iterator[Qcow2Image]:
     """Open an unmounted image under QEMU's locks (a writer, or a reader sharing with readers),
     closed without writing anything on the way out. lock=False reads without taking the
     locks, as `qemu-img info -U` does (info). metadata_only: for info and check, which read no
-    guest data (so an encrypted image opens without its key)."""
+    guest data (so an encrypted image opens without its key); keys: the passphrases of an
+    encrypted image (engine/encryption.py) that is opened to read its data."""
     img = Qcow2Image(
-        path, read_only=not write, backing_policy=backing_policy, metadata_only=metadata_only
+        path,
+        read_only=not write,
+        backing_policy=backing_policy,
+        metadata_only=metadata_only,
+        keys=keys,
     )
     held = ImageLock(img.file.fd, path, write=write) if lock else None
     try:

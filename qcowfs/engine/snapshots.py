@@ -93,6 +93,7 @@ class SnapshotView(Reader):
         mapping = ClusterMap(image.geo, l1, image.l2, snap.disk_size, image.corrupt)
         super().__init__(mapping, image.file, image.data_io, image.backing)
         self.snapshot = snap
+        self.image = image
         self.path = image.path
         self.read_only = True
 

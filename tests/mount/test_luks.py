@@ -450,13 +450,3 @@ def test_legacy_aes_reads_only(tmp_path, mount):
     assert p.returncode == 1 and p.stderr.count("\n") == 1
     assert "read-only" in p.stderr and "qemu-img convert" in p.stderr
     assert hashlib.sha256(img.read_bytes()).hexdigest() == before
-
-
-@pytest.mark.slow  # in the full run, not in --quick
-def test_backup_refuses_an_encrypted_source(tmp_path):
-    key = key_file(tmp_path)
-    img = luks_image(tmp_path, key=key, size=8 * MiB)
-    before = hashlib.sha256(img.read_bytes()).hexdigest()
-    p = run([*QCOWFS, "backup", img, tmp_path / "b"], check=False)
-    assert p.returncode != 0 and "encrypted image" in p.stderr and p.stderr.count("\n") == 1
-    assert hashlib.sha256(img.read_bytes()).hexdigest() == before

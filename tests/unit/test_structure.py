@@ -6,7 +6,7 @@
     qcowfs/engine/     the image and its parts: imports engine/, crypto/, format/, errors; no pyfuse3, no trio
     qcowfs/fuse/       FUSE operations, request loop, I/O threads, mount: anything below it;
                        the only folder that may import pyfuse3 or trio
-    qcowfs/backup/     backups into qcow2 chains: engine/, format/, errors (a mount is reached
+    qcowfs/backup/     backups into qcow2 chains: engine/, crypto/, format/, errors (a mount is reached
                        through its files, as any client reaches it, never through fuse/)
     qcowfs/cli/        commands: anything
 
@@ -37,7 +37,7 @@ ALLOWED = {
     "crypto": {"crypto", "format", "errors"},
     "engine": {"engine", "crypto", "format", "errors"},
     "fuse": {"fuse", "engine", "crypto", "format", "errors", "__init__"},
-    "backup": {"backup", "engine", "format", "errors"},
+    "backup": {"backup", "engine", "crypto", "format", "errors"},
     "cli": {"cli", "backup", "fuse", "engine", "crypto", "format", "errors", "__init__"},
     "__init__": set(),
     "__main__": {"cli"},
