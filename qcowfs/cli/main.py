@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 
 from .. import __version__
 from ..engine.bitmap_commands import PID_XATTR
+from ..engine.encryption import Keys
 from ..errors import OptionError, QcowError
 from ..fuse.options import BACKING_POLICIES, BITMAP_SYNC_MODES, MountOptions, parse_into
 from .backup import add_parser as add_backup_parser
@@ -79,9 +80,23 @@ def mount_options(args: argparse.Namespace) -> MountOptions:
     return opts
 
 
-def cmd_mount(args: argparse.Namespace) -> int:
-    from ..fuse.mount import mount
+def early_keys(image: str, opts: MountOptions) -> Optional[Keys]:
+    """In the process that will serve the mount, before it loads pyfuse3 and trio: the key
+    files read and the image's unlock begun in a thread (Keys.start_unlock), so that PBKDF2's
+    seconds overlap the loading. None where that fails: the mount reads them again and says
+    why."""
+    if opts.key_file is None and not opts.backing_key_files:
+        return None
+    try:
+        keys = Keys.from_files(opts.key_file, opts.backing_key_files, opts.allow_shared_key_file)
+    except QcowError:
+        return None
+    if keys is not None:
+        keys.start_unlock(image)
+    return keys
 
+
+def cmd_mount(args: argparse.Namespace) -> int:
     try:
         opts = mount_options(args)
     except OptionError as e:
@@ -92,8 +107,12 @@ def cmd_mount(args: argparse.Namespace) -> int:
         return _fail(f"{args.image}: no such file")
     if opts.foreground:
         _setup_logging(opts.log, True, opts.debug)
+        # a list, so that no name here holds the passphrases once the mount has opened the image
+        early = [early_keys(image, opts)]
+        from ..fuse.mount import mount
+
         try:
-            return mount(image, mnt, opts)
+            return mount(image, mnt, opts, keys=early.pop())
         except QcowError as e:
             return _fail(str(e))
     # Daemon: the child does all the work and tells the parent through a pipe
@@ -135,7 +154,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
     code = 1
     try:
-        code = mount(image, mnt, opts, ready=ready)
+        early = [early_keys(image, opts)]  # (as above)
+        from ..fuse.mount import mount
+
+        code = mount(image, mnt, opts, ready=ready, keys=early.pop())
     except QcowError as e:
         log.error("%s", e)
     except BaseException:

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from ..errors import UnsupportedFeature
+from .cipher_spec import check_spec
 
 SECTOR = 512
 _BLOCKS = SECTOR // 16  # AES blocks per sector
@@ -34,11 +34,6 @@ _DOWN = np.uint64(64) - _UP
 #: measured 2.6x slower)
 _CHUNK = 128
 _ONE, _TWO, _SEVEN = np.uint64(1), np.uint64(2), np.uint64(7)
-
-#: the cipher modes and IV generators qcowfs can run (AES only: pyca/cryptography has no
-#: serpent or twofish, and QEMU's own default and libvirt's are AES)
-SUPPORTED_MODES = ("xts", "cbc", "ecb")
-SUPPORTED_IVGENS = ("plain", "plain64", "essiv")
 
 
 def _ecb(key: bytes) -> tuple:
@@ -53,13 +48,7 @@ class SectorCipher:
     thread that serves the image's data (encrypted images are served inline)."""
 
     def __init__(self, cipher_name: str, mode: str, ivgen: str, ivgen_hash: str, key: bytes):
-        if cipher_name != "aes" or mode not in SUPPORTED_MODES:
-            raise UnsupportedFeature(
-                f"cipher {cipher_name}-{mode}: qcowfs encrypts with aes in modes "
-                f"{', '.join(SUPPORTED_MODES)} (QEMU's defaults)"
-            )
-        if mode != "ecb" and ivgen not in SUPPORTED_IVGENS:
-            raise UnsupportedFeature(f"IV generator {ivgen!r} is not one qcowfs supports")
+        check_spec(cipher_name, mode, ivgen, ivgen_hash)
         self.mode = mode
         self.ivgen = ivgen
         #: what clone() needs (the key is in the library's contexts anyway)
@@ -72,16 +61,8 @@ class SectorCipher:
             self._data_enc, self._data_dec = _ecb(key)
             self._key = key
         self._essiv_enc = None
-        if ivgen == "essiv":
-            try:
-                digest = hashlib.new(ivgen_hash, key).digest()
-            except ValueError:
-                raise UnsupportedFeature(f"ESSIV hash {ivgen_hash!r} is not available") from None
-            if len(digest) not in (16, 24, 32):
-                raise UnsupportedFeature(
-                    f"ESSIV hash {ivgen_hash!r}: a {len(digest)}-byte digest is no AES key"
-                )
-            self._essiv_enc, _ = _ecb(digest)
+        if ivgen == "essiv":  # check_spec checked the hash
+            self._essiv_enc, _ = _ecb(hashlib.new(ivgen_hash, key).digest())
         #: (data, first sector's IV number) -> the sectors en- or decrypted (len(data) a
         #: multiple of 512)
         self.encrypt: Callable[[bytes | bytearray | memoryview, int], bytes | memoryview]

@@ -12,14 +12,25 @@ from __future__ import annotations
 import dataclasses
 import os
 import stat
+import threading
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Optional, Sequence
 
 from ..errors import EncryptionError, QcowError, UnsupportedFeature, with_path
+from ..format import luks as luks_fmt
+from ..format.header import parse_header
 from ..format.luks import LuksHeader
 from .hostfile import HostFile
 
 if TYPE_CHECKING:
     from ..crypto.sector_cipher import SectorCipher
+
+
+#: start_unlock reads this much of the image for its header (the open reads what it needs)
+HEADER_READ = 1 << 16
+#: and unlocks early only an encryption area up to this long (QEMU's are about 2 MiB: 8 slots
+#: of 4000 stripes of a key of up to 64 bytes)
+MAX_AREA = 16 << 20
 
 
 def read_key_file(path: str, allow_shared: bool = False) -> bytes:
@@ -69,6 +80,48 @@ class Keys:
     unlocked: dict[tuple, bytes] = dataclasses.field(
         default_factory=dict, repr=False, compare=False
     )
+    #: unlocks begun by start_unlock: (the passphrase tried, its future master key or None)
+    pending: dict[tuple, tuple[bytes, Future[Optional[bytes]]]] = dataclasses.field(
+        default_factory=dict, repr=False, compare=False
+    )
+
+    def start_unlock(self, path: str) -> None:
+        """Begin unlocking the image at `path` with `top` in a thread of its own, so that
+        PBKDF2 (seconds of C, the GIL released) runs while this process loads the rest of
+        itself: a mount imports pyfuse3 and trio meanwhile (0.17 s). open_cipher takes the
+        result. Only reads; anything odd (not LUKS, a damaged header, no top passphrase) is left
+        to the open, which says it properly."""
+        if self.top is None:
+            return
+        try:
+            with open(path, "rb") as f:
+                h = parse_header(f.read(HEADER_READ), allow_encrypted=True)
+                if h.crypt_method != 2 or h.crypto_header is None:
+                    return
+                off, length = h.crypto_header
+                if length > MAX_AREA:
+                    return
+                f.seek(off)
+                area = f.read(length)
+            if len(area) < length:
+                return
+            luks = luks_fmt.parse(area[:4096], length)
+            from ..crypto.unlock import check_supported, unlock
+
+            check_supported(luks)
+        except (QcowError, OSError, ValueError):
+            return
+        fut: Future[Optional[bytes]] = Future()
+        passphrase = self.top
+
+        def run() -> None:
+            try:
+                fut.set_result(unlock(luks, lambda o, n: area[o : o + n], passphrase))
+            except BaseException as e:  # the open runs it again and reports it
+                fut.set_exception(e)
+
+        self.pending[master_key_identity(luks)] = (passphrase, fut)
+        threading.Thread(target=run, name="luks-unlock", daemon=True).start()
 
     def for_depth(self, depth: int) -> tuple[Optional[bytes], str]:
         if depth > 0 and self.backing:
@@ -90,6 +143,20 @@ class Keys:
         )
 
 
+def master_key_identity(luks: LuksHeader) -> tuple:
+    """What names a master key in a LUKS header: the digest is PBKDF2 of the master key with its
+    salt, so a header with the same digest, salt and cipher holds the same master key, whichever
+    slots it has."""
+    return (
+        luks.cipher_name,
+        luks.cipher_mode,
+        luks.key_bytes,
+        luks.mk_digest,
+        luks.mk_digest_salt,
+        luks.mk_digest_iter,
+    )
+
+
 def open_cipher(
     path: str,
     crypt_method: int,
@@ -104,8 +171,8 @@ def open_cipher(
     passphrase for this depth). One-line errors: no passphrase, no slot accepts it, legacy AES
     opened for writing, a cipher qcowfs cannot run."""
     # imported here: numpy and the cryptography library cost every qcowfs process 70 ms at
-    # start-up, and only an encrypted image needs them
-    from ..crypto.sector_cipher import legacy_aes
+    # start-up, and only an encrypted image needs them. unlock.py loads none of them before
+    # PBKDF2 has started: they load while it runs
     from ..crypto.unlock import check_supported, cipher_for, unlock
 
     if crypt_method == 1 and not read_only:
@@ -129,14 +196,24 @@ def open_cipher(
             path,
         )
     if crypt_method == 1:
+        from ..crypto.sector_cipher import legacy_aes
+
         return legacy_aes(passphrase)  # the legacy format has no key check (QEMU's neither)
     assert luks is not None and area is not None  # the image checked the extension
     off = area[0]
-    # the digest is PBKDF2 of the master key with its salt: a header with the same digest, salt
-    # and cipher names the same master key, whichever slots it has
-    known = (luks.cipher_name, luks.cipher_mode, luks.key_bytes, luks.mk_digest,
-             luks.mk_digest_salt, luks.mk_digest_iter)  # fmt: skip
+    known = master_key_identity(luks)
     master = keys.unlocked.get(known) if keys is not None else None
+    if master is None and keys is not None and known in keys.pending:
+        tried, fut = keys.pending.pop(known)
+        try:
+            early = fut.result()
+        except Exception:  # noqa: BLE001 - run below again, which reports it
+            early = None
+        else:
+            if early is None and tried == passphrase:
+                raise EncryptionError(f"no key slot of {path} accepts the passphrase in {source}")
+        if early is not None:
+            master = keys.unlocked[known] = early
     if master is None:
         master = unlock(luks, lambda o, n: file.pread(n, off + o), passphrase)
         if master is None:

@@ -62,8 +62,16 @@ class Mounted:
     construction: I/O threads, then FUSE session, then bitmaps + image (Disk.close), then
     locks, then the image's files."""
 
-    def __init__(self, image_path: str, mountpoint: str, options: MountOptions):
+    def __init__(
+        self,
+        image_path: str,
+        mountpoint: str,
+        options: MountOptions,
+        keys: Optional[Keys] = None,
+    ):
         self.image_path = image_path
+        #: passphrases read (and an unlock begun) before this module loaded: early_keys()
+        self._keys = keys
         self.mountpoint = mountpoint
         self.options = options
         self.read_only = options.read_only
@@ -82,7 +90,10 @@ class Mounted:
         with self.stack.pop_all() as stack:  # unwinds everything if set-up fails half-way
             o = self.options
             # the passphrases live in this process only, as long as the opening takes
-            keys = Keys.from_files(o.key_file, o.backing_key_files, o.allow_shared_key_file)
+            keys = self._keys or Keys.from_files(
+                o.key_file, o.backing_key_files, o.allow_shared_key_file
+            )
+            self._keys = None
             image = Qcow2Image(
                 self.image_path, read_only=self.read_only, backing_policy=o.backing, keys=keys
             )
@@ -249,10 +260,13 @@ def mount(
     mountpoint: str,
     options: MountOptions,
     ready: Optional[Callable[[Optional[str]], None]] = None,
+    keys: Optional[Keys] = None,
 ) -> int:
-    """Prepare and serve until unmounted. `ready(error_line or None)` is called once set-up ends."""
+    """Prepare and serve until unmounted. `ready(error_line or None)` is called once set-up ends.
+    keys: the passphrases, if read already (cli: early_keys); else from the options."""
     read_only = options.read_only
-    m = Mounted(image_path, mountpoint, options)
+    m = Mounted(image_path, mountpoint, options, keys)
+    del keys
     try:
         m.prepare()
     except QcowError as e:

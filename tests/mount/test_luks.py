@@ -10,6 +10,7 @@ import hashlib
 import os
 import random
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -449,4 +450,46 @@ def test_legacy_aes_reads_only(tmp_path, mount):
     p = run([*QCOWFS, "mount", "--key-file", key, img, tmp_path / "rw"], check=False)
     assert p.returncode == 1 and p.stderr.count("\n") == 1
     assert "read-only" in p.stderr and "qemu-img convert" in p.stderr
+    assert hashlib.sha256(img.read_bytes()).hexdigest() == before
+
+
+@pytest.mark.slow  # in the full run, not in --quick
+def test_slots_are_tried_at_once_and_the_unlock_begins_early(tmp_path):
+    """QEMU tries key slots one after the other; qcowfs tries them at once, one per CPU
+    (crypto/unlock.py): a passphrase in slot 1 opens without waiting for slot 0's PBKDF2
+    (timed at 2 s). And a mount begins the unlock before it loads pyfuse3 and trio
+    (Keys.start_unlock): the open takes that result, or its refusal."""
+    from qcowfs.engine.encryption import Keys
+    from qcowfs.engine.image import Qcow2Image
+    from qcowfs.errors import EncryptionError
+
+    key = key_file(tmp_path)
+    img = luks_image(tmp_path, key=key, size=8 * MiB, iter_time=2000)
+    k2 = key_file(tmp_path, b"the second slot's", "k2")
+    qemu_timing_pbkdf2(
+        "amend",
+        "--object", SECRET.format(key=key),
+        "--object", SECRET.format(key=k2).replace("sec0", "sec1"),
+        "--image-opts", qemu_spec(img),
+        "-o", "encrypt.state=active,encrypt.new-secret=sec1,encrypt.iter-time=20",
+    )  # fmt: skip
+    before = hashlib.sha256(img.read_bytes()).hexdigest()
+    t = time.perf_counter()
+    Qcow2Image(str(img), read_only=True, keys=Keys(top=k2.read_bytes())).close()
+    took = time.perf_counter() - t
+    # slot 0 alone takes about 2 s (QEMU's calibration); slot 1 a few tens of ms
+    assert took < 1.0, f"slot 1 waited for slot 0: {took:.2f} s"
+    # the early unlock: begun, then taken by the open
+    keys = Keys(top=k2.read_bytes(), top_source=str(k2))
+    keys.start_unlock(str(img))
+    assert len(keys.pending) == 1
+    Qcow2Image(str(img), read_only=True, keys=keys).close()
+    assert not keys.pending and len(keys.unlocked) == 1
+    # and its refusal is the open's one line
+    wrong = Keys(top=b"neither", top_source="wrong-key")
+    wrong.start_unlock(str(img))
+    assert len(wrong.pending) == 1
+    with pytest.raises(EncryptionError, match="no key slot .* accepts the passphrase in wrong-key"):
+        Qcow2Image(str(img), read_only=True, keys=wrong)
+    assert not wrong.unlocked
     assert hashlib.sha256(img.read_bytes()).hexdigest() == before
