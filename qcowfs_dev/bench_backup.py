@@ -137,6 +137,19 @@ def convert(img: str, out: str, key: Optional[str]) -> None:
                   out)  # fmt: skip
 
 
+def _ratios(what: str, full: dict[str, list[float]], json_path: Optional[str], out: Any) -> None:
+    """The full backup's ratios against convert (medians), printed; everything to json_path."""
+    ours = statistics.median(full["qcowfs"])
+    ratio = statistics.median(full["qemu_img_convert"]) / ours
+    ratio_synced = statistics.median(full["qemu_img_convert_fsync"]) / ours
+    print(
+        f"{what}: {ratio:.2f}x, vs convert + fsync: {ratio_synced:.2f}x "
+        "(>= 1: qcowfs as fast or faster)"
+    )
+    if json_path:
+        Path(json_path).write_text(json.dumps(out, indent=2))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="bench-backup", description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--size", type=parse_size, default=4 * GiB)
@@ -199,14 +212,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             flush=True,
         )
         if a.encrypted:
-            ratio = statistics.median(theirs) / statistics.median(ours)
-            ratio_synced = statistics.median(theirs_synced) / statistics.median(ours)
-            print(
-                f"encrypted full backup vs qemu-img convert to LUKS: {ratio:.2f}x, vs convert + "
-                f"fsync: {ratio_synced:.2f}x (>= 1: qcowfs as fast or faster)"
-            )
-            if a.json:
-                Path(a.json).write_text(json.dumps(out, indent=2))
+            _ratios("encrypted full backup vs qemu-img convert to LUKS", out["full"], a.json, out)
             return 0
         # the offline runs left their bitmaps: start the live part from a clean slate
         for n in json.loads(
@@ -284,14 +290,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             f"{inc_json['phases']} ({inc_json['bytes'] / MiB:.0f} MiB copied)",
             flush=True,
         )
-        ratio = statistics.median(theirs) / statistics.median(ours)
-        ratio_synced = statistics.median(theirs_synced) / statistics.median(ours)
-        print(
-            f"full backup vs qemu-img convert: {ratio:.2f}x, vs convert + fsync: "
-            f"{ratio_synced:.2f}x (>= 1: qcowfs as fast or faster)"
-        )
-        if a.json:
-            Path(a.json).write_text(json.dumps(out, indent=2))
+        _ratios("full backup vs qemu-img convert", out["full"], a.json, out)
     finally:
         if not a.workdir:
             shutil.rmtree(work, ignore_errors=True)

@@ -62,6 +62,17 @@ def qemu_same(img: Path, key: Path, raw: Path, extra: tuple = (), spec: str | No
     assert p.returncode == 0, p.stdout + p.stderr
 
 
+def add_key_slot(img: Path, key: Path, new_key: Path, iter_time: int) -> None:
+    """qemu-img amend: a new active key slot for new_key's passphrase (key opens the image)."""
+    qemu_timing_pbkdf2(
+        "amend",
+        "--object", SECRET.format(key=key),
+        "--object", SECRET.format(key=new_key).replace("sec0", "sec1"),
+        "--image-opts", qemu_spec(img),
+        "-o", f"encrypt.state=active,encrypt.new-secret=sec1,encrypt.iter-time={iter_time}",
+    )  # fmt: skip
+
+
 def fill(img: Path, key: Path, seed: int, size: int) -> None:
     """Data written by QEMU: random extents of random bytes, some holes, some zeros."""
     rng = random.Random(seed)
@@ -281,13 +292,7 @@ def test_several_key_slots_each_open_it(tmp_path, mount):
     key = key_file(tmp_path)
     img = luks_image(tmp_path, key=key, size=8 * MiB)
     k2 = key_file(tmp_path, b"second passphrase", "k2")
-    qemu_timing_pbkdf2(
-        "amend",
-        "--object", SECRET.format(key=key),
-        "--object", SECRET.format(key=k2).replace("sec0", "sec1"),
-        "--image-opts", qemu_spec(img),
-        "-o", "encrypt.state=active,encrypt.new-secret=sec1,encrypt.iter-time=100",
-    )  # fmt: skip
+    add_key_slot(img, key, k2, iter_time=100)
     for k in (key, k2):
         m = mount(img, read_only=True, extra=("--key-file", k))
         assert m.disk.read_bytes() == bytes(8 * MiB)
@@ -466,13 +471,7 @@ def test_slots_are_tried_at_once_and_the_unlock_begins_early(tmp_path):
     key = key_file(tmp_path)
     img = luks_image(tmp_path, key=key, size=8 * MiB, iter_time=2000)
     k2 = key_file(tmp_path, b"the second slot's", "k2")
-    qemu_timing_pbkdf2(
-        "amend",
-        "--object", SECRET.format(key=key),
-        "--object", SECRET.format(key=k2).replace("sec0", "sec1"),
-        "--image-opts", qemu_spec(img),
-        "-o", "encrypt.state=active,encrypt.new-secret=sec1,encrypt.iter-time=20",
-    )  # fmt: skip
+    add_key_slot(img, key, k2, iter_time=20)
     before = hashlib.sha256(img.read_bytes()).hexdigest()
     t = time.perf_counter()
     Qcow2Image(str(img), read_only=True, keys=Keys(top=k2.read_bytes())).close()
