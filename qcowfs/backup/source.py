@@ -36,7 +36,7 @@ from ..engine.bitmap_commands import IMAGE_XATTR
 from ..engine.bitmaps import BitmapStore
 from ..engine.disk import Disk
 from ..engine.encrypted_data import EncryptedDataFile
-from ..engine.encryption import Keys
+from ..engine.encryption import MAX_AREA, Keys
 from ..engine.image import Qcow2Image
 from ..engine.snapshots import SnapshotView
 from ..errors import BackupError, QcowError
@@ -99,6 +99,8 @@ def encryption_of(view: SnapshotView) -> Optional[Encryption]:
     h = view.image.header
     assert h.crypto_header is not None  # crypt_method 2 (legacy AES was refused at open)
     off, length = h.crypto_header
+    if length > MAX_AREA:  # open_source refused it; the image changed since
+        raise BackupError("its LUKS header area grew during the backup", view.path)
     raw = view.file.pread(length, off)
     if len(raw) != length:
         raise BackupError("the LUKS header lies past the end of the file", view.path)
@@ -325,3 +327,11 @@ def _check_keys(source: Source) -> None:
         source.image_path, read_only=True, backing_policy=source.backing_policy, keys=source.keys
     )
     img.close(flush=False)
+    area = img.header.crypto_header
+    if area is not None and area[1] > MAX_AREA:
+        # QEMU's are about 2 MiB; this one would be copied into every backup file
+        raise BackupError(
+            f"its LUKS header area is {area[1]} bytes, more than qcowfs copies into a backup "
+            f"({MAX_AREA})",
+            source.image_path,
+        )

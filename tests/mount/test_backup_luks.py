@@ -152,8 +152,19 @@ def test_refusals_are_one_line_and_change_nothing(tmp_path):
     legacy = tmp_path / "legacy.qcow2"
     qemu_with_key(key, "create", "-q", "-f", "qcow2", "-o",
                   "encrypt.format=aes,encrypt.key-secret=sec0", legacy, "8M")  # fmt: skip
+    # a LUKS area of 32 MiB (QEMU's are about 2 MiB), otherwise sound: copied into every backup
+    # file, it is refused before the checkpoint
+    big = tmp_path / "big-area.qcow2"
+    data = bytearray(img.read_bytes())
+    h = parse_header(bytes(data[: 64 << 10]), allow_encrypted=True)
+    assert h.crypto_header is not None
+    at = data.index((0x0537BE77).to_bytes(4, "big") + (16).to_bytes(4, "big")) + 16
+    data[at : at + 8] = (32 * MiB).to_bytes(8, "big")
+    big.write_bytes(data)
+    os.truncate(big, h.crypto_header[0] + 32 * MiB)
     cases = [
         ((img,), "give its passphrase with --key-file"),
+        (("--key-file", key, big), "more than qcowfs copies"),
         (("--key-file", wrong, img), "no key slot"),
         (("--key-file", tmp_path / "missing", img), "key file not found"),
         (("--key-file", shared, img), "readable by others"),
