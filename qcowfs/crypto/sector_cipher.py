@@ -30,9 +30,12 @@ SECTOR = 512
 _BLOCKS = SECTOR // 16  # AES blocks per sector
 _UP = np.arange(1, _BLOCKS, dtype=np.uint64)  # j = 1..31
 _DOWN = np.uint64(64) - _UP
-#: sectors per numpy pass: 64 KiB keeps the temporaries in the CPU's cache (1 MiB at once
-#: measured 2.6x slower)
-_CHUNK = 128
+#: sectors per numpy pass: small enough that the temporaries stay in the CPU's cache (1 MiB at
+#: once measured 2.6x slower), large enough to spread numpy's per-call cost. Measured on 1 and 8
+#: MiB requests (best of 5): 128 KiB passes 1.60 and 1.40 GB/s, 64 KiB ones 1.35 and 1.20;
+#: 192 KiB ones 5% faster again, but 256 KiB ones ran at half speed in one run (the cliff is
+#: near). docs/performance.md, "XTS in 128 KiB passes"
+_CHUNK = 256
 _ONE, _TWO, _SEVEN = np.uint64(1), np.uint64(2), np.uint64(7)
 
 

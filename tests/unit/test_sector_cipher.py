@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qcowfs.crypto.sector_cipher import SectorCipher, legacy_aes
+from qcowfs.crypto.sector_cipher import _CHUNK, SectorCipher, legacy_aes
 from qcowfs.crypto.unlock import af_merge, diffuse
 from qcowfs.errors import QcowError, UnsupportedFeature
 from qcowfs.format import luks
@@ -29,7 +29,8 @@ def _per_sector(data: bytes, sector: int, make) -> bytes:
 
 
 @pytest.mark.parametrize("key_bytes", [32, 64])
-@pytest.mark.parametrize("sectors", [1, 8, 127, 128, 129, 300])
+# around a numpy pass (_CHUNK sectors) and across two of them
+@pytest.mark.parametrize("sectors", [1, 8, _CHUNK - 1, _CHUNK, _CHUNK + 1, 2 * _CHUNK + 44])
 @pytest.mark.parametrize("sector", [0, 7, (1 << 32) - 3, (1 << 62) + 5])
 def test_xts_equals_the_library_per_sector(key_bytes, sectors, sector):
     rng = random.Random(key_bytes * sectors + sector)
