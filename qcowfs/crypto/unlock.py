@@ -168,11 +168,36 @@ def check_supported(header: LuksHeader) -> None:
             )
 
 
+#: a slot's identity for a slot key derived ahead of time: index, salt, iterations
+SlotKeys = dict[tuple[int, bytes, int], bytes]
+
+
+def early_slot(header: LuksHeader) -> Slot | None:
+    """The slot whose key may be derived ahead of time in a thread of its own (the mount's
+    early unlock): the one active slot, when its PBKDF2 runs in nettle, which needs no module
+    loaded (two threads loading modules at once can deadlock in Python's import locks). None
+    for several slots: unlock() tries those at once anyway."""
+    active = [s for s in header.slots if s.active]
+    if len(active) != 1 or not _NETTLE or header.hash_spec not in _NETTLE:
+        return None
+    return active[0]
+
+
+def slot_key(header: LuksHeader, slot: Slot, passphrase: bytes) -> SlotKeys:
+    """Step 1 for one slot, as unlock(slot_keys=) takes it: only PBKDF2, in C."""
+    key = pbkdf2(header.hash_spec, passphrase, slot.salt, slot.iterations, header.key_bytes)
+    return {(slot.index, slot.salt, slot.iterations): key}
+
+
 def unlock(
-    header: LuksHeader, read_area: Callable[[int, int], bytes], passphrase: bytes
+    header: LuksHeader,
+    read_area: Callable[[int, int], bytes],
+    passphrase: bytes,
+    slot_keys: SlotKeys | None = None,
 ) -> bytes | None:
     """The master key, or None if no active key slot accepts the passphrase. read_area(offset,
-    length) reads the encryption area (offsets from its start).
+    length) reads the encryption area (offsets from its start); slot_keys: step 1 done ahead of
+    time for some slots (slot_key) with this passphrase.
 
     QEMU tries the active slots one after the other. Here they are tried at once, one per CPU
     (PBKDF2 runs in C with the GIL released): the same time as QEMU for one slot, and for a
@@ -203,7 +228,8 @@ def unlock(
             except queue.Empty:
                 return
             try:
-                done.put(_try_slot(header, slot, raw, passphrase))
+                early = (slot_keys or {}).get((slot.index, slot.salt, slot.iterations))
+                done.put(_try_slot(header, slot, raw, passphrase, early))
             except BaseException as e:  # handed to the caller
                 done.put(e)
 
@@ -228,12 +254,16 @@ def unlock(
     return None
 
 
-def _try_slot(header: LuksHeader, slot: Slot, raw: bytes, passphrase: bytes) -> bytes | None:
-    """Steps 1-4 of the module docstring for one slot: the master key, or None."""
+def _try_slot(
+    header: LuksHeader, slot: Slot, raw: bytes, passphrase: bytes, key: bytes | None = None
+) -> bytes | None:
+    """Steps 1-4 of the module docstring for one slot (step 1 skipped when its key is given):
+    the master key, or None."""
     h = header.hash_spec
     kb = header.key_bytes
-    slot_key = pbkdf2(h, passphrase, slot.salt, slot.iterations, kb)
-    material = bytes(cipher_for(header, slot_key).decrypt(raw, 0))
+    if key is None:
+        key = pbkdf2(h, passphrase, slot.salt, slot.iterations, kb)
+    material = bytes(cipher_for(header, key).decrypt(raw, 0))
     candidate = af_merge(material, kb, slot.stripes, h)
     digest = pbkdf2(
         h, candidate, header.mk_digest_salt, header.mk_digest_iter, len(header.mk_digest)

@@ -24,13 +24,11 @@ from .hostfile import HostFile
 
 if TYPE_CHECKING:
     from ..crypto.sector_cipher import SectorCipher
+    from ..crypto.unlock import SlotKeys
 
 
 #: start_unlock reads this much of the image for its header (the open reads what it needs)
 HEADER_READ = 1 << 16
-#: and unlocks early only an encryption area up to this long (QEMU's are about 2 MiB: 8 slots
-#: of 4000 stripes of a key of up to 64 bytes)
-MAX_AREA = 16 << 20
 
 
 def read_key_file(path: str, allow_shared: bool = False) -> bytes:
@@ -80,17 +78,18 @@ class Keys:
     unlocked: dict[tuple, bytes] = dataclasses.field(
         default_factory=dict, repr=False, compare=False
     )
-    #: unlocks begun by start_unlock: (the passphrase tried, its future master key or None)
-    pending: dict[tuple, tuple[bytes, Future[Optional[bytes]]]] = dataclasses.field(
+    #: slot keys being derived by start_unlock: (the passphrase used, its future slot keys)
+    pending: dict[tuple, tuple[bytes, Future[SlotKeys]]] = dataclasses.field(
         default_factory=dict, repr=False, compare=False
     )
 
     def start_unlock(self, path: str) -> None:
-        """Begin unlocking the image at `path` with `top` in a thread of its own, so that
-        PBKDF2 (seconds of C, the GIL released) runs while this process loads the rest of
-        itself: a mount imports pyfuse3 and trio meanwhile (0.17 s). open_cipher takes the
-        result. Only reads; anything odd (not LUKS, a damaged header, no top passphrase) is left
-        to the open, which says it properly."""
+        """Begin the costly part of unlocking the image at `path` with `top`: its key slot's
+        PBKDF2 (seconds of C with the GIL released), in a thread of its own, so that it runs
+        while this process loads the rest of itself (a mount: pyfuse3 and trio, 0.17 s).
+        open_cipher finishes the unlock with it. Only for one active slot whose PBKDF2 needs no
+        module loaded (crypto/unlock.py, early_slot). Only reads; anything odd (not LUKS, a
+        damaged header) is left to the open, which says it properly."""
         if self.top is None:
             return
         try:
@@ -99,25 +98,24 @@ class Keys:
                 if h.crypt_method != 2 or h.crypto_header is None:
                     return
                 off, length = h.crypto_header
-                if length > MAX_AREA:
-                    return
                 f.seek(off)
-                area = f.read(length)
-            if len(area) < length:
-                return
-            luks = luks_fmt.parse(area[:4096], length)
-            from ..crypto.unlock import check_supported, unlock
+                head = f.read(4096)
+            luks = luks_fmt.parse(head, length)
+            from ..crypto.unlock import check_supported, early_slot, slot_key
 
             check_supported(luks)
         except (QcowError, OSError, ValueError):
             return
-        fut: Future[Optional[bytes]] = Future()
+        slot = early_slot(luks)
+        if slot is None:
+            return
+        fut: Future[SlotKeys] = Future()
         passphrase = self.top
 
         def run() -> None:
             try:
-                fut.set_result(unlock(luks, lambda o, n: area[o : o + n], passphrase))
-            except BaseException as e:  # the open runs it again and reports it
+                fut.set_result(slot_key(luks, slot, passphrase))
+            except BaseException as e:  # the open derives it again and reports it
                 fut.set_exception(e)
 
         self.pending[master_key_identity(luks)] = (passphrase, fut)
@@ -203,19 +201,16 @@ def open_cipher(
     off = area[0]
     known = master_key_identity(luks)
     master = keys.unlocked.get(known) if keys is not None else None
+    early: Optional[SlotKeys] = None
     if master is None and keys is not None and known in keys.pending:
         tried, fut = keys.pending.pop(known)
-        try:
-            early = fut.result()
-        except Exception:  # noqa: BLE001 - run below again, which reports it
-            early = None
-        else:
-            if early is None and tried == passphrase:
-                raise EncryptionError(f"no key slot of {path} accepts the passphrase in {source}")
-        if early is not None:
-            master = keys.unlocked[known] = early
+        if tried == passphrase:
+            try:
+                early = fut.result()
+            except Exception:  # noqa: BLE001 - unlock() derives it again, and reports it
+                early = None
     if master is None:
-        master = unlock(luks, lambda o, n: file.pread(n, off + o), passphrase)
+        master = unlock(luks, lambda o, n: file.pread(n, off + o), passphrase, early)
         if master is None:
             raise EncryptionError(f"no key slot of {path} accepts the passphrase in {source}")
         if keys is not None:
